@@ -1,0 +1,1 @@
+"""Calibration algorithms beside the data-free transform scales: the PAW+FSQ baseline."""

@@ -1,0 +1,93 @@
+"""Directly quantized layers (no Winograd): convs that are not eligible (stride 2,
+1x1, ...) or when Winograd is off, and linear layers. Same formats and group
+rule as the Winograd layer: weights group-wise along input channels (scale per
+output channel and group of ``group_size`` input channels; per output channel when
+``group_size`` is None); activations dynamic, one scale per sample and channel
+group (per sample when ``group_size`` is None)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .formats import parse
+from .quantizers import Granularity, compute_scale, fake_quantize
+
+_ALL = 1 << 30  # a group size larger than any axis: the whole axis is one group
+
+
+def weight_granularity(group_size: int | None, ndim: int) -> Granularity:
+    if group_size is None:
+        return Granularity("channel", axis=0)
+    return Granularity("group", axis=1, group_size=group_size, shared_dims=tuple(range(2, ndim)))
+
+
+def activation_granularity(group_size: int | None, ndim: int, channel_axis: int = 1) -> Granularity:
+    """Per sample (dim 0) and channel group; shared over every other dim (spatial / tokens)."""
+    shared = tuple(d for d in range(1, ndim) if d != channel_axis % ndim)
+    return Granularity("group", axis=channel_axis, group_size=group_size or _ALL, shared_dims=shared)
+
+
+def _fq(x, fmt, gran):
+    if fmt is None:
+        return x
+    scale, _ = compute_scale(x, fmt, gran)
+    return fake_quantize(x, fmt, scale)
+
+
+class QuantConv2d(nn.Conv2d):
+    """nn.Conv2d with fake-quantized weights and dynamically quantized inputs."""
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, weights, activations, group_size: int | None) -> "QuantConv2d":
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                    conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+                    device=conv.weight.device, dtype=conv.weight.dtype)
+        layer.load_state_dict(conv.state_dict())
+        layer.weight_format = None if weights is None else parse(weights)
+        layer.act_format = None if activations is None else parse(activations)
+        layer.group_size = group_size
+        return layer
+
+    def quantized_weight(self) -> torch.Tensor:
+        return _fq(self.weight, self.weight_format, weight_granularity(self.group_size, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._per_conv_group(x, lambda t: _fq(t, self.act_format, activation_granularity(self.group_size, 5, 2)))
+        return self._conv_forward(x, self.quantized_weight(), self.bias)
+
+    def _per_conv_group(self, x, fn):
+        nb, c = x.shape[:2]
+        return fn(x.reshape(nb, self.groups, c // self.groups, *x.shape[2:])).reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", W={_name(self.weight_format)}, A={_name(self.act_format)}, group_size={self.group_size}"
+
+
+class QuantLinear(nn.Linear):
+    """nn.Linear with fake-quantized weights and dynamically quantized inputs
+    (one scale per row and group of input features)."""
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, weights, activations, group_size: int | None) -> "QuantLinear":
+        layer = cls(lin.in_features, lin.out_features, lin.bias is not None,
+                    device=lin.weight.device, dtype=lin.weight.dtype)
+        layer.load_state_dict(lin.state_dict())
+        layer.weight_format = None if weights is None else parse(weights)
+        layer.act_format = None if activations is None else parse(activations)
+        layer.group_size = group_size
+        return layer
+
+    def quantized_weight(self) -> torch.Tensor:
+        return _fq(self.weight, self.weight_format, weight_granularity(self.group_size, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gran = Granularity("group", axis=-1, group_size=self.group_size or _ALL, shared_dims=())
+        return F.linear(_fq(x, self.act_format, gran), self.quantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", W={_name(self.weight_format)}, A={_name(self.act_format)}, group_size={self.group_size}"
+
+
+def _name(fmt) -> str:
+    return "float" if fmt is None else fmt.name

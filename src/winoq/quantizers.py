@@ -1,0 +1,314 @@
+"""Quantizers: granularity (per-tensor / per-channel / group-wise), scale
+selection (min-max, percentile, MSE search), fake quantization with
+straight-through gradients, learnable (LSQ-style) scales, the integer form, and
+static / dynamic activation quantizers.
+
+Every quantizer in winoq, whatever the algorithm, goes through these functions,
+so a format (``winoq.formats``) and a granularity mean the same thing everywhere.
+
+Granularity is described by :class:`Granularity`:
+
+* ``"tensor"``: one scale for the whole tensor.
+* ``"channel"``: one scale per index of ``axis``; every other dim shares it.
+* ``"group"``: ``axis`` is cut into consecutive groups of ``group_size``; one
+  scale per group *and* per index of every dim not listed in ``shared_dims``.
+  When ``group_size`` does not divide the axis, the last group is shorter
+  (it holds the remaining ``size % group_size`` elements); when ``group_size``
+  is at least the axis size, the whole axis is one group.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .formats import FloatFormat, IntFormat, parse
+
+Method = Literal["minmax", "percentile", "mse"]
+_MIN_SCALE = 1e-30
+
+
+@dataclass(frozen=True)
+class Granularity:
+    kind: Literal["tensor", "channel", "group"] = "tensor"
+    axis: int = 0
+    group_size: int | None = None
+    shared_dims: tuple[int, ...] = field(default_factory=tuple)
+
+    def __post_init__(self):
+        if self.kind not in ("tensor", "channel", "group"):
+            raise ValueError(f"granularity kind {self.kind!r} unknown; use 'tensor', 'channel' or 'group'")
+        if self.kind == "group" and (not isinstance(self.group_size, int) or self.group_size < 1):
+            raise ValueError(f"group granularity needs group_size >= 1, got {self.group_size!r}")
+
+    def reduce_dims(self, ndim: int) -> tuple[int, ...]:
+        """Dims (other than the group axis) that share one scale."""
+        axis = self.axis % ndim
+        if self.kind == "tensor":
+            return tuple(range(ndim))
+        if self.kind == "channel":
+            return tuple(d for d in range(ndim) if d != axis)
+        return tuple(sorted({d % ndim for d in self.shared_dims} - {axis}))
+
+
+def per_tensor() -> Granularity:
+    return Granularity("tensor")
+
+
+def per_channel(axis: int = 0) -> Granularity:
+    return Granularity("channel", axis=axis)
+
+
+def per_group(group_size: int, axis: int = 1, shared_dims: tuple[int, ...] = ()) -> Granularity:
+    return Granularity("group", axis=axis, group_size=group_size, shared_dims=shared_dims)
+
+
+# ----------------------------------------------------------------------------- group views
+def _to_groups(x: torch.Tensor, axis: int, group_size: int) -> tuple[torch.Tensor, int]:
+    """View ``x`` with ``axis`` split into (num_groups, group_size), zero-padding
+    the ragged last group. Returns the grouped tensor and the original size."""
+    axis = axis % x.ndim
+    size = x.shape[axis]
+    g = min(group_size, size)
+    pad = (-size) % g
+    if pad:
+        pad_spec = [0, 0] * (x.ndim - axis - 1) + [0, pad]
+        x = torch.nn.functional.pad(x, pad_spec)
+    shape = x.shape[:axis] + (x.shape[axis] // g, g) + x.shape[axis + 1 :]
+    return x.reshape(shape), size
+
+
+def _from_groups(xg: torch.Tensor, axis: int, size: int) -> torch.Tensor:
+    axis = axis % (xg.ndim - 1)
+    shape = xg.shape[:axis] + (xg.shape[axis] * xg.shape[axis + 1],) + xg.shape[axis + 2 :]
+    return xg.reshape(shape).narrow(axis, 0, size)
+
+
+def reduce_over(x: torch.Tensor, gran: Granularity, fn) -> torch.Tensor:
+    """Apply a reduction ``fn(t, dims) -> t`` (keepdim) over each scale's elements;
+    the result broadcasts back to ``x``'s shape."""
+    if gran.kind != "group":
+        dims = gran.reduce_dims(x.ndim)
+        return fn(x, dims)
+    axis = gran.axis % x.ndim
+    xg, size = _to_groups(x, axis, gran.group_size)
+    dims = [d if d < axis else d + 1 for d in gran.reduce_dims(x.ndim)] + [axis + 1]
+    red = fn(xg, tuple(sorted(dims)))
+    red = red.expand(*[xg.shape[d] if d == axis + 1 else red.shape[d] for d in range(xg.ndim)])
+    return _from_groups(red, axis, size)
+
+
+def _amax(t, dims):
+    return t.abs().amax(dim=dims, keepdim=True)
+
+
+# ----------------------------------------------------------------------------- STE rounding
+def ste(x: torch.Tensor, rounded: torch.Tensor) -> torch.Tensor:
+    """Value of ``rounded``, gradient of ``x`` (straight-through estimator)."""
+    return x + (rounded - x).detach()
+
+
+def _bounds(fmt) -> tuple[float, float]:
+    if fmt.is_float:
+        return (-fmt.max_value if fmt.signed else 0.0), fmt.max_value
+    return float(fmt.qmin), float(fmt.qmax)
+
+
+def fake_quantize(x: torch.Tensor, fmt, scale: torch.Tensor, zero_point: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantize-dequantize ``x`` on ``fmt``'s grid with step ``scale``.
+
+    Rounding is straight-through; clipping passes no gradient to clipped elements.
+    Written as ``scale * round(clamp(x / scale))`` so the gradient with respect
+    to ``scale`` is the LSQ one (``round(u) - u`` inside the range, the bound outside)."""
+    fmt = parse(fmt)
+    lo, hi = _bounds(fmt)
+    u = x / scale
+    if zero_point is not None:
+        u = u + zero_point
+    u = torch.clamp(u, lo, hi)
+    q = ste(u, fmt.round(u))
+    if zero_point is not None:
+        q = q - zero_point
+    return q * scale
+
+
+# ----------------------------------------------------------------------------- scale choice
+def compute_scale(
+    x: torch.Tensor,
+    fmt,
+    gran: Granularity = Granularity(),
+    method: Method = "minmax",
+    symmetric: bool = True,
+    percentile: float = 99.99,
+    mse_grid: int = 40,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale (and zero point when asymmetric) broadcastable to ``x``.
+
+    ``minmax`` maps the largest magnitude to the format's largest value;
+    ``percentile`` clips at that percentile of |x|; ``mse`` searches clipping
+    ratios in [0.3, 1] of the max and keeps, per scale, the one with least error."""
+    fmt = parse(fmt)
+    x = x.detach()
+    if not symmetric:
+        if fmt.is_float:
+            raise ValueError(f"asymmetric quantization needs an integer format, not {fmt.name}; use symmetric=True")
+        return _asymmetric_scale(x, fmt, gran)
+    if method == "minmax":
+        amax = reduce_over(x, gran, _amax)
+    elif method == "percentile":
+        if not 0 < percentile <= 100:
+            raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+        q = percentile / 100.0
+        amax = reduce_over(x, gran, lambda t, d: _quantile_abs(t, d, q))
+    elif method == "mse":
+        return _mse_scale(x, fmt, gran, mse_grid), None
+    else:
+        raise ValueError(f"scale method {method!r} unknown; use 'minmax', 'percentile' or 'mse'")
+    return (amax / fmt.max_value).clamp_min(_MIN_SCALE), None
+
+
+def _quantile_abs(t: torch.Tensor, dims, q: float) -> torch.Tensor:
+    keep = [d for d in range(t.ndim) if d not in dims]
+    perm = keep + list(dims)
+    flat = t.abs().permute(perm).reshape(*[t.shape[d] for d in keep], -1)
+    val = torch.quantile(flat.double(), q, dim=-1).to(t.dtype)
+    shape = [1 if d in dims else t.shape[d] for d in range(t.ndim)]
+    return val.reshape(shape)
+
+
+def _mse_scale(x, fmt, gran, steps: int) -> torch.Tensor:
+    amax = reduce_over(x, gran, _amax).clamp_min(_MIN_SCALE)
+    best_err, best_scale = None, None
+    for ratio in torch.linspace(0.3, 1.0, steps).tolist():
+        scale = amax * ratio / fmt.max_value
+        err = reduce_over((fake_quantize(x, fmt, scale) - x) ** 2, gran, lambda t, d: t.sum(dim=d, keepdim=True))
+        if best_err is None:
+            best_err, best_scale = err, scale
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, scale, best_scale)
+    return best_scale
+
+
+def _asymmetric_scale(x, fmt: IntFormat, gran):
+    xmax = reduce_over(x, gran, lambda t, d: t.amax(dim=d, keepdim=True)).clamp_min(0)
+    xmin = reduce_over(x, gran, lambda t, d: t.amin(dim=d, keepdim=True)).clamp_max(0)
+    scale = ((xmax - xmin) / (fmt.qmax - fmt.qmin)).clamp_min(_MIN_SCALE)
+    zero_point = torch.clamp(torch.round(fmt.qmin - xmin / scale), fmt.qmin, fmt.qmax)
+    return scale, zero_point
+
+
+# ----------------------------------------------------------------------------- integer form
+@dataclass
+class QTensor:
+    """Integer form of a quantized tensor: ``value = (codes - zero_point) * scale``.
+    For float formats ``codes`` hold the format's (exactly representable) values."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None
+    fmt: IntFormat | FloatFormat
+
+    def dequantize(self) -> torch.Tensor:
+        codes = self.codes.to(self.scale.dtype)
+        if self.zero_point is not None:
+            codes = codes - self.zero_point
+        return codes * self.scale
+
+
+def quantize(x: torch.Tensor, fmt, scale: torch.Tensor, zero_point: torch.Tensor | None = None) -> QTensor:
+    fmt = parse(fmt)
+    lo, hi = _bounds(fmt)
+    u = x.detach() / scale
+    if zero_point is not None:
+        u = u + zero_point
+    q = fmt.round(torch.clamp(u, lo, hi))
+    codes = q if fmt.is_float else q.to(torch.int32)
+    return QTensor(codes, scale, zero_point, fmt)
+
+
+def dequantize(qt: QTensor) -> torch.Tensor:
+    return qt.dequantize()
+
+
+# ----------------------------------------------------------------------------- modules
+class DynamicQuantizer(nn.Module):
+    """Scales computed from each input (per call); needs no calibration data."""
+
+    def __init__(self, fmt, gran: Granularity = Granularity(), method: Method = "minmax"):
+        super().__init__()
+        self.fmt = parse(fmt)
+        self.gran = gran
+        self.method = method
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale, zp = compute_scale(x, self.fmt, self.gran, self.method)
+        return fake_quantize(x, self.fmt, scale, zp)
+
+    def extra_repr(self) -> str:
+        return f"{self.fmt.name}, {self.gran.kind}, dynamic"
+
+
+class StaticQuantizer(nn.Module):
+    """Scales fixed after calibration. While ``observing`` it records the running
+    range of what it sees (max of |x| per scale, or a mean of per-batch
+    percentiles) and passes inputs through unquantized; ``freeze()`` ends it.
+    ``learnable=True`` makes the (log) scale a parameter trained with LSQ gradients."""
+
+    def __init__(self, fmt, gran: Granularity = Granularity(), method: Method = "minmax", learnable: bool = False):
+        super().__init__()
+        self.fmt = parse(fmt)
+        self.gran = gran
+        self.method = method
+        self.learnable = learnable
+        self.observing = True
+        self.register_buffer("amax", torch.zeros(()))
+        self._batches = 0
+        self.log_scale: nn.Parameter | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            self._observe(x)
+            return x
+        return fake_quantize(x, self.fmt, self.scale)
+
+    def _observe(self, x: torch.Tensor) -> None:
+        if self.method == "minmax":
+            amax = reduce_over(x.detach(), self.gran, _amax)
+        else:
+            amax = compute_scale(x, self.fmt, self.gran, self.method)[0] * self.fmt.max_value
+        # Reduce the batch dim too when it is not shared, so ranges are input-size independent.
+        amax = amax.amax(dim=0, keepdim=True) if amax.ndim and amax.shape[0] > 1 else amax
+        if self._batches == 0 or self.amax.shape != amax.shape:
+            self.amax = amax.clone()
+        elif self.method == "minmax":
+            self.amax = torch.maximum(self.amax, amax)
+        else:  # running mean of clipped ranges (percentile / MSE are per-batch statistics)
+            self.amax = self.amax + (amax - self.amax) / (self._batches + 1)
+        self._batches += 1
+
+    def freeze(self) -> "StaticQuantizer":
+        if self._batches == 0:
+            raise RuntimeError("StaticQuantizer.freeze() before any calibration batch; run calibration data through it first")
+        self.observing = False
+        if self.learnable:
+            self.log_scale = nn.Parameter(torch.log(self.amax.clamp_min(_MIN_SCALE) / self.fmt.max_value))
+        return self
+
+    @property
+    def scale(self) -> torch.Tensor:
+        if self.log_scale is not None:
+            return self.log_scale.exp()
+        return (self.amax / self.fmt.max_value).clamp_min(_MIN_SCALE)
+
+    def extra_repr(self) -> str:
+        return f"{self.fmt.name}, {self.gran.kind}, static, observing={self.observing}"
+
+
+def fake_quantize_weight(w: torch.Tensor, fmt, gran: Granularity, method: Method = "minmax") -> torch.Tensor:
+    """Fake-quantize a weight tensor with scales from itself."""
+    scale, zp = compute_scale(w, fmt, gran, method)
+    return fake_quantize(w, fmt, scale, zp)

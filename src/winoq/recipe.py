@@ -1,0 +1,96 @@
+"""``Recipe``: everything that decides how a model is quantized, in one frozen,
+validated dataclass (saved as JSON beside the weights)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from fractions import Fraction
+
+from .formats import parse
+
+SCALES = ("standard", "learned", "paw-fsq", "tapwise")
+KERNELS = ("emulated", "auto")
+NOISES = ("gaussian", "uniform")
+MAX_TILE = 14
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to quantize a model.
+
+    weights / activations: format names (``winoq.formats.parse``: "int8", "int4",
+        "fp8_e4m3", "fp4_e2m1", ...).
+    group_size: channels per scale group (None: per output channel for weights,
+        per tensor for activations). When it does not divide a layer's channel
+        count the last group is shorter.
+    winograd: output tile m of F(m x m, r x r) for eligible convs (square kernel
+        > 1, stride 1, dilation 1); None keeps every conv direct.
+    scales: transform scales of the Winograd layers: "standard" (Toom-Cook as is),
+        "learned" (data-free S_B/S_G, the paper's method), "paw-fsq" (full
+        transforms learned on calibration data, baseline), "tapwise" (one scale per
+        Winograd tap, baseline).
+    shared_scales: learn one S_B/S_G for all layers (the paper's variant) instead of per layer.
+    points: interpolation points for F(m, r) (None: 0, ±1, ±2, ±1/2, ...), as strings like "3/2".
+    learn_steps, learn_lr, noise: the data-free optimisation (Adam steps after the closed-form start).
+    seed: seeds every random draw (noise, calibration order).
+    kernel: "emulated" (PyTorch fake-quant, runs anywhere) or "auto" (fastest available; emulated on CPU).
+    """
+
+    weights: str = "int8"
+    activations: str = "int8"
+    group_size: int | None = 32
+    winograd: int | None = 6
+    scales: str = "learned"
+    seed: int = 0
+    shared_scales: bool = False
+    points: tuple[str, ...] | None = None
+    learn_steps: int = 30
+    learn_lr: float = 0.01
+    noise: str = "gaussian"
+    kernel: str = "emulated"
+
+    def __post_init__(self):
+        for field in ("weights", "activations"):
+            parse(getattr(self, field))  # raises ValueError listing the valid names
+        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 1):
+            raise ValueError(f"group_size must be a positive int or None, got {self.group_size!r}")
+        if self.winograd is not None and (not isinstance(self.winograd, int) or not 2 <= self.winograd <= MAX_TILE):
+            raise ValueError(f"winograd must be an output tile size in 2..{MAX_TILE} or None, got {self.winograd!r}")
+        _one_of("scales", self.scales, SCALES)
+        _one_of("kernel", self.kernel, KERNELS)
+        _one_of("noise", self.noise, NOISES)
+        if not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if self.learn_steps < 0 or self.learn_lr <= 0:
+            raise ValueError("learn_steps must be >= 0 and learn_lr > 0")
+        if self.points is not None:
+            pts = tuple(str(Fraction(p)) for p in self.points)
+            object.__setattr__(self, "points", pts)
+
+    def replace(self, **changes) -> "Recipe":
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Recipe":
+        data = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"recipe has unknown fields {sorted(unknown)}; known: {sorted(known)}")
+        if data.get("points") is not None:
+            data["points"] = tuple(data["points"])
+        return cls(**data)
+
+    def describe(self) -> str:
+        tile = "direct" if self.winograd is None else f"F({self.winograd},3) {self.scales}"
+        group = "per-channel" if self.group_size is None else f"g{self.group_size}"
+        return f"W:{self.weights} A:{self.activations} {group} {tile}"
+
+
+def _one_of(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, allowed))}")

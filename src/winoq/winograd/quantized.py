@@ -1,0 +1,223 @@
+"""Fully quantized group-wise Winograd convolution.
+
+Stages (each with its own number format)::
+
+    x --Q_in--> tiles d --BT'dB'--> V --Q_V--> (x) <--Q_U-- U = G' g G'^T
+                                              |
+                         sum over channels in integers (per group of g channels)
+                                              v
+                     M --Q_M--> AT' M A' --> y (+ bias)
+
+Because the transforms run in integer arithmetic on hardware, all n x n taps of
+a tile share one scale (per sample, tile and channel group): ``scale_mode =
+"shared"``, the paper's setting. ``"tapwise"`` gives every tap its own scale
+(the tap-wise baseline; it needs floating-point rescaling inside the transforms).
+
+The transforms are the Toom-Cook ones with learnable diagonal scales
+(BT' = S_B BT, G' = S_G G, AT' = AT (S_B S_G)^-1), so the layer computes the
+exact convolution in full precision whatever the scales; or, for the PAW
+baseline, fully learned matrices (``set_free_transforms``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..formats import parse
+from ..quantizers import Granularity, compute_scale, fake_quantize, quantize
+from .conv import WinogradConv2d, extract_tiles, hadamard, stitch_tiles, transform_2d
+from .transforms import apply_diagonal_scales
+
+
+@dataclass(frozen=True)
+class StageFormats:
+    """Number format of each stage; ``None`` leaves a stage in float."""
+
+    input: object = "int8"     # spatial input x
+    winograd_input: object = "int8"   # V = BT d B
+    weight: object = "int8"    # U = G g G^T
+    output: object = "int8"    # M, the Winograd-domain result before AT . A
+
+    def parsed(self) -> "StageFormats":
+        return StageFormats(*(None if f is None else parse(f) for f in
+                              (self.input, self.winograd_input, self.weight, self.output)))
+
+
+class QuantWinogradConv2d(WinogradConv2d):
+    """Winograd conv with every stage fake-quantized (and an exact integer twin,
+    :meth:`forward_integer`)."""
+
+    def __init__(self, *args, formats: StageFormats = StageFormats(), group_size: int | None = 32,
+                 scale_mode: str = "shared", **kwargs):
+        super().__init__(*args, **kwargs)
+        if scale_mode not in ("shared", "tapwise"):
+            raise ValueError(f"scale_mode {scale_mode!r} unknown; use 'shared' or 'tapwise'")
+        self.formats = formats.parsed()
+        self.group_size = group_size
+        self.scale_mode = scale_mode
+        n = self.tc.n
+        self.log_sb = nn.Parameter(torch.zeros(n), requires_grad=False)
+        self.log_sg = nn.Parameter(torch.zeros(n), requires_grad=False)
+        self.free_transforms: nn.ParameterDict | None = None
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, m: int, points=None, **kwargs) -> "QuantWinogradConv2d":
+        base = WinogradConv2d.from_conv(conv, m, points)
+        layer = cls(base.in_channels, base.out_channels, base.kernel_size, m, base.padding,
+                    base.bias is not None, base.groups, base.padding_mode, points, **kwargs)
+        layer.load_state_dict(base.state_dict(), strict=False)
+        return layer.to(conv.weight.device)
+
+    # ---------------------------------------------------------------- transforms
+    def set_diagonal_scales(self, s_b: torch.Tensor, s_g: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.log_sb.copy_(torch.as_tensor(s_b, dtype=torch.float64).log())
+            self.log_sg.copy_(torch.as_tensor(s_g, dtype=torch.float64).log())
+
+    def set_free_transforms(self, at: torch.Tensor, g: torch.Tensor, bt: torch.Tensor) -> None:
+        """Replace the Toom-Cook transforms by free (learnable) matrices (PAW baseline);
+        the diagonal scales still apply on top (the factorized scales of FSQ)."""
+        self.free_transforms = nn.ParameterDict(
+            {"AT": nn.Parameter(at.detach().double().clone()), "G": nn.Parameter(g.detach().double().clone()),
+             "BT": nn.Parameter(bt.detach().double().clone())})
+
+    def transforms(self, dtype, device):
+        if self.free_transforms is not None:
+            ft = self.free_transforms
+            base = (ft["AT"], ft["G"], ft["BT"])
+        else:
+            base = (self.tc.AT.to(device), self.tc.G.to(device), self.tc.BT.to(device))
+        mats = apply_diagonal_scales(*base, self.log_sb.exp(), self.log_sg.exp())
+        return tuple(t.to(device=device, dtype=dtype) for t in mats)
+
+    # ---------------------------------------------------------------- granularity
+    def _act_gran(self, ndim: int, tap_dims: tuple[int, ...], axis: int = 1) -> Granularity:
+        """Activations: one scale per sample (dim 0), per tile, per channel group;
+        shared by the taps (``tap_dims``) unless tap-wise."""
+        shared = () if self.scale_mode == "tapwise" else tap_dims
+        size = (1 << 30) if self.group_size is None else self.group_size  # None: all channels share
+        return Granularity("group", axis=axis, group_size=size, shared_dims=shared)
+
+    def _per_conv_group(self, v: torch.Tensor, fn) -> torch.Tensor:
+        """Apply ``fn`` to V viewed as (N, groups, C/groups, ...) so that channel
+        groups never straddle two conv groups (each integer sum stays in one)."""
+        nb, c = v.shape[:2]
+        out = fn(v.reshape(nb, self.groups, c // self.groups, *v.shape[2:]))
+        return out.reshape(v.shape)
+
+    def _weight_gran(self) -> Granularity:
+        """Transformed weights U (K, C/groups, n, n): per output channel and input-channel
+        group, shared by the taps unless tap-wise; per output channel when group_size is None."""
+        shared = () if self.scale_mode == "tapwise" else (2, 3)
+        size = (1 << 30) if self.group_size is None else self.group_size
+        return Granularity("group", axis=1, group_size=size, shared_dims=shared)
+
+    @staticmethod
+    def _fq(x, fmt, gran):
+        if fmt is None:
+            return x
+        scale, _ = compute_scale(x, fmt, gran)
+        return fake_quantize(x, fmt, scale)
+
+    # ---------------------------------------------------------------- forward
+    def quantized_weight(self, g: torch.Tensor) -> torch.Tensor:
+        u = transform_2d(g, self.weight.to(g.dtype))
+        return self._fq(u, self.formats.weight, self._weight_gran())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        at, g, bt = self.transforms(x.dtype, x.device)
+        fm = self.formats
+        x = self._fq(x, fm.input, self._act_gran(4, (2, 3)))
+        xp = self.pad_input(x)
+        out_hw = self.output_hw(xp)
+        v = transform_2d(bt, extract_tiles(xp, self.m, self.kernel_size, out_hw))  # (N, C, th, tw, n, n)
+        v = self._per_conv_group(v, lambda t: self._fq(t, fm.winograd_input, self._act_gran(7, (5, 6), axis=2)))
+        mprod = hadamard(self.quantized_weight(g), v, self.groups)  # (N, K, th, tw, n, n)
+        mprod = self._fq(mprod, fm.output, self._act_gran(6, (4, 5)))
+        y = stitch_tiles(transform_2d(at, mprod), out_hw)
+        return y if self.bias is None else y + self.bias.to(y.dtype).view(1, -1, 1, 1)
+
+    # ---------------------------------------------------------------- integer twin
+    @torch.no_grad()
+    def forward_integer(self, x: torch.Tensor) -> torch.Tensor:
+        """Same result as :meth:`forward`, computed the way integer hardware would:
+        integer codes for V and U, their products summed in int64 within each channel
+        group, then scaled and summed across groups in float64. Integer formats only."""
+        fm = self.formats
+        for f in (fm.winograd_input, fm.weight):
+            if f is None or f.is_float:
+                raise ValueError("forward_integer needs integer formats for the Winograd input and weight stages")
+        x = x.double()
+        at, g, bt = self.transforms(torch.float64, x.device)
+        x = self._fq(x, fm.input, self._act_gran(4, (2, 3)))
+        xp = self.pad_input(x)
+        out_hw = self.output_hw(xp)
+        v = transform_2d(bt, extract_tiles(xp, self.m, self.kernel_size, out_hw))
+        sv = self._per_conv_group(v, lambda t: compute_scale(t, fm.winograd_input, self._act_gran(7, (5, 6), axis=2))[0]
+                                  .expand(t.shape))
+        qv = quantize(v, fm.winograd_input, sv)
+        u = transform_2d(g, self.weight.double())
+        qu = quantize(u, fm.weight, compute_scale(u, fm.weight, self._weight_gran())[0])
+        mprod = self._integer_hadamard(qu, qv)
+        mprod = self._fq(mprod, fm.output, self._act_gran(6, (4, 5)))
+        y = stitch_tiles(transform_2d(at, mprod), out_hw)
+        return y if self.bias is None else y + self.bias.double().view(1, -1, 1, 1)
+
+    def _integer_hadamard(self, qu, qv) -> torch.Tensor:
+        nb, c, th, tw, n, _ = qv.codes.shape
+        k, cg = qu.codes.shape[:2]
+        gsz = cg if self.group_size is None else min(self.group_size, cg)
+        out = torch.zeros(nb, k, th, tw, n, n, dtype=torch.float64)
+        for gi in range(self.groups):
+            cs = slice(gi * cg, (gi + 1) * cg)
+            ks = slice(gi * (k // self.groups), (gi + 1) * (k // self.groups))
+            for start in range(0, cg, gsz):
+                sub = slice(start, min(start + gsz, cg))
+                cv, cu = qv.codes[:, cs][:, sub].long(), qu.codes[ks, sub].long()
+                acc = torch.einsum("kcab,nctuab->nktuab", cu, cv)  # int64 sums within the group
+                sv = _pick_scale(qv.scale, qv.codes.shape)[:, cs][:, sub][:, :1]  # (N,1,th,tw,n|1,n|1)
+                su = _pick_scale(qu.scale, qu.codes.shape)[ks, sub][:, :1]  # (K/G,1,n|1,n|1)
+                out[:, ks] += acc.double() * sv * su.squeeze(1)[None, :, None, None]
+        return out
+
+    # ---------------------------------------------------------------- reports
+    def int32_report(self) -> dict:
+        """Worst-case accumulator magnitudes of the integer pipeline, and whether they fit int32."""
+        fm = self.formats
+        at, g, bt = self.transforms(torch.float64, "cpu")
+        cg = self.in_channels // self.groups
+        gsz = cg if self.group_size is None else min(self.group_size, cg)
+        worst = {}
+        if fm.input is not None and not fm.input.is_float:
+            # BT applied in integers after scaling its rows to integers (denominators cleared)
+            den = _common_denominator(bt)
+            worst["input_transform"] = float((bt * den).abs().sum(1).max() ** 2 * fm.input.max_value)
+        if fm.winograd_input is not None and fm.weight is not None and not fm.weight.is_float:
+            worst["hadamard_group_sum"] = float(gsz * fm.winograd_input.max_value * fm.weight.max_value)
+        if fm.output is not None and not fm.output.is_float:
+            den = _common_denominator(at)
+            worst["output_transform"] = float((at * den).abs().sum(1).max() ** 2 * fm.output.max_value)
+        return {k: {"worst_abs": v, "bits": math.ceil(math.log2(v + 1)) + 1, "fits_int32": v < 2**31}
+                for k, v in worst.items()}
+
+    def extra_repr(self) -> str:
+        fm = self.formats
+        names = [getattr(f, "name", "float") for f in (fm.input, fm.winograd_input, fm.weight, fm.output)]
+        return super().extra_repr() + f", stages(in,V,U,M)={names}, group_size={self.group_size}, {self.scale_mode}"
+
+
+def _pick_scale(scale: torch.Tensor, shape) -> torch.Tensor:
+    return scale.expand(shape) if scale.dim() == len(shape) else scale
+
+
+def _common_denominator(mat: torch.Tensor, limit: int = 1 << 12) -> int:
+    """Smallest d <= limit with d * mat integral (the transforms are rationals)."""
+    for d in range(1, limit + 1):
+        scaled = mat * d
+        if torch.allclose(scaled, scaled.round(), atol=1e-9):
+            return d
+    return limit

@@ -1,0 +1,187 @@
+"""Data-free learning of the diagonal transform scales S_B and S_G.
+
+Only the 2n numbers of diag(S_B) and diag(S_G) are learned (S_A = (S_B S_G)^-1
+keeps the full-precision result exact). The inputs are random noise, never data:
+the loss is the error of the fully quantized Winograd output against the exact
+convolution of the same (input-quantized) noise.
+
+Starting point (closed form, beyond the paper): the per-tap RMS of the transformed
+noise V and of the transformed weights U are fitted by separable profiles
+rho_B[a] rho_B[b] and rho_G[a] rho_G[b]; S = rho^-alpha equalizes the taps
+(alpha = 1) or part of the way. The best alpha on a noise batch is kept, then a
+short Adam fine-tune on fresh noise polishes it.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .conv import extract_tiles, transform_2d
+from .quantized import QuantWinogradConv2d
+
+
+@dataclass(frozen=True)
+class ScaleLearningConfig:
+    steps: int = 150          # Adam steps after the closed-form start (0: closed form only)
+    lr: float = 0.02
+    noise: str = "gaussian"   # or "uniform"
+    batch: int = 4            # noise images per step
+    tiles: int = 8            # tiles per side of a noise image
+    seed: int = 0
+    alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+    def __post_init__(self):
+        if self.noise not in ("gaussian", "uniform"):
+            raise ValueError(f"noise {self.noise!r} unknown; use 'gaussian' or 'uniform'")
+        if self.steps < 0 or self.lr <= 0 or self.batch < 1 or self.tiles < 1:
+            raise ValueError("steps must be >= 0 and lr, batch, tiles positive")
+
+
+def noise_batch(layer: QuantWinogradConv2d, cfg: ScaleLearningConfig, gen: torch.Generator) -> torch.Tensor:
+    """Random images of ``cfg.tiles`` output tiles per side (for 'same' padding)."""
+    shape = (cfg.batch, layer.in_channels, cfg.tiles * layer.m, cfg.tiles * layer.m)
+    if cfg.noise == "gaussian":
+        return torch.randn(shape, generator=gen)
+    return torch.rand(shape, generator=gen) * 2 - 1
+
+
+def reference_output(layer: QuantWinogradConv2d, x: torch.Tensor) -> torch.Tensor:
+    """Exact conv of the input as the layer's first stage quantizes it."""
+    fm = layer.formats
+    xq = layer._fq(x, fm.input, layer._act_gran(4, (2, 3)))
+    xp = layer.pad_input(xq)
+    return F.conv2d(xp, layer.weight, layer.bias, groups=layer.groups)
+
+
+def relative_error(y: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    return (y - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30)
+
+
+def sqnr_db(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return -10 * math.log10(max(float(relative_error(y, ref)), 1e-30))
+
+
+def separable_profile(t: torch.Tensor) -> torch.Tensor:
+    """Fit rms(t[..., a, b]) ~ rho[a] rho[b] in the log domain (least squares)."""
+    rms = t.detach().double().pow(2).flatten(0, -3).mean(0).sqrt().clamp_min(1e-12)
+    logr = rms.log()
+    row = logr.mean(1)
+    return (row - logr.mean() / 2).exp()
+
+
+@torch.no_grad()
+def closed_form_scales(layer: QuantWinogradConv2d, x: torch.Tensor, alpha: float):
+    tc = layer.tc
+    xp = layer.pad_input(x.double())
+    tiles = extract_tiles(xp, layer.m, layer.kernel_size, layer.output_hw(xp))
+    rho_b = separable_profile(transform_2d(tc.BT, tiles))
+    rho_g = separable_profile(transform_2d(tc.G, layer.weight.detach().double()))
+    return rho_b.pow(-alpha), rho_g.pow(-alpha)
+
+
+def learn_layer_scales(layer: QuantWinogradConv2d, cfg: ScaleLearningConfig = ScaleLearningConfig()) -> dict:
+    """Learn S_B, S_G of one layer on noise. Returns SQNR (dB, on held-out noise)
+    with standard scales, after the closed form, after fine-tuning, and seconds."""
+    start = time.perf_counter()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    layer.set_diagonal_scales(torch.ones(layer.tc.n), torch.ones(layer.tc.n))
+    held_out = noise_batch(layer, cfg, gen)
+    with torch.no_grad():
+        ref_held = reference_output(layer, held_out)
+        sqnr_before = sqnr_db(layer(held_out), ref_held)
+        probe = noise_batch(layer, cfg, gen)
+        ref_probe = reference_output(layer, probe)
+        best = None
+        for alpha in cfg.alphas:
+            s_b, s_g = closed_form_scales(layer, probe, alpha)
+            layer.set_diagonal_scales(s_b, s_g)
+            err = float(relative_error(layer(probe), ref_probe))
+            if best is None or err < best[0]:
+                best = (err, alpha, s_b, s_g)
+        layer.set_diagonal_scales(best[2], best[3])
+        sqnr_closed = sqnr_db(layer(held_out), ref_held)
+    if cfg.steps:
+        _finetune(layer, cfg, gen)
+    with torch.no_grad():
+        sqnr_after = sqnr_db(layer(held_out), ref_held)
+        if sqnr_after < sqnr_closed:  # keep the better of the two on held-out noise
+            layer.set_diagonal_scales(best[2], best[3])
+            sqnr_after = sqnr_closed
+    return {"sqnr_standard_db": sqnr_before, "sqnr_closed_form_db": sqnr_closed, "sqnr_learned_db": sqnr_after,
+            "alpha": best[1], "seconds": time.perf_counter() - start,
+            "s_b": layer.log_sb.exp().tolist(), "s_g": layer.log_sg.exp().tolist()}
+
+
+def _finetune(layer: QuantWinogradConv2d, cfg: ScaleLearningConfig, gen: torch.Generator) -> None:
+    params = [layer.log_sb, layer.log_sg]
+    frozen = [(p, p.requires_grad) for p in layer.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    try:
+        for _ in range(cfg.steps):
+            x = noise_batch(layer, cfg, gen)
+            with torch.no_grad():
+                ref = reference_output(layer, x)
+            loss = relative_error(layer(x), ref)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss while learning scales of {layer}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    finally:
+        for p, req in frozen:
+            p.requires_grad_(req)
+        for p in params:
+            p.requires_grad_(False)
+
+
+def learn_shared_scales(layers: list[QuantWinogradConv2d], cfg: ScaleLearningConfig = ScaleLearningConfig()) -> dict:
+    """The paper's shared variant: one S_B, S_G for all layers of the same F(m, r),
+    learned on the sum of the layers' relative errors."""
+    if not layers:
+        return {}
+    n = layers[0].tc.n
+    if any(l.tc.n != n or l.tc.points != layers[0].tc.points for l in layers):
+        raise ValueError("shared scales need layers with the same F(m, r) and points")
+    start = time.perf_counter()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    log_sb = torch.zeros(n, dtype=torch.float64, requires_grad=True)
+    log_sg = torch.zeros(n, dtype=torch.float64, requires_grad=True)
+    # closed-form start: geometric mean of the per-layer alpha=1 profiles
+    with torch.no_grad():
+        sbs, sgs = zip(*(closed_form_scales(l, noise_batch(l, cfg, gen), 1.0) for l in layers))
+        log_sb.copy_(torch.stack(sbs).log().mean(0) * 0.5)
+        log_sg.copy_(torch.stack(sgs).log().mean(0) * 0.5)
+    opt = torch.optim.Adam([log_sb, log_sg], lr=cfg.lr)
+    for _ in range(cfg.steps):
+        loss = 0.0
+        for layer in layers:
+            x = noise_batch(layer, cfg, gen)
+            with torch.no_grad():
+                ref = reference_output(layer, x)
+            loss = loss + relative_error(_forward_with(layer, log_sb, log_sg, x), ref)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    for layer in layers:
+        layer.log_sb = torch.nn.Parameter(log_sb.detach().clone(), requires_grad=False)
+        layer.log_sg = torch.nn.Parameter(log_sg.detach().clone(), requires_grad=False)
+    return {"seconds": time.perf_counter() - start, "s_b": log_sb.exp().tolist(), "s_g": log_sg.exp().tolist()}
+
+
+def _forward_with(layer, log_sb, log_sg, x):
+    saved = layer.log_sb, layer.log_sg
+    try:
+        del layer.log_sb, layer.log_sg
+        layer.log_sb, layer.log_sg = log_sb, log_sg  # plain tensors: gradient flows to the shared ones
+        return layer(x)
+    finally:
+        del layer.log_sb, layer.log_sg
+        layer.log_sb, layer.log_sg = saved
