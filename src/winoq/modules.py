@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .formats import parse
-from .quantizers import Granularity, compute_scale, fake_quantize
+from .quantizers import Granularity, fake_quantize_dynamic
 
 _ALL = 1 << 30  # a group size larger than any axis: the whole axis is one group
 
@@ -29,10 +29,7 @@ def activation_granularity(group_size: int | None, ndim: int, channel_axis: int 
 
 
 def _fq(x, fmt, gran):
-    if fmt is None:
-        return x
-    scale, _ = compute_scale(x, fmt, gran)
-    return fake_quantize(x, fmt, scale)
+    return x if fmt is None else fake_quantize_dynamic(x, fmt, gran)
 
 
 class QuantConv2d(nn.Conv2d):

@@ -107,6 +107,8 @@ def _amax(t, dims):
 # ----------------------------------------------------------------------------- STE rounding
 def ste(x: torch.Tensor, rounded: torch.Tensor) -> torch.Tensor:
     """Value of ``rounded``, gradient of ``x`` (straight-through estimator)."""
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        return rounded  # inference: skip the two extra full-size ops
     return x + (rounded - x).detach()
 
 
@@ -123,12 +125,15 @@ def fake_quantize(x: torch.Tensor, fmt, scale: torch.Tensor, zero_point: torch.T
     Written as ``scale * round(clamp(x / scale))`` so the gradient with respect
     to ``scale`` is the LSQ one (``round(u) - u`` inside the range, the bound outside)."""
     fmt = parse(fmt)
-    lo, hi = _bounds(fmt)
     u = x / scale
     if zero_point is not None:
         u = u + zero_point
-    u = torch.clamp(u, lo, hi)
-    q = ste(u, fmt.round(u))
+    if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
+        lo, hi = _bounds(fmt)
+        u = torch.clamp(u, lo, hi)
+        q = ste(u, fmt.round(u))
+    else:
+        q = fmt.round(u)  # every format's round saturates to its range
     if zero_point is not None:
         q = q - zero_point
     return q * scale
@@ -306,6 +311,25 @@ class StaticQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.fmt.name}, {self.gran.kind}, static, observing={self.observing}"
+
+
+def fake_quantize_dynamic(x: torch.Tensor, fmt, gran: Granularity, method: Method = "minmax",
+                          clip_ratio: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """Fake-quantize ``x`` with symmetric scales computed from ``x`` itself.
+
+    Same result as ``fake_quantize(x, fmt, *compute_scale(x, fmt, gran, method))``
+    but works in the grouped view, so the scales are never expanded to x's size
+    (this is the hot path of every dynamic activation quantizer). ``clip_ratio``
+    < 1 clips each group at that fraction of its max (saturating the few largest)."""
+    fmt = parse(fmt)
+    if gran.kind != "group" or method != "minmax":
+        scale, _ = compute_scale(x, fmt, gran, method)
+        return fake_quantize(x, fmt, scale * clip_ratio)
+    axis = gran.axis % x.ndim
+    xg, size = _to_groups(x, axis, gran.group_size)
+    dims = tuple(sorted([d if d < axis else d + 1 for d in gran.reduce_dims(x.ndim)] + [axis + 1]))
+    scale = (xg.detach().abs().amax(dim=dims, keepdim=True) * (clip_ratio / fmt.max_value)).clamp_min(_MIN_SCALE)
+    return _from_groups(fake_quantize(xg, fmt, scale), axis, size)
 
 
 def fake_quantize_weight(w: torch.Tensor, fmt, gran: Granularity, method: Method = "minmax") -> torch.Tensor:

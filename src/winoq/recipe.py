@@ -11,7 +11,7 @@ from .formats import parse
 
 SCALES = ("standard", "learned", "paw-fsq", "tapwise")
 KERNELS = ("emulated", "auto")
-NOISES = ("gaussian", "uniform")
+NOISES = ("gaussian", "uniform", "halfnormal")
 MAX_TILE = 14
 
 
@@ -45,7 +45,7 @@ class Recipe:
     seed: int = 0
     shared_scales: bool = False
     points: tuple[str, ...] | None = None
-    learn_steps: int = 30
+    learn_steps: int = 20
     learn_lr: float = 0.01
     noise: str = "gaussian"
     kernel: str = "emulated"

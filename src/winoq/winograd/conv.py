@@ -68,8 +68,12 @@ def stitch_tiles(y: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
 
 
 def transform_2d(mat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """mat @ X @ mat^T on the last two dims of x."""
-    return torch.einsum("ai,...ij,bj->...ab", mat, x, mat)
+    """mat @ X @ mat^T on the last two dims of x, as one GEMM with kron(mat, mat)
+    (several times faster on CPU than two small batched matmuls)."""
+    rows, cols = mat.shape
+    kron = torch.kron(mat, mat)  # (rows^2, cols^2): vec(mat X mat^T) = kron(mat, mat) vec(X)
+    y = torch.matmul(x.reshape(-1, cols * cols), kron.transpose(0, 1))
+    return y.reshape(*x.shape[:-2], rows, rows)
 
 
 def hadamard(u: torch.Tensor, v: torch.Tensor, groups: int) -> torch.Tensor:
@@ -84,6 +88,39 @@ def hadamard(u: torch.Tensor, v: torch.Tensor, groups: int) -> torch.Tensor:
     vg = vg.reshape(n * n, groups, c // groups, nb * th * tw)
     mg = torch.matmul(ug, vg)  # (taps, G, K/G, N*T)
     return mg.reshape(n, n, k, nb, th, tw).permute(3, 2, 4, 5, 0, 1)
+
+
+# ---- taps-first layout: (n*n, C, N, th, tw). Every stage is then one plain GEMM
+# (kron'd transforms, per-tap channel matmuls) and only tiling and stitching copy.
+def tiles_taps_first(xp: torch.Tensor, m: int, r: int, out_hw: tuple[int, int]) -> torch.Tensor:
+    """Padded input (N, C, H, W) -> tiles (n*n, C, N, th, tw)."""
+    t = extract_tiles(xp, m, r, out_hw)  # (N, C, th, tw, n, n) view
+    nb, c, th, tw, n, _ = t.shape
+    return t.permute(4, 5, 1, 0, 2, 3).reshape(n * n, c, nb, th, tw)
+
+
+def transform_taps_first(mat: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Apply mat . X . mat^T to every tile of a taps-first tensor."""
+    rows = mat.shape[0]
+    y = torch.matmul(torch.kron(mat, mat), t.reshape(t.shape[0], -1))
+    return y.reshape(rows * rows, *t.shape[1:])
+
+
+def hadamard_taps_first(u: torch.Tensor, v: torch.Tensor, groups: int) -> torch.Tensor:
+    """u: (K, C/groups, n, n); v: (n*n, C, N, th, tw) -> M: (n*n, K, N, th, tw)."""
+    taps, c = v.shape[:2]
+    k = u.shape[0]
+    ug = u.reshape(groups, k // groups, c // groups, taps).permute(3, 0, 1, 2)  # small: weights
+    vg = v.reshape(taps, groups, c // groups, -1)
+    return torch.matmul(ug, vg).reshape(taps, k, *v.shape[2:])
+
+
+def stitch_taps_first(y: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
+    """(m*m, K, N, th, tw) output tiles -> (N, K, H_out, W_out)."""
+    mm, k, nb, th, tw = y.shape
+    m = math.isqrt(mm)
+    y = y.reshape(m, m, k, nb, th, tw).permute(3, 2, 4, 0, 5, 1).reshape(nb, k, th * m, tw * m)
+    return y[:, :, : out_hw[0], : out_hw[1]]
 
 
 class WinogradConv2d(nn.Module):
@@ -146,9 +183,9 @@ class WinogradConv2d(nn.Module):
         at, g, bt = self.transforms(x.dtype, x.device)
         xp = self.pad_input(x)
         out_hw = self.output_hw(xp)
-        v = transform_2d(bt, extract_tiles(xp, self.m, self.kernel_size, out_hw))
+        v = transform_taps_first(bt, tiles_taps_first(xp, self.m, self.kernel_size, out_hw))
         u = transform_2d(g, self.weight)
-        y = stitch_tiles(transform_2d(at, hadamard(u, v, self.groups)), out_hw)
+        y = stitch_taps_first(transform_taps_first(at, hadamard_taps_first(u, v, self.groups)), out_hw)
         return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
 
     def extra_repr(self) -> str:

@@ -27,8 +27,9 @@ import torch
 from torch import nn
 
 from ..formats import parse
-from ..quantizers import Granularity, compute_scale, fake_quantize, quantize
-from .conv import WinogradConv2d, extract_tiles, hadamard, stitch_tiles, transform_2d
+from ..quantizers import Granularity, compute_scale, fake_quantize, fake_quantize_dynamic, quantize
+from .conv import (WinogradConv2d, extract_tiles, hadamard_taps_first, stitch_taps_first, stitch_tiles,
+                   tiles_taps_first, transform_2d, transform_taps_first)
 from .transforms import apply_diagonal_scales
 
 
@@ -62,6 +63,10 @@ class QuantWinogradConv2d(WinogradConv2d):
         self.log_sb = nn.Parameter(torch.zeros(n), requires_grad=False)
         self.log_sg = nn.Parameter(torch.zeros(n), requires_grad=False)
         self.free_transforms: nn.ParameterDict | None = None
+        # Clipping of the dynamic Winograd-domain scales (fraction of each group's max), chosen
+        # data-free with the transform scales; 1.0 = plain min-max.
+        self.register_buffer("clip", torch.ones(2))  # (V, M)
+        self.weight_method = "minmax"
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, m: int, points=None, **kwargs) -> "QuantWinogradConv2d":
@@ -101,6 +106,11 @@ class QuantWinogradConv2d(WinogradConv2d):
         size = (1 << 30) if self.group_size is None else self.group_size  # None: all channels share
         return Granularity("group", axis=axis, group_size=size, shared_dims=shared)
 
+    def _input_gran(self) -> Granularity:
+        """Spatial input: one scale per sample and channel group over all pixels
+        (what an integer input transform needs, tap-wise or not)."""
+        return Granularity("group", axis=1, group_size=self.group_size or (1 << 30), shared_dims=(2, 3))
+
     def _per_conv_group(self, v: torch.Tensor, fn) -> torch.Tensor:
         """Apply ``fn`` to V viewed as (N, groups, C/groups, ...) so that channel
         groups never straddle two conv groups (each integer sum stays in one)."""
@@ -116,29 +126,34 @@ class QuantWinogradConv2d(WinogradConv2d):
         return Granularity("group", axis=1, group_size=size, shared_dims=shared)
 
     @staticmethod
-    def _fq(x, fmt, gran):
-        if fmt is None:
-            return x
-        scale, _ = compute_scale(x, fmt, gran)
-        return fake_quantize(x, fmt, scale)
+    def _fq(x, fmt, gran, clip=1.0):
+        return x if fmt is None else fake_quantize_dynamic(x, fmt, gran, clip_ratio=clip)
 
     # ---------------------------------------------------------------- forward
     def quantized_weight(self, g: torch.Tensor) -> torch.Tensor:
         u = transform_2d(g, self.weight.to(g.dtype))
-        return self._fq(u, self.formats.weight, self._weight_gran())
+        fmt = self.formats.weight
+        if fmt is None:
+            return u
+        scale, _ = compute_scale(u.detach(), fmt, self._weight_gran(), self.weight_method)
+        return fake_quantize(u, fmt, scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         at, g, bt = self.transforms(x.dtype, x.device)
         fm = self.formats
-        x = self._fq(x, fm.input, self._act_gran(4, (2, 3)))
+        x = self._fq(x, fm.input, self._input_gran())
         xp = self.pad_input(x)
         out_hw = self.output_hw(xp)
-        v = transform_2d(bt, extract_tiles(xp, self.m, self.kernel_size, out_hw))  # (N, C, th, tw, n, n)
-        v = self._per_conv_group(v, lambda t: self._fq(t, fm.winograd_input, self._act_gran(7, (5, 6), axis=2)))
-        mprod = hadamard(self.quantized_weight(g), v, self.groups)  # (N, K, th, tw, n, n)
-        mprod = self._fq(mprod, fm.output, self._act_gran(6, (4, 5)))
-        y = stitch_tiles(transform_2d(at, mprod), out_hw)
+        v = transform_taps_first(bt, tiles_taps_first(xp, self.m, self.kernel_size, out_hw))  # (n*n, C, N, th, tw)
+        taps, c = v.shape[:2]
+        # channel groups within each conv group; one scale per (group, sample, tile), shared by the taps
+        v = v.reshape(taps, self.groups, c // self.groups, *v.shape[2:])
+        v = self._fq(v, fm.winograd_input, self._act_gran(v.ndim, (0,), axis=2), self.clip[0])
+        v = v.reshape(taps, c, *v.shape[3:])
+        mprod = hadamard_taps_first(self.quantized_weight(g), v, self.groups)  # (n*n, K, N, th, tw)
+        mprod = self._fq(mprod, fm.output, self._act_gran(mprod.ndim, (0,), axis=1), self.clip[1])
+        y = stitch_taps_first(transform_taps_first(at, mprod), out_hw)
         return y if self.bias is None else y + self.bias.to(y.dtype).view(1, -1, 1, 1)
 
     # ---------------------------------------------------------------- integer twin
@@ -153,17 +168,17 @@ class QuantWinogradConv2d(WinogradConv2d):
                 raise ValueError("forward_integer needs integer formats for the Winograd input and weight stages")
         x = x.double()
         at, g, bt = self.transforms(torch.float64, x.device)
-        x = self._fq(x, fm.input, self._act_gran(4, (2, 3)))
+        x = self._fq(x, fm.input, self._input_gran())
         xp = self.pad_input(x)
         out_hw = self.output_hw(xp)
         v = transform_2d(bt, extract_tiles(xp, self.m, self.kernel_size, out_hw))
-        sv = self._per_conv_group(v, lambda t: compute_scale(t, fm.winograd_input, self._act_gran(7, (5, 6), axis=2))[0]
-                                  .expand(t.shape))
+        sv = self._per_conv_group(v, lambda t: (compute_scale(t, fm.winograd_input, self._act_gran(7, (5, 6), axis=2))[0]
+                                                * self.clip[0].double()).expand(t.shape))
         qv = quantize(v, fm.winograd_input, sv)
         u = transform_2d(g, self.weight.double())
-        qu = quantize(u, fm.weight, compute_scale(u, fm.weight, self._weight_gran())[0])
+        qu = quantize(u, fm.weight, compute_scale(u, fm.weight, self._weight_gran(), self.weight_method)[0])
         mprod = self._integer_hadamard(qu, qv)
-        mprod = self._fq(mprod, fm.output, self._act_gran(6, (4, 5)))
+        mprod = self._fq(mprod, fm.output, self._act_gran(6, (4, 5)), self.clip[1].double())
         y = stitch_tiles(transform_2d(at, mprod), out_hw)
         return y if self.bias is None else y + self.bias.double().view(1, -1, 1, 1)
 

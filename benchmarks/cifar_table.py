@@ -1,0 +1,105 @@
+"""CIFAR-10 accuracy table: CIFAR ResNets from ../shared, every method at the same bits.
+
+    python benchmarks/cifar_table.py --models 20 56 --n-images 2000 --out benchmarks/out/cifar_table.json
+
+Rows: FP; direct conv (per-channel and group-wise); Winograd F(4,3), F(6,3) with
+standard scales, learned (data-free) scales, PAW+FSQ (calibration data: training-free
+images from a fixed shuffle of the test set, disjoint from the evaluated ones) and
+tap-wise scales; for W8A8, W6A6 and W4A8. Results are appended to the JSON as they
+come (a rerun skips finished rows), then printed as a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import dump_json, load_json, machine, shared_dir, top1  # noqa: E402
+
+import winoq  # noqa: E402
+from winoq.data import cifar_transform, load_imagefolder_tensors  # noqa: E402
+from winoq.models import load_cifar_resnet  # noqa: E402
+
+BITS = {"W8A8": ("int8", "int8"), "W6A6": ("int6", "int6"), "W4A8": ("int4", "int8")}
+
+
+def configs(tiles, bits, methods):
+    for b in bits:
+        w, a = BITS[b]
+        yield f"{b} direct per-channel", winoq.Recipe(weights=w, activations=a, group_size=None, winograd=None)
+        yield f"{b} direct g32", winoq.Recipe(weights=w, activations=a, winograd=None)
+        for m in tiles:
+            for s in methods:
+                yield f"{b} F({m},3) {s}", winoq.Recipe(weights=w, activations=a, winograd=m, scales=s)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", type=int, nargs="+", default=[20, 56])
+    ap.add_argument("--tiles", type=int, nargs="+", default=[4, 6])
+    ap.add_argument("--bits", nargs="+", default=list(BITS), choices=list(BITS))
+    ap.add_argument("--methods", nargs="+", default=["standard", "learned", "paw-fsq", "tapwise"])
+    ap.add_argument("--n-images", type=int, default=2000)
+    ap.add_argument("--calib-images", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/out/cifar_table.json"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    root = shared_dir() / "data" / "cifar10-test"
+    x_all, y_all = load_imagefolder_tensors(str(root), cifar_transform())
+    # a fixed random order (files are sorted by class): the first n images are evaluated,
+    # calibration images for PAW+FSQ come from the other end and never overlap them
+    order = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(0))
+    x, y = x_all[order[: args.n_images]], y_all[order[: args.n_images]]
+    calib = x_all[order[-args.calib_images:]]
+    results = load_json(args.out)
+    results["machine"] = machine()
+    results["n_images"] = args.n_images
+    for depth in args.models:
+        model = load_cifar_resnet(depth)
+        rows = results.setdefault(f"resnet{depth}", {})
+        if "FP" not in rows:
+            rows["FP"] = {"top1": top1(model, x, y)}
+        print(f"ResNet-{depth} FP {rows['FP']['top1']:.2f}", flush=True)
+        for label, recipe in configs(args.tiles, args.bits, args.methods):
+            if label in rows:
+                continue
+            t0 = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                q = winoq.quantize(model, recipe, calib_data=calib if recipe.scales == "paw-fsq" else None,
+                                   progress=False)
+            tq = time.perf_counter() - t0
+            acc = top1(q, x, y)
+            rows[label] = {"top1": acc, "drop": rows["FP"]["top1"] - acc, "quantize_s": tq,
+                           "eval_s": time.perf_counter() - t0 - tq, "recipe": recipe.to_json()}
+            print(f"ResNet-{depth} {label:28s} {acc:6.2f}  drop {rows['FP']['top1'] - acc:+6.2f}  "
+                  f"quantize {tq:6.1f}s", flush=True)
+            dump_json(args.out, results)
+        dump_json(args.out, results)
+    print(markdown(results))
+
+
+def markdown(results) -> str:
+    models = [k for k in results if k.startswith("resnet")]
+    labels = []
+    for mdl in models:
+        labels += [l for l in results[mdl] if l not in labels]
+    lines = ["| method | " + " | ".join(f"{m} top-1 (drop)" for m in models) + " |",
+             "|---|" + "---|" * len(models)]
+    for l in labels:
+        cells = []
+        for m in models:
+            r = results[m].get(l)
+            cells.append("" if r is None else (f"{r['top1']:.2f}" + (f" ({r['drop']:+.2f})" if "drop" in r else "")))
+        lines.append(f"| {l} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""Shared helpers of the benchmark scripts: locating ../shared, machine info, JSON output."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_dir() -> Path:
+    for cand in (os.environ.get("WINOQ_SHARED"), REPO.parent / "shared", Path.cwd().parent / "shared"):
+        if cand and Path(cand, "data", "cifar10-test").is_dir():
+            return Path(cand)
+    raise SystemExit("this benchmark needs ../shared (CIFAR-10 test set and ResNet checkpoints); set WINOQ_SHARED")
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "date": datetime.date.today().isoformat()}
+
+
+def load_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def dump_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    tmp.replace(path)
+
+
+def top1(model, x, y, batch: int = 250) -> float:
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            correct += int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum())
+    return 100.0 * correct / len(x)
