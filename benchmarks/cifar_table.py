@@ -35,7 +35,9 @@ def configs(tiles, bits, methods):
         yield f"{b} direct g32", winoq.Recipe(weights=w, activations=a, winograd=None)
         for m in tiles:
             for s in methods:
-                yield f"{b} F({m},3) {s}", winoq.Recipe(weights=w, activations=a, winograd=m, scales=s)
+                scales, _, wscales = s.partition("+")  # "learned+tapwise-weights"
+                yield f"{b} F({m},3) {s}", winoq.Recipe(weights=w, activations=a, winograd=m, scales=scales,
+                                                        winograd_weight_scales="tapwise" if wscales else "shared")
 
 
 def main(argv=None):
@@ -43,7 +45,7 @@ def main(argv=None):
     ap.add_argument("--models", type=int, nargs="+", default=[20, 56])
     ap.add_argument("--tiles", type=int, nargs="+", default=[4, 6])
     ap.add_argument("--bits", nargs="+", default=list(BITS), choices=list(BITS))
-    ap.add_argument("--methods", nargs="+", default=["standard", "learned", "paw-fsq", "tapwise"])
+    ap.add_argument("--methods", nargs="+", default=["standard", "learned", "learned+tapwise-weights", "paw-fsq", "tapwise"])
     ap.add_argument("--n-images", type=int, default=2000)
     ap.add_argument("--calib-images", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)

@@ -3,7 +3,6 @@ winoq.winograd.scales (data-free learning of the diagonal transform scales)."""
 from __future__ import annotations
 
 import math
-from fractions import Fraction
 
 import pytest
 import torch
@@ -44,7 +43,7 @@ def rand_input(shape, seed=1):
 @pytest.mark.parametrize("groups,c,k", [(1, 5, 6), (2, 6, 4), (4, 4, 8)])
 def test_float_formats_equal_conv2d(m, groups, c, k):
     layer = make_layer(c, k, m, groups=groups, formats=FLOAT)
-    x = rand_input((2, c, 9, 11))
+    x = rand_input((1, c, 9, 11))
     ref = F.conv2d(x, layer.weight, layer.bias, padding=1, groups=groups)
     assert rel_err(layer(x), ref) < 1e-10
 
@@ -77,8 +76,9 @@ def test_free_transforms_start_exact_and_are_parameters():
     assert rel_err(layer(x), F.conv2d(x, layer.weight, layer.bias, padding=1)) > 1e-4
 
 
-@pytest.mark.xfail(strict=True, reason="QuantWinogradConv2d.from_conv builds the layer in the default dtype and "
-                                       "never casts it to conv.weight.dtype (src/winoq/winograd/quantized.py from_conv)")
+@pytest.mark.xfail(strict=True, reason="QuantWinogradConv2d.from_conv copies the weights into a layer built in the "
+                                       "default dtype (load_state_dict) before casting it to conv.weight.dtype, so "
+                                       "float64 weights are rounded to float32 (src/winoq/winograd/quantized.py)")
 def test_from_float64_conv_keeps_float64():
     gen = torch.Generator().manual_seed(0)
     conv = nn.Conv2d(4, 4, 3, padding=1, dtype=torch.float64)
@@ -90,7 +90,7 @@ def test_from_float64_conv_keeps_float64():
     assert rel_err(layer(x), conv(x)) < 1e-10
 
 
-def test_from_conv_copies_weights():
+def test_from_conv_copies_weights(seed):
     conv = nn.Conv2d(4, 6, 3, padding=1, groups=2)
     layer = QuantWinogradConv2d.from_conv(conv, 4, group_size=2, scale_mode="tapwise")
     assert torch.equal(layer.weight, conv.weight) and torch.equal(layer.bias, conv.bias)
@@ -137,7 +137,8 @@ def test_forward_integer_matches_forward(c, k, groups, group_size, m, scale_mode
     formats = NO_TIES_DEPTHWISE if c == groups else NO_TIES
     layer = make_layer(c, k, m, groups=groups, group_size=group_size, scale_mode=scale_mode, seed=c * k + m,
                        formats=formats)
-    x = rand_input((2, c, 12, 12), seed=m)  # whole tiles: no tile is mostly padding (rank-1 V, ties)
+    hw = 8 if m == 4 else 6
+    x = rand_input((2, c, hw, hw), seed=m)  # whole tiles: no tile is mostly padding (rank-1 V, ties)
     y = layer(x)
     yi = layer.forward_integer(x)
     assert yi.dtype == torch.float64 and yi.shape == y.shape
@@ -324,8 +325,7 @@ def test_int32_report_flags_overflow():
 # --------------------------------------------------------------------------- data-free scale learning
 
 
-def test_learn_layer_scales_improves_f63_and_keeps_exactness():
-    torch.manual_seed(0)
+def test_learn_layer_scales_improves_f63_and_keeps_exactness(seed):
     conv = nn.Conv2d(8, 8, 3, padding=1)
     layer = QuantWinogradConv2d.from_conv(conv, 6)
     res = learn_layer_scales(layer, ScaleLearningConfig(steps=5, batch=2, tiles=3))
@@ -342,17 +342,19 @@ def test_learn_layer_scales_improves_f63_and_keeps_exactness():
 
     # on a fresh input the quantized layer is really better
     x = torch.randn(2, 8, 12, 12, generator=torch.Generator().manual_seed(5))
-    ref = conv(x)
-    learned = sqnr_db(layer(x), ref)
-    plain = QuantWinogradConv2d.from_conv(conv, 6)
-    assert learned > sqnr_db(plain(x), ref) + 10
+    with torch.no_grad():
+        ref = conv(x)
+        learned = sqnr_db(layer(x), ref)
+        plain = QuantWinogradConv2d.from_conv(conv, 6)
+        assert learned > sqnr_db(plain(x), ref) + 10
 
     # the learned scales leave the unquantized layer exact
     exact = QuantWinogradConv2d(8, 8, 3, 6, padding=1, formats=FLOAT).double()
     exact.load_state_dict(layer.state_dict())
     xd = x.double()
-    ref64 = F.conv2d(xd, conv.weight.double(), conv.bias.double(), padding=1)
-    assert rel_err(exact(xd), ref64) < 1e-10
+    with torch.no_grad():
+        ref64 = F.conv2d(xd, conv.weight.double(), conv.bias.double(), padding=1)
+        assert rel_err(exact(xd), ref64) < 1e-10
 
 
 def test_scale_learning_config_validation():

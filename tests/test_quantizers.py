@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from winoq import quantizers
 from winoq.formats import parse
 from winoq.quantizers import (
     DynamicQuantizer,
@@ -93,9 +94,6 @@ def tensors_and_grans(draw, min_dims=1):
     if kind == "tensor":
         gran = per_tensor()
     elif kind == "channel":
-        if ndim == 1:  # see test_per_channel_scales_of_a_1d_tensor (xfail)
-            shape = shape + (draw(st.integers(1, 4)),)
-            axis = 0
         gran = per_channel(axis)
     else:
         gs = draw(st.integers(1, 9))
@@ -177,25 +175,32 @@ def test_percentile_matches_quantile_of_each_divisible_group(q):
     torch.testing.assert_close(s, expected, rtol=1e-12, atol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="percentile of a ragged last group includes the zero padding of "
-                                       "quantizers._to_groups (src/winoq/quantizers.py reduce_over/_quantile_abs)")
 def test_percentile_of_ragged_last_group_uses_only_its_elements():
     x = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0]], dtype=torch.float64)
     s = compute_scale(x, "int8", per_group(2, axis=1), method="percentile", percentile=50)[0].expand_as(x)
-    # groups [1, 2], [3, 4], [5]: medians 1.5, 3.5, 5
+    # groups [1, 2], [3, 4], [5]: medians 1.5, 3.5, 5 (not the median of [5, 0] with the padding)
     torch.testing.assert_close(s * 127, torch.tensor([[1.5, 1.5, 3.5, 3.5, 5.0]], dtype=torch.float64))
+    # and against the manual loop on a ragged 3-D case
+    x = randn((2, 7, 3), 8, heavy=True)
+    gran = per_group(3, axis=1, shared_dims=(2,))
+    s = compute_scale(x, "int8", gran, method="percentile", percentile=80)[0].expand_as(x)
+    expected = manual_stat(x, gran, lambda v: torch.quantile(v.abs(), 0.8)) / 127
+    torch.testing.assert_close(s, expected, rtol=1e-12, atol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="per-channel scales of a 1-D tensor: Granularity.reduce_dims returns () and "
-                                       "amax(dim=()) reduces every dim (src/winoq/quantizers.py reduce_over)")
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_per_channel_scales_of_a_1d_tensor(symmetric):
+@pytest.mark.parametrize("method", ["minmax", "percentile", "mse", "asymmetric"])
+def test_per_channel_scales_of_a_1d_tensor(method):
+    """Per-channel of a 1-D tensor is one scale per element (reduce dims empty)."""
     x = torch.tensor([1.5, -0.3, 0.02], dtype=torch.float64)
-    s, _ = compute_scale(x, "int8", per_channel(0), symmetric=symmetric)
+    if method == "asymmetric":
+        s, zp = compute_scale(x, "int8", per_channel(0), symmetric=False)
+        torch.testing.assert_close(s, x.abs() / 255, rtol=1e-12, atol=0)
+    else:
+        s, _ = compute_scale(x, "int8", per_channel(0), method=method)
+        torch.testing.assert_close(s, x.abs() / 127, rtol=1e-12, atol=0)
     assert s.shape == (3,)
-    if symmetric:
-        torch.testing.assert_close(s, x.abs() / 127, rtol=1e-15, atol=0)
-    assert s[0] != s[1] != s[2]
+    torch.testing.assert_close(fake_quantize(x, "int8", s, zp if method == "asymmetric" else None), x,
+                               rtol=1e-12, atol=0)
 
 
 def test_scale_argument_errors():
@@ -254,6 +259,37 @@ def test_fake_quantize_grid_nearest_idempotent_monotone(fmt_name, seed, scale_va
     lo, hi = bounds(fmt)
     assert (y <= hi * scale * (1 + 1e-12)).all() and (y >= lo * scale * (1 + 1e-12)).all()
     assert float(y.max()) == hi * float(scale) and float(y.min()) == lo * float(scale)  # both ends reached
+
+
+@SETTINGS
+@given(st.sampled_from(ALL_FORMATS), st.integers(0, 2**31 - 1), st.booleans())
+def test_fake_quantize_same_values_with_and_without_autograd(fmt_name, seed, asymmetric):
+    fmt = parse(fmt_name)
+    x = randn((64,), seed) * fmt.max_value * 0.1
+    x[0], x[1] = float("inf"), -float("inf")
+    scale = torch.tensor(0.07, dtype=torch.float64)
+    zp = None
+    if asymmetric and not fmt.is_float:
+        zp = torch.tensor(float((fmt.qmin + fmt.qmax) // 2), dtype=torch.float64)
+    plain = fake_quantize(x, fmt, scale, zp)
+    xg = x.clone().requires_grad_()
+    tracked = fake_quantize(xg, fmt, scale, zp)
+    assert torch.equal(plain, tracked.detach())
+    st_ = scale.clone().requires_grad_()
+    assert torch.equal(plain, fake_quantize(x, fmt, st_, zp).detach())
+    with torch.no_grad():
+        assert torch.equal(plain, fake_quantize(xg, fmt, scale, zp))
+
+
+@SETTINGS
+@given(tensors_and_grans(min_dims=2), st.sampled_from(["int8", "int4", "fp8_e4m3", "fp4_e2m1"]))
+def test_fake_quantize_dynamic_equals_compute_scale_path(xg, fmt):
+    fqd = getattr(quantizers, "fake_quantize_dynamic", None)
+    if fqd is None:
+        pytest.skip("no fake_quantize_dynamic in this version")
+    x, gran = xg
+    expected = fake_quantize(x, fmt, compute_scale(x, fmt, gran)[0])
+    torch.testing.assert_close(fqd(x, fmt, gran), expected, rtol=1e-15, atol=0)
 
 
 @SETTINGS

@@ -89,7 +89,7 @@ def test_padding_modes(mode, m):
     assert rel_err(layer(x), conv(x)) < 1e-10
 
 
-def test_float32_is_close():
+def test_float32_is_close(seed):
     gen = torch.Generator().manual_seed(2)
     conv = nn.Conv2d(4, 5, 3, padding=1)
     x = torch.randn(1, 4, 10, 10, generator=gen)
@@ -98,7 +98,7 @@ def test_float32_is_close():
     assert rel_err(layer(x), conv(x)) < 1e-5
 
 
-def test_from_conv_copies_parameters_and_does_not_alias():
+def test_from_conv_copies_parameters_and_does_not_alias(seed):
     conv = nn.Conv2d(3, 4, 3, padding=1)
     layer = WinogradConv2d.from_conv(conv, 2)
     assert torch.equal(layer.weight, conv.weight) and torch.equal(layer.bias, conv.bias)

@@ -65,6 +65,7 @@ def _swap_modules(qmodel: nn.Module, recipe: Recipe) -> list[tuple[LayerReport, 
             if why is None:
                 new = QuantWinogradConv2d.from_conv(mod, recipe.winograd, recipe.points, formats=fmts,
                                                     group_size=recipe.group_size, scale_mode=scale_mode)
+                new.weight_tapwise = recipe.winograd_weight_scales == "tapwise"
                 rep = LayerReport(name, "winograd", f"F({recipe.winograd},{mod.kernel_size[0]})",
                                   int32=new.int32_report())
             else:
@@ -207,7 +208,11 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     for name, mod in qmodel.named_modules():
         if isinstance(mod, QuantWinogradConv2d) and f"{name}.free_transforms.AT" in tensors:
             mod.set_free_transforms(mod.tc.AT, mod.tc.G, mod.tc.BT)
-    missing, unexpected = qmodel.load_state_dict(tensors, strict=False)
+    try:
+        missing, unexpected = qmodel.load_state_dict(tensors, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise ValueError(f"{path} does not match this model ({str(exc).splitlines()[-1].strip()}); "
+                         "pass the same float architecture that was quantized") from exc
     if missing or unexpected:
         raise ValueError(f"{path} does not match this model: missing {missing[:5]}, unexpected {unexpected[:5]}; "
                          "pass the same float architecture that was quantized")

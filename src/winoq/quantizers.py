@@ -66,16 +66,16 @@ def per_group(group_size: int, axis: int = 1, shared_dims: tuple[int, ...] = ())
 
 
 # ----------------------------------------------------------------------------- group views
-def _to_groups(x: torch.Tensor, axis: int, group_size: int) -> tuple[torch.Tensor, int]:
-    """View ``x`` with ``axis`` split into (num_groups, group_size), zero-padding
-    the ragged last group. Returns the grouped tensor and the original size."""
+def _to_groups(x: torch.Tensor, axis: int, group_size: int, pad_value: float = 0.0) -> tuple[torch.Tensor, int]:
+    """View ``x`` with ``axis`` split into (num_groups, group_size), padding the
+    ragged last group with ``pad_value``. Returns the grouped tensor and the original size."""
     axis = axis % x.ndim
     size = x.shape[axis]
     g = min(group_size, size)
     pad = (-size) % g
     if pad:
         pad_spec = [0, 0] * (x.ndim - axis - 1) + [0, pad]
-        x = torch.nn.functional.pad(x, pad_spec)
+        x = torch.nn.functional.pad(x, pad_spec, value=pad_value)
     shape = x.shape[:axis] + (x.shape[axis] // g, g) + x.shape[axis + 1 :]
     return x.reshape(shape), size
 
@@ -86,14 +86,17 @@ def _from_groups(xg: torch.Tensor, axis: int, size: int) -> torch.Tensor:
     return xg.reshape(shape).narrow(axis, 0, size)
 
 
-def reduce_over(x: torch.Tensor, gran: Granularity, fn) -> torch.Tensor:
+def reduce_over(x: torch.Tensor, gran: Granularity, fn, pad_value: float = 0.0) -> torch.Tensor:
     """Apply a reduction ``fn(t, dims) -> t`` (keepdim) over each scale's elements;
-    the result broadcasts back to ``x``'s shape."""
+    the result broadcasts back to ``x``'s shape. ``pad_value`` fills the ragged last
+    group (0 is neutral for max |x| and sums; NaN for NaN-aware statistics)."""
     if gran.kind != "group":
         dims = gran.reduce_dims(x.ndim)
+        if not dims:  # one scale per element (per-channel of a 1-D tensor)
+            return fn(x.unsqueeze(-1), (x.ndim,)).squeeze(-1)
         return fn(x, dims)
     axis = gran.axis % x.ndim
-    xg, size = _to_groups(x, axis, gran.group_size)
+    xg, size = _to_groups(x, axis, gran.group_size, pad_value)
     dims = [d if d < axis else d + 1 for d in gran.reduce_dims(x.ndim)] + [axis + 1]
     red = fn(xg, tuple(sorted(dims)))
     red = red.expand(*[xg.shape[d] if d == axis + 1 else red.shape[d] for d in range(xg.ndim)])
@@ -166,7 +169,7 @@ def compute_scale(
         if not 0 < percentile <= 100:
             raise ValueError(f"percentile must be in (0, 100], got {percentile}")
         q = percentile / 100.0
-        amax = reduce_over(x, gran, lambda t, d: _quantile_abs(t, d, q))
+        amax = reduce_over(x, gran, lambda t, d: _quantile_abs(t, d, q), pad_value=float("nan"))
     elif method == "mse":
         return _mse_scale(x, fmt, gran, mse_grid), None
     else:
@@ -178,7 +181,7 @@ def _quantile_abs(t: torch.Tensor, dims, q: float) -> torch.Tensor:
     keep = [d for d in range(t.ndim) if d not in dims]
     perm = keep + list(dims)
     flat = t.abs().permute(perm).reshape(*[t.shape[d] for d in keep], -1)
-    val = torch.quantile(flat.double(), q, dim=-1).to(t.dtype)
+    val = torch.nanquantile(flat.double(), q, dim=-1).to(t.dtype)  # NaN: padding of a ragged group
     shape = [1 if d in dims else t.shape[d] for d in range(t.ndim)]
     return val.reshape(shape)
 

@@ -35,6 +35,11 @@ class Recipe:
     learn_steps, learn_lr, noise: the data-free optimisation (Adam steps after the closed-form start).
     seed: seeds every random draw (noise, calibration order).
     kernel: "emulated" (PyTorch fake-quant, runs anywhere) or "auto" (fastest available; emulated on CPU).
+    winograd_weight_scales: "shared" (the paper: one scale per output channel and channel group for
+        all n x n taps of the transformed weights) or "tapwise" (one per tap as well). Tap-wise
+        weight scales keep the pipeline integer: the transforms still see one scale per tile,
+        and the per-(channel, tap) weight scale folds into the requantization multiplier of
+        the Hadamard result (an integer pipeline requantizes there anyway).
     """
 
     weights: str = "int8"
@@ -49,6 +54,7 @@ class Recipe:
     learn_lr: float = 0.01
     noise: str = "gaussian"
     kernel: str = "emulated"
+    winograd_weight_scales: str = "shared"
 
     def __post_init__(self):
         for field in ("weights", "activations"):
@@ -60,6 +66,7 @@ class Recipe:
         _one_of("scales", self.scales, SCALES)
         _one_of("kernel", self.kernel, KERNELS)
         _one_of("noise", self.noise, NOISES)
+        _one_of("winograd_weight_scales", self.winograd_weight_scales, ("shared", "tapwise"))
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
         if self.learn_steps < 0 or self.learn_lr <= 0:
@@ -87,6 +94,8 @@ class Recipe:
 
     def describe(self) -> str:
         tile = "direct" if self.winograd is None else f"F({self.winograd},3) {self.scales}"
+        if self.winograd is not None and self.winograd_weight_scales == "tapwise" and self.scales != "tapwise":
+            tile += " +tap-wise weights"
         group = "per-channel" if self.group_size is None else f"g{self.group_size}"
         return f"W:{self.weights} A:{self.activations} {group} {tile}"
 

@@ -67,6 +67,7 @@ class QuantWinogradConv2d(WinogradConv2d):
         # data-free with the transform scales; 1.0 = plain min-max.
         self.register_buffer("clip", torch.ones(2))  # (V, M)
         self.weight_method = "minmax"
+        self.weight_tapwise = False
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, m: int, points=None, **kwargs) -> "QuantWinogradConv2d":
@@ -74,11 +75,11 @@ class QuantWinogradConv2d(WinogradConv2d):
         layer = cls(base.in_channels, base.out_channels, base.kernel_size, m, base.padding,
                     base.bias is not None, base.groups, base.padding_mode, points, **kwargs)
         layer.load_state_dict(base.state_dict(), strict=False)
-        return layer.to(conv.weight.device)
+        return layer.to(device=conv.weight.device, dtype=conv.weight.dtype)
 
     # ---------------------------------------------------------------- transforms
     def set_diagonal_scales(self, s_b: torch.Tensor, s_g: torch.Tensor) -> None:
-        with torch.no_grad():
+        with torch.no_grad():  # copy_ keeps the parameters' own dtype and device
             self.log_sb.copy_(torch.as_tensor(s_b, dtype=torch.float64).log())
             self.log_sg.copy_(torch.as_tensor(s_g, dtype=torch.float64).log())
 
@@ -121,7 +122,7 @@ class QuantWinogradConv2d(WinogradConv2d):
     def _weight_gran(self) -> Granularity:
         """Transformed weights U (K, C/groups, n, n): per output channel and input-channel
         group, shared by the taps unless tap-wise; per output channel when group_size is None."""
-        shared = () if self.scale_mode == "tapwise" else (2, 3)
+        shared = () if (self.scale_mode == "tapwise" or self.weight_tapwise) else (2, 3)
         size = (1 << 30) if self.group_size is None else self.group_size
         return Granularity("group", axis=1, group_size=size, shared_dims=shared)
 

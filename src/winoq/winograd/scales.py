@@ -176,8 +176,7 @@ def learn_shared_scales(layers: list[QuantWinogradConv2d], cfg: ScaleLearningCon
         loss.backward()
         opt.step()
     for layer in layers:
-        layer.log_sb = torch.nn.Parameter(log_sb.detach().clone(), requires_grad=False)
-        layer.log_sg = torch.nn.Parameter(log_sg.detach().clone(), requires_grad=False)
+        layer.set_diagonal_scales(log_sb.detach().exp(), log_sg.detach().exp())
     return {"seconds": time.perf_counter() - start, "s_b": log_sb.exp().tolist(), "s_g": log_sg.exp().tolist()}
 
 
