@@ -106,6 +106,8 @@ def quantize(model: nn.Module, recipe: Recipe | None = None, *, calib_data=None,
         warnings.warn("the model has no nn.Conv2d or nn.Linear layer: nothing was quantized", stacklevel=2)
     if calibrate and wino:
         _calibrate(model, qmodel, wino, recipe, calib_data, progress)
+    if calibrate and recipe.rounding == "learned":
+        _learn_rounding(model, plan, recipe, calib_data, progress)
     qmodel.winoq_recipe = recipe
     qmodel.winoq_report = [rep for rep, _ in plan]
     return qmodel
@@ -133,6 +135,29 @@ def _calibrate(model, qmodel, wino, recipe: Recipe, calib_data, progress: bool) 
         bar = tqdm(wino, desc="PAW+FSQ on calibration data", disable=not progress, unit="layer")
         for rep, mod in bar:
             rep.calibration = learn_paw_fsq(mod, inputs[rep.name], seed=recipe.seed)
+
+
+def _learn_rounding(model, plan, recipe: Recipe, calib_data, progress: bool) -> None:
+    """AdaRound-style rounding of every quantized layer's weights on its float-model inputs."""
+    from .algorithms.adaround import round_layer_weight
+
+    if calib_data is None:
+        raise ValueError("rounding='learned' learns on calibration inputs: pass calib_data=(a tensor or batches "
+                         "of model inputs), or use rounding='nearest' for the data-free path")
+    inputs = capture_inputs(model, [rep.name for rep, _ in plan], calib_data, recipe, max_samples=32)
+    bar = tqdm(plan, desc="learning weight rounding", disable=not progress, unit="layer")
+    for i, (rep, mod) in enumerate(bar):
+        fmt = mod.formats.weight if isinstance(mod, QuantWinogradConv2d) else mod.weight_format
+        if fmt is None:
+            continue
+        wq, info = round_layer_weight(mod, inputs[rep.name], "learned", iters=recipe.rounding_iters,
+                                      seed=recipe.seed + i)
+        with torch.no_grad():
+            if isinstance(mod, QuantWinogradConv2d):
+                mod.learned_u = wq.detach().clone()
+            else:
+                mod.weight.copy_(wq)
+        rep.calibration["rounding"] = info
 
 
 def _batches(calib_data) -> Iterable[torch.Tensor]:
@@ -208,6 +233,8 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     for name, mod in qmodel.named_modules():
         if isinstance(mod, QuantWinogradConv2d) and f"{name}.free_transforms.AT" in tensors:
             mod.set_free_transforms(mod.tc.AT, mod.tc.G, mod.tc.BT)
+        if isinstance(mod, QuantWinogradConv2d) and f"{name}.learned_u" in tensors:
+            mod.learned_u = torch.empty_like(tensors[f"{name}.learned_u"])
     try:
         missing, unexpected = qmodel.load_state_dict(tensors, strict=False)
     except RuntimeError as exc:  # shape mismatches

@@ -11,6 +11,7 @@ from .formats import parse
 
 SCALES = ("standard", "learned", "paw-fsq", "tapwise")
 KERNELS = ("emulated", "auto")
+ROUNDINGS = ("nearest", "learned")
 NOISES = ("gaussian", "uniform", "halfnormal")
 MAX_TILE = 14
 
@@ -40,6 +41,10 @@ class Recipe:
         weight scales keep the pipeline integer: the transforms still see one scale per tile,
         and the per-(channel, tap) weight scale folds into the requantization multiplier of
         the Hadamard result (an integer pipeline requantizes there anyway).
+    rounding: "nearest", or "learned" (AdaRound-style soft rounding per weight, annealed to
+        hard up/down choices between the two neighbouring grid values, INT or FP grid, learned
+        layer by layer on ``calib_data``; for Winograd layers on the transformed weights
+        G g G^T). ``rounding_iters`` optimisation steps per layer.
     """
 
     weights: str = "int8"
@@ -55,6 +60,8 @@ class Recipe:
     noise: str = "gaussian"
     kernel: str = "emulated"
     winograd_weight_scales: str = "shared"
+    rounding: str = "nearest"
+    rounding_iters: int = 300
 
     def __post_init__(self):
         for field in ("weights", "activations"):
@@ -67,6 +74,9 @@ class Recipe:
         _one_of("kernel", self.kernel, KERNELS)
         _one_of("noise", self.noise, NOISES)
         _one_of("winograd_weight_scales", self.winograd_weight_scales, ("shared", "tapwise"))
+        _one_of("rounding", self.rounding, ROUNDINGS)
+        if not isinstance(self.rounding_iters, int) or self.rounding_iters < 1:
+            raise ValueError(f"rounding_iters must be a positive int, got {self.rounding_iters!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
         if self.learn_steps < 0 or self.learn_lr <= 0:

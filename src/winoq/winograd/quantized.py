@@ -68,6 +68,7 @@ class QuantWinogradConv2d(WinogradConv2d):
         self.register_buffer("clip", torch.ones(2))  # (V, M)
         self.weight_method = "minmax"
         self.weight_tapwise = False
+        self.register_buffer("learned_u", None)  # transformed weights already on the grid (learned rounding)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, m: int, points=None, **kwargs) -> "QuantWinogradConv2d":
@@ -132,6 +133,8 @@ class QuantWinogradConv2d(WinogradConv2d):
 
     # ---------------------------------------------------------------- forward
     def quantized_weight(self, g: torch.Tensor) -> torch.Tensor:
+        if self.learned_u is not None:
+            return self.learned_u.to(g.dtype)
         u = transform_2d(g, self.weight.to(g.dtype))
         fmt = self.formats.weight
         if fmt is None:
@@ -176,7 +179,7 @@ class QuantWinogradConv2d(WinogradConv2d):
         sv = self._per_conv_group(v, lambda t: (compute_scale(t, fm.winograd_input, self._act_gran(7, (5, 6), axis=2))[0]
                                                 * self.clip[0].double()).expand(t.shape))
         qv = quantize(v, fm.winograd_input, sv)
-        u = transform_2d(g, self.weight.double())
+        u = transform_2d(g, self.weight.double()) if self.learned_u is None else self.learned_u.double()
         qu = quantize(u, fm.weight, compute_scale(u, fm.weight, self._weight_gran(), self.weight_method)[0])
         mprod = self._integer_hadamard(qu, qv)
         mprod = self._fq(mprod, fm.output, self._act_gran(6, (4, 5)), self.clip[1].double())
