@@ -76,9 +76,6 @@ def test_free_transforms_start_exact_and_are_parameters():
     assert rel_err(layer(x), F.conv2d(x, layer.weight, layer.bias, padding=1)) > 1e-4
 
 
-@pytest.mark.xfail(strict=True, reason="QuantWinogradConv2d.from_conv copies the weights into a layer built in the "
-                                       "default dtype (load_state_dict) before casting it to conv.weight.dtype, so "
-                                       "float64 weights are rounded to float32 (src/winoq/winograd/quantized.py)")
 def test_from_float64_conv_keeps_float64():
     gen = torch.Generator().manual_seed(0)
     conv = nn.Conv2d(4, 4, 3, padding=1, dtype=torch.float64)
