@@ -1,0 +1,364 @@
+"""Integer CPU path of :class:`~winoq.winograd.quantized.QuantWinogradConv2d`.
+
+Computes what :meth:`QuantWinogradConv2d.forward_integer` computes, the way an
+integer kernel does, in the taps-first layout ``(n*n, C, N*th*tw)``:
+
+1. input ``x`` -> integer codes, one scale per (sample, channel group) (the
+   layer's input stage); padding and tiling act on the codes;
+2. input transform in integers: ``BT`` times its common denominator ``den`` is an
+   integer matrix, so ``V_int = (den BT) d (den BT)^T`` is exact (every partial sum
+   is an integer bounded by ``row_l1(den BT)^2 * qmax``, checked against the 2^24
+   range in which float32 arithmetic is exact integer arithmetic);
+3. requantization of ``V`` to int8 codes, one scale per (sample, tile, channel
+   group), shared by the taps: ``max |V|`` is taken on the integer ``V_int`` and the
+   real scale is ``max|V_int| / qmax * clip * s_x / den^2``;
+4. per tap and channel group an int8 x int8 -> int32 GEMM (``torch._int_mm``, which
+   runs on CPU with VNNI where available), or the same integer GEMM done exactly in
+   float32 (``gemm="float"``: a group sum is at most ``group * 127^2 < 2^24``);
+5. each group's int32 sums times (V scale x U scale), summed over groups;
+6. requantization of ``M`` (the layer's output stage), output transform
+   ``AT' M A'`` and bias in floating point (``AT'`` carries the learned diagonal
+   scales, so it is not integral in general).
+
+When step 2 cannot be integral (float or absent input format, learned diagonal
+scales on ``BT`` that break the shared input scale, free PAW transforms, or
+channel groups of the input stage that straddle those of ``V``), ``V`` is computed
+in floating point from the quantized input instead and steps 3-6 are unchanged.
+
+Agreement with ``forward_integer`` (float64 throughout): identical integer codes
+except where a value lies on (or, with ``dtype=float32``, within float32 rounding
+of) a rounding tie; ``forward_integer`` breaks exact ties of ``V`` with its own
+float64 rounding noise. See ``tests/test_kernels.py`` for the tolerances.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from ..quantizers import Granularity, compute_scale, fake_quantize_dynamic, quantize
+from ..winograd.conv import stitch_taps_first, tiles_taps_first, transform_2d
+
+_MIN_SCALE = 1e-30  # quantizers' floor on scales
+_F32_EXACT = 1 << 24  # integers below this are exact in float32, and so are their sums
+_DEN_LIMIT = 1 << 12
+
+
+# ----------------------------------------------------------------------------- checks
+def unsupported_reason(layer) -> str | None:
+    """Why ``layer`` cannot run on the integer path, or None when it can."""
+    from ..winograd.quantized import QuantWinogradConv2d
+
+    if not isinstance(layer, QuantWinogradConv2d):
+        return f"{type(layer).__name__} is not a QuantWinogradConv2d"
+    fm = layer.formats
+    for name, f in (("winograd_input", fm.winograd_input), ("weight", fm.weight)):
+        if f is None or f.is_float:
+            return (f"the {name} stage is {getattr(f, 'name', 'float')}; the integer path needs integer "
+                    "formats for V and U (use kernel='emulated')")
+    return None
+
+
+def _int8_codes(fmt) -> bool:
+    return fmt is not None and not fmt.is_float and fmt.qmin >= -128 and fmt.qmax <= 127
+
+
+def _common_denominator(mat: torch.Tensor) -> int | None:
+    """Smallest d <= 4096 with d * mat integral, or None."""
+    for d in range(1, _DEN_LIMIT + 1):
+        scaled = mat * d
+        if torch.equal(scaled, scaled.round()):
+            return d
+    return None
+
+
+def _group_bounds(size: int, group: int | None) -> tuple[int, int]:
+    """(group length, number of groups) of an axis of ``size`` cut into ``group``s."""
+    gs = size if group is None else min(group, size)
+    return gs, math.ceil(size / gs)
+
+
+# ----------------------------------------------------------------------------- prepared weights
+@dataclass
+class Prepared:
+    """Everything that depends on the layer only (weights, transforms), cached."""
+
+    key: tuple
+    dtype: torch.dtype
+    groups: int
+    cg: int            # input channels per conv group
+    kg: int            # output channels per conv group
+    gs: int            # channel-group length of V / U within a conv group
+    nj: int            # channel groups per conv group
+    u8: list | None    # [gi][j] -> (taps, kg, len_j) int8 codes
+    uf: list           # [gi][j] -> (taps, kg, len_j) codes in `dtype` (exact)
+    su: torch.Tensor   # (G, J, taps|1, kg, 1) weight scales
+    bt_int: torch.Tensor | None  # kron(den BT, den BT) (taps, taps) in the GEMM dtype, when integral
+    bt_dtype: torch.dtype | None
+    den: int
+    tap_w: torch.Tensor | None   # (taps,) kron(s_b, s_b) when the diagonal scales are not all 1
+    bt_float: torch.Tensor       # kron(BT', BT') in `dtype`
+    at_float: torch.Tensor       # kron(AT', AT') in `dtype`
+
+
+_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _layer_key(layer, dtype, device) -> tuple:
+    ft = layer.free_transforms
+    ftk = None if ft is None else tuple((k, p._version, p.data_ptr()) for k, p in ft.items())
+    return (dtype, str(device), layer.weight._version, layer.weight.data_ptr(), layer.log_sb._version,
+            layer.log_sg._version, layer.log_sb.data_ptr(), layer.log_sg.data_ptr(), ftk, layer.group_size,
+            layer.scale_mode, layer.weight_tapwise, layer.weight_method, layer.formats, layer.groups)
+
+
+def prepare(layer, dtype: torch.dtype = torch.float32) -> Prepared:
+    """Weight codes and scales (exactly those of ``forward_integer``) and the
+    integer transforms; cached per layer until its weights or scales change."""
+    device = layer.weight.device
+    key = _layer_key(layer, dtype, device)
+    hit = _CACHE.get(layer)
+    if hit is not None and hit.key == key:
+        return hit
+    fm = layer.formats
+    with torch.no_grad():
+        at, g, bt = layer.transforms(torch.float64, device)
+        u = transform_2d(g, layer.weight.double())  # (K, cg, n, n)
+        su_full = compute_scale(u, fm.weight, layer._weight_gran(), layer.weight_method)[0]
+        qu = quantize(u, fm.weight, su_full)
+    codes = qu.codes  # int32 (K, cg, n, n)
+    k, cg, n, _ = codes.shape
+    taps = n * n
+    groups = layer.groups
+    kg = k // groups
+    gs, nj = _group_bounds(cg, layer.group_size)
+    tapwise_u = su_full.shape[-1] != 1 or su_full.shape[-2] != 1  # (K, cg, 1, 1) when shared by the taps
+    u8, uf, su = ([] if _int8_codes(fm.weight) else None), [], []
+    for gi in range(groups):
+        ks = slice(gi * kg, (gi + 1) * kg)
+        row8, rowf, rows = [], [], []
+        for j in range(nj):
+            cs = slice(j * gs, min((j + 1) * gs, cg))
+            blk = codes[ks, cs].reshape(kg, -1, taps).permute(2, 0, 1).contiguous()  # (taps, kg, len)
+            rowf.append(blk.to(dtype))
+            if u8 is not None:
+                row8.append(blk.to(torch.int8))
+            s = su_full[ks, cs.start]  # (kg, n|1, n|1): the group's scale (first channel)
+            s = s.reshape(kg, -1).t() if tapwise_u else s.reshape(1, kg)  # (taps|1, kg)
+            rows.append(s)
+        uf.append(rowf)
+        if u8 is not None:
+            u8.append(row8)
+        su.append(torch.stack(rows))  # (J, taps|1, kg)
+    su_t = torch.stack(su).unsqueeze(-1).to(dtype)  # (G, J, taps|1, kg, 1)
+
+    # input transform: integral form of the *unscaled* BT, diagonal scales applied to V afterwards
+    base_bt = layer.free_transforms["BT"].detach().double() if layer.free_transforms is not None \
+        else layer.tc.BT.to(device)
+    s_b = layer.log_sb.detach().exp().double().to(device)
+    den = _common_denominator(base_bt) if fm.input is not None and not fm.input.is_float else None
+    bt_int, bt_dtype = None, None
+    if den is not None:
+        bti = base_bt * den
+        worst = float(bti.abs().sum(1).max()) ** 2 * max(abs(fm.input.qmin), fm.input.qmax)
+        bt_dtype = dtype if (dtype == torch.float64 or worst < _F32_EXACT) else torch.float64
+        if worst < 2**52:
+            bt_int = torch.kron(bti, bti).to(bt_dtype)
+    tap_w = None if bool((s_b == 1).all()) else torch.kron(s_b, s_b).to(dtype)
+    prep = Prepared(key, dtype, groups, cg, kg, gs, nj, u8, uf, su_t, bt_int, bt_dtype, den or 1, tap_w,
+                    torch.kron(bt, bt).to(dtype), torch.kron(at, at).to(dtype))
+    _CACHE[layer] = prep
+    return prep
+
+
+# ----------------------------------------------------------------------------- helpers
+def _group_amax(a: torch.Tensor, groups: int, cg: int, gs: int, tapwise: bool) -> torch.Tensor:
+    """a: (taps, groups*cg, P) -> max |a| per (taps|1, groups, J, P), channel groups of
+    ``gs`` within each conv group (the last one shorter when gs does not divide cg)."""
+    taps, _, p = a.shape
+    a = a.reshape(taps, groups, cg, p)
+    full, rem = divmod(cg, gs)
+
+    def red(t, dim):  # max |t| without a full-size temporary
+        return torch.maximum(t.amax(dim=dim), t.amin(dim=dim).neg())
+
+    parts = []
+    if full:
+        parts.append(red(a[:, :, : full * gs].reshape(taps, groups, full, gs, p), 3))
+    if rem:
+        parts.append(red(a[:, :, full * gs:], 2).unsqueeze(2))
+    r = parts[0] if len(parts) == 1 else torch.cat(parts, 2)  # (taps, G, J, P)
+    return r if tapwise else r.amax(0, keepdim=True)
+
+
+def _per_channel(s: torch.Tensor, cg: int, gs: int) -> torch.Tensor:
+    """(T, G, J, P) per-group values -> (T, G*cg, P) per channel."""
+    t, g, _, p = s.shape
+    return s.repeat_interleave(gs, dim=2)[:, :, :cg].reshape(t, g * cg, p)
+
+
+def _input_codes(layer, x: torch.Tensor, dtype):
+    """Codes of the input stage (float tensor holding integers) and the per (N, C) scale."""
+    fmt = layer.formats.input
+    nb, c = x.shape[:2]
+    xd = x.to(dtype)
+    lo, hi = x.reshape(nb, c, -1).aminmax(dim=-1)
+    amax_c = torch.maximum(hi, lo.neg()).to(dtype)  # (N, C)
+    gs_in, nin = _group_bounds(c, layer.group_size)
+    padded = torch.nn.functional.pad(amax_c, (0, nin * gs_in - c))
+    amax_g = padded.reshape(nb, nin, gs_in).amax(-1)  # (N, groups)
+    # same expression as fake_quantize_dynamic (clip 1): amax * (1 / qmax)
+    s_g = (amax_g * (1.0 / fmt.max_value)).clamp_min(_MIN_SCALE)
+    s_c = s_g.repeat_interleave(gs_in, dim=1)[:, :c]  # (N, C)
+    q = xd / s_c[:, :, None, None]
+    q = q.round_().clamp_(fmt.qmin, fmt.qmax)
+    return q, s_c, gs_in
+
+
+def _v_groups_align(layer, c: int, gs_in: int, prep: Prepared) -> bool:
+    """True when every channel group of V lies inside one channel group of the input stage."""
+    ch = torch.arange(c)
+    in_gid = ch // gs_in
+    v_gid = (ch // prep.cg) * prep.nj + (ch % prep.cg) // prep.gs
+    first = torch.full((int(v_gid.max()) + 1,), -1, dtype=torch.long)
+    first.scatter_reduce_(0, v_gid, in_gid, "amin", include_self=False)
+    last = torch.full_like(first, -1).scatter_reduce_(0, v_gid, in_gid, "amax", include_self=False)
+    return bool((first == last).all())
+
+
+# ----------------------------------------------------------------------------- forward
+@torch.no_grad()
+def forward(layer, x: torch.Tensor, *, gemm: str = "auto", dtype: torch.dtype = torch.float32,
+            return_codes: bool = False):
+    """Integer-arithmetic forward of a QuantWinogradConv2d (CPU).
+
+    ``gemm``: ``"int_mm"`` (int8 x int8 -> int32 ``torch._int_mm``), ``"float"`` (the
+    same integer GEMM done exactly in ``dtype``), ``"auto"`` (int_mm when the codes
+    fit int8). ``dtype``: floating type of the scales and the non-integer stages
+    (float64 reproduces ``forward_integer`` to ~1e-15). Returns y in ``dtype``
+    (and, with ``return_codes``, a dict of the integer intermediates)."""
+    why = unsupported_reason(layer)
+    if why is not None:
+        raise ValueError(f"int-cpu kernel: {why}")
+    if x.device.type != "cpu":
+        raise ValueError(f"int-cpu kernel runs on CPU tensors, got {x.device}; use kernel='triton' or 'emulated'")
+    if gemm not in ("auto", "int_mm", "float"):
+        raise ValueError(f"gemm {gemm!r} unknown; use 'auto', 'int_mm' or 'float'")
+    layer.check_input(x)
+    fm = layer.formats
+    prep = prepare(layer, dtype)
+    if gemm == "auto":
+        gemm = "int_mm" if (prep.u8 is not None and _int8_codes(fm.winograd_input)) else "float"
+    if gemm == "int_mm" and not (prep.u8 is not None and _int8_codes(fm.winograd_input)):
+        raise ValueError("gemm='int_mm' needs V and U formats whose codes fit int8")
+    gs_f = prep.gs * fm.winograd_input.max_value * fm.weight.max_value
+    if gemm == "float" and dtype == torch.float32 and gs_f >= _F32_EXACT:
+        dtype_gemm = torch.float64  # group sums would not be exact in float32
+    else:
+        dtype_gemm = dtype
+    tapwise = layer.scale_mode == "tapwise"
+    G, cg, gs, nj, kg = prep.groups, prep.cg, prep.gs, prep.nj, prep.kg
+    nb, c = x.shape[:2]
+    r, m = layer.kernel_size, layer.m
+    taps = (m + r - 1) ** 2
+    vfmt = fm.winograd_input
+    clip_v, clip_m = layer.clip[0].to(dtype), layer.clip[1].to(dtype)
+
+    # ---- 1-2: input codes and transform
+    integral = prep.bt_int is not None
+    if integral:
+        q, s_c, gs_in = _input_codes(layer, x, dtype)
+        uniform = prep.tap_w is None and _v_groups_align(layer, c, gs_in, prep)
+        xp = layer.pad_input(q)
+    else:
+        xq = x.to(dtype)
+        if fm.input is not None:
+            xq = fake_quantize_dynamic(xq, fm.input, layer._input_gran())
+        xp = layer.pad_input(xq)
+    out_hw = layer.output_hw(xp)
+    tiles = tiles_taps_first(xp, m, r, out_hw)  # (taps, C, N, th, tw) copy
+    th, tw = tiles.shape[-2:]
+    p = nb * th * tw
+    if integral:
+        tiles = tiles.to(prep.bt_dtype)
+        v = torch.matmul(prep.bt_int, tiles.reshape(taps, -1)).to(dtype).reshape(taps, c, p)  # exact integers
+        if not uniform:  # real V = V_int * s_x / den^2 * (s_b x s_b)
+            f = (s_c / prep.den**2).t().reshape(1, c, nb, 1)
+            v = v.reshape(taps, c, nb, th * tw).mul_(f)
+            if prep.tap_w is not None:
+                v.mul_(prep.tap_w.view(taps, 1, 1, 1))
+            v = v.reshape(taps, c, p)
+    else:
+        uniform = False
+        v = torch.matmul(prep.bt_float, tiles.reshape(taps, -1)).reshape(taps, c, p)
+    del tiles
+
+    # ---- 3: requantize V (scale from max |V| per (sample, tile, channel group))
+    amax = _group_amax(v, G, cg, gs, tapwise)  # (taps|1, G, J, P)
+    sv_code = (amax / vfmt.max_value).clamp_min_(_MIN_SCALE) * clip_v  # in units of v
+    v.div_(_per_channel(sv_code, cg, gs))
+    v.round_().clamp_(vfmt.qmin, vfmt.qmax)  # integer codes
+    if uniform:  # scale of the real V: times s_x / den^2 of the group
+        s_grp = s_c.reshape(nb, G, cg)[:, :, :: gs][:, :, :nj]  # (N, G, J): any channel of the group
+        sv = sv_code.reshape(-1, G, nj, nb, th * tw) * (s_grp.permute(1, 2, 0) / prep.den**2)[None, :, :, :, None]
+        sv = sv.reshape(-1, G, nj, p)
+    else:
+        sv = sv_code
+    codes = {"v": v} if return_codes else None
+
+    # ---- 4-5: integer GEMM per tap and channel group, scaled and summed over groups
+    if gemm == "int_mm":
+        v8 = v.to(torch.int8)
+        acc = torch.empty(G, nj, taps, kg, p, dtype=torch.int32)
+        for gi in range(G):
+            for j in range(nj):
+                c0 = gi * cg + j * gs
+                c1 = gi * cg + min((j + 1) * gs, cg)
+                uj = prep.u8[gi][j]
+                for t in range(taps):
+                    torch._int_mm(uj[t], v8[t, c0:c1], out=acc[gi, j, t])
+        del v8
+    else:
+        vg = v if dtype_gemm == dtype else v.to(dtype_gemm)
+        acc = torch.empty(G, nj, taps, kg, p, dtype=dtype_gemm)
+        for gi in range(G):
+            for j in range(nj):
+                c0 = gi * cg + j * gs
+                c1 = gi * cg + min((j + 1) * gs, cg)
+                torch.matmul(prep.uf[gi][j].to(dtype_gemm), vg[:, c0:c1], out=acc[gi, j])
+    if return_codes:
+        codes["acc"] = acc
+    del v
+    svt = sv.reshape(sv.shape[0], G, nj, p).permute(1, 2, 0, 3).unsqueeze(3)  # (G, J, taps|1, 1, P)
+    mprod = None
+    for j in range(nj):  # same order as forward_integer: (acc * sv) * su, summed group by group
+        term = acc[:, j].to(dtype).mul_(svt[:, j]).mul_(prep.su[:, j])  # (G, taps, kg, P)
+        mprod = term if mprod is None else mprod.add_(term)
+    del acc
+    k = G * kg
+    mprod = mprod.reshape(taps, k, p) if G == 1 else mprod.permute(1, 0, 2, 3).reshape(taps, k, p)
+
+    # ---- 6: requantize M, output transform, bias
+    if fm.output is not None:
+        if fm.output.is_float:
+            gran = Granularity("group", axis=1, group_size=layer.group_size or (1 << 30),
+                               shared_dims=() if tapwise else (0,))
+            mprod = fake_quantize_dynamic(mprod, fm.output, gran, clip_ratio=clip_m)
+        else:
+            ofmt = fm.output
+            gs_m, _ = _group_bounds(k, layer.group_size)
+            amax_m = _group_amax(mprod, 1, k, gs_m, tapwise)  # (taps|1, 1, Jm, P)
+            # same expression as fake_quantize_dynamic: amax * (clip / qmax)
+            sm = (amax_m * (clip_m / ofmt.max_value)).clamp_min_(_MIN_SCALE)
+            sm_c = _per_channel(sm, k, gs_m)
+            mq = mprod.div_(sm_c).round_().clamp_(ofmt.qmin, ofmt.qmax)
+            if return_codes:
+                codes["m"] = mq.clone()
+            mprod = mq.mul_(sm_c)
+    y = torch.matmul(prep.at_float, mprod.reshape(taps, -1)).reshape(m * m, k, nb, th, tw)
+    y = stitch_taps_first(y, out_hw)
+    if layer.bias is not None:
+        y = y + layer.bias.detach().to(dtype).view(1, -1, 1, 1)
+    return (y, codes) if return_codes else y
