@@ -84,7 +84,35 @@ def main(argv=None):
                   f"quantize {tq:6.1f}s", flush=True)
             dump_json(args.out, results)
         dump_json(args.out, results)
-    print(markdown(results))
+    for key in results:
+        if key.startswith("resnet"):
+            print(f"\n## {key}\n" + pivot_markdown(results, key))
+
+
+def pivot_markdown(results, model: str) -> str:
+    """One model: rows = method, columns = bits x tile; cells = top-1 (drop vs FP)."""
+    rows = results[model]
+    bits = [b for b in BITS if any(k.startswith(b) for k in rows)]
+    tiles = sorted({k.split()[1] for k in rows if "F(" in k})
+    cols = [(b, t) for b in bits for t in ["direct"] + tiles]
+    methods = []
+    for k in rows:
+        if k == "FP":
+            continue
+        method = " ".join(k.split()[2:]) if "F(" in k else " ".join(k.split()[2:])
+        if method not in methods:
+            methods.append(method)
+    head = "| method | " + " | ".join(f"{b} {t}" for b, t in cols) + " |"
+    lines = [f"FP top-1: {rows['FP']['top1']:.2f}", "", head, "|---|" + "---|" * len(cols)]
+    for method in methods:
+        cells = []
+        for b, t in cols:
+            key = f"{b} {t} {method}"
+            r = rows.get(key)
+            cells.append("" if r is None else f"{r['top1']:.2f} ({-r['drop']:+.2f})")
+        if any(cells):
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def markdown(results) -> str:

@@ -66,6 +66,7 @@ def _swap_modules(qmodel: nn.Module, recipe: Recipe) -> list[tuple[LayerReport, 
                 new = QuantWinogradConv2d.from_conv(mod, recipe.winograd, recipe.points, formats=fmts,
                                                     group_size=recipe.group_size, scale_mode=scale_mode)
                 new.weight_tapwise = recipe.winograd_weight_scales == "tapwise"
+                new.kernel = recipe.kernel
                 rep = LayerReport(name, "winograd", f"F({recipe.winograd},{mod.kernel_size[0]})",
                                   int32=new.int32_report())
             else:
@@ -98,6 +99,7 @@ def quantize(model: nn.Module, recipe: Recipe | None = None, *, calib_data=None,
     torch.manual_seed(recipe.seed)
     qmodel = copy.deepcopy(model).eval()
     plan = _swap_modules(qmodel, recipe)
+    qmodel.eval()  # the swapped-in layers are new modules: put them in eval mode too
     wino = [(rep, mod) for rep, mod in plan if rep.kind == "winograd"]
     if recipe.winograd is not None and not wino:
         warnings.warn("the model has no Winograd-eligible conv (square kernel > 1, stride 1, dilation 1): "
@@ -110,6 +112,17 @@ def quantize(model: nn.Module, recipe: Recipe | None = None, *, calib_data=None,
         _learn_rounding(model, plan, recipe, calib_data, progress)
     qmodel.winoq_recipe = recipe
     qmodel.winoq_report = [rep for rep, _ in plan]
+    return qmodel
+
+
+def set_kernel(qmodel: nn.Module, kernel: str) -> nn.Module:
+    """Switch every Winograd layer of a quantized model to ``kernel`` (see ``winoq.kernels``)."""
+    from .kernels import resolve_kernel
+
+    resolve_kernel(kernel, None if kernel != "triton" else "cuda")  # validate the name early
+    for mod in qmodel.modules():
+        if isinstance(mod, QuantWinogradConv2d):
+            mod.kernel = kernel
     return qmodel
 
 

@@ -10,7 +10,7 @@ from fractions import Fraction
 from .formats import parse
 
 SCALES = ("standard", "learned", "paw-fsq", "tapwise")
-KERNELS = ("emulated", "auto")
+from .kernels import KERNELS  # noqa: E402
 ROUNDINGS = ("nearest", "learned")
 NOISES = ("gaussian", "uniform", "halfnormal")
 MAX_TILE = 14
@@ -35,7 +35,10 @@ class Recipe:
     points: interpolation points for F(m, r) (None: 0, ±1, ±2, ±1/2, ...), as strings like "3/2".
     learn_steps, learn_lr, noise: the data-free optimisation (Adam steps after the closed-form start).
     seed: seeds every random draw (noise, calibration order).
-    kernel: "emulated" (PyTorch fake-quant, runs anywhere) or "auto" (fastest available; emulated on CPU).
+    kernel: how the Winograd layers compute at inference: "emulated" (PyTorch fake quantization,
+        runs anywhere), "int-cpu" (integer arithmetic on the CPU), "triton" (GPU kernels; needs
+        CUDA and the triton package) or "auto" (triton where it can run, else emulated).
+        Calibration always runs emulated.
     winograd_weight_scales: "shared" (the paper: one scale per output channel and channel group for
         all n x n taps of the transformed weights) or "tapwise" (one per tap as well). Tap-wise
         weight scales keep the pipeline integer: the transforms still see one scale per tile,

@@ -10,8 +10,6 @@
 """
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
 KERNELS = ("emulated", "int-cpu", "triton", "auto")
@@ -19,8 +17,6 @@ KERNELS = ("emulated", "int-cpu", "triton", "auto")
 
 def triton_available() -> bool:
     """True when the optional ``triton`` package can be imported."""
-    if importlib.util.find_spec("triton") is None:
-        return False
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
@@ -45,9 +41,10 @@ def resolve_kernel(name: str, device=None) -> str:
         return "triton" if (_is_cuda(device) and triton_available()) else "emulated"
     if name == "triton":
         missing = []
-        if not _is_cuda(device):
-            missing.append("a CUDA device" if torch.cuda.is_available() is False
-                           else f"a CUDA device (got {device})")
+        if not torch.cuda.is_available():
+            missing.append("a CUDA device (torch.cuda.is_available() is False)")
+        elif not _is_cuda(device):
+            missing.append(f"CUDA tensors (got device {device})")
         if not triton_available():
             missing.append("the 'triton' package (pip install triton)")
         if missing:
@@ -60,7 +57,9 @@ def winograd_forward(layer, x: torch.Tensor, kernel: str = "emulated") -> torch.
     """Run ``layer`` (a QuantWinogradConv2d) on ``x`` with ``kernel``; the result has x's dtype."""
     name = resolve_kernel(kernel, x.device)
     if name == "emulated":
-        return layer(x)
+        # a layer whose forward() dispatches through here keeps its fake-quant body as forward_emulated
+        emulated = getattr(layer, "forward_emulated", None)
+        return emulated(x) if emulated is not None else layer(x)
     if name == "int-cpu":
         from . import int_cpu
 

@@ -1,45 +1,54 @@
 """Integer CPU path of :class:`~winoq.winograd.quantized.QuantWinogradConv2d`.
 
 Computes what :meth:`QuantWinogradConv2d.forward_integer` computes, the way an
-integer kernel does, in the taps-first layout ``(n*n, C, N*th*tw)``:
+integer kernel does, in the taps-first layout ``(n*n, C, P)``, ``P = N*th*tw``:
 
-1. input ``x`` -> integer codes, one scale per (sample, channel group) (the
-   layer's input stage); padding and tiling act on the codes;
-2. input transform in integers: ``BT`` times its common denominator ``den`` is an
-   integer matrix, so ``V_int = (den BT) d (den BT)^T`` is exact (every partial sum
-   is an integer bounded by ``row_l1(den BT)^2 * qmax``, checked against the 2^24
-   range in which float32 arithmetic is exact integer arithmetic);
-3. requantization of ``V`` to int8 codes, one scale per (sample, tile, channel
-   group), shared by the taps: ``max |V|`` is taken on the integer ``V_int`` and the
-   real scale is ``max|V_int| / qmax * clip * s_x / den^2``;
+1. input ``x`` -> integer codes, one scale ``s_x`` per (sample, channel group) (the
+   layer's input stage), written straight into the zero-padded buffer;
+2. input transform in integers: ``BT`` (without the learned diagonal scales) times
+   its common denominator ``den`` is an integer matrix (den = 1 for F(2,3) and
+   F(4,3), 4 for F(6,3)), so ``V_int = (den BT) d (den BT)^T`` is an integer
+   transform of integer codes. It runs as a stride-m convolution with the n*n taps
+   as output channels (no tile copy), in float32, which is exact here: every partial
+   sum is an integer below ``row_l1(den BT)^2 * 128 < 2^24`` (checked; float64 past
+   that). PyTorch has no CPU int32 convolution, and ``_int_mm`` on gathered tiles
+   measured slower than this;
+3. requantization of V to int8 codes, one scale per (sample, tile, channel group),
+   shared by the taps. The real V is ``V_int * s_x / den^2 * s_b[a] s_b[b]``: without
+   learned diagonal scales (and with the input's channel groups nesting in V's),
+   ``max |V|`` is taken on ``V_int`` itself and the code is ``V_int / (max|V_int| /
+   qmax * clip)``; otherwise V_int is first multiplied by its per (tap, channel,
+   sample) factor (one pass) and the maximum taken on the real V;
 4. per tap and channel group an int8 x int8 -> int32 GEMM (``torch._int_mm``, which
-   runs on CPU with VNNI where available), or the same integer GEMM done exactly in
-   float32 (``gemm="float"``: a group sum is at most ``group * 127^2 < 2^24``);
-5. each group's int32 sums times (V scale x U scale), summed over groups;
-6. requantization of ``M`` (the layer's output stage), output transform
-   ``AT' M A'`` and bias in floating point (``AT'`` carries the learned diagonal
-   scales, so it is not integral in general).
+   runs on CPU with VNNI), or the same integer GEMM done exactly in float32
+   (``gemm="float"``, the default: a group sum is at most ``group * 127^2 < 2^24``,
+   and one batched float32 matmul measured as fast as, or faster than, the many
+   small ``_int_mm`` calls);
+5. each group's int32 sums times (V scale x U scale), summed over the groups;
+6. requantization of M (the layer's output stage); the output transform ``AT' Mq A'``
+   runs on the codes (``AT'`` carries the diagonal scales, so it is a float GEMM) and
+   the M scale and the bias are applied to the m*m outputs while stitching them.
 
-When step 2 cannot be integral (float or absent input format, learned diagonal
-scales on ``BT`` that break the shared input scale, free PAW transforms, or
-channel groups of the input stage that straddle those of ``V``), ``V`` is computed
-in floating point from the quantized input instead and steps 3-6 are unchanged.
+V is computed in floating point from the (fake-)quantized input instead when step 2
+cannot be integral: a float or absent input format, or free (PAW) transforms
+without a small common denominator. Steps 3-6 are the same.
 
 Agreement with ``forward_integer`` (float64 throughout): identical integer codes
 except where a value lies on (or, with ``dtype=float32``, within float32 rounding
-of) a rounding tie; ``forward_integer`` breaks exact ties of ``V`` with its own
-float64 rounding noise. See ``tests/test_kernels.py`` for the tolerances.
+of) a rounding tie, which ``forward_integer`` breaks with its own float64 noise;
+with ``dtype=float64`` and integer-valued inputs the outputs agree to ~1e-15.
+See ``tests/test_kernels.py`` for the tolerances.
 """
 from __future__ import annotations
 
 import math
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..quantizers import Granularity, compute_scale, fake_quantize_dynamic, quantize
-from ..winograd.conv import stitch_taps_first, tiles_taps_first, transform_2d
+from ..winograd.conv import conv_padding, tiles_taps_first, transform_2d
 
 _MIN_SCALE = 1e-30  # quantizers' floor on scales
 _F32_EXACT = 1 << 24  # integers below this are exact in float32, and so are their sums
@@ -74,6 +83,12 @@ def _common_denominator(mat: torch.Tensor) -> int | None:
     return None
 
 
+def _needs_clamp(fmt, clip: torch.Tensor) -> bool:
+    """Symmetric scales map max |t| to qmax / clip: only clip < 1 (or a range shorter on the
+    negative side than qmax) can leave codes outside [qmin, qmax]."""
+    return float(clip) < 1.0 or fmt.qmin > -fmt.max_value
+
+
 def _group_bounds(size: int, group: int | None) -> tuple[int, int]:
     """(group length, number of groups) of an axis of ``size`` cut into ``group``s."""
     gs = size if group is None else min(group, size)
@@ -101,6 +116,7 @@ class Prepared:
     tap_w: torch.Tensor | None   # (taps,) kron(s_b, s_b) when the diagonal scales are not all 1
     bt_float: torch.Tensor       # kron(BT', BT') in `dtype`
     at_float: torch.Tensor       # kron(AT', AT') in `dtype`
+    aligned: dict = field(default_factory=dict)  # (C, input group) -> do V's channel groups nest in the input's?
 
 
 _CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -199,22 +215,82 @@ def _per_channel(s: torch.Tensor, cg: int, gs: int) -> torch.Tensor:
     return s.repeat_interleave(gs, dim=2)[:, :, :cg].reshape(t, g * cg, p)
 
 
-def _input_codes(layer, x: torch.Tensor, dtype):
-    """Codes of the input stage (float tensor holding integers) and the per (N, C) scale."""
+def _padding(layer, h: int, w: int) -> tuple[tuple[int, int, int, int], tuple[int, int], tuple[int, int]]:
+    """F.pad spec of the layer, the output size, and the extra zeros (right, bottom) that
+    complete the last tile row/column (what ``extract_tiles`` adds)."""
+    r, m = layer.kernel_size, layer.m
+    pad = conv_padding(layer.padding, r)
+    hp, wp = h + pad[2] + pad[3], w + pad[0] + pad[1]
+    oh, ow = hp - r + 1, wp - r + 1
+    if oh < 1 or ow < 1:
+        raise ValueError(f"input {(hp, wp)} after padding is smaller than the {r}x{r} kernel")
+    th, tw = math.ceil(oh / m), math.ceil(ow / m)
+    return pad, (oh, ow), (tw * m + r - 1 - wp, th * m + r - 1 - hp)
+
+
+def _input_codes(layer, x: torch.Tensor, dtype, pad, extra):
+    """Codes of the input stage (a float tensor holding integers), already padded
+    (layer padding, then zeros completing the last tiles), and the per (N, C) scale."""
     fmt = layer.formats.input
-    nb, c = x.shape[:2]
-    xd = x.to(dtype)
-    lo, hi = x.reshape(nb, c, -1).aminmax(dim=-1)
-    amax_c = torch.maximum(hi, lo.neg()).to(dtype)  # (N, C)
+    nb, c, h, w = x.shape
+    flat = x.reshape(nb, c, -1)
+    amax_c = torch.maximum(flat.amax(-1), flat.amin(-1).neg()).to(dtype)  # (N, C); aminmax is slower
     gs_in, nin = _group_bounds(c, layer.group_size)
     padded = torch.nn.functional.pad(amax_c, (0, nin * gs_in - c))
     amax_g = padded.reshape(nb, nin, gs_in).amax(-1)  # (N, groups)
     # same expression as fake_quantize_dynamic (clip 1): amax * (1 / qmax)
     s_g = (amax_g * (1.0 / fmt.max_value)).clamp_min(_MIN_SCALE)
     s_c = s_g.repeat_interleave(gs_in, dim=1)[:, :c]  # (N, C)
-    q = xd / s_c[:, :, None, None]
-    q = q.round_().clamp_(fmt.qmin, fmt.qmax)
-    return q, s_c, gs_in
+    s4 = s_c[:, :, None, None]
+    if layer.padding_mode == "zeros":  # quantize straight into the zero-padded buffer
+        l, _, t, _ = pad
+        buf = torch.zeros(nb, c, h + pad[2] + pad[3] + extra[1], w + pad[0] + pad[1] + extra[0], dtype=dtype)
+        torch.div(x.to(dtype), s4, out=buf[:, :, t:t + h, l:l + w])
+    else:
+        buf = _pad_extra(layer.pad_input(x.to(dtype) / s4), extra)
+    buf.round_()
+    if fmt.qmin > -fmt.max_value:  # |x / s| <= qmax by construction; clamp only for a short negative side
+        buf.clamp_(fmt.qmin, fmt.qmax)
+    return buf, s_c, gs_in
+
+
+def _pad_extra(xp: torch.Tensor, extra) -> torch.Tensor:
+    return torch.nn.functional.pad(xp, (0, extra[0], 0, extra[1])) if any(extra) else xp
+
+
+def _stitch(y, m, k, nb, th, tw, out_hw, scale, bias):
+    """(m*m, K*N*th*tw) output tiles -> (N, K, H_out, W_out), times ``scale`` (1, K, P)
+    and plus ``bias`` on the way (one pass)."""
+    yp = y.reshape(m, m, k, nb, th, tw).permute(3, 2, 4, 0, 5, 1)  # (N, K, th, m, tw, m)
+    out = torch.empty(nb, k, th * m, tw * m, dtype=y.dtype)
+    ov = out.view(nb, k, th, m, tw, m)
+    if scale is not None:
+        sp = scale.reshape(k, nb, th, tw).permute(1, 0, 2, 3)[:, :, :, None, :, None]
+        if bias is not None:
+            torch.addcmul(bias.view(1, k, 1, 1, 1, 1), yp, sp, out=ov)
+        else:
+            torch.mul(yp, sp, out=ov)
+    elif bias is not None:
+        torch.add(yp, bias.view(1, k, 1, 1, 1, 1), out=ov)
+    else:
+        ov.copy_(yp)
+    return out[:, :, : out_hw[0], : out_hw[1]]
+
+
+def _input_transform(xpe: torch.Tensor, kron: torch.Tensor, m: int, r: int, out_hw) -> torch.Tensor:
+    """V = kron(B, B) applied to every n x n tile (stride m) of the padded input:
+    (N, C, H, W) -> (taps, C, N*th*tw). float32: as a strided conv with the taps as
+    output channels (no tile copy); otherwise tiles + GEMM."""
+    nb, c = xpe.shape[:2]
+    taps = kron.shape[0]
+    n = math.isqrt(taps)
+    if xpe.dtype == torch.float32:
+        w = kron.reshape(taps, 1, n, n)
+        v = torch.nn.functional.conv2d(xpe.reshape(nb * c, 1, *xpe.shape[2:]), w, stride=m)
+        t = v.shape[-2] * v.shape[-1]
+        return v.reshape(nb, c, taps, t).permute(2, 1, 0, 3).reshape(taps, c, nb * t)
+    tiles = tiles_taps_first(xpe, m, r, out_hw)
+    return torch.matmul(kron, tiles.reshape(taps, -1)).reshape(taps, c, -1)
 
 
 def _v_groups_align(layer, c: int, gs_in: int, prep: Prepared) -> bool:
@@ -234,9 +310,10 @@ def forward(layer, x: torch.Tensor, *, gemm: str = "auto", dtype: torch.dtype = 
             return_codes: bool = False):
     """Integer-arithmetic forward of a QuantWinogradConv2d (CPU).
 
-    ``gemm``: ``"int_mm"`` (int8 x int8 -> int32 ``torch._int_mm``), ``"float"`` (the
-    same integer GEMM done exactly in ``dtype``), ``"auto"`` (int_mm when the codes
-    fit int8). ``dtype``: floating type of the scales and the non-integer stages
+    ``gemm``: ``"int_mm"`` (int8 x int8 -> int32 ``torch._int_mm``, one call per tap and
+    channel group), ``"float"`` (the same integer GEMM done exactly in ``dtype``, one
+    batched matmul per channel group), ``"auto"`` (``"float"`` while its sums are exact,
+    else int_mm: on one CPU thread the batched float32 GEMM measured as fast or faster). ``dtype``: floating type of the scales and the non-integer stages
     (float64 reproduces ``forward_integer`` to ~1e-15). Returns y in ``dtype``
     (and, with ``return_codes``, a dict of the integer intermediates)."""
     why = unsupported_reason(layer)
@@ -249,11 +326,12 @@ def forward(layer, x: torch.Tensor, *, gemm: str = "auto", dtype: torch.dtype = 
     layer.check_input(x)
     fm = layer.formats
     prep = prepare(layer, dtype)
-    if gemm == "auto":
-        gemm = "int_mm" if (prep.u8 is not None and _int8_codes(fm.winograd_input)) else "float"
-    if gemm == "int_mm" and not (prep.u8 is not None and _int8_codes(fm.winograd_input)):
-        raise ValueError("gemm='int_mm' needs V and U formats whose codes fit int8")
+    int8_ok = prep.u8 is not None and _int8_codes(fm.winograd_input)
     gs_f = prep.gs * fm.winograd_input.max_value * fm.weight.max_value
+    if gemm == "auto":  # measured (benchmarks/kernels_cpu.py): the exact float32 GEMM is never slower
+        gemm = "float" if (dtype == torch.float64 or gs_f < _F32_EXACT or not int8_ok) else "int_mm"
+    if gemm == "int_mm" and not int8_ok:
+        raise ValueError("gemm='int_mm' needs V and U formats whose codes fit int8")
     if gemm == "float" and dtype == torch.float32 and gs_f >= _F32_EXACT:
         dtype_gemm = torch.float64  # group sums would not be exact in float32
     else:
@@ -268,38 +346,39 @@ def forward(layer, x: torch.Tensor, *, gemm: str = "auto", dtype: torch.dtype = 
 
     # ---- 1-2: input codes and transform
     integral = prep.bt_int is not None
+    pad, out_hw, extra = _padding(layer, *x.shape[2:])
+    th, tw = math.ceil(out_hw[0] / m), math.ceil(out_hw[1] / m)
+    p = nb * th * tw
     if integral:
-        q, s_c, gs_in = _input_codes(layer, x, dtype)
-        uniform = prep.tap_w is None and _v_groups_align(layer, c, gs_in, prep)
-        xp = layer.pad_input(q)
+        q, s_c, gs_in = _input_codes(layer, x, prep.bt_dtype, pad, extra)
+        s_c = s_c.to(dtype)  # codes may be float64 (wide transforms), scales follow `dtype`
+        if prep.tap_w is not None:
+            uniform = False
+        else:
+            if (c, gs_in) not in prep.aligned:
+                prep.aligned[(c, gs_in)] = _v_groups_align(layer, c, gs_in, prep)
+            uniform = prep.aligned[(c, gs_in)]
+        v = _input_transform(q, prep.bt_int, m, r, out_hw).to(dtype)  # exact integers
+        del q
+        if not uniform:  # real V = V_int * s_x / den^2 * (s_b x s_b): one multiplier per (tap, channel, sample)
+            f = (s_c / prep.den**2).t().reshape(1, c, nb, 1)
+            if prep.tap_w is not None:
+                f = f * prep.tap_w.view(taps, 1, 1, 1)
+            v = v.reshape(taps, c, nb, th * tw).mul_(f).reshape(taps, c, p)
     else:
+        uniform = False
         xq = x.to(dtype)
         if fm.input is not None:
             xq = fake_quantize_dynamic(xq, fm.input, layer._input_gran())
-        xp = layer.pad_input(xq)
-    out_hw = layer.output_hw(xp)
-    tiles = tiles_taps_first(xp, m, r, out_hw)  # (taps, C, N, th, tw) copy
-    th, tw = tiles.shape[-2:]
-    p = nb * th * tw
-    if integral:
-        tiles = tiles.to(prep.bt_dtype)
-        v = torch.matmul(prep.bt_int, tiles.reshape(taps, -1)).to(dtype).reshape(taps, c, p)  # exact integers
-        if not uniform:  # real V = V_int * s_x / den^2 * (s_b x s_b)
-            f = (s_c / prep.den**2).t().reshape(1, c, nb, 1)
-            v = v.reshape(taps, c, nb, th * tw).mul_(f)
-            if prep.tap_w is not None:
-                v.mul_(prep.tap_w.view(taps, 1, 1, 1))
-            v = v.reshape(taps, c, p)
-    else:
-        uniform = False
-        v = torch.matmul(prep.bt_float, tiles.reshape(taps, -1)).reshape(taps, c, p)
-    del tiles
+        v = _input_transform(_pad_extra(layer.pad_input(xq), extra), prep.bt_float, m, r, out_hw)
 
     # ---- 3: requantize V (scale from max |V| per (sample, tile, channel group))
     amax = _group_amax(v, G, cg, gs, tapwise)  # (taps|1, G, J, P)
     sv_code = (amax / vfmt.max_value).clamp_min_(_MIN_SCALE) * clip_v  # in units of v
     v.div_(_per_channel(sv_code, cg, gs))
-    v.round_().clamp_(vfmt.qmin, vfmt.qmax)  # integer codes
+    v.round_()  # integer codes; |v / sv| <= qmax / clip, so clamping is only needed for clip < 1
+    if _needs_clamp(vfmt, clip_v):
+        v.clamp_(vfmt.qmin, vfmt.qmax)
     if uniform:  # scale of the real V: times s_x / den^2 of the group
         s_grp = s_c.reshape(nb, G, cg)[:, :, :: gs][:, :, :nj]  # (N, G, J): any channel of the group
         sv = sv_code.reshape(-1, G, nj, nb, th * tw) * (s_grp.permute(1, 2, 0) / prep.den**2)[None, :, :, :, None]
@@ -334,13 +413,14 @@ def forward(layer, x: torch.Tensor, *, gemm: str = "auto", dtype: torch.dtype = 
     svt = sv.reshape(sv.shape[0], G, nj, p).permute(1, 2, 0, 3).unsqueeze(3)  # (G, J, taps|1, 1, P)
     mprod = None
     for j in range(nj):  # same order as forward_integer: (acc * sv) * su, summed group by group
-        term = acc[:, j].to(dtype).mul_(svt[:, j]).mul_(prep.su[:, j])  # (G, taps, kg, P)
+        term = torch.mul(acc[:, j], svt[:, j]).mul_(prep.su[:, j])  # (G, taps, kg, P); int32 * float -> float
         mprod = term if mprod is None else mprod.add_(term)
     del acc
     k = G * kg
     mprod = mprod.reshape(taps, k, p) if G == 1 else mprod.permute(1, 0, 2, 3).reshape(taps, k, p)
 
     # ---- 6: requantize M, output transform, bias
+    post_scale = None  # (1, K, P) scale applied after the output transform (shared M scales)
     if fm.output is not None:
         if fm.output.is_float:
             gran = Granularity("group", axis=1, group_size=layer.group_size or (1 << 30),
@@ -353,12 +433,16 @@ def forward(layer, x: torch.Tensor, *, gemm: str = "auto", dtype: torch.dtype = 
             # same expression as fake_quantize_dynamic: amax * (clip / qmax)
             sm = (amax_m * (clip_m / ofmt.max_value)).clamp_min_(_MIN_SCALE)
             sm_c = _per_channel(sm, k, gs_m)
-            mq = mprod.div_(sm_c).round_().clamp_(ofmt.qmin, ofmt.qmax)
+            mq = mprod.div_(sm_c).round_()
+            if _needs_clamp(ofmt, clip_m):
+                mq.clamp_(ofmt.qmin, ofmt.qmax)
             if return_codes:
                 codes["m"] = mq.clone()
-            mprod = mq.mul_(sm_c)
-    y = torch.matmul(prep.at_float, mprod.reshape(taps, -1)).reshape(m * m, k, nb, th, tw)
-    y = stitch_taps_first(y, out_hw)
-    if layer.bias is not None:
-        y = y + layer.bias.detach().to(dtype).view(1, -1, 1, 1)
+            if tapwise:
+                mprod = mq.mul_(sm_c)
+            else:  # the taps share the scale: transform the codes, scale the (fewer) outputs
+                mprod, post_scale = mq, sm_c
+    y = torch.matmul(prep.at_float, mprod.reshape(taps, -1))  # (m*m, K*P)
+    bias = None if layer.bias is None else layer.bias.detach().to(dtype)
+    y = _stitch(y, m, k, nb, th, tw, out_hw, post_scale, bias)
     return (y, codes) if return_codes else y

@@ -68,6 +68,7 @@ class QuantWinogradConv2d(WinogradConv2d):
         self.register_buffer("clip", torch.ones(2))  # (V, M)
         self.weight_method = "minmax"
         self.weight_tapwise = False
+        self.kernel = "emulated"  # see winoq.kernels: "emulated", "int-cpu", "triton", "auto"
         self.register_buffer("learned_u", None)  # transformed weights already on the grid (learned rounding)
 
     @classmethod
@@ -144,6 +145,16 @@ class QuantWinogradConv2d(WinogradConv2d):
         return fake_quantize(u, fmt, scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The kernel chosen by ``self.kernel`` (``winoq.kernels``); the emulated one
+        whenever gradients are needed (learning scales, rounding)."""
+        if self.kernel == "emulated" or (torch.is_grad_enabled() and x.requires_grad) or self.training:
+            return self.forward_emulated(x)
+        from ..kernels import winograd_forward
+
+        return winograd_forward(self, x, self.kernel)
+
+    def forward_emulated(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake quantization in floating point: runs anywhere, differentiable."""
         self.check_input(x)
         at, g, bt = self.transforms(x.dtype, x.device)
         fm = self.formats
