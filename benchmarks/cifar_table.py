@@ -28,7 +28,7 @@ from winoq.models import load_cifar_resnet  # noqa: E402
 BITS = {"W8A8": ("int8", "int8"), "W6A6": ("int6", "int6"), "W4A8": ("int4", "int8")}
 
 
-def configs(tiles, bits, methods):
+def configs(tiles, bits, methods, points=None):
     for b in bits:
         w, a = BITS[b]
         yield f"{b} direct per-channel", winoq.Recipe(weights=w, activations=a, group_size=None, winograd=None)
@@ -36,8 +36,9 @@ def configs(tiles, bits, methods):
         for m in tiles:
             for s in methods:
                 scales, _, wscales = s.partition("+")  # "learned+tapwise-weights"
-                yield f"{b} F({m},3) {s}", winoq.Recipe(weights=w, activations=a, winograd=m, scales=scales,
-                                                        winograd_weight_scales="tapwise" if wscales else "shared")
+                label = f"{b} F({m},3) {s}" + (f" points {' '.join(points)}" if points else "")
+                yield label, winoq.Recipe(weights=w, activations=a, winograd=m, scales=scales, points=points,
+                                          winograd_weight_scales="tapwise" if wscales else "shared")
 
 
 def main(argv=None):
@@ -46,6 +47,8 @@ def main(argv=None):
     ap.add_argument("--tiles", type=int, nargs="+", default=[4, 6])
     ap.add_argument("--bits", nargs="+", default=list(BITS), choices=list(BITS))
     ap.add_argument("--methods", nargs="+", default=["standard", "learned", "learned+tapwise-weights", "paw-fsq", "tapwise"])
+    ap.add_argument("--points", nargs="+", default=None, help="interpolation points (default: Toom-Cook's)")
+    ap.add_argument("--no-direct", action="store_true", help="skip the direct-conv rows")
     ap.add_argument("--n-images", type=int, default=2000)
     ap.add_argument("--calib-images", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
@@ -68,8 +71,8 @@ def main(argv=None):
         if "FP" not in rows:
             rows["FP"] = {"top1": top1(model, x, y)}
         print(f"ResNet-{depth} FP {rows['FP']['top1']:.2f}", flush=True)
-        for label, recipe in configs(args.tiles, args.bits, args.methods):
-            if label in rows:
+        for label, recipe in configs(args.tiles, args.bits, args.methods, args.points):
+            if label in rows or (args.no_direct and recipe.winograd is None):
                 continue
             t0 = time.perf_counter()
             with warnings.catch_warnings():

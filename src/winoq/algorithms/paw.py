@@ -18,7 +18,7 @@ import warnings
 import torch
 
 from ..winograd.quantized import QuantWinogradConv2d
-from ..winograd.scales import closed_form_scales, reference_output, relative_error, sqnr_db
+from ..winograd.scales import closed_form_scales, reference_output, relative_error, sqnr_db, training_only
 from ..winograd.transforms import apply_diagonal_scales
 
 
@@ -41,13 +41,8 @@ def learn_paw_fsq(layer: QuantWinogradConv2d, inputs: torch.Tensor, steps: int =
     with torch.no_grad():
         start_sqnr = sqnr_db(layer(inputs), ref_all)
     start_values = [p.detach().clone() for p in params]
-    saved = [(p, p.requires_grad) for p in layer.parameters()]
-    for p, _ in saved:
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr)
-    try:
+    with training_only(layer, params):
         for _ in range(steps):
             idx = torch.randint(0, inputs.shape[0], (min(batch, inputs.shape[0]),), generator=gen)
             x = inputs[idx]
@@ -60,11 +55,6 @@ def learn_paw_fsq(layer: QuantWinogradConv2d, inputs: torch.Tensor, steps: int =
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    finally:
-        for p, req in saved:
-            p.requires_grad_(req)
-        for p in params:
-            p.requires_grad_(False)
     with torch.no_grad():
         after = sqnr_db(layer(inputs), ref_all)
         if after < start_sqnr:

@@ -147,11 +147,17 @@ class QuantWinogradConv2d(WinogradConv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The kernel chosen by ``self.kernel`` (``winoq.kernels``); the emulated one
         whenever gradients are needed (learning scales, rounding)."""
-        if self.kernel == "emulated" or (torch.is_grad_enabled() and x.requires_grad) or self.training:
+        if self.kernel == "emulated" or self.training or (torch.is_grad_enabled() and self._needs_grad(x)):
             return self.forward_emulated(x)
         from ..kernels import winograd_forward
 
         return winograd_forward(self, x, self.kernel)
+
+    def _needs_grad(self, x: torch.Tensor) -> bool:
+        learnable = [self.log_sb, self.log_sg]
+        if self.free_transforms is not None:
+            learnable += list(self.free_transforms.parameters())
+        return x.requires_grad or any(p.requires_grad for p in learnable)
 
     def forward_emulated(self, x: torch.Tensor) -> torch.Tensor:
         """Fake quantization in floating point: runs anywhere, differentiable."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -121,15 +122,28 @@ def learn_layer_scales(layer: QuantWinogradConv2d, cfg: ScaleLearningConfig = Sc
             "s_b": layer.log_sb.exp().tolist(), "s_g": layer.log_sg.exp().tolist()}
 
 
-def _finetune(layer: QuantWinogradConv2d, cfg: ScaleLearningConfig, gen: torch.Generator) -> None:
-    params = [layer.log_sb, layer.log_sg]
-    frozen = [(p, p.requires_grad) for p in layer.parameters()]
-    for p, _ in frozen:
+@contextmanager
+def training_only(layer: torch.nn.Module, params: list[torch.nn.Parameter]):
+    """Within the block only ``params`` need gradients (the layer's weights stay frozen);
+    afterwards every parameter's flag is as before and ``params`` are frozen."""
+    saved = [(p, p.requires_grad) for p in layer.parameters()]
+    for p, _ in saved:
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=cfg.lr)
     try:
+        yield
+    finally:
+        for p, req in saved:
+            p.requires_grad_(req)
+        for p in params:
+            p.requires_grad_(False)
+
+
+def _finetune(layer: QuantWinogradConv2d, cfg: ScaleLearningConfig, gen: torch.Generator) -> None:
+    params = [layer.log_sb, layer.log_sg]
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    with training_only(layer, params):
         for _ in range(cfg.steps):
             x = noise_batch(layer, cfg, gen)
             with torch.no_grad():
@@ -140,11 +154,6 @@ def _finetune(layer: QuantWinogradConv2d, cfg: ScaleLearningConfig, gen: torch.G
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    finally:
-        for p, req in frozen:
-            p.requires_grad_(req)
-        for p in params:
-            p.requires_grad_(False)
 
 
 def learn_shared_scales(layers: list[QuantWinogradConv2d], cfg: ScaleLearningConfig = ScaleLearningConfig()) -> dict:
