@@ -47,7 +47,8 @@ def main(argv=None):
     ap.add_argument("--tiles", type=int, nargs="+", default=[4, 6])
     ap.add_argument("--bits", nargs="+", default=list(BITS), choices=list(BITS))
     ap.add_argument("--methods", nargs="+", default=["standard", "learned", "learned+tapwise-weights", "paw-fsq", "tapwise"])
-    ap.add_argument("--points", nargs="+", default=None, help="interpolation points (default: Toom-Cook's)")
+    ap.add_argument("--points", type=str.split, default=None,
+                    help="interpolation points in one string, e.g. '0 1 -1 1/2 -1/2' (default: Toom-Cook's)")
     ap.add_argument("--no-direct", action="store_true", help="skip the direct-conv rows")
     ap.add_argument("--n-images", type=int, default=2000)
     ap.add_argument("--calib-images", type=int, default=64)
