@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 $PY -m pip install -q torch==2.13.0
-$PY -m pip install -q -e ".[test]"
+$PY -m pip install -q -e ".[test,diffusion]"
 FMNIST=/usr/share/datasets/fashion-mnist
 if [ -d "$FMNIST" ]; then
   echo "setup: Fashion-MNIST found at $FMNIST"

@@ -55,6 +55,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--max-minutes", type=float, default=0, help="stop early after this wall time (0: never)")
+    ap.add_argument("--stop-after", type=int, default=0,
+                    help="stop after this many steps, keeping the LR schedule of --steps (reproduces a "
+                         "--max-minutes run: see 'reproduce' in the JSON)")
     ap.add_argument("--guidance", type=float, default=2.0, help="CFG scale of the sample grid")
     ap.add_argument("--out", default=str(REPO / "src" / "winoq" / "assets"))
     args = ap.parse_args(argv)
@@ -119,6 +122,8 @@ def main(argv=None) -> int:
             print(f"step {step + 1}/{args.steps} loss {running / 40:.4f} lr {lr_at(step):.2e} "
                   f"{elapsed:.0f}s ({(step + 1) * args.batch / elapsed:.0f} img/s)", flush=True)
             running = 0.0
+        if args.stop_after and step + 1 >= args.stop_after:
+            break
         if args.max_minutes and time.perf_counter() - start > args.max_minutes * 60:
             print(f"stopping after {step + 1} steps: --max-minutes {args.max_minutes} reached", flush=True)
             break
@@ -166,6 +171,10 @@ def main(argv=None) -> int:
                         "rows": "classes 0..9", "seeds": "0..99", "seconds": round(sample_seconds, 1)},
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": "python3 scripts/train_ddpm.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "reproduce": (f"python3 scripts/train_ddpm.py --steps {args.steps} --stop-after {steps_done} --batch {args.batch} "
+                      f"--lr {args.lr} --warmup {args.warmup} --ema {args.ema} --p-uncond {args.p_uncond} "
+                      f"--base {args.base} --mults {args.mults} --schedule {args.schedule} --seed {args.seed} "
+                      f"--threads {args.threads}"),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "weights_sha256": sha,

@@ -45,19 +45,21 @@ def save_grid(x: torch.Tensor, path: str | os.PathLike, nrow: int = 10, scale: i
 
 
 def save_panels(panels: Sequence[tuple[str, torch.Tensor]], path: str | os.PathLike, nrow: int = 8,
-                scale: int = 2) -> None:
-    """Several grids side by side, each with its title above it."""
+                scale: int = 2, columns: int | None = None) -> None:
+    """Several grids, each with its title above it, ``columns`` panels per row (default: all in one row)."""
     from PIL import Image, ImageDraw
 
     grids = [_upscale(make_grid(x, nrow), scale) for _, x in panels]
+    cols = max(1, min(columns or len(grids), len(grids)))
     title_h, gap = 16, 12
-    width = sum(g.shape[1] for g in grids) + gap * (len(grids) - 1)
-    height = max(g.shape[0] for g in grids) + title_h
-    canvas = Image.new("L", (width, height), 255)
+    cell_w = max(g.shape[1] for g in grids)
+    cell_h = max(g.shape[0] for g in grids) + title_h
+    rows = -(-len(grids) // cols)
+    canvas = Image.new("L", (cols * cell_w + gap * (cols - 1), rows * cell_h + gap * (rows - 1)), 255)
     draw = ImageDraw.Draw(canvas)
-    x0 = 0
-    for (title, _), g in zip(panels, grids):
-        canvas.paste(Image.fromarray(g), (x0, title_h))
-        draw.text((x0 + 2, 2), title, fill=0)
-        x0 += g.shape[1] + gap
+    for i, ((title, _), g) in enumerate(zip(panels, grids)):
+        r, c = divmod(i, cols)
+        x0, y0 = c * (cell_w + gap), r * (cell_h + gap)
+        canvas.paste(Image.fromarray(g), (x0, y0 + title_h))
+        draw.text((x0 + 2, y0 + 2), title, fill=0)
     canvas.save(os.fspath(path))
