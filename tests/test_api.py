@@ -299,3 +299,24 @@ def test_save_over_an_existing_file(tmp_path):
         winoq.save(tiny_cnn(), path)  # not a quantized model
     assert file_digest(path) == digest
     assert winoq.load(path, tiny_cnn()).winoq_recipe == qb.winoq_recipe
+
+
+def test_skip_patterns_keep_layers_float_and_survive_save_load(tmp_path):
+    model = tiny_cnn()
+    recipe = Recipe(winograd=4, scales="standard", skip=("0", "[6-9]"))
+    qm = q(model, recipe)
+    assert type(qm[0]) is nn.Conv2d
+    assert not any(isinstance(m, QuantLinear) for m in qm.modules())
+    assert any(isinstance(m, QuantConv2d) for m in qm.modules())
+    path = tmp_path / "m.safetensors"
+    winoq.save(qm, path)
+    loaded = winoq.load(path, model)
+    assert loaded.winoq_recipe.skip == ("0", "[6-9]")
+    x = example_input()
+    with torch.no_grad():
+        assert torch.equal(qm(x), loaded(x))
+
+
+def test_skip_must_be_patterns():
+    with pytest.raises(ValueError, match="skip must be a tuple"):
+        Recipe(skip="conv_in")

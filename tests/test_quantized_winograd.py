@@ -361,3 +361,19 @@ def test_scale_learning_config_validation():
         ScaleLearningConfig(steps=-1)
     with pytest.raises(ValueError):
         ScaleLearningConfig(batch=0)
+
+
+def test_inference_reuses_transformed_weights_until_they_change():
+    layer = make_layer(4, 4, 4, seed=3)
+    x = rand_input((1, 4, 9, 9))
+    with torch.no_grad():
+        y1 = layer(x)
+        assert layer._u_cache is not None
+        y2 = layer(x)
+        assert torch.equal(y1, y2)
+        layer.weight.mul_(2.0)  # in-place change: the cache must notice
+        y3 = layer(x)
+    assert not torch.allclose(y1, y3)
+    with torch.no_grad():
+        layer.weight.div_(2.0)
+        torch.testing.assert_close(layer(x), y1, rtol=0, atol=1e-12)

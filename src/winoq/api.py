@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+import fnmatch
 import json
 import os
 import warnings
@@ -60,6 +61,8 @@ def _swap_modules(qmodel: nn.Module, recipe: Recipe) -> list[tuple[LayerReport, 
     for name, mod in list(qmodel.named_modules()):
         if isinstance(mod, (QuantWinogradConv2d, QuantConv2d, QuantLinear)):
             raise ValueError(f"module {name!r} is already quantized; pass the float model to winoq.quantize")
+        if isinstance(mod, (nn.Conv2d, nn.Linear)) and any(fnmatch.fnmatchcase(name, p) for p in recipe.skip):
+            continue  # kept in float on request
         if isinstance(mod, nn.Conv2d):
             why = "winograd off" if recipe.winograd is None else winograd_ineligibility(mod)
             if why is None:

@@ -48,6 +48,8 @@ class Recipe:
         hard up/down choices between the two neighbouring grid values, INT or FP grid, learned
         layer by layer on ``calib_data``; for Winograd layers on the transformed weights
         G g G^T). ``rounding_iters`` optimisation steps per layer.
+    skip: module-name patterns (``fnmatch``: "conv_in", "*.time_emb*") whose convs and linears
+        stay in float, e.g. a UNet's first and last conv.
     """
 
     weights: str = "int8"
@@ -65,6 +67,7 @@ class Recipe:
     winograd_weight_scales: str = "shared"
     rounding: str = "nearest"
     rounding_iters: int = 300
+    skip: tuple[str, ...] = ()
 
     def __post_init__(self):
         for field in ("weights", "activations"):
@@ -84,6 +87,10 @@ class Recipe:
             raise ValueError(f"seed must be an int, got {self.seed!r}")
         if self.learn_steps < 0 or self.learn_lr <= 0:
             raise ValueError("learn_steps must be >= 0 and learn_lr > 0")
+        if isinstance(self.skip, str) or not all(isinstance(p, str) for p in self.skip):
+            raise ValueError(f"skip must be a tuple of module-name patterns (fnmatch, e.g. 'conv_in', "
+                             f"'*.time_embedding.*'), got {self.skip!r}")
+        object.__setattr__(self, "skip", tuple(self.skip))
         if self.points is not None:
             pts = tuple(str(Fraction(p)) for p in self.points)
             object.__setattr__(self, "points", pts)
@@ -103,6 +110,8 @@ class Recipe:
             raise ValueError(f"recipe has unknown fields {sorted(unknown)}; known: {sorted(known)}")
         if data.get("points") is not None:
             data["points"] = tuple(data["points"])
+        if "skip" in data:
+            data["skip"] = tuple(data["skip"])
         return cls(**data)
 
     def describe(self) -> str:

@@ -137,12 +137,24 @@ class QuantWinogradConv2d(WinogradConv2d):
     def quantized_weight(self, g: torch.Tensor) -> torch.Tensor:
         if self.learned_u is not None:
             return self.learned_u.to(g.dtype)
+        key = None
+        if not torch.is_grad_enabled():  # inference: reuse U while weights and scales are unchanged
+            tracked = [self.weight, self.log_sb, self.log_sg]
+            if self.free_transforms is not None:
+                tracked += list(self.free_transforms.parameters())
+            key = (tuple((id(t), t._version) for t in tracked), g.dtype, g.device, self.weight_method,
+                   self.weight_tapwise, self.formats.weight, self.group_size, self.scale_mode)
+            cached = getattr(self, "_u_cache", None)
+            if cached is not None and cached[0] == key:
+                return cached[1]
         u = transform_2d(g, self.weight.to(g.dtype))
         fmt = self.formats.weight
-        if fmt is None:
-            return u
-        scale, _ = compute_scale(u.detach(), fmt, self._weight_gran(), self.weight_method)
-        return fake_quantize(u, fmt, scale)
+        if fmt is not None:
+            scale, _ = compute_scale(u.detach(), fmt, self._weight_gran(), self.weight_method)
+            u = fake_quantize(u, fmt, scale)
+        if key is not None:
+            self._u_cache = (key, u)
+        return u
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The kernel chosen by ``self.kernel`` (``winoq.kernels``); the emulated one
