@@ -41,10 +41,7 @@ class QuantConv2d(nn.Conv2d):
                     conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
                     device=conv.weight.device, dtype=conv.weight.dtype)
         layer.load_state_dict(conv.state_dict())
-        layer.weight_format = None if weights is None else parse(weights)
-        layer.act_format = None if activations is None else parse(activations)
-        layer.group_size = group_size
-        return layer
+        return _with_formats(layer, weights, activations, group_size)
 
     def quantized_weight(self) -> torch.Tensor:
         return _fq(self.weight, self.weight_format, weight_granularity(self.group_size, 4))
@@ -58,7 +55,7 @@ class QuantConv2d(nn.Conv2d):
         return fn(x.reshape(nb, self.groups, c // self.groups, *x.shape[2:])).reshape(x.shape)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", W={_name(self.weight_format)}, A={_name(self.act_format)}, group_size={self.group_size}"
+        return super().extra_repr() + _formats_repr(self)
 
 
 class QuantLinear(nn.Linear):
@@ -70,10 +67,7 @@ class QuantLinear(nn.Linear):
         layer = cls(lin.in_features, lin.out_features, lin.bias is not None,
                     device=lin.weight.device, dtype=lin.weight.dtype)
         layer.load_state_dict(lin.state_dict())
-        layer.weight_format = None if weights is None else parse(weights)
-        layer.act_format = None if activations is None else parse(activations)
-        layer.group_size = group_size
-        return layer
+        return _with_formats(layer, weights, activations, group_size)
 
     def quantized_weight(self) -> torch.Tensor:
         return _fq(self.weight, self.weight_format, weight_granularity(self.group_size, 2))
@@ -83,7 +77,19 @@ class QuantLinear(nn.Linear):
         return F.linear(_fq(x, self.act_format, gran), self.quantized_weight(), self.bias)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", W={_name(self.weight_format)}, A={_name(self.act_format)}, group_size={self.group_size}"
+        return super().extra_repr() + _formats_repr(self)
+
+
+def _with_formats(layer, weights, activations, group_size):
+    """Attach the weight / activation formats and group size every quantized layer carries."""
+    layer.weight_format = None if weights is None else parse(weights)
+    layer.act_format = None if activations is None else parse(activations)
+    layer.group_size = group_size
+    return layer
+
+
+def _formats_repr(layer) -> str:
+    return f", W={_name(layer.weight_format)}, A={_name(layer.act_format)}, group_size={layer.group_size}"
 
 
 def _name(fmt) -> str:
