@@ -192,3 +192,21 @@ def test_demo_help_names_its_outputs(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for name in ("report.md", "results.json", "layer_sqnr.png", "tap_ranges.png"):
         assert name in text
+
+
+def test_quantize_a_local_diffusers_unet(tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    from winoq.diffusion.diffusers_support import build_unet2d, unet2d_config
+
+    unet = build_unet2d(unet2d_config(sample_size=8, block_out_channels=(8, 16), norm_num_groups=4,
+                                      layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                                      up_block_types=("UpBlock2D", "UpBlock2D")))
+    unet.save_pretrained(tmp_path / "unet")
+    out = tmp_path / "unet.w8a8.safetensors"
+    rc = main(["quantize", "--model", f"diffusers:{tmp_path / 'unet'}", "--winograd", "4", "--scales", "standard",
+               "--out", str(out), "--no-progress"])
+    assert rc == 0 and out.is_file()
+    assert "winograd" in capsys.readouterr().out
+    rc = main(["quantize", "--model", f"diffusers:{tmp_path / 'missing'}", "--out", str(out)])
+    assert rc == 2
+    assert "not found" in capsys.readouterr().err

@@ -136,6 +136,8 @@ def load_float_model(spec: str, weights: str | None = None):
     """(model, name) for ``--model NAME_OR_PATH [--weights FILE|shared]``; CLIError on user errors."""
     from .models import MODEL_NAMES, get_model, load_state_dict_file
 
+    if spec.startswith("diffusers:"):
+        return _load_diffusers_model(spec[len("diffusers:"):], weights)
     key = spec.strip().lower().replace("_", "-")
     if key in MODEL_NAMES:
         if weights is not None and weights != "shared" and not Path(weights).is_file():
@@ -164,6 +166,23 @@ def load_float_model(spec: str, weights: str | None = None):
     if path.suffix.lower() in WEIGHT_SUFFIXES or os.sep in spec:
         raise CLIError(f"model file {spec} not found")
     raise CLIError(f"unknown model {spec!r}; valid names: {', '.join(MODEL_NAMES)} (or a path to a state-dict file)")
+
+
+def _load_diffusers_model(path: str, weights: str | None):
+    """``--model diffusers:PATH``: a local diffusers UNet folder (never downloaded)."""
+    if weights is not None:
+        raise CLIError("--weights does not go with --model diffusers:PATH (the folder holds the weights)")
+    if not Path(path).is_dir():
+        raise CLIError(f"diffusers model folder {path!r} not found (expected a folder with config.json and "
+                       "the weights, e.g. a saved UNet2DModel / UNet2DConditionModel or a pipeline's unet/)")
+    try:
+        from .diffusion.diffusers_support import load_diffusers_unet
+
+        return load_diffusers_unet(path), f"diffusers:{Path(path).name}"
+    except ImportError as exc:
+        raise CLIError(f"{_one_line(exc)} (pip install 'winoq[diffusion]')") from None
+    except (ValueError, OSError, EnvironmentError) as exc:
+        raise CLIError(f"cannot load diffusers model from {path}: {_one_line(exc)}") from None
 
 
 # ---------------------------------------------------------------------------- data
@@ -309,6 +328,8 @@ def cmd_quantize(args) -> int:
     if not out.parent.is_dir():
         raise CLIError(f"output folder {out.parent} does not exist")
     model, name = load_float_model(args.model, args.weights)
+    if args.eval and name.startswith("diffusers:"):
+        raise CLIError("--eval measures classifier accuracy; for UNets see benchmarks/diffusion_table.py")
     progress = _progress_enabled(args)
     data = load_eval_data(name, args.data, args.n_images) if args.eval else None  # fail before the slow part
     calib = _calibration_images(name) if recipe.scales == "paw-fsq" else None
