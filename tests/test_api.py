@@ -320,3 +320,12 @@ def test_skip_patterns_keep_layers_float_and_survive_save_load(tmp_path):
 def test_skip_must_be_patterns():
     with pytest.raises(ValueError, match="skip must be a tuple"):
         Recipe(skip="conv_in")
+
+
+@pytest.mark.parametrize("optimizer,loss", [("sgd", "mse"), ("adam", "l1")])
+def test_learning_optimizer_and_loss_are_recipe_choices(optimizer, loss):
+    qm = q(tiny_cnn(), Recipe(winograd=6, learn_steps=3, learn_optimizer=optimizer, learn_loss=loss))
+    rep = [r for r in qm.winoq_report if r.kind == "winograd"][0]
+    assert rep.calibration["sqnr_learned_db"] > rep.calibration["sqnr_standard_db"] + 10
+    with pytest.raises(ValueError, match="learn_optimizer"):
+        Recipe(learn_optimizer="lbfgs")

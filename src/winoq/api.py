@@ -130,7 +130,8 @@ def set_kernel(qmodel: nn.Module, kernel: str) -> nn.Module:
 
 
 def _calibrate(model, qmodel, wino, recipe: Recipe, calib_data, progress: bool) -> None:
-    cfg = ScaleLearningConfig(steps=recipe.learn_steps, lr=recipe.learn_lr, noise=recipe.noise, seed=recipe.seed)
+    cfg = ScaleLearningConfig(steps=recipe.learn_steps, lr=recipe.learn_lr, noise=recipe.noise, seed=recipe.seed,
+                              optimizer=recipe.learn_optimizer, loss=recipe.learn_loss)
     if recipe.scales == "learned":
         if recipe.shared_scales:
             info = learn_shared_scales([m for _, m in wino], cfg)

@@ -33,7 +33,9 @@ class Recipe:
         Winograd tap, baseline).
     shared_scales: learn one S_B/S_G for all layers (the paper's variant) instead of per layer.
     points: interpolation points for F(m, r) (None: 0, ±1, ±2, ±1/2, ...), as strings like "3/2".
-    learn_steps, learn_lr, noise: the data-free optimisation (Adam steps after the closed-form start).
+    learn_steps, learn_lr, noise, learn_optimizer, learn_loss: the data-free optimisation (steps of
+        "adam" or "sgd" after the closed-form start, on "gaussian", "uniform" or "halfnormal"
+        noise, minimizing the relative "mse" or "l1" error against the exact conv).
     seed: seeds every random draw (noise, calibration order).
     kernel: how the Winograd layers compute at inference: "emulated" (PyTorch fake quantization,
         runs anywhere), "int-cpu" (integer arithmetic on the CPU), "triton" (GPU kernels; needs
@@ -63,6 +65,8 @@ class Recipe:
     learn_steps: int = 20
     learn_lr: float = 0.01
     noise: str = "gaussian"
+    learn_optimizer: str = "adam"
+    learn_loss: str = "mse"
     kernel: str = "emulated"
     winograd_weight_scales: str = "shared"
     rounding: str = "nearest"
@@ -79,6 +83,8 @@ class Recipe:
         _one_of("scales", self.scales, SCALES)
         _one_of("kernel", self.kernel, KERNELS)
         _one_of("noise", self.noise, NOISES)
+        _one_of("learn_optimizer", self.learn_optimizer, ("adam", "sgd"))
+        _one_of("learn_loss", self.learn_loss, ("mse", "l1"))
         _one_of("winograd_weight_scales", self.winograd_weight_scales, ("shared", "tapwise"))
         _one_of("rounding", self.rounding, ROUNDINGS)
         if not isinstance(self.rounding_iters, int) or self.rounding_iters < 1:

@@ -26,6 +26,8 @@ from .quantized import QuantWinogradConv2d
 
 
 NOISES = ("gaussian", "uniform", "halfnormal")
+OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+LOSSES = ("mse", "l1")
 
 
 @dataclass(frozen=True)
@@ -37,10 +39,16 @@ class ScaleLearningConfig:
     tiles: int = 8            # tiles per side of a noise image
     seed: int = 0
     alphas: tuple[float, ...] = (0.75, 1.0)  # full balancing (1.0) measured best on every layer tried
+    optimizer: str = "adam"   # or "sgd"
+    loss: str = "mse"         # relative squared error, or "l1" (relative absolute error)
 
     def __post_init__(self):
         if self.noise not in NOISES:
             raise ValueError(f"noise {self.noise!r} unknown; use one of {', '.join(NOISES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer {self.optimizer!r} unknown; use one of {', '.join(OPTIMIZERS)}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss {self.loss!r} unknown; use one of {', '.join(LOSSES)}")
         if self.steps < 0 or self.lr <= 0 or self.batch < 1 or self.tiles < 1:
             raise ValueError("steps must be >= 0 and lr, batch, tiles positive")
 
@@ -65,6 +73,12 @@ def reference_output(layer: QuantWinogradConv2d, x: torch.Tensor) -> torch.Tenso
 
 def relative_error(y: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return (y - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30)
+
+
+def training_loss(y: torch.Tensor, ref: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    if kind == "l1":
+        return (y - ref).abs().sum() / ref.abs().sum().clamp_min(1e-30)
+    return relative_error(y, ref)
 
 
 def sqnr_db(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -142,13 +156,13 @@ def training_only(layer: torch.nn.Module, params: list[torch.nn.Parameter]):
 
 def _finetune(layer: QuantWinogradConv2d, cfg: ScaleLearningConfig, gen: torch.Generator) -> None:
     params = [layer.log_sb, layer.log_sg]
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+    opt = OPTIMIZERS[cfg.optimizer](params, lr=cfg.lr)
     with training_only(layer, params):
         for _ in range(cfg.steps):
             x = noise_batch(layer, cfg, gen)
             with torch.no_grad():
                 ref = reference_output(layer, x)
-            loss = relative_error(layer(x), ref)
+            loss = training_loss(layer(x), ref, cfg.loss)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss while learning scales of {layer}")
             opt.zero_grad(set_to_none=True)
@@ -173,14 +187,14 @@ def learn_shared_scales(layers: list[QuantWinogradConv2d], cfg: ScaleLearningCon
         sbs, sgs = zip(*(closed_form_scales(l, noise_batch(l, cfg, gen), 1.0) for l in layers))
         log_sb.copy_(torch.stack(sbs).log().mean(0) * 0.5)
         log_sg.copy_(torch.stack(sgs).log().mean(0) * 0.5)
-    opt = torch.optim.Adam([log_sb, log_sg], lr=cfg.lr)
+    opt = OPTIMIZERS[cfg.optimizer]([log_sb, log_sg], lr=cfg.lr)
     for _ in range(cfg.steps):
         loss = 0.0
         for layer in layers:
             x = noise_batch(layer, cfg, gen)
             with torch.no_grad():
                 ref = reference_output(layer, x)
-            loss = loss + relative_error(_forward_with(layer, log_sb, log_sg, x), ref)
+            loss = loss + training_loss(_forward_with(layer, log_sb, log_sg, x), ref, cfg.loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
