@@ -1,0 +1,74 @@
+"""INT vs FP formats and nearest vs learned rounding on a CIFAR ResNet from ../shared.
+
+    python benchmarks/formats_table.py --depth 20 --n-images 1000 --out benchmarks/out/formats_table.json
+
+Rows: W8A8 as INT8 and FP8 (E4M3); W4A8 with INT4 / FP4 (E2M1) weights, each with
+round-to-nearest and learned (AdaRound-style) rounding; each direct and as fully
+quantized Winograd F(4,3) / F(6,3) with data-free learned scales. Group size 32.
+Learned rounding calibrates on images from the other end of a fixed shuffle of the
+test set (disjoint from the evaluated ones). Calibration seconds are reported.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import dump_json, load_json, machine, shared_dir, top1  # noqa: E402
+
+import winoq  # noqa: E402
+from winoq.data import cifar_transform, load_imagefolder_tensors  # noqa: E402
+from winoq.models import load_cifar_resnet  # noqa: E402
+
+ROWS = [("W8A8 INT8", "int8", "int8", "nearest"), ("W8A8 FP8 e4m3", "fp8_e4m3", "fp8_e4m3", "nearest"),
+        ("W4A8 INT4 nearest", "int4", "int8", "nearest"), ("W4A8 INT4 learned", "int4", "int8", "learned"),
+        ("W4A8 FP4 nearest", "fp4_e2m1", "int8", "nearest"), ("W4A8 FP4 learned", "fp4_e2m1", "int8", "learned")]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--depth", type=int, default=20)
+    ap.add_argument("--tiles", nargs="+", default=["direct", "4", "6"])
+    ap.add_argument("--n-images", type=int, default=1000)
+    ap.add_argument("--calib-images", type=int, default=32)
+    ap.add_argument("--rounding-iters", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/out/formats_table.json"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    x_all, y_all = load_imagefolder_tensors(str(shared_dir() / "data" / "cifar10-test"), cifar_transform())
+    order = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(0))
+    x, y = x_all[order[: args.n_images]], y_all[order[: args.n_images]]
+    calib = x_all[order[-args.calib_images:]]
+    model = load_cifar_resnet(args.depth)
+    results = load_json(args.out)
+    results.update(machine=machine(), n_images=args.n_images, rounding_iters=args.rounding_iters)
+    rows = results.setdefault("rows", {})
+    rows.setdefault("FP", {"top1": top1(model, x, y)})
+    fp = rows["FP"]["top1"]
+    print(f"ResNet-{args.depth} FP {fp:.2f}", flush=True)
+    for tile in args.tiles:
+        for label, w, a, rounding in ROWS:
+            key = f"{label} {'direct' if tile == 'direct' else f'F({tile},3)'}"
+            if key in rows:
+                continue
+            recipe = winoq.Recipe(weights=w, activations=a, winograd=None if tile == "direct" else int(tile),
+                                  rounding=rounding, rounding_iters=args.rounding_iters)
+            t0 = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                q = winoq.quantize(model, recipe, calib_data=calib if rounding == "learned" else None, progress=False)
+            tq = time.perf_counter() - t0
+            acc = top1(q, x, y)
+            rows[key] = {"top1": acc, "drop": fp - acc, "calibrate_s": tq, "recipe": recipe.to_json()}
+            print(f"{key:32s} {acc:6.2f}  drop {fp - acc:+6.2f}  calibrate {tq:6.1f}s", flush=True)
+            dump_json(args.out, results)
+
+
+if __name__ == "__main__":
+    main()
