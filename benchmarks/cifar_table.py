@@ -19,10 +19,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import dump_json, load_json, machine, shared_dir, top1  # noqa: E402
+from common import cifar_split, dump_json, load_json, machine, top1  # noqa: E402
 
 import winoq  # noqa: E402
-from winoq.data import cifar_transform, load_imagefolder_tensors  # noqa: E402
 from winoq.models import load_cifar_resnet  # noqa: E402
 
 BITS = {"W8A8": ("int8", "int8"), "W6A6": ("int6", "int6"), "W4A8": ("int4", "int8")}
@@ -56,13 +55,7 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out/cifar_table.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    root = shared_dir() / "data" / "cifar10-test"
-    x_all, y_all = load_imagefolder_tensors(str(root), cifar_transform())
-    # a fixed random order (files are sorted by class): the first n images are evaluated,
-    # calibration images for PAW+FSQ come from the other end and never overlap them
-    order = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(0))
-    x, y = x_all[order[: args.n_images]], y_all[order[: args.n_images]]
-    calib = x_all[order[-args.calib_images:]]
+    x, y, calib = cifar_split(args.n_images, args.calib_images)
     results = load_json(args.out)
     results["machine"] = machine()
     results["n_images"] = args.n_images

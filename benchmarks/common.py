@@ -42,3 +42,14 @@ def top1(model, x, y, batch: int = 250) -> float:
         for i in range(0, len(x), batch):
             correct += int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum())
     return 100.0 * correct / len(x)
+
+
+def cifar_split(n_images: int, calib_images: int):
+    """CIFAR-10 test images of ../shared in a fixed random order (seed 0; the files are
+    sorted by class): the first ``n_images`` are evaluated, ``calib_images`` calibration
+    images come from the other end and never overlap them. Returns (x, y, calib)."""
+    from winoq.data import cifar_transform, load_imagefolder_tensors
+
+    x_all, y_all = load_imagefolder_tensors(str(shared_dir() / "data" / "cifar10-test"), cifar_transform())
+    order = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(0))
+    return x_all[order[:n_images]], y_all[order[:n_images]], x_all[order[-calib_images:]]

@@ -19,10 +19,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import dump_json, load_json, machine, shared_dir, top1  # noqa: E402
+from common import cifar_split, dump_json, load_json, machine, top1  # noqa: E402
 
 import winoq  # noqa: E402
-from winoq.data import cifar_transform, load_imagefolder_tensors  # noqa: E402
 from winoq.models import load_cifar_resnet  # noqa: E402
 
 ROWS = [("W8A8 INT8", "int8", "int8", "nearest"), ("W8A8 FP8 e4m3", "fp8_e4m3", "fp8_e4m3", "nearest"),
@@ -41,10 +40,7 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out/formats_table.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    x_all, y_all = load_imagefolder_tensors(str(shared_dir() / "data" / "cifar10-test"), cifar_transform())
-    order = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(0))
-    x, y = x_all[order[: args.n_images]], y_all[order[: args.n_images]]
-    calib = x_all[order[-args.calib_images:]]
+    x, y, calib = cifar_split(args.n_images, args.calib_images)
     model = load_cifar_resnet(args.depth)
     results = load_json(args.out)
     results.update(machine=machine(), n_images=args.n_images, rounding_iters=args.rounding_iters)

@@ -16,7 +16,6 @@ import json
 import os
 import warnings
 from dataclasses import dataclass, field
-from fractions import Fraction
 from typing import Iterable
 
 import torch
@@ -263,7 +262,3 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     report = json.loads(meta.get("report", "[]"))
     qmodel.winoq_report = [LayerReport(**r) for r in report] if report else qmodel.winoq_report
     return qmodel
-
-
-def points_as_fractions(points) -> tuple[Fraction, ...] | None:
-    return None if points is None else tuple(Fraction(p) for p in points)
