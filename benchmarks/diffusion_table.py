@@ -48,18 +48,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, dump_json, load_json, machine  # noqa: E402
 
 import winoq  # noqa: E402
-from winoq.diffusion import default_ddpm_schedule, load_default_ddpm, sample  # noqa: E402
+from winoq.diffusion import calibration_inputs, default_ddpm_schedule, load_default_ddpm, sample  # noqa: E402
 from winoq.diffusion.images import save_panels  # noqa: E402
 from winoq.diffusion.metrics import FDProxy, eps_sqnr_per_timestep, frechet_distance, psnr, ssim  # noqa: E402
 
 OUT = REPO / "benchmarks" / "out"
 
 
-def ddpm_configs(tiles):
-    yield "W8A8 direct g32", winoq.Recipe(winograd=None)
-    for m in tiles:
-        for s in ("standard", "learned"):
-            yield f"W8A8 F({m},3) {s}", winoq.Recipe(winograd=m, scales=s)
+FORMAT_ROWS = [("W8A8 FP8 e4m3", "fp8_e4m3", "fp8_e4m3", "nearest"),
+               ("W4A8 INT4 nearest", "int4", "int8", "nearest"), ("W4A8 INT4 learned", "int4", "int8", "learned"),
+               ("W4A8 FP4 nearest", "fp4_e2m1", "int8", "nearest"), ("W4A8 FP4 learned", "fp4_e2m1", "int8", "learned")]
+
+
+def ddpm_configs(tiles, groups, rounding_iters):
+    """(row name, recipe); recipes that need calibration data get the timestep-uniform set."""
+    if "base" in groups:
+        yield "W8A8 direct g32", winoq.Recipe(winograd=None)
+        for m in tiles:
+            for s in ("standard", "learned"):
+                yield f"W8A8 F({m},3) {s}", winoq.Recipe(winograd=m, scales=s)
+    if "static" in groups:
+        yield "W8A8 direct g32, static ranges", winoq.Recipe(winograd=None, activation_ranges="static")
+        for m in tiles:
+            yield f"W8A8 F({m},3) learned, static ranges", winoq.Recipe(winograd=m, activation_ranges="static")
+    if "formats" in groups:
+        for label, w, a, rounding in FORMAT_ROWS:
+            for m in [None, *tiles]:
+                tile = "direct g32" if m is None else f"F({m},3) learned"
+                yield f"{label} | {tile}", winoq.Recipe(weights=w, activations=a, winograd=m, rounding=rounding,
+                                                       rounding_iters=rounding_iters)
 
 
 def keep_float(qmodel, fmodel, names):
@@ -128,17 +145,29 @@ def run_ddpm(args, res):
 
     k = args.sqnr_trajectories
     _, traj = sample(model, sched, seeds_a[:k], steps=args.steps, labels=labels[:k], record=True)
+    t0 = time.perf_counter()
+    # calibration inputs for static ranges and learned rounding: x_t of FP DDIM trajectories from
+    # other seeds, uniform over the sampler's timesteps, random labels
+    calib = calibration_inputs(model, sched, num_samples=args.calib_samples, seed=12345, steps=args.steps,
+                               num_trajectories=32, num_classes=10)
+    res["ddpm_setup"]["calibration_set"] = {"samples": args.calib_samples, "trajectories": 32, "seed": 12345,
+                                            "seconds": time.perf_counter() - t0,
+                                            "rounding": f"{args.rounding_iters} iters per layer on 32 of them"}
     panels = [("FP", fp_a[:args.grid])]
-    for name, recipe in ddpm_configs(args.tiles):
+    for name, recipe in ddpm_configs(args.tiles, args.groups, args.rounding_iters):
+        if name in rows and not args.fresh and f"{name}|{n}|{args.steps}|{args.guidance}|{seeds_a[0]}" in samples:
+            if recipe.weights == "int8" and recipe.activations == "int8" and recipe.activation_ranges == "dynamic":
+                panels.append((name.replace("W8A8 ", ""), samples[f"{name}|{n}|{args.steps}|{args.guidance}|0"][0][:args.grid]))
+            continue
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            q = winoq.quantize(model, recipe, progress=False)
+            needs_data = recipe.rounding == "learned" or recipe.activation_ranges == "static"
+            q = winoq.quantize(model, recipe, progress=False, calib_data=calib if needs_data else None)
         t_cal = time.perf_counter() - t0
         xq, t_s = gen(name, q, seeds_a)
-        panels.append((name.replace("W8A8 ", ""), xq[:args.grid]))
-        if name in rows and not args.fresh:
-            continue
+        if recipe.weights == "int8" and recipe.activations == "int8" and recipe.activation_ranges == "dynamic":
+            panels.append((name.replace("W8A8 ", ""), xq[:args.grid]))
         row = {"fd_proxy_vs_fp": frechet_distance(*fd.stats(xq), *feats_fp),
                "fd_proxy_vs_real": frechet_distance(*fd.stats(xq), *feats_real),
                "psnr_db": psnr(xq, fp_a), "ssim": ssim(xq, fp_a),
@@ -146,7 +175,7 @@ def run_ddpm(args, res):
                "calibrate_seconds": t_cal, "sample_seconds": t_s,
                "eps_sqnr": sqnr_summary(eps_sqnr_per_timestep(model, q, sched, seeds_a[:k], labels=labels[:k],
                                                               trajectory=traj))}
-        if recipe.winograd is None or name == f"W8A8 F({max(args.tiles)},3) learned":
+        if name in ("W8A8 direct g32", f"W8A8 F({max(args.tiles)},3) learned"):
             qf = keep_float(q, model, time_embedding_linears(model))
             row["eps_sqnr_time_emb_float"] = sqnr_summary(
                 eps_sqnr_per_timestep(model, qf, sched, seeds_a[:k], labels=labels[:k], trajectory=traj))
@@ -185,7 +214,8 @@ def run_sd(args, res):
     t_swap = time.perf_counter() - t0
     out_std, t_q = call(q)
     print(f"W8A8 F(6,3) standard: call {t_q:.1f}s, output SQNR {sqnr_db(out_std, ref):.1f} dB", flush=True)
-    cfg = dict(steps=args.sd_learn_steps, batch=args.sd_noise_batch, tiles=args.sd_noise_tiles)
+    cfg = dict(steps=args.sd_learn_steps, batch=args.sd_noise_batch, tiles=args.sd_noise_tiles,
+               max_out_channels=args.sd_max_channels)
     wino = [(nm, m) for nm, m in q.named_modules() if isinstance(m, QuantWinogradConv2d)]
     # calibration cost and error depend on the layer shape only (random weights): "distinct" calibrates
     # one layer per (cin, cout) and reuses its time (and, for the output SQNR, its scales) for the others
@@ -235,6 +265,23 @@ def run_sd(args, res):
     dump_json(args.out, res)
 
 
+def print_formats_table(res):
+    """INT vs FP, nearest vs learned rounding (issue: formats): FD-proxy vs FP / PSNR vs FP (dB) /
+    calibration seconds, per weight format and tile."""
+    rows = res["ddpm"]
+    tiles = sorted({k.split(" | ")[1] for k in rows if " | " in k}, key=lambda t: (t != "direct g32", t))
+    print("\n| weights / rounding | " + " | ".join(tiles) + " |")
+    print("|---|" + "---|" * len(tiles))
+    base = {"direct g32": "W8A8 direct g32"}
+    base.update({t: f"W8A8 {t}" for t in tiles if t != "direct g32"})
+    for label in ["W8A8 INT8"] + [r[0] for r in FORMAT_ROWS]:
+        cells = []
+        for t in tiles:
+            r = rows.get(base[t]) if label == "W8A8 INT8" else rows.get(f"{label} | {t}")
+            cells.append("-" if r is None else f"{r['fd_proxy_vs_fp']:.2f} / {r['psnr_db']:.1f} / {r['calibrate_seconds']:.0f}s")
+        print(f"| {label} | " + " | ".join(cells) + " |")
+
+
 def print_tables(res):
     if "ddpm" in res:
         s = res["ddpm_setup"]
@@ -253,6 +300,8 @@ def print_tables(res):
             tfs = "-" if tf is None else f"{tf['mean_db']:.1f} / {tf['min_db']:.1f}"
             print(f"| {name} | {r['fd_proxy_vs_fp']:.2f} | {r['fd_proxy_vs_real']:.2f} | {r['psnr_db']:.1f} | "
                   f"{r['ssim']:.3f} | {es} | {tfs} | {r['class_acc']:.2f} |")
+    if any(" | " in k for k in res.get("ddpm", {})):
+        print_formats_table(res)
     if "sd15" in res:
         s = res["sd15"]
         c = s["calibration"]
@@ -274,11 +323,18 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=50)
     ap.add_argument("--tiles", type=int, nargs="+", default=[4, 6])
     ap.add_argument("--sqnr-trajectories", type=int, default=4)
+    ap.add_argument("--groups", nargs="+", default=["base", "static", "formats"], choices=["base", "static", "formats"],
+                    help="DDPM rows: base (W8A8 direct / Winograd standard vs learned), static (Q-Diffusion static "
+                         "ranges), formats (FP8, INT4/FP4 weights x nearest/learned rounding)")
+    ap.add_argument("--calib-samples", type=int, default=256)
+    ap.add_argument("--rounding-iters", type=int, default=100)
     ap.add_argument("--grid", type=int, default=30, help="samples per panel of the PNG")
     ap.add_argument("--sd-size", type=int, default=64)
     ap.add_argument("--sd-learn-steps", type=int, default=5)
     ap.add_argument("--sd-noise-batch", type=int, default=1)
     ap.add_argument("--sd-noise-tiles", type=int, default=4)
+    ap.add_argument("--sd-max-channels", type=int, default=256,
+                    help="learn each layer's scales on this many of its output channels (0: all)")
     ap.add_argument("--sd-layers", choices=["distinct", "all"], default="distinct")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--fresh", action="store_true")
@@ -286,6 +342,7 @@ def main(argv=None):
     ap.add_argument("--png", type=Path, default=OUT / "diffusion_samples.png")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    args.sd_max_channels = args.sd_max_channels or None
     res = {} if args.fresh else load_json(args.out)
     res["machine"] = machine()
     res["command"] = "python benchmarks/diffusion_table.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -132,3 +132,47 @@ def test_argument_errors():
         search_fp_format(w, 4, layer_fn=lambda x, y: x)
     with pytest.raises(ValueError, match="NaN"):
         search_fp_format(torch.tensor([1.0, float("nan")]), 4)
+
+
+# --------------------------------------------------------------------------- Recipe(format_search=...)
+def _recipe_model():
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.Flatten(),
+                         nn.Linear(8 * 36, 4))
+
+
+@pytest.mark.parametrize("mode,winograd", [("weight", None), ("weight", 4), ("output", 4)])
+def test_recipe_format_search_picks_the_best_split_per_layer(mode, winograd, tmp_path):
+    import winoq
+    from winoq.modules import QuantConv2d
+    from winoq.winograd.quantized import QuantWinogradConv2d
+
+    model = _recipe_model()
+    x = torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    recipe = winoq.Recipe(weights="fp4_e2m1", winograd=winograd, format_search=mode, learn_steps=0)
+    qm = winoq.quantize(model, recipe, progress=False, calib_data=x if mode == "output" else None)
+    for rep in qm.winoq_report:
+        errs = rep.calibration["format_errors"]
+        assert set(errs) == {"fp4_e1m2", "fp4_e2m1", "fp4_e3m0"}
+        assert rep.calibration["weight_format"] == min(errs, key=errs.get)
+        mod = qm.get_submodule(rep.name)
+        got = mod.formats.weight if isinstance(mod, QuantWinogradConv2d) else mod.weight_format
+        assert got.name == rep.calibration["weight_format"]
+    assert isinstance(qm[0], QuantWinogradConv2d if winograd else QuantConv2d)
+    path = tmp_path / "f.safetensors"
+    winoq.save(qm, path)
+    with torch.no_grad():
+        assert torch.equal(winoq.load(path, model)(x), qm(x))
+
+
+def test_recipe_format_search_needs_fp_weights_and_data_for_output():
+    import winoq
+
+    with pytest.raises(ValueError, match="integer format"):
+        winoq.Recipe(weights="int4", format_search="weight")
+    with pytest.raises(ValueError, match="format_search"):
+        winoq.Recipe(weights="fp4_e2m1", format_search="best")
+    with pytest.raises(ValueError, match="calib_data"):
+        winoq.quantize(_recipe_model(), winoq.Recipe(weights="fp4_e2m1", format_search="output"), progress=False)

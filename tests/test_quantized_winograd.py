@@ -354,7 +354,29 @@ def test_learn_layer_scales_improves_f63_and_keeps_exactness(seed):
         assert rel_err(exact(xd), ref64) < 1e-10
 
 
+def test_wide_layers_learn_on_an_output_channel_subset():
+    torch.manual_seed(3)
+    conv = nn.Conv2d(16, 48, 3, padding=1)
+    full = QuantWinogradConv2d.from_conv(conv, 6)
+    sub = QuantWinogradConv2d.from_conv(conv, 6)
+    cfg = dict(steps=3, batch=1, tiles=3)
+    info_full = learn_layer_scales(full, ScaleLearningConfig(max_out_channels=None, **cfg))
+    info_sub = learn_layer_scales(sub, ScaleLearningConfig(max_out_channels=12, **cfg))
+    assert info_full["out_channels_learned_on"] == 48 and info_sub["out_channels_learned_on"] == 12
+    # the layer keeps all of its channels and weights; only its scales changed
+    assert sub.out_channels == 48 and torch.equal(sub.weight, conv.weight) and torch.equal(sub.bias, conv.bias)
+    assert not torch.allclose(sub.log_sb, torch.zeros_like(sub.log_sb))
+    x = torch.randn(2, 16, 12, 12, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = conv(x)
+        s_full, s_sub = sqnr_db(full(x), ref), sqnr_db(sub(x), ref)
+        s_std = sqnr_db(QuantWinogradConv2d.from_conv(conv, 6)(x), ref)
+    assert s_sub > s_std + 10 and abs(s_sub - s_full) < 1.5
+
+
 def test_scale_learning_config_validation():
+    with pytest.raises(ValueError):
+        ScaleLearningConfig(max_out_channels=0)
     with pytest.raises(ValueError):
         ScaleLearningConfig(noise="pink")
     with pytest.raises(ValueError):

@@ -16,12 +16,11 @@ import json
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterable
-
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .calibration import capture_layer_inputs
 from .modules import QuantConv2d, QuantLinear
 from .recipe import Recipe
 from .winograd.conv import winograd_ineligibility
@@ -98,6 +97,8 @@ def quantize(model: nn.Module, recipe: Recipe | None = None, *, calib_data=None,
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_finite(model)
+    if calibrate:
+        _check_calib_data(recipe, calib_data)
     torch.manual_seed(recipe.seed)
     qmodel = copy.deepcopy(model).eval()
     plan = _swap_modules(qmodel, recipe)
@@ -110,8 +111,12 @@ def quantize(model: nn.Module, recipe: Recipe | None = None, *, calib_data=None,
         warnings.warn("the model has no nn.Conv2d or nn.Linear layer: nothing was quantized", stacklevel=2)
     if calibrate and wino:
         _calibrate(model, qmodel, wino, recipe, calib_data, progress)
+    if calibrate and recipe.format_search != "off":
+        _search_formats(model, plan, recipe, calib_data, progress)
     if calibrate and recipe.rounding == "learned":
-        _learn_rounding(model, plan, recipe, calib_data, progress)
+        _learn_rounding(model, qmodel, plan, recipe, calib_data, progress)
+    if calibrate and recipe.activation_ranges == "static":
+        _calibrate_static_ranges(qmodel, plan, calib_data, progress)
     qmodel.winoq_recipe = recipe
     qmodel.winoq_report = [rep for rep, _ in plan]
     return qmodel
@@ -130,7 +135,8 @@ def set_kernel(qmodel: nn.Module, kernel: str) -> nn.Module:
 
 def _calibrate(model, qmodel, wino, recipe: Recipe, calib_data, progress: bool) -> None:
     cfg = ScaleLearningConfig(steps=recipe.learn_steps, lr=recipe.learn_lr, noise=recipe.noise, seed=recipe.seed,
-                              optimizer=recipe.learn_optimizer, loss=recipe.learn_loss)
+                              optimizer=recipe.learn_optimizer, loss=recipe.learn_loss,
+                              max_out_channels=recipe.learn_max_channels)
     if recipe.scales == "learned":
         if recipe.shared_scales:
             info = learn_shared_scales([m for _, m in wino], cfg)
@@ -139,7 +145,10 @@ def _calibrate(model, qmodel, wino, recipe: Recipe, calib_data, progress: bool) 
             return
         bar = tqdm(wino, desc="learning transform scales (data-free)", disable=not progress, unit="layer")
         for i, (rep, mod) in enumerate(bar):
-            rep.calibration = learn_layer_scales(mod, ScaleLearningConfig(**{**cfg.__dict__, "seed": recipe.seed + i}))
+            try:
+                rep.calibration = learn_layer_scales(mod, ScaleLearningConfig(**{**cfg.__dict__, "seed": recipe.seed + i}))
+            except FloatingPointError as err:
+                raise FloatingPointError(f"calibration stopped at layer {rep.name!r}: {err}") from err
             bar.set_postfix_str(f"{rep.name}: {rep.calibration['sqnr_standard_db']:.1f} -> "
                                 f"{rep.calibration['sqnr_learned_db']:.1f} dB")
             if not all(torch.isfinite(torch.tensor(rep.calibration["s_b"] + rep.calibration["s_g"]))):
@@ -153,62 +162,139 @@ def _calibrate(model, qmodel, wino, recipe: Recipe, calib_data, progress: bool) 
             rep.calibration = learn_paw_fsq(mod, inputs[rep.name], seed=recipe.seed)
 
 
-def _learn_rounding(model, plan, recipe: Recipe, calib_data, progress: bool) -> None:
-    """AdaRound-style rounding of every quantized layer's weights on its float-model inputs."""
-    from .algorithms.adaround import round_layer_weight
-
-    if calib_data is None:
+def _check_calib_data(recipe: Recipe, calib_data) -> None:
+    """Fail before any work when the recipe needs calibration data and none was given."""
+    if calib_data is not None:
+        return
+    if recipe.rounding == "learned":
         raise ValueError("rounding='learned' learns on calibration inputs: pass calib_data=(a tensor or batches "
                          "of model inputs), or use rounding='nearest' for the data-free path")
+    if recipe.format_search == "output":
+        raise ValueError("format_search='output' compares layer outputs on calibration inputs: pass calib_data=..., "
+                         "or use format_search='weight' for the data-free choice")
+    if recipe.activation_ranges == "static":
+        raise ValueError("activation_ranges='static' calibrates the ranges on inputs: pass calib_data=(a tensor or "
+                         "batches of model inputs; for a diffusion UNet winoq.diffusion.calibration_inputs(...)), "
+                         "or use activation_ranges='dynamic' for the data-free path")
+
+
+def _search_formats(model, plan, recipe: Recipe, calib_data, progress: bool) -> None:
+    """Per-layer minifloat split of the weights (``Recipe.format_search``)."""
+    from .algorithms.format_search import choose_layer_format, set_layer_weight_format
+
+    plan = [(rep, mod) for rep, mod in plan if _has_weight_format(mod)]
+    inputs = {}
+    if recipe.format_search == "output":
+        inputs = capture_inputs(model, [rep.name for rep, _ in plan], calib_data, recipe, max_samples=32)
+    for rep, mod in tqdm(plan, desc="choosing weight formats", disable=not progress, unit="layer"):
+        fmt, table = choose_layer_format(mod, inputs.get(rep.name))
+        set_layer_weight_format(mod, fmt)
+        rep.calibration["weight_format"] = fmt.name
+        rep.calibration["format_errors"] = dict(table)
+
+
+def _calibrate_static_ranges(qmodel, plan, calib_data, progress: bool) -> None:
+    """Static activation ranges: observe the max per channel group over the calibration
+    data, then pick each stage's clipping ratio by quantization MSE (two passes)."""
+    from .calibration import run_calibration
+    from .quantizers import StaticRanges
+
+    layers = [(rep, mod) for rep, mod in plan if getattr(mod, "act_ranges", "absent") is None]
+    for rep, mod in layers:
+        mod.act_ranges = StaticRanges()
+    for mode in tqdm(("observe", "search"), desc="static activation ranges", disable=not progress, unit="pass"):
+        for rep, mod in layers:
+            mod.act_ranges.mode = mode
+            mod.act_ranges.layer_name = rep.name
+        run_calibration(qmodel, calib_data)
+    for rep, mod in layers:
+        if not any(True for _ in mod.act_ranges.buffers()):
+            raise ValueError(f"layer {rep.name!r} never ran on the calibration data, so it has no static range; "
+                             "pass calib_data that exercises the whole model")
+        rep.calibration["static_clip_ratios"] = mod.act_ranges.freeze()
+
+
+def _learn_rounding(model, qmodel, plan, recipe: Recipe, calib_data, progress: bool) -> None:
+    """AdaRound-style rounding of the quantized weights on float-model inputs: every layer
+    on its own ("layer"), or the layers of each block together ("block", BRECQ) with the
+    layers outside any block done one by one."""
+    in_block: dict[str, str] = {}
+    if recipe.reconstruction == "block":
+        _reconstruct_blocks(model, qmodel, plan, recipe, calib_data, progress, in_block)
+    _learn_layer_rounding(model, [(r, m) for r, m in plan if r.name not in in_block], recipe, calib_data, progress)
+
+
+def _has_weight_format(mod) -> bool:
+    return (mod.formats.weight if isinstance(mod, QuantWinogradConv2d) else mod.weight_format) is not None
+
+
+def _set_rounded_weight(mod, wq) -> None:
+    with torch.no_grad():
+        if isinstance(mod, QuantWinogradConv2d):
+            mod.learned_u = wq.detach().clone()
+        else:
+            mod.weight.copy_(wq)
+
+
+def _learn_layer_rounding(model, plan, recipe: Recipe, calib_data, progress: bool) -> None:
+    from .algorithms.adaround import round_layer_weight
+
+    plan = [(rep, mod) for rep, mod in plan if _has_weight_format(mod)]
+    if not plan:
+        return
     inputs = capture_inputs(model, [rep.name for rep, _ in plan], calib_data, recipe, max_samples=32)
     bar = tqdm(plan, desc="learning weight rounding", disable=not progress, unit="layer")
     for i, (rep, mod) in enumerate(bar):
-        fmt = mod.formats.weight if isinstance(mod, QuantWinogradConv2d) else mod.weight_format
-        if fmt is None:
-            continue
         wq, info = round_layer_weight(mod, inputs[rep.name], "learned", iters=recipe.rounding_iters,
                                       seed=recipe.seed + i)
-        with torch.no_grad():
-            if isinstance(mod, QuantWinogradConv2d):
-                mod.learned_u = wq.detach().clone()
-            else:
-                mod.weight.copy_(wq)
+        _set_rounded_weight(mod, wq)
         rep.calibration["rounding"] = info
 
 
-def _batches(calib_data) -> Iterable[torch.Tensor]:
-    if isinstance(calib_data, torch.Tensor):
-        yield calib_data
-        return
-    for item in calib_data:
-        yield item[0] if isinstance(item, (tuple, list)) else item
+def _reconstruct_blocks(model, qmodel, plan, recipe: Recipe, calib_data, progress: bool, in_block: dict) -> None:
+    """Block-wise reconstruction; fills ``in_block`` (layer name -> block name)."""
+    from .algorithms.block_reconstruction import capture_block_io, find_blocks, reconstruct_block
+    from .calibration import run_calibration
+
+    blocks, _ = find_blocks(model)
+    names = {rep.name for rep, _ in plan}
+    blocks = [b for b in blocks if any(n.startswith(b + ".") for n in names)]
+    for rep, _ in plan:
+        owner = next((b for b in blocks if rep.name.startswith(b + ".")), None)
+        if owner is not None:
+            in_block[rep.name] = owner
+    calls = capture_block_io(model, blocks, lambda m: run_calibration(m, calib_data, max_samples=32), max_samples=32)
+    bar = tqdm(blocks, desc="block reconstruction of the rounding", disable=not progress, unit="block")
+    for i, name in enumerate(bar):
+        info = reconstruct_block(qmodel.get_submodule(name), calls[name], iters=recipe.rounding_iters,
+                                 seed=recipe.seed + i, name=name)
+        for rep, _ in plan:
+            if in_block.get(rep.name) == name:
+                rep.calibration["rounding"] = {**info, "block": name}
 
 
 def capture_inputs(model: nn.Module, names: list[str], calib_data, recipe: Recipe, max_samples: int = 64) -> dict:
-    """Inputs of the named layers of the float model on calibration data."""
+    """Inputs of the named layers of the float model on calibration data (``winoq.calibration``
+    lists the accepted forms); Gaussian noise for PAW+FSQ when no data is given."""
     if calib_data is None:
         warnings.warn("scales='paw-fsq' learns on calibration data and none was given: using Gaussian noise "
                       "inputs instead (pass calib_data=... for the published baseline)", stacklevel=3)
         gen = torch.Generator().manual_seed(recipe.seed)
         return {n: torch.randn((16, model.get_submodule(n).in_channels, 24, 24), generator=gen) for n in names}
-    seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    hooks = [model.get_submodule(n).register_forward_pre_hook(
-        lambda mod, args, n=n: seen[n].append(args[0].detach())) for n in names]
-    try:
-        count = 0
-        with torch.no_grad():
-            for batch in _batches(calib_data):
-                model(batch)
-                count += batch.shape[0]
-                if count >= max_samples:
-                    break
-    finally:
-        for h in hooks:
-            h.remove()
-    return {n: torch.cat(v)[:max_samples] for n, v in seen.items()}
+    return capture_layer_inputs(model, names, calib_data, max_samples)
 
 
 # ----------------------------------------------------------------------------- save / load
+def _apply_saved_formats(qmodel, report: list[dict]) -> None:
+    """Per-layer weight formats chosen by the format search (kept in the saved report)."""
+    from .algorithms.format_search import set_layer_weight_format
+
+    for r in report:
+        fmt = (r.get("calibration") or {}).get("weight_format")
+        if fmt is not None:
+            set_layer_weight_format(qmodel.get_submodule(r["name"]), fmt)
+
+
 _FORMAT = "winoq-1"
 
 
@@ -246,11 +332,19 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
                          f"{meta.get('format')!r}); write it with winoq.save")
     recipe = Recipe.from_json(meta["recipe"])
     qmodel = quantize(model, recipe, calibrate=False, progress=False)
+    _apply_saved_formats(qmodel, json.loads(meta.get("report", "[]")))
     for name, mod in qmodel.named_modules():
         if isinstance(mod, QuantWinogradConv2d) and f"{name}.free_transforms.AT" in tensors:
             mod.set_free_transforms(mod.tc.AT, mod.tc.G, mod.tc.BT)
         if isinstance(mod, QuantWinogradConv2d) and f"{name}.learned_u" in tensors:
             mod.learned_u = torch.empty_like(tensors[f"{name}.learned_u"])
+        prefix = f"{name}.act_ranges."
+        ranges = {k[len(prefix):]: v.shape for k, v in tensors.items() if k.startswith(prefix)}
+        if ranges and isinstance(mod, (QuantWinogradConv2d, QuantConv2d, QuantLinear)):
+            from .quantizers import StaticRanges
+
+            mod.act_ranges = StaticRanges()
+            mod.act_ranges.allocate(ranges)
     try:
         missing, unexpected = qmodel.load_state_dict(tensors, strict=False)
     except RuntimeError as exc:  # shape mismatches

@@ -32,6 +32,20 @@ def _fq(x, fmt, gran):
     return x if fmt is None else fake_quantize_dynamic(x, fmt, gran)
 
 
+def quantize_activation(layer: nn.Module, stage: str, x: torch.Tensor, fmt, gran: Granularity,
+                        keep: tuple[int, ...], clip=1.0) -> torch.Tensor:
+    """Fake-quantize an activation of ``layer``: dynamic scales (``gran``, from the
+    values themselves) unless the layer carries static ranges (``layer.act_ranges``, a
+    ``StaticRanges``: one calibrated scale per channel group of ``gran.axis``, per index
+    of the ``keep`` dims, shared by everything else)."""
+    if fmt is None:
+        return x
+    ranges = getattr(layer, "act_ranges", None)
+    if ranges is None:
+        return fake_quantize_dynamic(x, fmt, gran, clip_ratio=clip)
+    return ranges(stage, x, fmt, gran.axis, gran.group_size, keep)
+
+
 class QuantConv2d(nn.Conv2d):
     """nn.Conv2d with fake-quantized weights and dynamically quantized inputs."""
 
@@ -47,7 +61,8 @@ class QuantConv2d(nn.Conv2d):
         return _fq(self.weight, self.weight_format, weight_granularity(self.group_size, 4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._per_conv_group(x, lambda t: _fq(t, self.act_format, activation_granularity(self.group_size, 5, 2)))
+        gran = activation_granularity(self.group_size, 5, 2)
+        x = self._per_conv_group(x, lambda t: quantize_activation(self, "input", t, self.act_format, gran, (1, 2)))
         return self._conv_forward(x, self.quantized_weight(), self.bias)
 
     def _per_conv_group(self, x, fn):
@@ -74,7 +89,8 @@ class QuantLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gran = Granularity("group", axis=-1, group_size=self.group_size or _ALL, shared_dims=())
-        return F.linear(_fq(x, self.act_format, gran), self.quantized_weight(), self.bias)
+        return F.linear(quantize_activation(self, "input", x, self.act_format, gran, (-1,)), self.quantized_weight(),
+                        self.bias)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + _formats_repr(self)
@@ -85,6 +101,7 @@ def _with_formats(layer, weights, activations, group_size):
     layer.weight_format = None if weights is None else parse(weights)
     layer.act_format = None if activations is None else parse(activations)
     layer.group_size = group_size
+    layer.act_ranges = None  # dynamic activation scales unless static ranges are calibrated
     return layer
 
 

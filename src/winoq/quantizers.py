@@ -339,3 +339,79 @@ def fake_quantize_weight(w: torch.Tensor, fmt, gran: Granularity, method: Method
     """Fake-quantize a weight tensor with scales from itself."""
     scale, zp = compute_scale(w, fmt, gran, method)
     return fake_quantize(w, fmt, scale, zp)
+
+
+# ----------------------------------------------------------------------------- static activation ranges
+CLIP_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
+
+
+class StaticRanges(nn.Module):
+    """Static activation scales of one layer (Q-Diffusion style): one scale per channel
+    group for each named stage, shared by every sample, position (and Winograd tile /
+    tap), fixed after calibration, so they cover every timestep of a diffusion model.
+
+    Calibration runs the data through the layer twice:
+
+    1. ``mode = "observe"``: record max |x| per group over all batches;
+    2. ``mode = "search"``: accumulate, per stage, the squared quantization error of
+       each clipping ratio in ``CLIP_RATIOS`` (of the observed max);
+
+    then :meth:`freeze` keeps the ratio with the least error (per stage). While
+    observing or searching the values pass through unquantized (the float model's
+    activations define the ranges). The stage scales are buffers (saved with the model).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.mode = "observe"
+        self.layer_name = ""  # for error messages
+        self.ratios: dict[str, float] = {}
+        self._errors: dict[str, torch.Tensor] = {}
+
+    def forward(self, stage: str, x: torch.Tensor, fmt, axis: int, group_size: int | None,
+                keep: tuple[int, ...]) -> torch.Tensor:
+        fmt = parse(fmt)
+        axis = axis % x.ndim
+        xg, size = _to_groups(x, axis, group_size or (1 << 30))
+        keep_g = {k % x.ndim for k in keep} | {axis}
+        dims = tuple(d for d in range(xg.ndim) if (d if d <= axis else d - 1) not in keep_g or d == axis + 1)
+        key = f"amax_{stage}"
+        if self.mode == "observe":
+            amax = xg.detach().abs().amax(dim=dims, keepdim=True)
+            if not torch.isfinite(amax).all():
+                raise FloatingPointError(f"non-finite activations at the {stage!r} stage of layer {self.layer_name!r} "
+                                         "during calibration; check the model and calibration inputs")
+            old = getattr(self, key, None)
+            self.register_buffer(key, amax if old is None else torch.maximum(old, amax))
+            return x
+        amax = getattr(self, key, None)
+        if amax is None:
+            raise RuntimeError(f"static range of stage {stage!r} was never calibrated; run calibration data first")
+        if self.mode == "search":
+            errs = torch.stack([(fake_quantize(xg.detach(), fmt, (amax * r / fmt.max_value).clamp_min(_MIN_SCALE))
+                                 - xg.detach()).pow(2).sum() for r in CLIP_RATIOS])
+            self._errors[stage] = self._errors.get(stage, 0) + errs.double()
+            return x
+        scale = (amax.to(x.dtype) / fmt.max_value).clamp_min(_MIN_SCALE)
+        return _from_groups(fake_quantize(xg, fmt, scale), axis, size)
+
+    def freeze(self) -> dict[str, float]:
+        """Apply the best clipping ratio of each stage to its scale; returns the ratios."""
+        for stage, errs in self._errors.items():
+            r = CLIP_RATIOS[int(torch.argmin(errs))]
+            key = f"amax_{stage}"
+            self.register_buffer(key, getattr(self, key) * r)
+            self.ratios[stage] = r
+        self._errors = {}
+        self.mode = "frozen"
+        return dict(self.ratios)
+
+    def allocate(self, shapes: dict[str, torch.Size]) -> None:
+        """Empty buffers of the given shapes (before loading a saved state dict)."""
+        for key, shape in shapes.items():
+            self.register_buffer(key, torch.empty(shape))
+        self.mode = "frozen"
+
+    def extra_repr(self) -> str:
+        stages = [k[5:] for k, _ in self.named_buffers()]
+        return f"stages={stages}, mode={self.mode}"

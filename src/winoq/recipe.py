@@ -49,7 +49,19 @@ class Recipe:
     rounding: "nearest", or "learned" (AdaRound-style soft rounding per weight, annealed to
         hard up/down choices between the two neighbouring grid values, INT or FP grid, learned
         layer by layer on ``calib_data``; for Winograd layers on the transformed weights
-        G g G^T). ``rounding_iters`` optimisation steps per layer.
+        G g G^T). ``rounding_iters`` optimisation steps per layer (or block).
+    format_search: for minifloat weights, choose each layer's exponent / mantissa split at the
+        weight format's bit width (e.g. e2m1 vs e3m0 vs e1m2 at 4 bit): "off" (keep ``weights``),
+        "weight" (least weight MSE, data-free) or "output" (least layer-output MSE on
+        ``calib_data``). Winograd layers search on their transformed weights.
+    reconstruction: what learned rounding reproduces: each layer's output ("layer", AdaRound) or
+        each block's output ("block", BRECQ: the largest submodules with 2 to 4 convs / linears,
+        e.g. residual blocks, learn their layers' rounding together; other layers layer-wise).
+    activation_ranges: "dynamic" (default, data-free: every activation scale is computed from the
+        values at run time, per sample, channel group and Winograd tile) or "static" (Q-Diffusion
+        style: one scale per layer stage and channel group, calibrated once on ``calib_data``, e.g.
+        a diffusion model's inputs sampled uniformly over timesteps; max range with an MSE search
+        of its clipping ratio).
     skip: module-name patterns (``fnmatch``: "conv_in", "*.time_emb*") whose convs and linears
         stay in float, e.g. a UNet's first and last conv.
     """
@@ -67,10 +79,14 @@ class Recipe:
     noise: str = "gaussian"
     learn_optimizer: str = "adam"
     learn_loss: str = "mse"
+    learn_max_channels: int | None = 256
     kernel: str = "emulated"
     winograd_weight_scales: str = "shared"
     rounding: str = "nearest"
     rounding_iters: int = 300
+    reconstruction: str = "layer"
+    format_search: str = "off"
+    activation_ranges: str = "dynamic"
     skip: tuple[str, ...] = ()
 
     def __post_init__(self):
@@ -87,10 +103,20 @@ class Recipe:
         _one_of("learn_loss", self.learn_loss, ("mse", "l1"))
         _one_of("winograd_weight_scales", self.winograd_weight_scales, ("shared", "tapwise"))
         _one_of("rounding", self.rounding, ROUNDINGS)
+        _one_of("reconstruction", self.reconstruction, ("layer", "block"))
+        _one_of("format_search", self.format_search, ("off", "weight", "output"))
+        if self.format_search != "off" and not parse(self.weights).is_float:
+            raise ValueError(f"format_search={self.format_search!r} chooses between minifloat splits, but "
+                             f"weights={self.weights!r} is an integer format; use e.g. weights='fp4_e2m1' or "
+                             "format_search='off'")
+        _one_of("activation_ranges", self.activation_ranges, ("dynamic", "static"))
         if not isinstance(self.rounding_iters, int) or self.rounding_iters < 1:
             raise ValueError(f"rounding_iters must be a positive int, got {self.rounding_iters!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if self.learn_max_channels is not None and (not isinstance(self.learn_max_channels, int)
+                                                    or self.learn_max_channels < 1):
+            raise ValueError(f"learn_max_channels must be a positive int or None, got {self.learn_max_channels!r}")
         if self.learn_steps < 0 or self.learn_lr <= 0:
             raise ValueError("learn_steps must be >= 0 and learn_lr > 0")
         if isinstance(self.skip, str) or not all(isinstance(p, str) for p in self.skip):
@@ -125,7 +151,9 @@ class Recipe:
         if self.winograd is not None and self.winograd_weight_scales == "tapwise" and self.scales != "tapwise":
             tile += " +tap-wise weights"
         group = "per-channel" if self.group_size is None else f"g{self.group_size}"
-        return f"W:{self.weights} A:{self.activations} {group} {tile}"
+        extra = "".join([f" format-search({self.format_search})" if self.format_search != "off" else ""," static-ranges" if self.activation_ranges == "static" else "",
+                         (f" learned-rounding({self.reconstruction})" if self.rounding == "learned" else "")])
+        return f"W:{self.weights} A:{self.activations} {group} {tile}{extra}"
 
 
 def _one_of(name, value, allowed):

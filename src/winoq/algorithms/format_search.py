@@ -35,7 +35,7 @@ import torch
 from ..formats import FloatFormat, parse
 from ..quantizers import Granularity, compute_scale, fake_quantize
 
-__all__ = ["fp_splits", "search_fp_format", "METRICS", "SCALINGS", "MIN_BITS", "MAX_BITS"]
+__all__ = ["fp_splits", "search_fp_format", "choose_layer_format", "set_layer_weight_format", "METRICS", "SCALINGS", "MIN_BITS", "MAX_BITS"]
 
 METRICS = ("mse", "mae")
 SCALINGS = ("max", "none")
@@ -195,3 +195,50 @@ def search_fp_format(w: torch.Tensor, bits: int, gran: Granularity = Granularity
         raise ValueError("no usable candidate: every split/bias combination is outside the float32 range; "
                          "pass smaller bias offsets (biases=...)")
     return (*best, table) if return_table else best
+
+
+def choose_layer_format(layer, inputs: torch.Tensor | None = None, candidates=None):
+    """Best minifloat split for a quantized layer's weights at the bit width of its
+    current weight format: by weight MSE (``inputs`` None, data-free) or by the MSE
+    of the layer output on ``inputs``. Winograd layers are searched on their
+    transformed weights U with their own scale granularity. Returns ``(fmt, table)``;
+    the layer is not modified."""
+    from ..modules import QuantConv2d, QuantLinear, weight_granularity
+    from ..winograd.conv import transform_2d
+    from ..winograd.quantized import QuantWinogradConv2d
+    from .adaround import rounding_problem
+
+    if isinstance(layer, QuantWinogradConv2d):
+        fmt, gran = layer.formats.weight, layer._weight_gran()
+    elif isinstance(layer, (QuantConv2d, QuantLinear)):
+        fmt, gran = layer.weight_format, weight_granularity(layer.group_size, layer.weight.ndim)
+    else:
+        raise ValueError(f"format search supports winoq's quantized layers, got {type(layer).__name__}")
+    if fmt is None or not fmt.is_float:
+        raise ValueError(f"format search chooses between minifloat splits; this layer's weights are "
+                         f"{getattr(fmt, 'name', 'float')}: use an fp weight format (e.g. 'fp4_e2m1')")
+    if inputs is not None:
+        prob = rounding_problem(layer, inputs)
+        w, kw = prob.weight, {"layer_fn": prob.layer_fn, "inputs": prob.inputs}
+    elif isinstance(layer, QuantWinogradConv2d):
+        with torch.no_grad():
+            _, g, _ = layer.transforms(layer.weight.dtype, layer.weight.device)
+            w, kw = transform_2d(g, layer.weight.detach()), {}
+    else:
+        w, kw = layer.weight.detach(), {}
+    best, _, _, table = search_fp_format(w, fmt.bits, gran, candidates, return_table=True, **kw)
+    return best, table
+
+
+def set_layer_weight_format(layer, fmt) -> None:
+    """Give a quantized layer another weight format (its cached quantized weights are dropped)."""
+    import dataclasses
+
+    from ..winograd.quantized import QuantWinogradConv2d
+
+    fmt = parse(fmt)
+    if isinstance(layer, QuantWinogradConv2d):
+        layer.formats = dataclasses.replace(layer.formats, weight=fmt)
+        layer.__dict__.pop("_u_cache", None)
+    else:
+        layer.weight_format = fmt

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..formats import parse
+from ..modules import quantize_activation
 from ..quantizers import Granularity, compute_scale, fake_quantize, fake_quantize_dynamic, quantize
 from .conv import (WinogradConv2d, extract_tiles, hadamard_taps_first, stitch_taps_first, stitch_tiles,
                    tiles_taps_first, transform_2d, transform_taps_first)
@@ -70,6 +71,7 @@ class QuantWinogradConv2d(WinogradConv2d):
         self.weight_tapwise = False
         self.kernel = "emulated"  # see winoq.kernels: "emulated", "int-cpu", "triton", "auto"
         self.register_buffer("learned_u", None)  # transformed weights already on the grid (learned rounding)
+        self.act_ranges = None  # StaticRanges when activation ranges are static (calibrated), else dynamic
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, m: int, points=None, **kwargs) -> "QuantWinogradConv2d":
@@ -158,8 +160,10 @@ class QuantWinogradConv2d(WinogradConv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The kernel chosen by ``self.kernel`` (``winoq.kernels``); the emulated one
-        whenever gradients are needed (learning scales, rounding)."""
-        if self.kernel == "emulated" or self.training or (torch.is_grad_enabled() and self._needs_grad(x)):
+        whenever gradients are needed (learning scales, rounding) or the activation
+        ranges are static (the integer kernels compute their scales on the fly)."""
+        if (self.kernel == "emulated" or self.training or self.act_ranges is not None
+                or (torch.is_grad_enabled() and self._needs_grad(x))):
             return self.forward_emulated(x)
         from ..kernels import winograd_forward
 
@@ -176,17 +180,20 @@ class QuantWinogradConv2d(WinogradConv2d):
         self.check_input(x)
         at, g, bt = self.transforms(x.dtype, x.device)
         fm = self.formats
-        x = self._fq(x, fm.input, self._input_gran())
+        tap_keep = (0,) if self.scale_mode == "tapwise" else ()
+        x = quantize_activation(self, "input", x, fm.input, self._input_gran(), (1,))
         xp = self.pad_input(x)
         out_hw = self.output_hw(xp)
         v = transform_taps_first(bt, tiles_taps_first(xp, self.m, self.kernel_size, out_hw))  # (n*n, C, N, th, tw)
         taps, c = v.shape[:2]
         # channel groups within each conv group; one scale per (group, sample, tile), shared by the taps
         v = v.reshape(taps, self.groups, c // self.groups, *v.shape[2:])
-        v = self._fq(v, fm.winograd_input, self._act_gran(v.ndim, (0,), axis=2), self.clip[0])
+        v = quantize_activation(self, "v", v, fm.winograd_input, self._act_gran(v.ndim, (0,), axis=2), (1, 2) + tap_keep,
+                                self.clip[0])
         v = v.reshape(taps, c, *v.shape[3:])
         mprod = hadamard_taps_first(self.quantized_weight(g), v, self.groups)  # (n*n, K, N, th, tw)
-        mprod = self._fq(mprod, fm.output, self._act_gran(mprod.ndim, (0,), axis=1), self.clip[1])
+        mprod = quantize_activation(self, "m", mprod, fm.output, self._act_gran(mprod.ndim, (0,), axis=1), (1,) + tap_keep,
+                                    self.clip[1])
         y = stitch_taps_first(transform_taps_first(at, mprod), out_hw)
         return y if self.bias is None else y + self.bias.to(y.dtype).view(1, -1, 1, 1)
 
@@ -205,6 +212,9 @@ class QuantWinogradConv2d(WinogradConv2d):
         for f in (fm.winograd_input, fm.weight):
             if f is None or f.is_float:
                 raise ValueError("forward_integer needs integer formats for the Winograd input and weight stages")
+        if self.act_ranges is not None:
+            raise ValueError("forward_integer computes dynamic activation scales; this layer has static ranges "
+                             "(activation_ranges='static'): use forward() / the emulated kernel")
         x = x.double()
         at, g, bt = self.transforms(torch.float64, x.device)
         x = self._fq(x, fm.input, self._input_gran())
