@@ -210,3 +210,38 @@ def test_quantize_a_local_diffusers_unet(tmp_path, capsys):
     rc = main(["quantize", "--model", f"diffusers:{tmp_path / 'missing'}", "--out", str(out)])
     assert rc == 2
     assert "not found" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- calibration-data options
+def _image_folder(root, n=6):
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(n // 2):
+            px = (torch.rand(32, 32, 3, generator=gen) * 255).to(torch.uint8).numpy()
+            Image.fromarray(px).save(root / c / f"{i}.png")
+    return root
+
+
+def test_static_ranges_and_learned_rounding_from_the_cli(capsys, tmp_path):
+    calib = _image_folder(tmp_path / "calib")
+    out = tmp_path / "r20.safetensors"
+    assert main(["quantize", "--model", "cifar-resnet20", "--winograd", "none", "--weights-format", "int4",
+                 "--rounding", "learned", "--reconstruction", "block", "--activation-ranges", "static",
+                 "--calib-data", str(calib), "--calib-images", "4", "--out", str(out), "--threads", "1",
+                 "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "static-ranges" in text and "learned-rounding(block)" in text and out.is_file()
+
+
+def test_recipes_needing_calibration_data_ask_for_it(capsys, tmp_path):
+    out = str(tmp_path / "q.safetensors")
+    assert main(["quantize", "--model", "cifar-resnet20", "--rounding", "learned", "--out", out]) == 2
+    assert "--calib-data" in _error_line(capsys)
+    assert main(["quantize", "--model", "cifar-resnet20", "--activation-ranges", "static", "--out", out,
+                 "--calib-data", str(tmp_path / "nowhere")]) == 2
+    assert "not a directory" in _error_line(capsys)
+    assert main(["quantize", "--model", "cifar-resnet20", "--format-search", "weight", "--out", out]) == 2
+    assert "integer format" in _error_line(capsys)

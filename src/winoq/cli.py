@@ -299,19 +299,40 @@ def _recipe_from_args(args):
 
     try:
         return Recipe(weights=args.weights_format, activations=args.activations, group_size=args.group_size,
-                      winograd=args.winograd, scales=args.scales, seed=args.seed)
+                      winograd=args.winograd, scales=args.scales, seed=args.seed, rounding=args.rounding,
+                      reconstruction=args.reconstruction, activation_ranges=args.activation_ranges,
+                      format_search=args.format_search)
     except (ValueError, TypeError) as exc:
         raise CLIError(f"invalid recipe: {_one_line(exc)}") from None
 
 
-def _calibration_images(name: str):
-    """A few training images for scales='paw-fsq' (Fashion-MNIST only; others use noise)."""
+def _needs_calibration_data(recipe) -> bool:
+    return (recipe.scales == "paw-fsq" or recipe.rounding == "learned" or recipe.activation_ranges == "static"
+            or recipe.format_search == "output")
+
+
+def _calibration_images(name: str, calib_dir: str | None = None, n: int = 64):
+    """Calibration images: ``--calib-data DIR`` (ImageFolder), else Fashion-MNIST training
+    images for fmnist-resnet, else None."""
+    if calib_dir is not None:
+        if name.startswith("diffusers:"):
+            raise CLIError("--calib-data holds images for classifiers; UNets calibrate on (x_t, t, context) "
+                           "inputs: use the Python API with winoq.diffusion.calibration_inputs(...)")
+        if not Path(calib_dir).is_dir():
+            raise CLIError(f"--calib-data {calib_dir}: not a directory (ImageFolder layout DIR/<class>/<image>)")
+        from .data import cifar_transform, imagenet_transform, load_imagefolder_tensors
+
+        transform = cifar_transform() if name.startswith("cifar-") else imagenet_transform()
+        try:
+            return load_imagefolder_tensors(Path(calib_dir), transform, limit=n)[0]
+        except (FileNotFoundError, ValueError, OSError) as exc:
+            raise CLIError(_one_line(exc)) from None
     if name != "fmnist-resnet":
         return None
     from .data import fashion_mnist_tensors
 
     try:
-        return fashion_mnist_tensors("train")[0][:64]
+        return fashion_mnist_tensors("train")[0][:n]
     except (FileNotFoundError, ValueError):
         return None
 
@@ -332,7 +353,10 @@ def cmd_quantize(args) -> int:
         raise CLIError("--eval measures classifier accuracy; for UNets see benchmarks/diffusion_table.py")
     progress = _progress_enabled(args)
     data = load_eval_data(name, args.data, args.n_images) if args.eval else None  # fail before the slow part
-    calib = _calibration_images(name) if recipe.scales == "paw-fsq" else None
+    calib = _calibration_images(name, args.calib_data, args.calib_images) if _needs_calibration_data(recipe) else None
+    if calib is None and _needs_calibration_data(recipe) and recipe.scales != "paw-fsq":
+        raise CLIError("this recipe learns on calibration data (learned rounding, static ranges or output format "
+                       "search): pass --calib-data DIR (ImageFolder of training images, not the evaluation set)")
     print(f"quantizing {name}: {recipe.describe()} (seed {recipe.seed})")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -576,6 +600,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "paw-fsq (baseline learned on 64 training images; Fashion-MNIST only, noise otherwise), "
                         "tapwise (baseline, one scale per tap)")
     q.add_argument("--seed", type=int, default=0, help="random seed of the scale learning (default: 0)")
+    q.add_argument("--rounding", choices=("nearest", "learned"), default="nearest",
+                   help="weight rounding: nearest (default) or learned (AdaRound-style, on calibration images)")
+    q.add_argument("--reconstruction", choices=("layer", "block"), default="layer",
+                   help="learned rounding reproduces each layer's output (default) or each block's (BRECQ)")
+    q.add_argument("--activation-ranges", choices=("dynamic", "static"), default="dynamic",
+                   help="dynamic activation scales (default, data-free) or static ones calibrated on images")
+    q.add_argument("--format-search", choices=("off", "weight", "output"), default="off",
+                   help="for fp weight formats: choose each layer's exponent/mantissa split by weight MSE "
+                        "(data-free) or layer-output MSE on calibration images")
+    q.add_argument("--calib-data", metavar="DIR",
+                   help="ImageFolder of calibration images for learned rounding, static ranges, output format "
+                        "search and paw-fsq (default: Fashion-MNIST training images for fmnist-resnet)")
+    q.add_argument("--calib-images", type=_positive_int, default=64, metavar="N",
+                   help="calibration images to use (default: 64)")
     q.add_argument("--eval", action="store_true", help="also evaluate the float and quantized models and print the drop")
     q.add_argument("--data", metavar="DIR",
                    help="evaluation data for --eval: Fashion-MNIST IDX folder for fmnist-resnet (default: "
