@@ -5,7 +5,8 @@
 Rows: W8A8 as INT8 and FP8 (E4M3); W4A8 with INT4 / FP4 (E2M1) weights, each with
 round-to-nearest and learned (AdaRound-style) rounding; each direct and as fully
 quantized Winograd F(4,3) / F(6,3) with data-free learned scales. Group size 32.
-Learned rounding calibrates on images from the other end of a fixed shuffle of the
+``--rows extra`` adds block-wise reconstruction (BRECQ), learned rounding at 8 bit and
+the per-layer FP4 split search. Learned rounding calibrates on images from the other end of a fixed shuffle of the
 test set (disjoint from the evaluated ones). Calibration seconds are reported.
 """
 from __future__ import annotations
@@ -24,9 +25,19 @@ from common import cifar_split, dump_json, load_json, machine, top1  # noqa: E40
 import winoq  # noqa: E402
 from winoq.models import load_cifar_resnet  # noqa: E402
 
-ROWS = [("W8A8 INT8", "int8", "int8", "nearest"), ("W8A8 FP8 e4m3", "fp8_e4m3", "fp8_e4m3", "nearest"),
-        ("W4A8 INT4 nearest", "int4", "int8", "nearest"), ("W4A8 INT4 learned", "int4", "int8", "learned"),
-        ("W4A8 FP4 nearest", "fp4_e2m1", "int8", "nearest"), ("W4A8 FP4 learned", "fp4_e2m1", "int8", "learned")]
+ROWS = [("W8A8 INT8", dict(weights="int8", activations="int8")),
+        ("W8A8 FP8 e4m3", dict(weights="fp8_e4m3", activations="fp8_e4m3")),
+        ("W4A8 INT4 nearest", dict(weights="int4")),
+        ("W4A8 INT4 learned", dict(weights="int4", rounding="learned")),
+        ("W4A8 FP4 nearest", dict(weights="fp4_e2m1")),
+        ("W4A8 FP4 learned", dict(weights="fp4_e2m1", rounding="learned"))]
+# beyond the issue's grid (--rows extra): block-wise reconstruction, learned rounding at 8 bit,
+# per-layer FP4 split search
+EXTRA_ROWS = [("W4A8 INT4 learned, block", dict(weights="int4", rounding="learned", reconstruction="block")),
+              ("W4A8 FP4 learned, block", dict(weights="fp4_e2m1", rounding="learned", reconstruction="block")),
+              ("W4A8 FP4 split search", dict(weights="fp4_e2m1", format_search="output")),
+              ("W8A8 INT8 learned", dict(weights="int8", rounding="learned")),
+              ("W8A8 INT8 learned, block", dict(weights="int8", rounding="learned", reconstruction="block"))]
 
 
 def main(argv=None):
@@ -36,6 +47,9 @@ def main(argv=None):
     ap.add_argument("--n-images", type=int, default=1000)
     ap.add_argument("--calib-images", type=int, default=32)
     ap.add_argument("--rounding-iters", type=int, default=100)
+    ap.add_argument("--rows", choices=["issue", "extra", "all"], default="issue",
+                    help="issue: the INT/FP x nearest/learned grid; extra: block reconstruction, 8-bit learned "
+                         "rounding, FP4 split search; all: both")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out/formats_table.json"))
     args = ap.parse_args(argv)
@@ -49,16 +63,17 @@ def main(argv=None):
     fp = rows["FP"]["top1"]
     print(f"ResNet-{args.depth} FP {fp:.2f}", flush=True)
     for tile in args.tiles:
-        for label, w, a, rounding in ROWS:
+        for label, kw in {"issue": ROWS, "extra": EXTRA_ROWS, "all": ROWS + EXTRA_ROWS}[args.rows]:
             key = f"{label} {'direct' if tile == 'direct' else f'F({tile},3)'}"
             if key in rows:
                 continue
-            recipe = winoq.Recipe(weights=w, activations=a, winograd=None if tile == "direct" else int(tile),
-                                  rounding=rounding, rounding_iters=args.rounding_iters)
+            recipe = winoq.Recipe(**{"activations": "int8", **kw}, winograd=None if tile == "direct" else int(tile),
+                                  rounding_iters=args.rounding_iters)
+            needs_data = recipe.rounding == "learned" or recipe.format_search == "output"
             t0 = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                q = winoq.quantize(model, recipe, calib_data=calib if rounding == "learned" else None, progress=False)
+                q = winoq.quantize(model, recipe, calib_data=calib if needs_data else None, progress=False)
             tq = time.perf_counter() - t0
             acc = top1(q, x, y)
             rows[key] = {"top1": acc, "drop": fp - acc, "calibrate_s": tq, "recipe": recipe.to_json()}

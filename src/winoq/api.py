@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import json
@@ -145,10 +146,8 @@ def _calibrate(model, qmodel, wino, recipe: Recipe, calib_data, progress: bool) 
             return
         bar = tqdm(wino, desc="learning transform scales (data-free)", disable=not progress, unit="layer")
         for i, (rep, mod) in enumerate(bar):
-            try:
+            with _naming_layer(rep.name):
                 rep.calibration = learn_layer_scales(mod, ScaleLearningConfig(**{**cfg.__dict__, "seed": recipe.seed + i}))
-            except FloatingPointError as err:
-                raise FloatingPointError(f"calibration stopped at layer {rep.name!r}: {err}") from err
             bar.set_postfix_str(f"{rep.name}: {rep.calibration['sqnr_standard_db']:.1f} -> "
                                 f"{rep.calibration['sqnr_learned_db']:.1f} dB")
             if not all(torch.isfinite(torch.tensor(rep.calibration["s_b"] + rep.calibration["s_g"]))):
@@ -159,7 +158,17 @@ def _calibrate(model, qmodel, wino, recipe: Recipe, calib_data, progress: bool) 
         inputs = capture_inputs(model, [rep.name for rep, _ in wino], calib_data, recipe)
         bar = tqdm(wino, desc="PAW+FSQ on calibration data", disable=not progress, unit="layer")
         for rep, mod in bar:
-            rep.calibration = learn_paw_fsq(mod, inputs[rep.name], seed=recipe.seed)
+            with _naming_layer(rep.name):
+                rep.calibration = learn_paw_fsq(mod, inputs[rep.name], seed=recipe.seed)
+
+
+@contextlib.contextmanager
+def _naming_layer(name: str):
+    """Non-finite values while calibrating a layer stop the run with the layer's name."""
+    try:
+        yield
+    except FloatingPointError as err:
+        raise FloatingPointError(f"calibration stopped at layer {name!r}: {err}") from err
 
 
 def _check_calib_data(recipe: Recipe, calib_data) -> None:
@@ -245,8 +254,9 @@ def _learn_layer_rounding(model, plan, recipe: Recipe, calib_data, progress: boo
     inputs = capture_inputs(model, [rep.name for rep, _ in plan], calib_data, recipe, max_samples=32)
     bar = tqdm(plan, desc="learning weight rounding", disable=not progress, unit="layer")
     for i, (rep, mod) in enumerate(bar):
-        wq, info = round_layer_weight(mod, inputs[rep.name], "learned", iters=recipe.rounding_iters,
-                                      seed=recipe.seed + i)
+        with _naming_layer(rep.name):
+            wq, info = round_layer_weight(mod, inputs[rep.name], "learned", iters=recipe.rounding_iters,
+                                          seed=recipe.seed + i)
         _set_rounded_weight(mod, wq)
         rep.calibration["rounding"] = info
 
