@@ -194,7 +194,7 @@ def _search_formats(model, plan, recipe: Recipe, calib_data, progress: bool) -> 
     plan = [(rep, mod) for rep, mod in plan if _has_weight_format(mod)]
     inputs = {}
     if recipe.format_search == "output":
-        inputs = capture_inputs(model, [rep.name for rep, _ in plan], calib_data, recipe, max_samples=32)
+        inputs = capture_inputs(model, [rep.name for rep, _ in plan], calib_data, recipe, max_samples=recipe.calib_samples)
     for rep, mod in tqdm(plan, desc="choosing weight formats", disable=not progress, unit="layer"):
         fmt, table = choose_layer_format(mod, inputs.get(rep.name))
         set_layer_weight_format(mod, fmt)
@@ -251,7 +251,7 @@ def _learn_layer_rounding(model, plan, recipe: Recipe, calib_data, progress: boo
     plan = [(rep, mod) for rep, mod in plan if _has_weight_format(mod)]
     if not plan:
         return
-    inputs = capture_inputs(model, [rep.name for rep, _ in plan], calib_data, recipe, max_samples=32)
+    inputs = capture_inputs(model, [rep.name for rep, _ in plan], calib_data, recipe, max_samples=recipe.calib_samples)
     bar = tqdm(plan, desc="learning weight rounding", disable=not progress, unit="layer")
     for i, (rep, mod) in enumerate(bar):
         with _naming_layer(rep.name):
@@ -273,7 +273,8 @@ def _reconstruct_blocks(model, qmodel, plan, recipe: Recipe, calib_data, progres
         owner = next((b for b in blocks if rep.name.startswith(b + ".")), None)
         if owner is not None:
             in_block[rep.name] = owner
-    calls = capture_block_io(model, blocks, lambda m: run_calibration(m, calib_data, max_samples=32), max_samples=32)
+    calls = capture_block_io(model, blocks, lambda m: run_calibration(m, calib_data, max_samples=recipe.calib_samples),
+                             max_samples=recipe.calib_samples)
     bar = tqdm(blocks, desc="block reconstruction of the rounding", disable=not progress, unit="block")
     for i, name in enumerate(bar):
         info = reconstruct_block(qmodel.get_submodule(name), calls[name], iters=recipe.rounding_iters,

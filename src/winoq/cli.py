@@ -301,7 +301,7 @@ def _recipe_from_args(args):
         return Recipe(weights=args.weights_format, activations=args.activations, group_size=args.group_size,
                       winograd=args.winograd, scales=args.scales, seed=args.seed, rounding=args.rounding,
                       reconstruction=args.reconstruction, activation_ranges=args.activation_ranges,
-                      format_search=args.format_search)
+                      format_search=args.format_search, calib_samples=args.calib_images)
     except (ValueError, TypeError) as exc:
         raise CLIError(f"invalid recipe: {_one_line(exc)}") from None
 
@@ -613,7 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ImageFolder of calibration images for learned rounding, static ranges, output format "
                         "search and paw-fsq (default: Fashion-MNIST training images for fmnist-resnet)")
     q.add_argument("--calib-images", type=_positive_int, default=64, metavar="N",
-                   help="calibration images to use (default: 64)")
+                   help="calibration images to load and learn on (default: 64)")
     q.add_argument("--eval", action="store_true", help="also evaluate the float and quantized models and print the drop")
     q.add_argument("--data", metavar="DIR",
                    help="evaluation data for --eval: Fashion-MNIST IDX folder for fmnist-resnet (default: "

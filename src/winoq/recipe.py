@@ -54,6 +54,9 @@ class Recipe:
         weight format's bit width (e.g. e2m1 vs e3m0 vs e1m2 at 4 bit): "off" (keep ``weights``),
         "weight" (least weight MSE, data-free) or "output" (least layer-output MSE on
         ``calib_data``). Winograd layers search on their transformed weights.
+    calib_samples: at most this many calibration samples (from the start of ``calib_data``) are
+        kept for learned rounding, block reconstruction and the output format search (static
+        ranges use all of ``calib_data``).
     reconstruction: what learned rounding reproduces: each layer's output ("layer", AdaRound) or
         each block's output ("block", BRECQ: the largest submodules with 2 to 4 convs / linears,
         e.g. residual blocks, learn their layers' rounding together; other layers layer-wise).
@@ -85,6 +88,7 @@ class Recipe:
     rounding: str = "nearest"
     rounding_iters: int = 300
     reconstruction: str = "layer"
+    calib_samples: int = 32
     format_search: str = "off"
     activation_ranges: str = "dynamic"
     skip: tuple[str, ...] = ()
@@ -112,6 +116,8 @@ class Recipe:
         _one_of("activation_ranges", self.activation_ranges, ("dynamic", "static"))
         if not isinstance(self.rounding_iters, int) or self.rounding_iters < 1:
             raise ValueError(f"rounding_iters must be a positive int, got {self.rounding_iters!r}")
+        if not isinstance(self.calib_samples, int) or self.calib_samples < 1:
+            raise ValueError(f"calib_samples must be a positive int, got {self.calib_samples!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
         if self.learn_max_channels is not None and (not isinstance(self.learn_max_channels, int)
