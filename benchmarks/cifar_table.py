@@ -35,8 +35,10 @@ def configs(tiles, bits, methods, points=None):
         for m in tiles:
             for s in methods:
                 scales, _, wscales = s.partition("+")  # "learned+tapwise-weights"
+                shared = scales == "learned-shared"  # one S_B, S_G for every layer (the paper's variant)
                 label = f"{b} F({m},3) {s}" + (f" points {' '.join(points)}" if points else "")
-                yield label, winoq.Recipe(weights=w, activations=a, winograd=m, scales=scales, points=points,
+                yield label, winoq.Recipe(weights=w, activations=a, winograd=m, scales="learned" if shared else scales,
+                                          points=points, shared_scales=shared,
                                           winograd_weight_scales="tapwise" if wscales else "shared")
 
 
@@ -45,7 +47,9 @@ def main(argv=None):
     ap.add_argument("--models", type=int, nargs="+", default=[20, 56])
     ap.add_argument("--tiles", type=int, nargs="+", default=[4, 6])
     ap.add_argument("--bits", nargs="+", default=list(BITS), choices=list(BITS))
-    ap.add_argument("--methods", nargs="+", default=["standard", "learned", "learned+tapwise-weights", "paw-fsq", "tapwise"])
+    ap.add_argument("--methods", nargs="+", default=["standard", "learned", "learned+tapwise-weights", "paw-fsq", "tapwise"],
+                    help="standard, learned, learned-shared (one set of scales for all layers), "
+                         "learned+tapwise-weights, paw-fsq, tapwise")
     ap.add_argument("--points", type=str.split, default=None,
                     help="interpolation points in one string, e.g. '0 1 -1 1/2 -1/2' (default: Toom-Cook's)")
     ap.add_argument("--no-direct", action="store_true", help="skip the direct-conv rows")

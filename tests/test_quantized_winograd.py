@@ -399,3 +399,19 @@ def test_inference_reuses_transformed_weights_until_they_change():
     with torch.no_grad():
         layer.weight.div_(2.0)
         torch.testing.assert_close(layer(x), y1, rtol=0, atol=1e-12)
+
+
+def test_shared_scales_start_like_the_per_layer_closed_form_and_help_every_layer():
+    from winoq.winograd.scales import learn_shared_scales
+
+    torch.manual_seed(4)
+    convs = [nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 16, 3, padding=1)]
+    layers = [QuantWinogradConv2d.from_conv(c, 6) for c in convs]
+    info = learn_shared_scales(layers, ScaleLearningConfig(steps=2, batch=1, tiles=3))
+    assert info["alpha"] in ScaleLearningConfig().alphas
+    assert torch.equal(layers[0].log_sb, layers[1].log_sb) and torch.equal(layers[0].log_sg, layers[1].log_sg)
+    x = torch.randn(2, 8, 12, 12, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        for conv, layer in zip(convs, layers):
+            ref = conv(x)
+            assert sqnr_db(layer(x), ref) > sqnr_db(QuantWinogradConv2d.from_conv(conv, 6)(x), ref) + 10
