@@ -488,3 +488,30 @@ def test_parse_passthrough_and_errors():
 
 def test_format_alias():
     assert isinstance(F.fp8_e4m3, F.Format) and isinstance(IntFormat(8), F.Format)
+
+
+@pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_float8_fast_path_equals_the_exact_rounding(name, dtype):
+    fmt = parse(name)
+    assert fmt._native_dtype() is not None
+    gen = torch.Generator().manual_seed(0)
+    grid = fmt.grid() if hasattr(fmt, "grid") else None
+    x = torch.randn(50_000, generator=gen) * torch.logspace(-10, 6, 50_000)[torch.randperm(50_000, generator=gen)]
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, fmt.max_value,
+                             fmt.max_value * 1.03, -fmt.max_value * 1.5, fmt.min_subnormal / 2, fmt.min_subnormal * 1.5])
+    x = torch.cat([x, specials]).to(dtype)
+    if grid is not None:  # exact midpoints between neighbouring grid values: ties to even
+        g = grid.double()
+        mids = ((g[1:] + g[:-1]) / 2).to(dtype)
+        x = torch.cat([x, mids])
+    fast = fmt.round(x)
+    exact = fmt.round(x.double()).to(dtype)  # float64 input takes the exact path
+    same = (fast == exact) | (fast.isnan() & exact.isnan())
+    real = ~exact.isnan()  # the sign of a NaN carries no meaning
+    assert bool(same.all()) and bool((torch.signbit(fast[real]) == torch.signbit(exact[real])).all())
+
+
+def test_formats_without_a_torch_dtype_take_the_exact_path():
+    assert parse("fp8_e4m3_finite")._native_dtype() is None
+    assert parse("fp4_e2m1")._native_dtype() is None

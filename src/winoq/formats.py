@@ -272,6 +272,16 @@ class FloatFormat:
         """All finite representable values: float64, ascending, unique, exact."""
         return _float_grid(self).clone()
 
+    def _native_dtype(self):
+        """torch's float8 dtype with exactly this grid (OCP E4M3 / IEEE-style E5M2), if any."""
+        if not (self.signed and self.subnormals):
+            return None
+        if (self.exp_bits, self.man_bits, self.bias, self.max_value) == (4, 3, 7, 448.0):
+            return torch.float8_e4m3fn
+        if (self.exp_bits, self.man_bits, self.bias, self.max_value) == (5, 2, 15, 57344.0):
+            return torch.float8_e5m2
+        return None
+
     def round(self, x: torch.Tensor) -> torch.Tensor:
         """Round to the nearest representable value (ties to even, saturating, NaN kept).
 
@@ -282,6 +292,11 @@ class FloatFormat:
         x = _as_tensor(x).detach()
         if not x.is_floating_point():
             x = x.to(torch.get_default_dtype())
+        native = self._native_dtype()
+        if native is not None and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+            # same grid, ties to even and subnormals as torch's float8 cast, which is exact from
+            # these dtypes; clamping first gives the saturation torch's cast lacks (NaN stays NaN)
+            return torch.clamp(x, -self.max_value, self.max_value).to(native).to(x.dtype)
         out_dtype = x.dtype
         xd = x.to(torch.float64)
         M = self.man_bits
