@@ -401,6 +401,22 @@ def test_inference_reuses_transformed_weights_until_they_change():
         torch.testing.assert_close(layer(x), y1, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("fmt,dtype", [("int8", torch.int8), ("int4", torch.int8), ("fp8_e4m3", torch.float8_e4m3fn),
+                                       ("fp4_e2m1", torch.float8_e4m3fn), ("fp8_e5m2", torch.float32),
+                                       ("int16", torch.float32)])
+def test_inference_cache_keeps_u_compact_and_exact(fmt, dtype):
+    torch.manual_seed(2)
+    conv = nn.Conv2d(6, 5, 3, padding=1)
+    layer = QuantWinogradConv2d.from_conv(conv, 4, formats=StageFormats(weight=fmt))
+    layer.set_diagonal_scales(torch.rand(6) + 0.5, torch.rand(6) + 0.5)
+    x = torch.randn(2, 6, 9, 9)
+    y_grad = layer(x)  # gradients on: no cache, plain fake quantization
+    with torch.no_grad():
+        y1, y2 = layer(x), layer(x)
+    assert layer._u_cache[1].dtype == dtype
+    assert torch.equal(y1, y2) and torch.equal(y1, y_grad.detach())
+
+
 def test_shared_scales_start_like_the_per_layer_closed_form_and_help_every_layer():
     from winoq.winograd.scales import learn_shared_scales
 

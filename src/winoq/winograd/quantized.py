@@ -148,15 +148,23 @@ class QuantWinogradConv2d(WinogradConv2d):
                    self.weight_tapwise, self.formats.weight, self.group_size, self.scale_mode)
             cached = getattr(self, "_u_cache", None)
             if cached is not None and cached[0] == key:
-                return cached[1]
+                return cached[1] if cached[2] is None else cached[1].to(g.dtype) * cached[2]
+            self.__dict__.pop("_u_cache", None)  # free the stale copy before building the new one
         u = transform_2d(g, self.weight.to(g.dtype))
         fmt = self.formats.weight
-        if fmt is not None:
-            scale, _ = compute_scale(u.detach(), fmt, self._weight_gran(), self.weight_method)
-            u = fake_quantize(u, fmt, scale)
-        if key is not None:
-            self._u_cache = (key, u)
-        return u
+        if fmt is None:
+            if key is not None:
+                self._u_cache = (key, u, None)
+            return u
+        scale, _ = compute_scale(u.detach(), fmt, self._weight_gran(), self.weight_method)
+        if key is None:
+            return fake_quantize(u, fmt, scale)
+        # inference: keep U as grid values in the narrowest dtype that holds them exactly (int8 /
+        # float8 instead of float32: U is (n/r)^2 ~ 7x the conv weight, GBs for an SD UNet);
+        # q * scale is bit for bit what fake_quantize returns
+        q = fmt.round(u / scale)
+        self._u_cache = (key, _compact(q, fmt), scale)
+        return q * scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The kernel chosen by ``self.kernel`` (``winoq.kernels``); the emulated one
@@ -272,6 +280,17 @@ class QuantWinogradConv2d(WinogradConv2d):
         fm = self.formats
         names = [getattr(f, "name", "float") for f in (fm.input, fm.winograd_input, fm.weight, fm.output)]
         return super().extra_repr() + f", stages(in,V,U,M)={names}, group_size={self.group_size}, {self.scale_mode}"
+
+
+def _compact(q: torch.Tensor, fmt) -> torch.Tensor:
+    """``q`` (values of ``fmt``'s grid) in int8 / float8 when that dtype holds them exactly."""
+    if not fmt.is_float and fmt.bits <= 8 and fmt.signed:
+        return q.to(torch.int8)
+    if fmt.is_float and fmt.bits <= 8:
+        narrow = q.to(torch.float8_e4m3fn)
+        if torch.equal(narrow.to(q.dtype), q):
+            return narrow
+    return q
 
 
 def _pick_scale(scale: torch.Tensor, shape) -> torch.Tensor:
