@@ -210,6 +210,10 @@ def test_quantize_a_local_diffusers_unet(tmp_path, capsys):
     rc = main(["quantize", "--model", f"diffusers:{tmp_path / 'missing'}", "--out", str(out)])
     assert rc == 2
     assert "not found" in capsys.readouterr().err
+    rc = main(["quantize", "--model", f"diffusers:{tmp_path / 'unet'}", "--activation-ranges", "static",
+               "--out", str(out), "--no-progress"])
+    assert rc == 2
+    assert "calibration_inputs" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- calibration-data options

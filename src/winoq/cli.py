@@ -353,6 +353,10 @@ def cmd_quantize(args) -> int:
         raise CLIError("--eval measures classifier accuracy; for UNets see benchmarks/diffusion_table.py")
     progress = _progress_enabled(args)
     data = load_eval_data(name, args.data, args.n_images) if args.eval else None  # fail before the slow part
+    if _needs_calibration_data(recipe) and name.startswith("diffusers:"):
+        raise CLIError("this recipe learns on calibration data, and UNets calibrate on (x_t, t, context) inputs: "
+                       "use the Python API with calib_data=winoq.diffusion.calibration_inputs(...), or keep the "
+                       "data-free defaults (--rounding nearest --activation-ranges dynamic --scales learned)")
     calib = _calibration_images(name, args.calib_data, args.calib_images) if _needs_calibration_data(recipe) else None
     if calib is None and _needs_calibration_data(recipe) and recipe.scales != "paw-fsq":
         raise CLIError("this recipe learns on calibration data (learned rounding, static ranges or output format "
