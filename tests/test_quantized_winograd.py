@@ -415,6 +415,10 @@ def test_inference_cache_keeps_u_compact_and_exact(fmt, dtype):
         y1, y2 = layer(x), layer(x)
     assert layer._u_cache[1].dtype == dtype
     assert torch.equal(y1, y2) and torch.equal(y1, y_grad.detach())
+    layer.cache_u = False
+    del layer._u_cache
+    with torch.no_grad():
+        assert torch.equal(layer(x), y1) and not hasattr(layer, "_u_cache")
 
 
 def test_shared_scales_start_like_the_per_layer_closed_form_and_help_every_layer():

@@ -72,6 +72,9 @@ class QuantWinogradConv2d(WinogradConv2d):
         self.kernel = "emulated"  # see winoq.kernels: "emulated", "int-cpu", "triton", "auto"
         self.register_buffer("learned_u", None)  # transformed weights already on the grid (learned rounding)
         self.act_ranges = None  # StaticRanges when activation ranges are static (calibrated), else dynamic
+        # keep the quantized transformed weights between inference calls (int8 / float8 codes: about
+        # (n/r)^2 bytes per conv weight, 3.5 GiB for an SD-1.5 UNet at F(6,3)); False recomputes them
+        self.cache_u = True
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, m: int, points=None, **kwargs) -> "QuantWinogradConv2d":
@@ -140,7 +143,7 @@ class QuantWinogradConv2d(WinogradConv2d):
         if self.learned_u is not None:
             return self.learned_u.to(g.dtype)
         key = None
-        if not torch.is_grad_enabled():  # inference: reuse U while weights and scales are unchanged
+        if self.cache_u and not torch.is_grad_enabled():  # inference: reuse U while weights and scales are unchanged
             tracked = [self.weight, self.log_sb, self.log_sg]
             if self.free_transforms is not None:
                 tracked += list(self.free_transforms.parameters())
