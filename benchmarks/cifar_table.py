@@ -34,12 +34,16 @@ def configs(tiles, bits, methods, points=None):
         yield f"{b} direct g32", winoq.Recipe(weights=w, activations=a, winograd=None)
         for m in tiles:
             for s in methods:
-                scales, _, wscales = s.partition("+")  # "learned+tapwise-weights"
+                scales, *flags = s.split("+")  # e.g. "learned+tapwise-weights+learned-rounding"
+                unknown = set(flags) - {"tapwise-weights", "learned-rounding"}
+                if unknown:
+                    raise SystemExit(f"unknown method suffix {sorted(unknown)}; use +tapwise-weights, +learned-rounding")
                 shared = scales == "learned-shared"  # one S_B, S_G for every layer (the paper's variant)
                 label = f"{b} F({m},3) {s}" + (f" points {' '.join(points)}" if points else "")
                 yield label, winoq.Recipe(weights=w, activations=a, winograd=m, scales="learned" if shared else scales,
                                           points=points, shared_scales=shared,
-                                          winograd_weight_scales="tapwise" if wscales else "shared")
+                                          rounding="learned" if "learned-rounding" in flags else "nearest",
+                                          winograd_weight_scales="tapwise" if "tapwise-weights" in flags else "shared")
 
 
 def main(argv=None):
@@ -48,8 +52,8 @@ def main(argv=None):
     ap.add_argument("--tiles", type=int, nargs="+", default=[4, 6])
     ap.add_argument("--bits", nargs="+", default=list(BITS), choices=list(BITS))
     ap.add_argument("--methods", nargs="+", default=["standard", "learned", "learned+tapwise-weights", "paw-fsq", "tapwise"],
-                    help="standard, learned, learned-shared (one set of scales for all layers), "
-                         "learned+tapwise-weights, paw-fsq, tapwise")
+                    help="standard, learned, learned-shared (one set of scales for all layers), paw-fsq, tapwise; "
+                         "suffixes +tapwise-weights, +learned-rounding (on the calibration images)")
     ap.add_argument("--points", type=str.split, default=None,
                     help="interpolation points in one string, e.g. '0 1 -1 1/2 -1/2' (default: Toom-Cook's)")
     ap.add_argument("--no-direct", action="store_true", help="skip the direct-conv rows")
@@ -75,8 +79,8 @@ def main(argv=None):
             t0 = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                q = winoq.quantize(model, recipe, calib_data=calib if recipe.scales == "paw-fsq" else None,
-                                   progress=False)
+                needs_data = recipe.scales == "paw-fsq" or recipe.rounding == "learned"
+                q = winoq.quantize(model, recipe, calib_data=calib if needs_data else None, progress=False)
             tq = time.perf_counter() - t0
             acc = top1(q, x, y)
             rows[label] = {"top1": acc, "drop": rows["FP"]["top1"] - acc, "quantize_s": tq,

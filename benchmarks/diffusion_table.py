@@ -71,12 +71,23 @@ def ddpm_configs(tiles, groups, rounding_iters):
         yield "W8A8 direct g32, static ranges", winoq.Recipe(winograd=None, activation_ranges="static")
         for m in tiles:
             yield f"W8A8 F({m},3) learned, static ranges", winoq.Recipe(winograd=m, activation_ranges="static")
+    if "extra" in groups:  # beyond the paper: tap-wise weight scales (data-free), learned rounding of U
+        for m in tiles:
+            yield f"W8A8 F({m},3) learned +tap-wise weights", winoq.Recipe(winograd=m, winograd_weight_scales="tapwise")
+            yield f"W8A8 F({m},3) learned, learned rounding", winoq.Recipe(winograd=m, rounding="learned",
+                                                                          rounding_iters=rounding_iters)
     if "formats" in groups:
         for label, w, a, rounding in FORMAT_ROWS:
             for m in [None, *tiles]:
                 tile = "direct g32" if m is None else f"F({m},3) learned"
                 yield f"{label} | {tile}", winoq.Recipe(weights=w, activations=a, winograd=m, rounding=rounding,
                                                        rounding_iters=rounding_iters)
+
+
+def in_panel(recipe):
+    """The sample grid shows the paper's settings: W8A8 INT8, dynamic ranges, nearest rounding."""
+    return (recipe.weights == recipe.activations == "int8" and recipe.activation_ranges == "dynamic"
+            and recipe.rounding == "nearest" and recipe.winograd_weight_scales == "shared")
 
 
 def keep_float(qmodel, fmodel, names):
@@ -156,7 +167,7 @@ def run_ddpm(args, res):
     panels = [("FP", fp_a[:args.grid])]
     for name, recipe in ddpm_configs(args.tiles, args.groups, args.rounding_iters):
         if name in rows and not args.fresh and f"{name}|{n}|{args.steps}|{args.guidance}|{seeds_a[0]}" in samples:
-            if recipe.weights == "int8" and recipe.activations == "int8" and recipe.activation_ranges == "dynamic":
+            if in_panel(recipe):
                 panels.append((name.replace("W8A8 ", ""), samples[f"{name}|{n}|{args.steps}|{args.guidance}|0"][0][:args.grid]))
             continue
         t0 = time.perf_counter()
@@ -166,7 +177,7 @@ def run_ddpm(args, res):
             q = winoq.quantize(model, recipe, progress=False, calib_data=calib if needs_data else None)
         t_cal = time.perf_counter() - t0
         xq, t_s = gen(name, q, seeds_a)
-        if recipe.weights == "int8" and recipe.activations == "int8" and recipe.activation_ranges == "dynamic":
+        if in_panel(recipe):
             panels.append((name.replace("W8A8 ", ""), xq[:args.grid]))
         row = {"fd_proxy_vs_fp": frechet_distance(*fd.stats(xq), *feats_fp),
                "fd_proxy_vs_real": frechet_distance(*fd.stats(xq), *feats_real),
@@ -323,9 +334,11 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=50)
     ap.add_argument("--tiles", type=int, nargs="+", default=[4, 6])
     ap.add_argument("--sqnr-trajectories", type=int, default=4)
-    ap.add_argument("--groups", nargs="+", default=["base", "static", "formats"], choices=["base", "static", "formats"],
+    ap.add_argument("--groups", nargs="+", default=["base", "static", "formats"],
+                    choices=["base", "static", "formats", "extra"],
                     help="DDPM rows: base (W8A8 direct / Winograd standard vs learned), static (Q-Diffusion static "
-                         "ranges), formats (FP8, INT4/FP4 weights x nearest/learned rounding)")
+                         "ranges), formats (FP8, INT4/FP4 weights x nearest/learned rounding), extra (tap-wise "
+                         "weight scales, learned rounding of the Winograd weights at W8A8)")
     ap.add_argument("--calib-samples", type=int, default=256)
     ap.add_argument("--rounding-iters", type=int, default=100)
     ap.add_argument("--grid", type=int, default=30, help="samples per panel of the PNG")
