@@ -232,3 +232,18 @@ def test_block_reconstruction_recipe(winograd, tmp_path):
 def test_reconstruction_must_be_known():
     with pytest.raises(ValueError, match="reconstruction"):
         Recipe(reconstruction="network")
+
+
+def test_static_stage_filter_falls_back_to_dynamic():
+    model = tiny_cnn()
+    recipe = Recipe(winograd=4, learn_steps=0)
+    dynamic = q(model, recipe)
+    static = q(model, recipe.replace(activation_ranges="static"), calib_data=images(8))
+    x = images(2, seed=4)
+    for mod in static.modules():
+        if getattr(mod, "act_ranges", None) is not None:
+            mod.act_ranges.stages = set()  # no stage static: exactly the dynamic model
+    with torch.no_grad():
+        assert torch.equal(static(x), dynamic(x))
+        static[0].act_ranges.stages = {"m"}
+        assert not torch.equal(static(x), dynamic(x))

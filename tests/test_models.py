@@ -304,3 +304,30 @@ def test_shared_cifar_resnet20_accuracy():
     with torch.no_grad():
         acc = (m(x).argmax(1) == y).float().mean().item()
     assert acc > 0.75, f"ResNet-20 on 500 shared CIFAR-10 test images: {acc:.4f}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe_kw, max_drop", [
+    (dict(winograd=None, weights="int4", rounding="learned", reconstruction="block", rounding_iters=100), 4.0),
+    (dict(winograd=None, activation_ranges="static"), 2.0),
+    (dict(winograd=4, rounding="learned", rounding_iters=100), 4.0),
+    (dict(winograd=None, weights="fp4_e2m1", format_search="output"), 6.0),
+])
+def test_shared_cifar_resnet20_calibrated_recipes(recipe_kw, max_drop):
+    """Recipes that learn on data, on the real model: 32 calibration images, 468 others evaluated."""
+    shared = _shared_dir()
+    if shared is None:
+        pytest.skip("shared folder with models/cifar10-resnet and data/cifar10-test not found")
+    import winoq
+    from winoq.data import cifar_transform, load_imagefolder_tensors
+
+    x, y = load_imagefolder_tensors(shared / "data" / "cifar10-test", cifar_transform(), per_class=50)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    calib, x, y = x[perm[:32]], x[perm[32:]], y[perm[32:]]
+    m = load_cifar_resnet(20, shared_dir=shared)
+    q = winoq.quantize(m, winoq.Recipe(**recipe_kw), calib_data=calib, progress=False)
+    with torch.no_grad():
+        fp = (m(x).argmax(1) == y).float().mean().item() * 100
+        acc = (q(x).argmax(1) == y).float().mean().item() * 100
+    print(f"{winoq.Recipe(**recipe_kw).describe()}: {acc:.2f} vs FP {fp:.2f}")
+    assert fp - acc < max_drop, f"{winoq.Recipe(**recipe_kw).describe()}: {acc:.2f} vs FP {fp:.2f}"

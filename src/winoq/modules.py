@@ -41,7 +41,7 @@ def quantize_activation(layer: nn.Module, stage: str, x: torch.Tensor, fmt, gran
     if fmt is None:
         return x
     ranges = getattr(layer, "act_ranges", None)
-    if ranges is None:
+    if ranges is None or (ranges.stages is not None and stage not in ranges.stages):
         return fake_quantize_dynamic(x, fmt, gran, clip_ratio=clip)
     return ranges(stage, x, fmt, gran.axis, gran.group_size, keep)
 

@@ -365,6 +365,7 @@ class StaticRanges(nn.Module):
         super().__init__()
         self.mode = "observe"
         self.layer_name = ""  # for error messages
+        self.stages: set[str] | None = None  # stages that use the static scales (None: all); others stay dynamic
         self.ratios: dict[str, float] = {}
         self._errors: dict[str, torch.Tensor] = {}
 
