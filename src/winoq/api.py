@@ -6,7 +6,10 @@
      directly quantized conv; every nn.Linear a quantized linear.
   2. calibrate the Winograd layers' transforms: nothing ("standard", "tapwise"),
      data-free noise ("learned", the default: no example input needed) or
-     calibration data ("paw-fsq").
+     calibration data ("paw-fsq");
+  3. optionally, on calibration data: the weights' minifloat split (``format_search``),
+     learned rounding layer- or block-wise (``rounding``, ``reconstruction``), then static
+     activation ranges (``activation_ranges="static"``).
 """
 from __future__ import annotations
 
@@ -88,8 +91,11 @@ def quantize(model: nn.Module, recipe: Recipe | None = None, *, calib_data=None,
              calibrate: bool = True) -> nn.Module:
     """Return a quantized copy of ``model`` (``model`` itself is untouched).
 
-    calib_data: only for ``scales="paw-fsq"``: a tensor of inputs or an iterable of
-    batches (tensors or (input, target) tuples). ``calibrate=False`` only builds the
+    calib_data: only for the steps that learn on data (``scales="paw-fsq"``,
+    ``rounding="learned"``, ``activation_ranges="static"``, ``format_search="output"``):
+    any form ``winoq.calibration`` accepts (a tensor, batches, dicts of keyword inputs, a
+    ``winoq.diffusion.CalibrationSet``, a function ``run(model)``); a recipe that needs it
+    fails before any work without it. ``calibrate=False`` only builds the
     structure (used by ``load``). The result has ``winoq_recipe`` and
     ``winoq_report`` (a list of ``LayerReport``) attributes."""
     recipe = recipe or Recipe()
