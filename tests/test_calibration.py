@@ -147,10 +147,16 @@ def test_static_recipe_quantizes_close_and_is_batch_independent(winograd, tmp_pa
     assert set(stages) == ({"input"} if winograd is None else {"input", "v", "m"})
 
 
-def test_static_winograd_layer_refuses_the_integer_twin():
+def test_static_winograd_layer_refuses_the_integer_twin_and_stays_emulated():
     qm = q(tiny_cnn(), Recipe(winograd=4, activation_ranges="static", learn_steps=0), calib_data=images(4))
     with pytest.raises(ValueError, match="static ranges"):
         qm[0].forward_integer(images(1))
+    x = images(2, seed=3)
+    with torch.no_grad():
+        y = qm(x)
+        with pytest.warns(UserWarning, match="static activation ranges"):
+            winoq.set_kernel(qm, "int-cpu")
+        assert torch.equal(qm(x), y)
 
 
 def test_static_on_a_two_input_model_with_a_calibration_set():

@@ -134,9 +134,15 @@ def set_kernel(qmodel: nn.Module, kernel: str) -> nn.Module:
     from .kernels import resolve_kernel
 
     resolve_kernel(kernel, None if kernel != "triton" else "cuda")  # validate the name early
+    static = 0
     for mod in qmodel.modules():
         if isinstance(mod, QuantWinogradConv2d):
             mod.kernel = kernel
+            static += mod.act_ranges is not None
+    if static and kernel != "emulated":
+        warnings.warn(f"{static} Winograd layers have static activation ranges, which only the emulated kernel "
+                      f"implements: they keep running emulated (the {kernel!r} kernels compute dynamic scales)",
+                      stacklevel=2)
     return qmodel
 
 
