@@ -201,9 +201,10 @@ def _check_calib_data(recipe: Recipe, calib_data) -> None:
 
 def _search_formats(model, plan, recipe: Recipe, calib_data, progress: bool) -> None:
     """Per-layer minifloat split of the weights (``Recipe.format_search``)."""
+    from .algorithms.adaround import layer_weight_format
     from .algorithms.format_search import choose_layer_format, set_layer_weight_format
 
-    plan = [(rep, mod) for rep, mod in plan if _has_weight_format(mod)]
+    plan = [(rep, mod) for rep, mod in plan if layer_weight_format(mod) is not None]
     inputs = {}
     if recipe.format_search == "output":
         inputs = capture_inputs(model, [rep.name for rep, _ in plan], calib_data, recipe, max_samples=recipe.calib_samples)
@@ -220,15 +221,14 @@ def _calibrate_static_ranges(qmodel, plan, calib_data, progress: bool) -> None:
     from .calibration import run_calibration
     from .quantizers import StaticRanges
 
-    layers = [(rep, mod) for rep, mod in plan if getattr(mod, "act_ranges", "absent") is None]
-    for rep, mod in layers:
+    for rep, mod in plan:
         mod.act_ranges = StaticRanges()
+        mod.act_ranges.layer_name = rep.name
     for mode in tqdm(("observe", "search"), desc="static activation ranges", disable=not progress, unit="pass"):
-        for rep, mod in layers:
+        for _, mod in plan:
             mod.act_ranges.mode = mode
-            mod.act_ranges.layer_name = rep.name
         run_calibration(qmodel, calib_data)
-    for rep, mod in layers:
+    for rep, mod in plan:
         if not any(True for _ in mod.act_ranges.buffers()):
             raise ValueError(f"layer {rep.name!r} never ran on the calibration data, so it has no static range; "
                              "pass calib_data that exercises the whole model")
@@ -239,28 +239,15 @@ def _learn_rounding(model, qmodel, plan, recipe: Recipe, calib_data, progress: b
     """AdaRound-style rounding of the quantized weights on float-model inputs: every layer
     on its own ("layer"), or the layers of each block together ("block", BRECQ) with the
     layers outside any block done one by one."""
-    in_block: dict[str, str] = {}
-    if recipe.reconstruction == "block":
-        _reconstruct_blocks(model, qmodel, plan, recipe, calib_data, progress, in_block)
+    in_block = _reconstruct_blocks(model, qmodel, plan, recipe, calib_data, progress) \
+        if recipe.reconstruction == "block" else {}
     _learn_layer_rounding(model, [(r, m) for r, m in plan if r.name not in in_block], recipe, calib_data, progress)
 
 
-def _has_weight_format(mod) -> bool:
-    return (mod.formats.weight if isinstance(mod, QuantWinogradConv2d) else mod.weight_format) is not None
-
-
-def _set_rounded_weight(mod, wq) -> None:
-    with torch.no_grad():
-        if isinstance(mod, QuantWinogradConv2d):
-            mod.learned_u = wq.detach().clone()
-        else:
-            mod.weight.copy_(wq)
-
-
 def _learn_layer_rounding(model, plan, recipe: Recipe, calib_data, progress: bool) -> None:
-    from .algorithms.adaround import round_layer_weight
+    from .algorithms.adaround import layer_weight_format, round_layer_weight, set_rounded_weight
 
-    plan = [(rep, mod) for rep, mod in plan if _has_weight_format(mod)]
+    plan = [(rep, mod) for rep, mod in plan if layer_weight_format(mod) is not None]
     if not plan:
         return
     inputs = capture_inputs(model, [rep.name for rep, _ in plan], calib_data, recipe, max_samples=recipe.calib_samples)
@@ -269,22 +256,19 @@ def _learn_layer_rounding(model, plan, recipe: Recipe, calib_data, progress: boo
         with _naming_layer(rep.name):
             wq, info = round_layer_weight(mod, inputs[rep.name], "learned", iters=recipe.rounding_iters,
                                           seed=recipe.seed + i)
-        _set_rounded_weight(mod, wq)
+        set_rounded_weight(mod, wq)
         rep.calibration["rounding"] = info
 
 
-def _reconstruct_blocks(model, qmodel, plan, recipe: Recipe, calib_data, progress: bool, in_block: dict) -> None:
-    """Block-wise reconstruction; fills ``in_block`` (layer name -> block name)."""
+def _reconstruct_blocks(model, qmodel, plan, recipe: Recipe, calib_data, progress: bool) -> dict[str, str]:
+    """Block-wise reconstruction; returns the layers it rounded (layer name -> block name)."""
     from .algorithms.block_reconstruction import capture_block_io, find_blocks, reconstruct_block
     from .calibration import run_calibration
 
-    blocks, _ = find_blocks(model)
-    names = {rep.name for rep, _ in plan}
-    blocks = [b for b in blocks if any(n.startswith(b + ".") for n in names)]
-    for rep, _ in plan:
-        owner = next((b for b in blocks if rep.name.startswith(b + ".")), None)
-        if owner is not None:
-            in_block[rep.name] = owner
+    in_block = {}
+    for b in find_blocks(model)[0]:
+        in_block.update({rep.name: b for rep, _ in plan if rep.name.startswith(b + ".")})
+    blocks = list(dict.fromkeys(in_block.values()))  # the blocks that hold planned layers, in model order
     calls = capture_block_io(model, blocks, lambda m: run_calibration(m, calib_data, max_samples=recipe.calib_samples),
                              max_samples=recipe.calib_samples)
     bar = tqdm(blocks, desc="block reconstruction of the rounding", disable=not progress, unit="block")
@@ -294,6 +278,7 @@ def _reconstruct_blocks(model, qmodel, plan, recipe: Recipe, calib_data, progres
         for rep, _ in plan:
             if in_block.get(rep.name) == name:
                 rep.calibration["rounding"] = {**info, "block": name}
+    return in_block
 
 
 def capture_inputs(model: nn.Module, names: list[str], calib_data, recipe: Recipe, max_samples: int = 64) -> dict:
@@ -355,19 +340,21 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
                          f"{meta.get('format')!r}); write it with winoq.save")
     recipe = Recipe.from_json(meta["recipe"])
     qmodel = quantize(model, recipe, calibrate=False, progress=False)
-    _apply_saved_formats(qmodel, json.loads(meta.get("report", "[]")))
+    static_ranges: dict[str, dict] = {}  # layer name -> {buffer name: shape}
+    for key, value in tensors.items():
+        owner, sep, buffer = key.partition(".act_ranges.")
+        if sep:
+            static_ranges.setdefault(owner, {})[buffer] = value.shape
     for name, mod in qmodel.named_modules():
         if isinstance(mod, QuantWinogradConv2d) and f"{name}.free_transforms.AT" in tensors:
             mod.set_free_transforms(mod.tc.AT, mod.tc.G, mod.tc.BT)
         if isinstance(mod, QuantWinogradConv2d) and f"{name}.learned_u" in tensors:
             mod.learned_u = torch.empty_like(tensors[f"{name}.learned_u"])
-        prefix = f"{name}.act_ranges."
-        ranges = {k[len(prefix):]: v.shape for k, v in tensors.items() if k.startswith(prefix)}
-        if ranges and isinstance(mod, (QuantWinogradConv2d, QuantConv2d, QuantLinear)):
+        if name in static_ranges and isinstance(mod, (QuantWinogradConv2d, QuantConv2d, QuantLinear)):
             from .quantizers import StaticRanges
 
             mod.act_ranges = StaticRanges()
-            mod.act_ranges.allocate(ranges)
+            mod.act_ranges.allocate(static_ranges[name])
     try:
         missing, unexpected = qmodel.load_state_dict(tensors, strict=False)
     except RuntimeError as exc:  # shape mismatches
@@ -377,5 +364,6 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
         raise ValueError(f"{path} does not match this model: missing {missing[:5]}, unexpected {unexpected[:5]}; "
                          "pass the same float architecture that was quantized")
     report = json.loads(meta.get("report", "[]"))
+    _apply_saved_formats(qmodel, report)
     qmodel.winoq_report = [LayerReport(**r) for r in report] if report else qmodel.winoq_report
     return qmodel

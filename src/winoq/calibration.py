@@ -26,11 +26,20 @@ FORMS = ("a tensor of model inputs; an iterable of batches (tensors, (input, tar
          "keyword inputs); a winoq.diffusion.CalibrationSet; or a function run(model)")
 
 
-def _batch_size(args, kwargs) -> int:
-    for v in list(args) + list(kwargs.values()):
-        if isinstance(v, torch.Tensor) and v.ndim > 0:
-            return int(v.shape[0])
-    return 1
+def tensors_in(obj) -> list[torch.Tensor]:
+    """Every tensor in ``obj`` (nested tuples, lists and dicts), in order."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [t for o in obj for t in tensors_in(o)]
+    if isinstance(obj, dict):
+        return [t for o in obj.values() for t in tensors_in(o)]
+    return []
+
+
+def batch_size(*parts) -> int:
+    """Samples in a model call: dim 0 of the first tensor (not a scalar) in ``parts``, else 1."""
+    return next((int(t.shape[0]) for t in tensors_in(parts) if t.ndim > 0), 1)
 
 
 def _as_call(item) -> tuple[tuple, dict]:
@@ -82,7 +91,7 @@ def run_calibration(model: nn.Module, calib_data, max_samples: int | None = None
                 raise ValueError(f"the model failed on calibration batch {i} ({_describe(args, kwargs)}): "
                                  f"{str(err).splitlines()[0]}; calib_data must hold inputs the model accepts, "
                                  f"as {FORMS}") from err
-            count += _batch_size(args, kwargs)
+            count += batch_size(args, kwargs)
             if max_samples is not None and count >= max_samples:
                 break
     if count == 0:

@@ -306,11 +306,6 @@ def _recipe_from_args(args):
         raise CLIError(f"invalid recipe: {_one_line(exc)}") from None
 
 
-def _needs_calibration_data(recipe) -> bool:
-    return (recipe.scales == "paw-fsq" or recipe.rounding == "learned" or recipe.activation_ranges == "static"
-            or recipe.format_search == "output")
-
-
 def _calibration_images(name: str, calib_dir: str | None = None, n: int = 64):
     """Calibration images: ``--calib-data DIR`` (ImageFolder), else Fashion-MNIST training
     images for fmnist-resnet, else None."""
@@ -353,12 +348,12 @@ def cmd_quantize(args) -> int:
         raise CLIError("--eval measures classifier accuracy; for UNets see benchmarks/diffusion_table.py")
     progress = _progress_enabled(args)
     data = load_eval_data(name, args.data, args.n_images) if args.eval else None  # fail before the slow part
-    if _needs_calibration_data(recipe) and name.startswith("diffusers:"):
+    if recipe.uses_calibration_data and name.startswith("diffusers:"):
         raise CLIError("this recipe learns on calibration data, and UNets calibrate on (x_t, t, context) inputs: "
                        "use the Python API with calib_data=winoq.diffusion.calibration_inputs(...), or keep the "
                        "data-free defaults (--rounding nearest --activation-ranges dynamic --scales learned)")
-    calib = _calibration_images(name, args.calib_data, args.calib_images) if _needs_calibration_data(recipe) else None
-    if calib is None and _needs_calibration_data(recipe) and recipe.scales != "paw-fsq":
+    calib = _calibration_images(name, args.calib_data, args.calib_images) if recipe.uses_calibration_data else None
+    if calib is None and recipe.uses_calibration_data and recipe.scales != "paw-fsq":
         raise CLIError("this recipe learns on calibration data (learned rounding, static ranges or output format "
                        "search): pass --calib-data DIR (ImageFolder of training images, not the evaluation set)")
     print(f"quantizing {name}: {recipe.describe()} (seed {recipe.seed})")

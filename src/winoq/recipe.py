@@ -133,6 +133,13 @@ class Recipe:
             pts = tuple(str(Fraction(p)) for p in self.points)
             object.__setattr__(self, "points", pts)
 
+    @property
+    def uses_calibration_data(self) -> bool:
+        """Whether some step learns on ``calib_data`` (PAW+FSQ falls back to noise without it;
+        the others require it)."""
+        return (self.scales == "paw-fsq" or self.rounding == "learned" or self.activation_ranges == "static"
+                or self.format_search == "output")
+
     def replace(self, **changes) -> "Recipe":
         return dataclasses.replace(self, **changes)
 

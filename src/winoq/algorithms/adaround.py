@@ -48,6 +48,11 @@ __all__ = [
     "learn_rounding",
     "RoundingProblem",
     "rounding_problem",
+    "check_schedule",
+    "WeightView",
+    "weight_view",
+    "layer_weight_format",
+    "set_rounded_weight",
     "round_layer_weight",
     "reconstruction_loss",
     "winograd_layer_fn",
@@ -201,12 +206,8 @@ def _beta_at(step: int, iters: int, warmup: float, beta: tuple[float, float]) ->
     return beta[1] + (beta[0] - beta[1]) * max(0.0, 1.0 - rel)
 
 
-def _check_learning_args(weight, inputs, target, iters, lr, beta, warmup, reg_weight, batch):
-    if not isinstance(inputs, torch.Tensor) or not isinstance(target, torch.Tensor):
-        raise ValueError("inputs and target must be tensors of shape (N, ...) with the same N")
-    if inputs.ndim < 1 or target.ndim < 1 or inputs.shape[0] != target.shape[0] or inputs.shape[0] < 1:
-        raise ValueError(f"inputs {tuple(inputs.shape)} and target {tuple(target.shape)} must be (N, ...) with the "
-                         "same number N >= 1 of samples in dim 0 (target = layer_fn(inputs, float weight))")
+def check_schedule(iters, lr, beta, warmup, reg_weight) -> None:
+    """Validate the optimisation schedule shared by layer-wise and block-wise learned rounding."""
     if not isinstance(iters, int) or iters < 0:
         raise ValueError(f"iters must be an int >= 0, got {iters!r}")
     if not lr > 0 or not reg_weight >= 0:
@@ -215,6 +216,15 @@ def _check_learning_args(weight, inputs, target, iters, lr, beta, warmup, reg_we
         raise ValueError(f"beta must be (start, end) with start >= end > 0, got {beta!r}")
     if not 0 <= warmup < 1:
         raise ValueError(f"warmup must be a fraction in [0, 1), got {warmup!r}")
+
+
+def _check_learning_args(weight, inputs, target, iters, lr, beta, warmup, reg_weight, batch):
+    if not isinstance(inputs, torch.Tensor) or not isinstance(target, torch.Tensor):
+        raise ValueError("inputs and target must be tensors of shape (N, ...) with the same N")
+    if inputs.ndim < 1 or target.ndim < 1 or inputs.shape[0] != target.shape[0] or inputs.shape[0] < 1:
+        raise ValueError(f"inputs {tuple(inputs.shape)} and target {tuple(target.shape)} must be (N, ...) with the "
+                         "same number N >= 1 of samples in dim 0 (target = layer_fn(inputs, float weight))")
+    check_schedule(iters, lr, beta, warmup, reg_weight)
     if not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be a positive int, got {batch!r}")
 
@@ -307,6 +317,62 @@ class RoundingProblem:
     target: torch.Tensor
 
 
+@dataclass
+class WeightView:
+    """A quantized layer's weights in the domain its quantizer works on (the transformed
+    ``U = G' g G'^T`` of a Winograd layer, with its current transform scales), with the
+    format, scale granularity and scale method the layer itself uses."""
+
+    weight: torch.Tensor
+    fmt: IntFormat | FloatFormat
+    gran: object
+    method: str
+
+    def scale(self) -> torch.Tensor:
+        from ..quantizers import compute_scale
+
+        return compute_scale(self.weight, self.fmt, self.gran, self.method)[0]
+
+
+def layer_weight_format(layer: nn.Module):
+    """The weight format of a winoq quantized layer (None: its weights stay float)."""
+    from ..modules import QuantConv2d, QuantLinear
+    from ..winograd.quantized import QuantWinogradConv2d
+
+    if isinstance(layer, QuantWinogradConv2d):
+        return layer.formats.weight
+    if isinstance(layer, (QuantConv2d, QuantLinear)):
+        return layer.weight_format
+    raise ValueError(f"expected QuantConv2d, QuantLinear or QuantWinogradConv2d, got {type(layer).__name__}")
+
+
+@torch.no_grad()
+def weight_view(layer: nn.Module) -> WeightView:
+    """:class:`WeightView` of a quantized layer whose weights are quantized."""
+    from ..modules import weight_granularity
+    from ..winograd.conv import transform_2d
+    from ..winograd.quantized import QuantWinogradConv2d
+
+    fmt = layer_weight_format(layer)
+    w = layer.weight.detach()
+    if isinstance(layer, QuantWinogradConv2d):
+        _, g, _ = layer.transforms(w.dtype, w.device)
+        return WeightView(transform_2d(g, w), fmt, layer._weight_gran(), layer.weight_method)
+    return WeightView(w, fmt, weight_granularity(layer.group_size, w.ndim), "minmax")
+
+
+@torch.no_grad()
+def set_rounded_weight(layer: nn.Module, w_q: torch.Tensor) -> None:
+    """Put weights already on the grid into the layer: a Winograd layer keeps them as its
+    ``learned_u`` (used as given), a direct layer as its weight."""
+    from ..winograd.quantized import QuantWinogradConv2d
+
+    if isinstance(layer, QuantWinogradConv2d):
+        layer.learned_u = w_q.detach().clone()
+    else:
+        layer.weight.copy_(w_q)
+
+
 def _expected_input(layer) -> str:
     from ..modules import QuantLinear
 
@@ -326,8 +392,8 @@ def rounding_problem(layer: nn.Module, inputs: torch.Tensor) -> RoundingProblem:
     Winograd weights are the transformed ``U = G' g G'^T`` (with the layer's
     current transform scales: learn the rounding *after* the transform scales).
     """
-    from ..modules import QuantConv2d, QuantLinear, activation_granularity, weight_granularity
-    from ..quantizers import Granularity, compute_scale, fake_quantize_dynamic
+    from ..modules import QuantConv2d, QuantLinear, activation_granularity
+    from ..quantizers import Granularity, fake_quantize_dynamic
     from ..winograd.quantized import QuantWinogradConv2d
 
     if not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point():
@@ -339,16 +405,13 @@ def rounding_problem(layer: nn.Module, inputs: torch.Tensor) -> RoundingProblem:
         if inputs.ndim != 4 or inputs.shape[1] != layer.in_channels:
             raise ValueError(f"calibration inputs for this Winograd layer must have shape {_expected_input(layer)}, "
                              f"got {tuple(inputs.shape)}")
-        from ..winograd.conv import transform_2d
         from ..winograd.scales import reference_output
 
         x = inputs.to(layer.weight.dtype).detach()
+        view = weight_view(layer)
         with torch.no_grad():
-            _, g, _ = layer.transforms(x.dtype, x.device)
-            u = transform_2d(g, layer.weight.detach().to(x.dtype))
-            scale, _ = compute_scale(u, fmt, layer._weight_gran(), layer.weight_method)
             target = reference_output(layer, x)
-        return RoundingProblem(u, fmt, scale, winograd_layer_fn(layer), x, target)
+        return RoundingProblem(view.weight, fmt, view.scale(), winograd_layer_fn(layer), x, target)
     if isinstance(layer, (QuantConv2d, QuantLinear)):
         fmt = layer.weight_format
         if fmt is None:
@@ -371,7 +434,7 @@ def rounding_problem(layer: nn.Module, inputs: torch.Tensor) -> RoundingProblem:
                 else:
                     gran = activation_granularity(layer.group_size, 5, 2)
                     x = layer._per_conv_group(x, lambda t: fake_quantize_dynamic(t, layer.act_format, gran))
-            scale, _ = compute_scale(w, fmt, weight_granularity(layer.group_size, w.ndim), "minmax")
+        scale = weight_view(layer).scale()
         bias = None if layer.bias is None else layer.bias.detach()  # no gradient reaches the layer's parameters
         if linear:
             def layer_fn(xb, wb):

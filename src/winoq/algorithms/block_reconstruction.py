@@ -28,7 +28,9 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
-from .adaround import AdaRoundWeight, _beta_at, reconstruction_loss
+from ..calibration import batch_size, tensors_in
+from .adaround import (AdaRoundWeight, _beta_at, check_schedule, layer_weight_format, reconstruction_loss,
+                       set_rounded_weight, weight_view)
 
 __all__ = ["BlockCall", "find_blocks", "capture_block_io", "reconstruct_block"]
 
@@ -96,23 +98,9 @@ def _detach(obj):
     return obj
 
 
-def _tensors(obj) -> list[torch.Tensor]:
-    """Every tensor in ``obj`` (nested tuples, lists and dicts), in order."""
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, (tuple, list)):
-        return [t for o in obj for t in _tensors(o)]
-    if isinstance(obj, dict):
-        return [t for o in obj.values() for t in _tensors(o)]
-    return []
-
-
 def _batch_size(call: BlockCall) -> int:
     """Samples in one call: dim 0 of its first tensor argument (else of its output)."""
-    for t in _tensors((call.args, call.kwargs)) + _tensors(call.output):
-        if t.ndim > 0:
-            return t.shape[0]
-    return 1
+    return batch_size(call.args, call.kwargs, call.output)
 
 
 def _truncate(obj, batch: int, keep: int):
@@ -183,35 +171,14 @@ def _rounded_layers(qblock: nn.Module) -> list[tuple[str, nn.Module, object]]:
     from ..modules import QuantConv2d, QuantLinear
     from ..winograd.quantized import QuantWinogradConv2d
 
-    found = []
-    for name, mod in qblock.named_modules():
-        if isinstance(mod, QuantWinogradConv2d):
-            fmt = mod.formats.weight
-        elif isinstance(mod, (QuantConv2d, QuantLinear)):
-            fmt = mod.weight_format
-        else:
-            continue
-        if fmt is not None:
-            found.append((name, mod, fmt))
-    return found
+    return [(name, mod, layer_weight_format(mod)) for name, mod in qblock.named_modules()
+            if isinstance(mod, (QuantWinogradConv2d, QuantConv2d, QuantLinear)) and layer_weight_format(mod) is not None]
 
 
-def _soft_weight(layer: nn.Module, fmt) -> AdaRoundWeight:
+def _soft_weight(layer: nn.Module) -> AdaRoundWeight:
     """The AdaRound weight of ``layer`` in the domain its quantizer works on, at its own scale."""
-    from ..modules import weight_granularity
-    from ..quantizers import compute_scale
-    from ..winograd.conv import transform_2d
-    from ..winograd.quantized import QuantWinogradConv2d
-
-    w = layer.weight.detach()
-    with torch.no_grad():
-        if isinstance(layer, QuantWinogradConv2d):
-            _, g, _ = layer.transforms(w.dtype, w.device)
-            u = transform_2d(g, w)
-            scale, _ = compute_scale(u, fmt, layer._weight_gran(), layer.weight_method)
-            return AdaRoundWeight(u, fmt, scale)
-        scale, _ = compute_scale(w, fmt, weight_granularity(layer.group_size, w.ndim), "minmax")
-        return AdaRoundWeight(w, fmt, scale)
+    view = weight_view(layer)
+    return AdaRoundWeight(view.weight, view.fmt, view.scale())
 
 
 @contextmanager
@@ -271,8 +238,8 @@ def _nearest(layers: list[tuple[str, nn.Module, object]]):
 
 def _call_loss(qblock: nn.Module, call: BlockCall) -> torch.Tensor:
     """reconstruction_loss of the block's output against the recorded one (summed over output tensors)."""
-    out = _tensors(qblock(*call.args, **call.kwargs))
-    ref = _tensors(call.output)
+    out = tensors_in(qblock(*call.args, **call.kwargs))
+    ref = tensors_in(call.output)
     if len(out) != len(ref) or not out:
         raise ValueError(f"the block returns {len(out)} tensors but {len(ref)} were recorded; record the "
                          "calls on the float model of the same architecture")
@@ -293,14 +260,7 @@ def _full_loss(qblock: nn.Module, calls: list[BlockCall]) -> float:
 def _check_args(calls, iters, lr, beta, warmup, reg_weight) -> None:
     if not isinstance(calls, (list, tuple)) or not calls:
         raise ValueError("calls must be a non-empty list of recorded block calls (see capture_block_io)")
-    if not isinstance(iters, int) or iters < 0:
-        raise ValueError(f"iters must be an int >= 0, got {iters!r}")
-    if not lr > 0 or not reg_weight >= 0:
-        raise ValueError(f"lr must be > 0 and reg_weight >= 0, got lr={lr!r}, reg_weight={reg_weight!r}")
-    if len(beta) != 2 or not beta[0] >= beta[1] > 0:
-        raise ValueError(f"beta must be (start, end) with start >= end > 0, got {beta!r}")
-    if not 0 <= warmup < 1:
-        raise ValueError(f"warmup must be a fraction in [0, 1), got {warmup!r}")
+    check_schedule(iters, lr, beta, warmup, reg_weight)
 
 
 def _train(qblock, calls, adas, iters, lr, beta, warmup, reg_weight, seed, label) -> None:
@@ -342,8 +302,6 @@ def reconstruct_block(qblock: nn.Module, calls: list[BlockCall], iters: int = 30
     number of layers rounded and the full-data block losses with the layers' own
     round-to-nearest (before any change) and with the learned rounding."""
     _check_args(calls, iters, lr, beta, warmup, reg_weight)
-    from ..winograd.quantized import QuantWinogradConv2d
-
     start = time.perf_counter()
     label = name or type(qblock).__name__
     layers = _rounded_layers(qblock)
@@ -353,16 +311,12 @@ def reconstruct_block(qblock: nn.Module, calls: list[BlockCall], iters: int = 30
         if not layers:
             return {"layers": 0, "loss_nearest": loss_nearest, "loss_learned": loss_nearest, "iters": 0,
                     "seconds": time.perf_counter() - start}
-        adas = [_soft_weight(layer, fmt) for _, layer, fmt in layers]
+        adas = [_soft_weight(layer) for _, layer, _ in layers]
         with _soft_weights(layers, adas):
             _train(qblock, calls, adas, iters, lr, beta, warmup, reg_weight, seed, label)
         with torch.no_grad():
             for (_, layer, _), ada in zip(layers, adas):
-                wq = ada(hard=True).to(layer.weight.dtype)
-                if isinstance(layer, QuantWinogradConv2d):
-                    layer.learned_u = wq.detach().clone()
-                else:
-                    layer.weight.copy_(wq)
+                set_rounded_weight(layer, ada(hard=True).to(layer.weight.dtype))
         loss_learned = _full_loss(qblock, calls)
     return {"layers": len(layers), "loss_nearest": loss_nearest, "loss_learned": loss_learned, "iters": iters,
             "seconds": time.perf_counter() - start}

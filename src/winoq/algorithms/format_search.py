@@ -203,29 +203,20 @@ def choose_layer_format(layer, inputs: torch.Tensor | None = None, candidates=No
     of the layer output on ``inputs``. Winograd layers are searched on their
     transformed weights U with their own scale granularity. Returns ``(fmt, table)``;
     the layer is not modified."""
-    from ..modules import QuantConv2d, QuantLinear, weight_granularity
-    from ..winograd.conv import transform_2d
-    from ..winograd.quantized import QuantWinogradConv2d
-    from .adaround import rounding_problem
+    from .adaround import layer_weight_format, rounding_problem, weight_view
 
-    if isinstance(layer, QuantWinogradConv2d):
-        fmt, gran = layer.formats.weight, layer._weight_gran()
-    elif isinstance(layer, (QuantConv2d, QuantLinear)):
-        fmt, gran = layer.weight_format, weight_granularity(layer.group_size, layer.weight.ndim)
-    else:
-        raise ValueError(f"format search supports winoq's quantized layers, got {type(layer).__name__}")
+    try:
+        fmt = layer_weight_format(layer)
+    except ValueError:
+        raise ValueError(f"format search supports winoq's quantized layers, got {type(layer).__name__}") from None
     if fmt is None or not fmt.is_float:
         raise ValueError(f"format search chooses between minifloat splits; this layer's weights are "
                          f"{getattr(fmt, 'name', 'float')}: use an fp weight format (e.g. 'fp4_e2m1')")
+    view = weight_view(layer)
+    w, gran, kw = view.weight, view.gran, {}
     if inputs is not None:
         prob = rounding_problem(layer, inputs)
         w, kw = prob.weight, {"layer_fn": prob.layer_fn, "inputs": prob.inputs}
-    elif isinstance(layer, QuantWinogradConv2d):
-        with torch.no_grad():
-            _, g, _ = layer.transforms(layer.weight.dtype, layer.weight.device)
-            w, kw = transform_2d(g, layer.weight.detach()), {}
-    else:
-        w, kw = layer.weight.detach(), {}
     best, _, _, table = search_fp_format(w, fmt.bits, gran, candidates, return_table=True, **kw)
     return best, table
 
