@@ -13,13 +13,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import warnings
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cifar_split, dump_json, load_json, machine, top1  # noqa: E402
+from common import add_cifar_args, cifar_setup, dump_json, load_json, machine, quantize_timed, top1  # noqa: E402
 
 import winoq  # noqa: E402
 from winoq.models import load_cifar_resnet  # noqa: E402
@@ -57,13 +54,9 @@ def main(argv=None):
     ap.add_argument("--points", type=str.split, default=None,
                     help="interpolation points in one string, e.g. '0 1 -1 1/2 -1/2' (default: Toom-Cook's)")
     ap.add_argument("--no-direct", action="store_true", help="skip the direct-conv rows")
-    ap.add_argument("--n-images", type=int, default=2000)
-    ap.add_argument("--calib-images", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/out/cifar_table.json"))
+    add_cifar_args(ap, n_images=2000, calib_images=64, out="benchmarks/out/cifar_table.json")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    x, y, calib = cifar_split(args.n_images, args.calib_images)
+    x, y, calib = cifar_setup(args)
     results = load_json(args.out)
     results["machine"] = machine()
     results["n_images"] = args.n_images
@@ -76,15 +69,11 @@ def main(argv=None):
         for label, recipe in configs(args.tiles, args.bits, args.methods, args.points):
             if label in rows or (args.no_direct and recipe.winograd is None):
                 continue
-            t0 = time.perf_counter()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                needs_data = recipe.scales == "paw-fsq" or recipe.rounding == "learned"
-                q = winoq.quantize(model, recipe, calib_data=calib if needs_data else None, progress=False)
-            tq = time.perf_counter() - t0
+            q, tq = quantize_timed(model, recipe, calib)
+            t1 = time.perf_counter()
             acc = top1(q, x, y)
             rows[label] = {"top1": acc, "drop": rows["FP"]["top1"] - acc, "quantize_s": tq,
-                           "eval_s": time.perf_counter() - t0 - tq, "recipe": recipe.to_json()}
+                           "eval_s": time.perf_counter() - t1, "recipe": recipe.to_json()}
             print(f"ResNet-{depth} {label:28s} {acc:6.2f}  drop {rows['FP']['top1'] - acc:+6.2f}  "
                   f"quantize {tq:6.1f}s", flush=True)
             dump_json(args.out, results)

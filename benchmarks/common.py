@@ -1,10 +1,13 @@
 """Shared helpers of the benchmark scripts: locating ../shared, machine info, JSON output."""
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
 import platform
+import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -53,3 +56,29 @@ def cifar_split(n_images: int, calib_images: int):
     x_all, y_all = load_imagefolder_tensors(str(shared_dir() / "data" / "cifar10-test"), cifar_transform())
     order = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(0))
     return x_all[order[:n_images]], y_all[order[:n_images]], x_all[order[-calib_images:]]
+
+
+def add_cifar_args(ap: argparse.ArgumentParser, n_images: int, calib_images: int, out: str) -> None:
+    """The options every CIFAR benchmark shares (see :func:`cifar_setup`)."""
+    ap.add_argument("--n-images", type=int, default=n_images)
+    ap.add_argument("--calib-images", type=int, default=calib_images)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=Path(out))
+
+
+def cifar_setup(args):
+    """Apply ``--threads``; returns ``cifar_split(--n-images, --calib-images)``."""
+    torch.set_num_threads(args.threads)
+    return cifar_split(args.n_images, args.calib_images)
+
+
+def quantize_timed(model, recipe, calib=None):
+    """``winoq.quantize`` without progress bars or warnings, given ``calib`` only when the recipe
+    learns on data; returns ``(qmodel, seconds)``."""
+    import winoq
+
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = winoq.quantize(model, recipe, calib_data=calib if recipe.uses_calibration_data else None, progress=False)
+    return q, time.perf_counter() - t0

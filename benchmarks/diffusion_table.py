@@ -39,13 +39,12 @@ import copy
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, dump_json, load_json, machine  # noqa: E402
+from common import REPO, dump_json, load_json, machine, quantize_timed  # noqa: E402
 
 import winoq  # noqa: E402
 from winoq.diffusion import calibration_inputs, default_ddpm_schedule, load_default_ddpm, sample  # noqa: E402
@@ -166,16 +165,12 @@ def run_ddpm(args, res):
                                             "rounding": f"{args.rounding_iters} iters per layer on 32 of them"}
     panels = [("FP", fp_a[:args.grid])]
     for name, recipe in ddpm_configs(args.tiles, args.groups, args.rounding_iters):
-        if name in rows and not args.fresh and f"{name}|{n}|{args.steps}|{args.guidance}|{seeds_a[0]}" in samples:
+        key = f"{name}|{n}|{args.steps}|{args.guidance}|{seeds_a[0]}"  # as gen() stores it
+        if name in rows and not args.fresh and key in samples:
             if in_panel(recipe):
-                panels.append((name.replace("W8A8 ", ""), samples[f"{name}|{n}|{args.steps}|{args.guidance}|0"][0][:args.grid]))
+                panels.append((name.replace("W8A8 ", ""), samples[key][0][:args.grid]))
             continue
-        t0 = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            needs_data = recipe.rounding == "learned" or recipe.activation_ranges == "static"
-            q = winoq.quantize(model, recipe, progress=False, calib_data=calib if needs_data else None)
-        t_cal = time.perf_counter() - t0
+        q, t_cal = quantize_timed(model, recipe, calib)
         xq, t_s = gen(name, q, seeds_a)
         if in_panel(recipe):
             panels.append((name.replace("W8A8 ", ""), xq[:args.grid]))

@@ -13,14 +13,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-import warnings
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cifar_split, dump_json, load_json, machine, top1  # noqa: E402
+from common import add_cifar_args, cifar_setup, dump_json, load_json, machine, quantize_timed, top1  # noqa: E402
 
 import winoq  # noqa: E402
 from winoq.models import load_cifar_resnet  # noqa: E402
@@ -44,17 +40,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--depth", type=int, default=20)
     ap.add_argument("--tiles", nargs="+", default=["direct", "4", "6"])
-    ap.add_argument("--n-images", type=int, default=1000)
-    ap.add_argument("--calib-images", type=int, default=32)
+    add_cifar_args(ap, n_images=1000, calib_images=32, out="benchmarks/out/formats_table.json")
     ap.add_argument("--rounding-iters", type=int, default=100)
     ap.add_argument("--rows", choices=["issue", "extra", "all"], default="issue",
                     help="issue: the INT/FP x nearest/learned grid; extra: block reconstruction, 8-bit learned "
                          "rounding, FP4 split search; all: both")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/out/formats_table.json"))
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    x, y, calib = cifar_split(args.n_images, args.calib_images)
+    x, y, calib = cifar_setup(args)
     model = load_cifar_resnet(args.depth)
     results = load_json(args.out)
     results.update(machine=machine(), n_images=args.n_images, rounding_iters=args.rounding_iters)
@@ -69,12 +61,7 @@ def main(argv=None):
                 continue
             recipe = winoq.Recipe(**{"activations": "int8", **kw}, winograd=None if tile == "direct" else int(tile),
                                   rounding_iters=args.rounding_iters)
-            needs_data = recipe.rounding == "learned" or recipe.format_search == "output"
-            t0 = time.perf_counter()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                q = winoq.quantize(model, recipe, calib_data=calib if needs_data else None, progress=False)
-            tq = time.perf_counter() - t0
+            q, tq = quantize_timed(model, recipe, calib)
             acc = top1(q, x, y)
             rows[key] = {"top1": acc, "drop": fp - acc, "calibrate_s": tq, "recipe": recipe.to_json()}
             print(f"{key:32s} {acc:6.2f}  drop {fp - acc:+6.2f}  calibrate {tq:6.1f}s", flush=True)

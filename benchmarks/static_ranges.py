@@ -12,14 +12,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-import warnings
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cifar_split, dump_json, machine, top1  # noqa: E402
+from common import add_cifar_args, cifar_setup, dump_json, machine, quantize_timed, top1  # noqa: E402
 
 import winoq  # noqa: E402
 from winoq.models import load_cifar_resnet  # noqa: E402
@@ -36,13 +32,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--depth", type=int, default=20)
     ap.add_argument("--tiles", nargs="+", default=["direct", "4", "6"])
-    ap.add_argument("--n-images", type=int, default=1000)
-    ap.add_argument("--calib-images", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/out/static_ranges.json"))
+    add_cifar_args(ap, n_images=1000, calib_images=64, out="benchmarks/out/static_ranges.json")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    x, y, calib = cifar_split(args.n_images, args.calib_images)
+    x, y, calib = cifar_setup(args)
     model = load_cifar_resnet(args.depth)
     fp = top1(model, x, y)
     res = {"machine": machine(), "command": "python benchmarks/static_ranges.py " + " ".join(argv or sys.argv[1:]),
@@ -51,13 +43,8 @@ def main(argv=None):
     for tile in args.tiles:
         m = None if tile == "direct" else int(tile)
         name = "direct" if m is None else f"F({m},3) learned"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            dyn = winoq.quantize(model, winoq.Recipe(winograd=m), progress=False)
-            t0 = time.perf_counter()
-            st = winoq.quantize(model, winoq.Recipe(winograd=m, activation_ranges="static"), calib_data=calib,
-                                progress=False)
-            t_cal = time.perf_counter() - t0
+        dyn, _ = quantize_timed(model, winoq.Recipe(winograd=m))
+        st, t_cal = quantize_timed(model, winoq.Recipe(winograd=m, activation_ranges="static"), calib)
         row = {"dynamic": top1(dyn, x, y), "static": top1(st, x, y), "calibrate_s": t_cal}
         if m is not None:
             for stage in ("input", "v", "m"):

@@ -10,3 +10,12 @@ def seed() -> int:
     """Seed torch's global generator for tests that draw from it directly."""
     torch.manual_seed(0)
     return 0
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test on one torch thread (results of threaded float sums vary with the count)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -20,12 +20,7 @@ needs_diffusers = pytest.mark.skipif(not HAS_DIFFUSERS, reason="diffusers not in
 TINY = dict(base=8, channel_mults=(1, 2), num_res_blocks=1, attn_levels=(1,), groups=4, image_size=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_unet(num_classes=None, seed=0):

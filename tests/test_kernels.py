@@ -40,12 +40,7 @@ from winoq.winograd.quantized import QuantWinogradConv2d, StageFormats
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_layer(c, k, m, groups=1, group_size=32, scale_mode="shared", padding=1, bias=True, seed=0,
