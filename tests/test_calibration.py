@@ -273,3 +273,24 @@ def test_static_ranges_and_learned_rounding_on_a_diffusers_unet_with_dict_batche
     rel = float((out - ref).pow(2).sum() / ref.pow(2).sum())
     assert torch.isfinite(out).all() and rel < 0.4  # 0.23 measured (random weights, 8-16 channels)
     assert all("rounding" in r.calibration and "static_clip_ratios" in r.calibration for r in qm.winoq_report)
+
+
+def test_wrong_calibration_shape_fails_before_any_calibration(monkeypatch):
+    import winoq.api as api
+
+    monkeypatch.setattr(api, "_calibrate", lambda *a, **k: pytest.fail("calibrated before checking the data"))
+    with pytest.raises(ValueError, match=r"batch 0 \(tensor\(4, 1, 8, 8\)\)"):
+        q(tiny_cnn(), Recipe(winograd=4, activation_ranges="static"), calib_data=images(4, c=1))
+
+
+def test_a_used_up_iterator_is_named():
+    model = tiny_cnn()
+    gen = (x for x in [images(2)])
+    run_calibration(model, gen)
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        run_calibration(model, gen)
+
+
+def test_generators_are_refused_before_any_work():
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        q(tiny_cnn(), Recipe(winograd=None, activation_ranges="static"), calib_data=(x for x in [images(2)]))

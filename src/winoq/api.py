@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import capture_layer_inputs
+from .calibration import capture_layer_inputs, check_calibration_data
 from .modules import QuantConv2d, QuantLinear
 from .recipe import Recipe
 from .winograd.conv import winograd_ineligibility
@@ -106,6 +106,8 @@ def quantize(model: nn.Module, recipe: Recipe | None = None, *, calib_data=None,
     check_finite(model)
     if calibrate:
         _check_calib_data(recipe, calib_data)
+        if recipe.uses_calibration_data:
+            check_calibration_data(model, calib_data)  # wrong shapes fail before any work
     torch.manual_seed(recipe.seed)
     qmodel = copy.deepcopy(model).eval()
     plan = _swap_modules(qmodel, recipe)

@@ -4,7 +4,8 @@ the model is called on it.
 Accepted forms (every algorithm that needs data goes through :func:`model_calls`):
 
 * a tensor: one batch, the model is called as ``model(tensor)``;
-* an iterable of batches, each a tensor (``model(batch)``), a ``(input, target)``
+* a re-iterable collection of batches (a list, a DataLoader; not a generator, since
+  calibration may pass over the data several times), each a tensor (``model(batch)``), a ``(input, target)``
   tuple or list as a classifier DataLoader yields (``model(input)``: only the first
   element is an input), or a dict (``model(**batch)``) for models with several
   inputs, e.g. ``{"sample": x, "timestep": t, "encoder_hidden_states": c}``;
@@ -95,8 +96,25 @@ def run_calibration(model: nn.Module, calib_data, max_samples: int | None = None
             if max_samples is not None and count >= max_samples:
                 break
     if count == 0:
+        if iter(calib_data) is calib_data:
+            raise ValueError("calib_data is a one-shot iterator and is used up (calibration may pass over the data "
+                             "several times): pass a list of batches or a DataLoader instead")
         raise ValueError(f"calib_data held no batch; it must be {FORMS}")
     return count
+
+
+def check_calibration_data(model: nn.Module, calib_data) -> None:
+    """Run the float model on the first calibration batch, so that data of the wrong shape
+    fails before any calibration work (a function is not probed: that would run it all).
+    One-shot iterators (generators) are refused: calibration may pass over the data
+    several times."""
+    if calib_data is None or isinstance(calib_data, (str, bytes)):
+        return
+    if hasattr(calib_data, "__iter__") and not isinstance(calib_data, torch.Tensor) and iter(calib_data) is calib_data:
+        raise ValueError("calib_data is a one-shot iterator (e.g. a generator), but calibration may pass over the "
+                         "data several times: pass a list of batches or a DataLoader instead")
+    if isinstance(calib_data, torch.Tensor) or hasattr(calib_data, "__iter__"):
+        run_calibration(model, calib_data, max_samples=1)
 
 
 def capture_layer_inputs(model: nn.Module, names: list[str], calib_data, max_samples: int = 64) -> dict:

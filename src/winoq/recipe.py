@@ -36,6 +36,10 @@ class Recipe:
     learn_steps, learn_lr, noise, learn_optimizer, learn_loss: the data-free optimisation (steps of
         "adam" or "sgd" after the closed-form start, on "gaussian", "uniform" or "halfnormal"
         noise, minimizing the relative "mse" or "l1" error against the exact conv).
+    learn_max_channels: wider layers learn their transform scales on a random subset of this many
+        output channels (the scales are shared by all of them; None: every channel); on a
+        1280-channel SD-1.5 layer 256 channels cut the time 8x at equal layer SQNR
+        (benchmarks/speedups.py).
     seed: seeds every random draw (noise, calibration order).
     kernel: how the Winograd layers compute at inference: "emulated" (PyTorch fake quantization,
         runs anywhere), "int-cpu" (integer arithmetic on the CPU), "triton" (GPU kernels; needs
