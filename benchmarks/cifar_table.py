@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_cifar_args, cifar_setup, dump_json, load_json, machine, quantize_timed, top1  # noqa: E402
 
@@ -41,6 +43,15 @@ def configs(tiles, bits, methods, points=None):
                                           points=points, shared_scales=shared,
                                           rounding="learned" if "learned-rounding" in flags else "nearest",
                                           winograd_weight_scales="tapwise" if "tapwise-weights" in flags else "shared")
+
+
+def scale_spread(qmodel) -> dict:
+    """Per transform row: mean and std across layers of the learned log S_B and log S_G."""
+    out = {}
+    for key in ("s_b", "s_g"):
+        logs = torch.tensor([r.calibration[key] for r in qmodel.winoq_report if key in r.calibration]).log()
+        out[key] = {"layers": len(logs), "mean": logs.mean(0).tolist(), "std_across_layers": logs.std(0).tolist()}
+    return out
 
 
 def main(argv=None):
@@ -74,6 +85,8 @@ def main(argv=None):
             acc = top1(q, x, y)
             rows[label] = {"top1": acc, "drop": rows["FP"]["top1"] - acc, "quantize_s": tq,
                            "eval_s": time.perf_counter() - t1, "recipe": recipe.to_json()}
+            if recipe.scales == "learned" and not recipe.shared_scales:
+                rows[label]["log_scale_spread"] = scale_spread(q)
             print(f"ResNet-{depth} {label:28s} {acc:6.2f}  drop {rows['FP']['top1'] - acc:+6.2f}  "
                   f"quantize {tq:6.1f}s", flush=True)
             dump_json(args.out, results)

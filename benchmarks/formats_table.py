@@ -65,6 +65,10 @@ def main(argv=None):
             acc = top1(q, x, y)
             rows[key] = {"top1": acc, "drop": fp - acc, "calibrate_s": tq, "recipe": recipe.to_json()}
             print(f"{key:32s} {acc:6.2f}  drop {fp - acc:+6.2f}  calibrate {tq:6.1f}s", flush=True)
+            chosen = [r.calibration["weight_format"] for r in q.winoq_report if "weight_format" in r.calibration]
+            if chosen:  # split search: how many layers took each format
+                rows[key]["chosen_formats"] = {f: chosen.count(f) for f in sorted(set(chosen))}
+                print(f"{'':32s} chosen: {rows[key]['chosen_formats']}", flush=True)
             dump_json(args.out, results)
 
 
