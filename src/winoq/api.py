@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .batchnorm import fold_batchnorm
 from .calibration import capture_layer_inputs, check_calibration_data
 from .modules import QuantConv2d, QuantLinear
 from .recipe import Recipe
@@ -110,6 +111,7 @@ def quantize(model: nn.Module, recipe: Recipe | None = None, *, calib_data=None,
             check_calibration_data(model, calib_data)  # wrong shapes fail before any work
     torch.manual_seed(recipe.seed)
     qmodel = copy.deepcopy(model).eval()
+    folded = fold_batchnorm(qmodel) if recipe.fold_batchnorm else []
     plan = _swap_modules(qmodel, recipe)
     qmodel.eval()  # the swapped-in layers are new modules: put them in eval mode too
     wino = [(rep, mod) for rep, mod in plan if rep.kind == "winograd"]
@@ -126,9 +128,18 @@ def quantize(model: nn.Module, recipe: Recipe | None = None, *, calib_data=None,
         _learn_rounding(model, qmodel, plan, recipe, calib_data, progress)
     if calibrate and recipe.activation_ranges == "static":
         _calibrate_static_ranges(qmodel, plan, calib_data, progress)
+    _note_folded(plan, folded)
     qmodel.winoq_recipe = recipe
     qmodel.winoq_report = [rep for rep, _ in plan]
     return qmodel
+
+
+def _note_folded(plan, folded: list[tuple[str, str]]) -> None:
+    """Each conv's report names the BatchNorm folded into it."""
+    bn_of = dict(folded)
+    for rep, _ in plan:
+        if rep.name in bn_of:
+            rep.calibration["folded_batchnorm"] = bn_of[rep.name]
 
 
 def set_kernel(qmodel: nn.Module, kernel: str) -> nn.Module:
