@@ -258,7 +258,7 @@ def _learn_rounding(model, qmodel, plan, recipe: Recipe, calib_data, progress: b
 
 
 def _learn_layer_rounding(model, plan, recipe: Recipe, calib_data, progress: bool) -> None:
-    from .algorithms.adaround import layer_weight_format, round_layer_weight, set_rounded_weight
+    from .algorithms.adaround import layer_weight_format, round_layer_weight, set_rounded_weight, weight_view
 
     plan = [(rep, mod) for rep, mod in plan if layer_weight_format(mod) is not None]
     if not plan:
@@ -266,10 +266,11 @@ def _learn_layer_rounding(model, plan, recipe: Recipe, calib_data, progress: boo
     inputs = capture_inputs(model, [rep.name for rep, _ in plan], calib_data, recipe, max_samples=recipe.calib_samples)
     bar = tqdm(plan, desc="learning weight rounding", disable=not progress, unit="layer")
     for i, (rep, mod) in enumerate(bar):
+        scale = weight_view(mod).scale()  # the step the rounding lands on (kept for the checkpoint)
         with _naming_layer(rep.name):
             wq, info = round_layer_weight(mod, inputs[rep.name], "learned", iters=recipe.rounding_iters,
                                           seed=recipe.seed + i)
-        set_rounded_weight(mod, wq)
+        set_rounded_weight(mod, wq, scale)
         rep.calibration["rounding"] = info
 
 
