@@ -317,28 +317,50 @@ def _apply_saved_formats(qmodel, report: list[dict]) -> None:
             set_layer_weight_format(qmodel.get_submodule(r["name"]), fmt)
 
 
-_FORMAT = "winoq-1"
-
-
 def save(qmodel: nn.Module, path: str | os.PathLike) -> None:
-    """Write the quantized model's tensors (safetensors) with its recipe as metadata."""
+    """Write the quantized model as it would be deployed (safetensors, format ``winoq-2``,
+    ``winoq.checkpoint``): weight codes and scales (int8 / packed int4 / float8 / grid indices),
+    Winograd layers' transformed weights U as codes and scales with their learned transform
+    scales, biases, static ranges and float layers as they are; the recipe and report as metadata."""
     from safetensors.torch import save_file
+
+    from .checkpoint import FORMAT, deployable_tensors
 
     recipe = getattr(qmodel, "winoq_recipe", None)
     if recipe is None:
         raise ValueError("save() takes a model returned by winoq.quantize (it has no winoq_recipe)")
-    tensors = {k: v.detach().contiguous().clone() for k, v in qmodel.state_dict().items()}
-    meta = {"format": _FORMAT, "recipe": recipe.to_json(),
+    tensors, table = deployable_tensors(qmodel)
+    meta = {"format": FORMAT, "recipe": recipe.to_json(), "codes": json.dumps(table),
             "report": json.dumps([r.__dict__ for r in qmodel.winoq_report], default=str)}
     tmp = f"{os.fspath(path)}.tmp"
     save_file(tensors, tmp, metadata=meta)
     os.replace(tmp, path)  # never leave a half-written checkpoint in place of a good one
 
 
+def _read_recipe(meta: dict, path) -> Recipe:
+    """The saved recipe; files of the float format (``winoq-1``) predate BatchNorm folding."""
+    from .checkpoint import FORMAT, LEGACY_FORMATS
+
+    fmt = meta.get("format")
+    if fmt != FORMAT and fmt not in LEGACY_FORMATS:
+        if isinstance(fmt, str) and fmt.startswith("winoq-"):
+            raise ValueError(f"{path} is a winoq checkpoint of format {fmt!r}, which this winoq does not read "
+                             f"(it reads {', '.join((FORMAT, *LEGACY_FORMATS))}); upgrade winoq or re-save it")
+        raise ValueError(f"{path} is a safetensors file but not a winoq checkpoint (metadata format="
+                         f"{fmt!r}); write it with winoq.save")
+    recipe = Recipe.from_json(meta["recipe"])
+    if fmt in LEGACY_FORMATS and "fold_batchnorm" not in json.loads(meta["recipe"]):
+        recipe = recipe.replace(fold_batchnorm=False)
+    return recipe
+
+
 def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
-    """Rebuild a quantized model saved by ``save``. ``model`` is the float
-    architecture (its weights are replaced by the checkpoint's, a copy is returned)."""
+    """Rebuild a quantized model saved by ``save`` from the file and the float architecture
+    ``model`` (its weights are not used: a freshly constructed model gives the same outputs, bit
+    for bit; ``model`` itself is untouched). Reads ``winoq-2`` files and the older float ``winoq-1``."""
     from safetensors import safe_open
+
+    from .checkpoint import codes_table, decode_into, finish_decoding
 
     try:
         with safe_open(os.fspath(path), framework="pt") as f:
@@ -349,11 +371,9 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     except Exception as exc:
         raise ValueError(f"{path} is not a readable safetensors file ({exc}); "
                          "expected a checkpoint written by winoq.save") from exc
-    if meta.get("format") != _FORMAT:
-        raise ValueError(f"{path} is a safetensors file but not a winoq checkpoint (metadata format="
-                         f"{meta.get('format')!r}); write it with winoq.save")
-    recipe = Recipe.from_json(meta["recipe"])
+    recipe = _read_recipe(meta, path)
     qmodel = quantize(model, recipe, calibrate=False, progress=False)
+    pending = decode_into(qmodel, tensors, codes_table(meta), path)
     static_ranges: dict[str, dict] = {}  # layer name -> {buffer name: shape}
     for key, value in tensors.items():
         owner, sep, buffer = key.partition(".act_ranges.")
@@ -377,6 +397,7 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     if missing or unexpected:
         raise ValueError(f"{path} does not match this model: missing {missing[:5]}, unexpected {unexpected[:5]}; "
                          "pass the same float architecture that was quantized")
+    finish_decoding(pending)
     report = json.loads(meta.get("report", "[]"))
     _apply_saved_formats(qmodel, report)
     qmodel.winoq_report = [LayerReport(**r) for r in report] if report else qmodel.winoq_report
