@@ -178,3 +178,29 @@ def test_codes_for_a_layer_the_model_does_not_quantize_are_refused(tmp_path):
     other[3] = nn.Conv2d(40, 40, 3, padding=1, groups=4)  # same shape family, other grouping
     with pytest.raises(ValueError, match="does not match"):
         winoq.load(path, other)
+
+
+def test_winograd_layers_can_keep_float_weights_instead_of_u_codes(tmp_path):
+    qm = quantized(RECIPES["learned"])
+    codes, floats = tmp_path / "codes.safetensors", tmp_path / "float.safetensors"
+    winoq.save(qm, codes)
+    winoq.save(qm, floats, winograd_weights="float")
+    table, keys = file_table(floats)
+    assert {e["part"] for e in table.values()} == {"weight"} and "0.weight" in keys  # Winograd layer 0 in float
+    assert floats.stat().st_size < codes.stat().st_size  # F(4,3): 36 int8 codes vs 9 float32 per 3x3 weight
+    with torch.no_grad():
+        assert torch.equal(winoq.load(floats, net(9))(X), qm(X))
+    with pytest.raises(ValueError, match="winograd_weights"):
+        winoq.save(qm, floats, winograd_weights="int8")
+
+
+def test_loaded_winograd_layers_run_on_the_integer_kernel_with_their_saved_u(tmp_path):
+    recipe = Recipe(winograd=4, learn_steps=1, rounding="learned", rounding_iters=5)
+    qm = quantized(recipe)
+    path = tmp_path / "m.safetensors"
+    winoq.save(qm, path)
+    loaded = winoq.load(path, net(4))
+    winoq.set_kernel(qm, "int-cpu")
+    winoq.set_kernel(loaded, "int-cpu")
+    with torch.no_grad():
+        assert torch.equal(loaded(X), qm(X))  # both use learned_u, the saved U

@@ -317,11 +317,15 @@ def _apply_saved_formats(qmodel, report: list[dict]) -> None:
             set_layer_weight_format(qmodel.get_submodule(r["name"]), fmt)
 
 
-def save(qmodel: nn.Module, path: str | os.PathLike) -> None:
+def save(qmodel: nn.Module, path: str | os.PathLike, *, winograd_weights: str = "codes") -> None:
     """Write the quantized model as it would be deployed (safetensors, format ``winoq-2``,
     ``winoq.checkpoint``): weight codes and scales (int8 / packed int4 / float8 / grid indices),
     Winograd layers' transformed weights U as codes and scales with their learned transform
-    scales, biases, static ranges and float layers as they are; the recipe and report as metadata."""
+    scales, biases, static ranges and float layers as they are; the recipe and report as metadata.
+
+    U has (m+2)^2 / 9 times the elements of a 3x3 weight (4x at F(4,3), 7.1x at F(6,3)), so its
+    int8 codes outweigh float32 3x3 weights from F(4,3) on: ``winograd_weights="float"`` stores
+    the Winograd layers' float weights instead (U is recomputed when loading, bit for bit the same)."""
     from safetensors.torch import save_file
 
     from .checkpoint import FORMAT, deployable_tensors
@@ -329,7 +333,7 @@ def save(qmodel: nn.Module, path: str | os.PathLike) -> None:
     recipe = getattr(qmodel, "winoq_recipe", None)
     if recipe is None:
         raise ValueError("save() takes a model returned by winoq.quantize (it has no winoq_recipe)")
-    tensors, table = deployable_tensors(qmodel)
+    tensors, table = deployable_tensors(qmodel, winograd_weights)
     meta = {"format": FORMAT, "recipe": recipe.to_json(), "codes": json.dumps(table),
             "report": json.dumps([r.__dict__ for r in qmodel.winoq_report], default=str)}
     tmp = f"{os.fspath(path)}.tmp"

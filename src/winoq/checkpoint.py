@@ -177,11 +177,21 @@ def _quantized_layers(qmodel: nn.Module):
             yield name, mod
 
 
-def deployable_tensors(qmodel: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
-    """Every tensor of the checkpoint and the ``codes`` table (layer name -> entry)."""
+WINOGRAD_WEIGHTS = ("codes", "float")
+
+
+def deployable_tensors(qmodel: nn.Module, winograd_weights: str = "codes") -> tuple[dict[str, torch.Tensor], dict]:
+    """Every tensor of the checkpoint and the ``codes`` table (layer name -> entry).
+    ``winograd_weights="float"`` keeps the Winograd layers' float weights g instead of their U
+    codes (U is then recomputed on loading, as the layer computes it)."""
+    if winograd_weights not in WINOGRAD_WEIGHTS:
+        raise ValueError(f"winograd_weights={winograd_weights!r} is not valid; choose 'codes' (U as int / float8 "
+                         "codes and scales, what runs) or 'float' (the float 3x3 weights, smaller at F(6,3))")
     state = {k: v.detach() for k, v in qmodel.state_dict().items()}
     table, fallback = {}, []
     for name, mod in _quantized_layers(qmodel):
+        if winograd_weights == "float" and isinstance(mod, QuantWinogradConv2d):
+            continue
         enc = encode_layer(mod)
         if enc is None:
             if mod.rounding_format() is not None:
