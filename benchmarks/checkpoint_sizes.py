@@ -1,7 +1,8 @@
 """Checkpoint file sizes: the float model, the older float-weights format (winoq-1: the quantized
 model's float state dict), and deployable winoq-2 files (codes and scales) for W8A8 and W4A8,
 direct and Winograd; each winoq-2 file is reloaded into a copy of the model with every
-parameter and statistic redrawn at random and must give bit-identical outputs.
+parameter and statistic redrawn at random and must give bit-identical outputs. The last column
+keeps the Winograd layers' float 3x3 weights (``save(..., winograd_weights="float")``).
 
     python benchmarks/checkpoint_sizes.py --out benchmarks/out/checkpoint_sizes.json
 
@@ -95,17 +96,21 @@ def main(argv=None):
                 with torch.no_grad():
                     identical = bool(torch.equal(run(qm), run(loaded)))
                 new_bytes = path.stat().st_size
+                winoq.save(qm, tmp / "qf.safetensors", winograd_weights="float")
+                float_wino_bytes = (tmp / "qf.safetensors").stat().st_size
                 rows.append({"model": name, "recipe": label, "float_bytes": float_bytes, "winoq1_bytes": old_bytes,
-                             "winoq2_bytes": new_bytes, "bit_identical_reload": identical})
+                             "winoq2_bytes": new_bytes, "winoq2_float_winograd_bytes": float_wino_bytes,
+                             "bit_identical_reload": identical})
                 print(f"{name:22s} {label:12s} float {float_bytes / 1e6:7.3f} MB  winoq-1 {old_bytes / 1e6:7.3f} MB  "
                       f"winoq-2 {new_bytes / 1e6:7.3f} MB ({new_bytes / float_bytes:.2f}x)  identical={identical}",
                       flush=True)
     dump_json(args.out, {"machine": machine(), "rows": rows})
     print("\n| model | recipe | float MB | winoq-1 (float weights) MB | winoq-2 (codes) MB | winoq-2 / float "
-          "| reload bit-identical |\n|---|---|---|---|---|---|---|")
+          "| winoq-2, Winograd weights float / float | reload bit-identical |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['recipe']} | {r['float_bytes'] / 1e6:.3f} | {r['winoq1_bytes'] / 1e6:.3f} | "
               f"{r['winoq2_bytes'] / 1e6:.3f} | {r['winoq2_bytes'] / r['float_bytes']:.2f}x | "
+              f"{r['winoq2_float_winograd_bytes'] / r['float_bytes']:.2f}x | "
               f"{'yes' if r['bit_identical_reload'] else 'NO'} |")
 
 

@@ -387,7 +387,7 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
         if isinstance(mod, QuantWinogradConv2d) and f"{name}.free_transforms.AT" in tensors:
             mod.set_free_transforms(mod.tc.AT, mod.tc.G, mod.tc.BT)
         if isinstance(mod, QuantWinogradConv2d) and f"{name}.learned_u" in tensors:
-            mod.learned_u = torch.empty_like(tensors[f"{name}.learned_u"])
+            mod.learned_u = torch.empty_like(tensors[f"{name}.learned_u"], device=mod.weight.device)
         if name in static_ranges and isinstance(mod, (QuantWinogradConv2d, QuantConv2d, QuantLinear)):
             from .quantizers import StaticRanges
 

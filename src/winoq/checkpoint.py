@@ -206,7 +206,7 @@ def deployable_tensors(qmodel: nn.Module, winograd_weights: str = "codes") -> tu
     if fallback:
         warnings.warn(f"{len(fallback)} layers ({', '.join(fallback[:3])}) are stored with float weights: their "
                       "quantized weights are not codes times scales bit for bit", stacklevel=3)
-    return {k: v.contiguous().clone() for k, v in state.items()}, table
+    return {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, table
 
 
 # ----------------------------------------------------------------------------- loading
@@ -232,9 +232,9 @@ def decode_into(qmodel: nn.Module, tensors: dict[str, torch.Tensor], table: dict
         if shape != expected:
             raise ValueError(f"{where} does not match this model: {name!r} has weights of shape {list(shape)} "
                              f"there and {list(expected)} here; pass the same float architecture that was quantized")
-        dtype = mod.weight.dtype
-        q = decode_codes(codes, entry["encoding"], entry["format"], shape, dtype)
-        full = expand_scale(compact.to(dtype), entry["axis"], entry["group_size"], shape)
+        dtype, device = mod.weight.dtype, mod.weight.device
+        q = decode_codes(codes, entry["encoding"], entry["format"], shape, dtype).to(device)
+        full = expand_scale(compact.to(device=device, dtype=dtype), entry["axis"], entry["group_size"], shape)
         value = q * full
         if part == "weight":
             tensors[f"{name}.weight"] = value
