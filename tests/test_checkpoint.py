@@ -204,3 +204,19 @@ def test_loaded_winograd_layers_run_on_the_integer_kernel_with_their_saved_u(tmp
     winoq.set_kernel(loaded, "int-cpu")
     with torch.no_grad():
         assert torch.equal(loaded(X), qm(X))  # both use learned_u, the saved U
+
+
+def test_a_dead_clip_buffer_of_older_files_is_ignored_only_at_one(tmp_path):
+    qm = quantized(RECIPES["learned"])
+    path = tmp_path / "m.safetensors"
+    winoq.save(qm, path)
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors["0.unknown_layer_stage.clip"] = torch.ones(2)  # a buffer this winoq's layers do not have
+    save_file(tensors, str(path), metadata=meta)
+    with torch.no_grad():
+        assert torch.equal(winoq.load(path, net(2))(X), qm(X))
+    tensors["0.unknown_layer_stage.clip"] = torch.tensor([0.9, 1.0])
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(ValueError, match="clips"):
+        winoq.load(path, net(2))

@@ -358,6 +358,17 @@ def _read_recipe(meta: dict, path) -> Recipe:
     return recipe
 
 
+def _drop_dead_clip(qmodel: nn.Module, tensors: dict, path) -> None:
+    """Files written while Winograd layers had a ``clip`` buffer (always 1: min-max scales) load
+    into layers without it; a clip other than 1 would change the results, so it is refused."""
+    expected = qmodel.state_dict()
+    for key in [k for k in tensors if k.endswith(".clip") and k not in expected]:
+        if not bool((tensors[key] == 1).all()):
+            raise ValueError(f"{path} clips Winograd-domain scales ({key} = {tensors[key].tolist()}), which this winoq "
+                             "no longer implements; re-quantize the model")
+        del tensors[key]
+
+
 def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     """Rebuild a quantized model saved by ``save`` from the file and the float architecture
     ``model`` (its weights are not used: a freshly constructed model gives the same outputs, bit
@@ -378,6 +389,7 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     recipe = _read_recipe(meta, path)
     qmodel = quantize(model, recipe, calibrate=False, progress=False)
     pending = decode_into(qmodel, tensors, codes_table(meta), path)
+    _drop_dead_clip(qmodel, tensors, path)
     static_ranges: dict[str, dict] = {}  # layer name -> {buffer name: shape}
     for key, value in tensors.items():
         owner, sep, buffer = key.partition(".act_ranges.")
