@@ -413,8 +413,8 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     if missing or unexpected:
         raise ValueError(f"{path} does not match this model: missing {missing[:5]}, unexpected {unexpected[:5]}; "
                          "pass the same float architecture that was quantized")
-    finish_decoding(pending)
     report = json.loads(meta.get("report", "[]"))
-    _apply_saved_formats(qmodel, report)
+    _apply_saved_formats(qmodel, report)  # before the saved scales are attached: a new format drops them
+    finish_decoding(pending)
     qmodel.winoq_report = [LayerReport(**r) for r in report] if report else qmodel.winoq_report
     return qmodel

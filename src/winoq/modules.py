@@ -49,6 +49,23 @@ def quantize_activation(layer: nn.Module, stage: str, x: torch.Tensor, fmt, gran
     return ranges(stage, x, fmt, gran.axis, gran.group_size, keep)
 
 
+@contextlib.contextmanager
+def replaced_quantized_weight(layer: nn.Module, replacement):
+    """For the duration, ``layer.quantized_weight`` (shadowed on the instance only) returns
+    ``replacement``'s result, and no gradient reaches the layer's own parameters: only what
+    ``replacement`` closes over is learned."""
+    saved = [(p, p.requires_grad) for p in layer.parameters()]
+    for p, _ in saved:
+        p.requires_grad_(False)
+    layer.quantized_weight = replacement
+    try:
+        yield
+    finally:
+        layer.__dict__.pop("quantized_weight", None)
+        for p, req in saved:
+            p.requires_grad_(req)
+
+
 @dataclass
 class WeightView:
     """A quantized layer's weights in the domain its quantizer works on (the transformed
@@ -84,6 +101,7 @@ class DirectWeightsMixin:
 
     def set_weight_format(self, fmt) -> None:
         self.weight_format = parse(fmt)
+        self.weight_scale = None  # scales loaded for another grid no longer apply
 
     @torch.no_grad()
     def rounding_inputs(self, x: torch.Tensor) -> torch.Tensor:
@@ -102,20 +120,10 @@ class DirectWeightsMixin:
         with torch.no_grad():
             return self.rounding_layer_fn()(x, self.weight.detach())
 
-    @contextlib.contextmanager
     def weights_replaced_by(self, fn):
         """For the duration, the quantized weights are ``fn()`` (used as given) and no gradient
         reaches the layer's own parameters."""
-        saved = [(p, p.requires_grad) for p in self.parameters()]
-        for p, _ in saved:
-            p.requires_grad_(False)
-        self.quantized_weight = fn  # shadows the method on this instance only
-        try:
-            yield
-        finally:
-            self.__dict__.pop("quantized_weight", None)
-            for p, req in saved:
-                p.requires_grad_(req)
+        return replaced_quantized_weight(self, fn)
 
     def frozen_weight(self) -> torch.Tensor | None:
         """Quantized weights with the scale loaded from a checkpoint (``weight_scale``), else None."""

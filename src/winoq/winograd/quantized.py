@@ -20,7 +20,6 @@ baseline, fully learned matrices (``set_free_transforms``).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
@@ -28,7 +27,7 @@ import torch
 from torch import nn
 
 from ..formats import parse
-from ..modules import WeightView, quantize_activation
+from ..modules import WeightView, quantize_activation, replaced_quantized_weight
 from ..quantizers import Granularity, compute_scale, fake_quantize, fake_quantize_dynamic, quantize
 from .conv import (WinogradConv2d, extract_tiles, hadamard_taps_first, stitch_taps_first, stitch_tiles,
                    tiles_taps_first, transform_2d, transform_taps_first)
@@ -308,21 +307,10 @@ class QuantWinogradConv2d(WinogradConv2d):
     def accepts_input(self, x: torch.Tensor) -> bool:
         return x.ndim == 4 and x.shape[1] == self.in_channels
 
-    @contextlib.contextmanager
     def weights_replaced_by(self, fn):
         """For the duration, the quantized transformed weights are ``fn()`` (used as given) and no
-        gradient reaches the layer's own parameters (bias, transforms): only what ``fn`` closes
-        over is learned."""
-        saved = [(p, p.requires_grad) for p in self.parameters()]
-        for p, _ in saved:
-            p.requires_grad_(False)
-        self.quantized_weight = lambda g: fn().to(g.dtype)  # shadows the method on this instance only
-        try:
-            yield
-        finally:
-            self.__dict__.pop("quantized_weight", None)
-            for p, req in saved:
-                p.requires_grad_(req)
+        gradient reaches the layer's own parameters (bias, transforms)."""
+        return replaced_quantized_weight(self, lambda g: fn().to(g.dtype))
 
     # ---------------------------------------------------------------- reports
     def int32_report(self) -> dict:
