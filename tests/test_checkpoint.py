@@ -220,3 +220,19 @@ def test_a_dead_clip_buffer_of_older_files_is_ignored_only_at_one(tmp_path):
     save_file(tensors, str(path), metadata=meta)
     with pytest.raises(ValueError, match="clips"):
         winoq.load(path, net(2))
+
+
+def test_damaged_codes_give_one_line_errors(tmp_path):
+    path = tmp_path / "m.safetensors"
+    winoq.save(quantized(RECIPES["direct-int4"]), path)
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    bad = tmp_path / "bad.safetensors"
+    cases = [({**meta, "codes": "{not json"}, tensors, "not JSON"),
+             (meta, {k: v for k, v in tensors.items() if k != "0.weight.codes"}, "lack"),
+             ({**meta, "codes": json.dumps({n: {**e, "encoding": "int3x5"} for n, e in json.loads(meta["codes"]).items()})},
+              tensors, "unknown code encoding")]
+    for m, t, match in cases:
+        save_file(t, str(bad), metadata=m)
+        with pytest.raises(ValueError, match=match):
+            winoq.load(bad, net(1))

@@ -388,7 +388,7 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
                          "expected a checkpoint written by winoq.save") from exc
     recipe = _read_recipe(meta, path)
     qmodel = quantize(model, recipe, calibrate=False, progress=False)
-    pending = decode_into(qmodel, tensors, codes_table(meta), path)
+    pending = decode_into(qmodel, tensors, codes_table(meta, path), path)
     _drop_dead_clip(qmodel, tensors, path)
     static_ranges: dict[str, dict] = {}  # layer name -> {buffer name: shape}
     for key, value in tensors.items():

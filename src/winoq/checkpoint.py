@@ -86,8 +86,11 @@ def decode_codes(stored: torch.Tensor, encoding: str, fmt, shape, dtype: torch.d
     elif encoding in ("int8", "int16", "float32", "float8_e4m3fn", "float8_e5m2"):
         q = stored.flatten()
     elif encoding in ("grid8", "grid4x2"):
-        idx = stored.flatten() if encoding == "grid8" else _unpack4(stored, numel)
-        q = fmt.grid()[idx.long()]
+        idx = (stored.flatten() if encoding == "grid8" else _unpack4(stored, numel)).long()
+        grid = fmt.grid()
+        if idx.numel() and int(idx.max()) >= grid.numel():
+            raise ValueError(f"code {int(idx.max())} is outside the {grid.numel()} values of {fmt.name}")
+        q = grid[idx]
     else:
         raise ValueError(f"unknown code encoding {encoding!r} in the checkpoint; it was written by a newer winoq")
     if q.numel() != numel:
@@ -225,8 +228,13 @@ def decode_into(qmodel: nn.Module, tensors: dict[str, torch.Tensor], table: dict
             raise ValueError(f"{where} does not match this model: it stores the quantized weights of {name!r}, "
                              f"which this model does not quantize that way; pass the same float architecture "
                              "that was quantized")
-        codes, compact = tensors.pop(f"{name}.{part}.codes"), tensors.pop(f"{name}.{part}.scale")
-        shape = tuple(entry["shape"])
+        try:
+            codes, compact = tensors.pop(f"{name}.{part}.codes"), tensors.pop(f"{name}.{part}.scale")
+            shape = tuple(entry["shape"])
+            entry["encoding"], entry["format"], entry["axis"], entry["group_size"]  # noqa: B018 - all present
+        except KeyError as exc:
+            raise ValueError(f"{where} is damaged: the quantized weights of {name!r} lack {exc}; re-save the "
+                             "model with winoq.save") from None
         expected = tuple(mod.weight.shape) if part == "weight" else (mod.out_channels, mod.in_channels // mod.groups,
                                                                      mod.tc.n, mod.tc.n)
         if shape != expected:
@@ -261,5 +269,12 @@ def finish_decoding(pending: list) -> None:
         mod.learned_u_scale = full
 
 
-def codes_table(meta: dict) -> dict:
-    return json.loads(meta.get("codes", "{}"))
+def codes_table(meta: dict, where) -> dict:
+    """The ``codes`` table of the metadata (layer name -> entry)."""
+    try:
+        table = json.loads(meta.get("codes", "{}"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where} is damaged: its 'codes' metadata is not JSON ({exc}); re-save the model") from None
+    if not isinstance(table, dict) or not all(isinstance(e, dict) for e in table.values()):
+        raise ValueError(f"{where} is damaged: its 'codes' metadata is not a table of layers; re-save the model")
+    return table
