@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .batchnorm import fold_batchnorm
 from .calibration import capture_layer_inputs, check_calibration_data
 from .modules import QuantConv2d, QuantLinear
 from .recipe import Recipe
@@ -110,6 +111,7 @@ def quantize(model: nn.Module, recipe: Recipe | None = None, *, calib_data=None,
             check_calibration_data(model, calib_data)  # wrong shapes fail before any work
     torch.manual_seed(recipe.seed)
     qmodel = copy.deepcopy(model).eval()
+    folded = fold_batchnorm(qmodel) if recipe.fold_batchnorm else []
     plan = _swap_modules(qmodel, recipe)
     qmodel.eval()  # the swapped-in layers are new modules: put them in eval mode too
     wino = [(rep, mod) for rep, mod in plan if rep.kind == "winograd"]
@@ -126,9 +128,18 @@ def quantize(model: nn.Module, recipe: Recipe | None = None, *, calib_data=None,
         _learn_rounding(model, qmodel, plan, recipe, calib_data, progress)
     if calibrate and recipe.activation_ranges == "static":
         _calibrate_static_ranges(qmodel, plan, calib_data, progress)
+    _note_folded(plan, folded)
     qmodel.winoq_recipe = recipe
     qmodel.winoq_report = [rep for rep, _ in plan]
     return qmodel
+
+
+def _note_folded(plan, folded: list[tuple[str, str]]) -> None:
+    """Each conv's report names the BatchNorm folded into it."""
+    bn_of = dict(folded)
+    for rep, _ in plan:
+        if rep.name in bn_of:
+            rep.calibration["folded_batchnorm"] = bn_of[rep.name]
 
 
 def set_kernel(qmodel: nn.Module, kernel: str) -> nn.Module:
@@ -247,7 +258,7 @@ def _learn_rounding(model, qmodel, plan, recipe: Recipe, calib_data, progress: b
 
 
 def _learn_layer_rounding(model, plan, recipe: Recipe, calib_data, progress: bool) -> None:
-    from .algorithms.adaround import layer_weight_format, round_layer_weight, set_rounded_weight
+    from .algorithms.adaround import layer_weight_format, round_layer_weight, set_rounded_weight, weight_view
 
     plan = [(rep, mod) for rep, mod in plan if layer_weight_format(mod) is not None]
     if not plan:
@@ -255,10 +266,11 @@ def _learn_layer_rounding(model, plan, recipe: Recipe, calib_data, progress: boo
     inputs = capture_inputs(model, [rep.name for rep, _ in plan], calib_data, recipe, max_samples=recipe.calib_samples)
     bar = tqdm(plan, desc="learning weight rounding", disable=not progress, unit="layer")
     for i, (rep, mod) in enumerate(bar):
+        scale = weight_view(mod).scale()  # the step the rounding lands on (kept for the checkpoint)
         with _naming_layer(rep.name):
             wq, info = round_layer_weight(mod, inputs[rep.name], "learned", iters=recipe.rounding_iters,
                                           seed=recipe.seed + i)
-        set_rounded_weight(mod, wq)
+        set_rounded_weight(mod, wq, scale)
         rep.calibration["rounding"] = info
 
 
@@ -305,28 +317,65 @@ def _apply_saved_formats(qmodel, report: list[dict]) -> None:
             set_layer_weight_format(qmodel.get_submodule(r["name"]), fmt)
 
 
-_FORMAT = "winoq-1"
+def save(qmodel: nn.Module, path: str | os.PathLike, *, winograd_weights: str = "codes") -> None:
+    """Write the quantized model as it would be deployed (safetensors, format ``winoq-2``,
+    ``winoq.checkpoint``): weight codes and scales (int8 / packed int4 / float8 / grid indices),
+    Winograd layers' transformed weights U as codes and scales with their learned transform
+    scales, biases, static ranges and float layers as they are; the recipe and report as metadata.
 
-
-def save(qmodel: nn.Module, path: str | os.PathLike) -> None:
-    """Write the quantized model's tensors (safetensors) with its recipe as metadata."""
+    U has (m+2)^2 / 9 times the elements of a 3x3 weight (4x at F(4,3), 7.1x at F(6,3)), so its
+    int8 codes outweigh float32 3x3 weights from F(4,3) on: ``winograd_weights="float"`` stores
+    the Winograd layers' float weights instead (U is recomputed when loading, bit for bit the same)."""
     from safetensors.torch import save_file
+
+    from .checkpoint import FORMAT, deployable_tensors
 
     recipe = getattr(qmodel, "winoq_recipe", None)
     if recipe is None:
         raise ValueError("save() takes a model returned by winoq.quantize (it has no winoq_recipe)")
-    tensors = {k: v.detach().contiguous().clone() for k, v in qmodel.state_dict().items()}
-    meta = {"format": _FORMAT, "recipe": recipe.to_json(),
+    tensors, table = deployable_tensors(qmodel, winograd_weights)
+    meta = {"format": FORMAT, "recipe": recipe.to_json(), "codes": json.dumps(table),
             "report": json.dumps([r.__dict__ for r in qmodel.winoq_report], default=str)}
     tmp = f"{os.fspath(path)}.tmp"
     save_file(tensors, tmp, metadata=meta)
     os.replace(tmp, path)  # never leave a half-written checkpoint in place of a good one
 
 
+def _read_recipe(meta: dict, path) -> Recipe:
+    """The saved recipe; files of the float format (``winoq-1``) predate BatchNorm folding."""
+    from .checkpoint import FORMAT, LEGACY_FORMATS
+
+    fmt = meta.get("format")
+    if fmt != FORMAT and fmt not in LEGACY_FORMATS:
+        if isinstance(fmt, str) and fmt.startswith("winoq-"):
+            raise ValueError(f"{path} is a winoq checkpoint of format {fmt!r}, which this winoq does not read "
+                             f"(it reads {', '.join((FORMAT, *LEGACY_FORMATS))}); upgrade winoq or re-save it")
+        raise ValueError(f"{path} is a safetensors file but not a winoq checkpoint (metadata format="
+                         f"{fmt!r}); write it with winoq.save")
+    recipe = Recipe.from_json(meta["recipe"])
+    if fmt in LEGACY_FORMATS and "fold_batchnorm" not in json.loads(meta["recipe"]):
+        recipe = recipe.replace(fold_batchnorm=False)
+    return recipe
+
+
+def _drop_dead_clip(qmodel: nn.Module, tensors: dict, path) -> None:
+    """Files written while Winograd layers had a ``clip`` buffer (always 1: min-max scales) load
+    into layers without it; a clip other than 1 would change the results, so it is refused."""
+    expected = qmodel.state_dict()
+    for key in [k for k in tensors if k.endswith(".clip") and k not in expected]:
+        if not bool((tensors[key] == 1).all()):
+            raise ValueError(f"{path} clips Winograd-domain scales ({key} = {tensors[key].tolist()}), which this winoq "
+                             "no longer implements; re-quantize the model")
+        del tensors[key]
+
+
 def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
-    """Rebuild a quantized model saved by ``save``. ``model`` is the float
-    architecture (its weights are replaced by the checkpoint's, a copy is returned)."""
+    """Rebuild a quantized model saved by ``save`` from the file and the float architecture
+    ``model`` (its weights are not used: a freshly constructed model gives the same outputs, bit
+    for bit; ``model`` itself is untouched). Reads ``winoq-2`` files and the older float ``winoq-1``."""
     from safetensors import safe_open
+
+    from .checkpoint import codes_table, decode_into, finish_decoding
 
     try:
         with safe_open(os.fspath(path), framework="pt") as f:
@@ -337,11 +386,10 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     except Exception as exc:
         raise ValueError(f"{path} is not a readable safetensors file ({exc}); "
                          "expected a checkpoint written by winoq.save") from exc
-    if meta.get("format") != _FORMAT:
-        raise ValueError(f"{path} is a safetensors file but not a winoq checkpoint (metadata format="
-                         f"{meta.get('format')!r}); write it with winoq.save")
-    recipe = Recipe.from_json(meta["recipe"])
+    recipe = _read_recipe(meta, path)
     qmodel = quantize(model, recipe, calibrate=False, progress=False)
+    pending = decode_into(qmodel, tensors, codes_table(meta, path), path)
+    _drop_dead_clip(qmodel, tensors, path)
     static_ranges: dict[str, dict] = {}  # layer name -> {buffer name: shape}
     for key, value in tensors.items():
         owner, sep, buffer = key.partition(".act_ranges.")
@@ -351,7 +399,7 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
         if isinstance(mod, QuantWinogradConv2d) and f"{name}.free_transforms.AT" in tensors:
             mod.set_free_transforms(mod.tc.AT, mod.tc.G, mod.tc.BT)
         if isinstance(mod, QuantWinogradConv2d) and f"{name}.learned_u" in tensors:
-            mod.learned_u = torch.empty_like(tensors[f"{name}.learned_u"])
+            mod.learned_u = torch.empty_like(tensors[f"{name}.learned_u"], device=mod.weight.device)
         if name in static_ranges and isinstance(mod, (QuantWinogradConv2d, QuantConv2d, QuantLinear)):
             from .quantizers import StaticRanges
 
@@ -366,6 +414,7 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
         raise ValueError(f"{path} does not match this model: missing {missing[:5]}, unexpected {unexpected[:5]}; "
                          "pass the same float architecture that was quantized")
     report = json.loads(meta.get("report", "[]"))
-    _apply_saved_formats(qmodel, report)
+    _apply_saved_formats(qmodel, report)  # before the saved scales are attached: a new format drops them
+    finish_decoding(pending)
     qmodel.winoq_report = [LayerReport(**r) for r in report] if report else qmodel.winoq_report
     return qmodel

@@ -6,12 +6,15 @@ output channel and group of ``group_size`` input channels; per output channel wh
 group (per sample when ``group_size`` is None)."""
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .formats import parse
-from .quantizers import Granularity, fake_quantize_dynamic
+from .quantizers import Granularity, compute_scale, fake_quantize, fake_quantize_dynamic
 
 _ALL = 1 << 30  # a group size larger than any axis: the whole axis is one group
 
@@ -46,7 +49,89 @@ def quantize_activation(layer: nn.Module, stage: str, x: torch.Tensor, fmt, gran
     return ranges(stage, x, fmt, gran.axis, gran.group_size, keep)
 
 
-class QuantConv2d(nn.Conv2d):
+@contextlib.contextmanager
+def replaced_quantized_weight(layer: nn.Module, replacement):
+    """For the duration, ``layer.quantized_weight`` (shadowed on the instance only) returns
+    ``replacement``'s result, and no gradient reaches the layer's own parameters: only what
+    ``replacement`` closes over is learned."""
+    saved = [(p, p.requires_grad) for p in layer.parameters()]
+    for p, _ in saved:
+        p.requires_grad_(False)
+    layer.quantized_weight = replacement
+    try:
+        yield
+    finally:
+        layer.__dict__.pop("quantized_weight", None)
+        for p, req in saved:
+            p.requires_grad_(req)
+
+
+@dataclass
+class WeightView:
+    """A quantized layer's weights in the domain its quantizer works on (the transformed
+    ``U = G' g G'^T`` of a Winograd layer, with its current transform scales), with the
+    format, scale granularity and scale method the layer itself uses."""
+
+    weight: torch.Tensor
+    fmt: object
+    gran: Granularity
+    method: str
+
+    def scale(self) -> torch.Tensor:
+        return compute_scale(self.weight, self.fmt, self.gran, self.method)[0]
+
+
+class DirectWeightsMixin:
+    """What learned rounding, block reconstruction, format search and checkpoints need from a
+    directly quantized layer (``QuantConv2d``, ``QuantLinear``): its weights are rounded as they are."""
+
+    def rounding_format(self):
+        """The weight format (None: the weights stay float)."""
+        return self.weight_format
+
+    def rounding_target(self) -> WeightView:
+        """The weights learned rounding rounds, with the layer's own scale granularity."""
+        w = self.weight.detach()
+        return WeightView(w, self.weight_format, weight_granularity(self.group_size, w.ndim), "minmax")
+
+    @torch.no_grad()
+    def set_rounded_weight(self, w_q: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+        """Weights already on the grid become the layer's weights (the layer re-derives the same scale)."""
+        self.weight.copy_(w_q)
+
+    def set_weight_format(self, fmt) -> None:
+        self.weight_format = parse(fmt)
+        self.weight_scale = None  # scales loaded for another grid no longer apply
+
+    @torch.no_grad()
+    def rounding_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as the layer's activation quantizer passes it to the weights."""
+        x = x.to(self.weight.dtype).detach()
+        return x if self.act_format is None else self.quantize_input(x)
+
+    def rounding_layer_fn(self):
+        """``fn(x, w)``: the layer on already quantized inputs with weights ``w`` (no gradient to
+        the layer's own parameters)."""
+        bias = None if self.bias is None else self.bias.detach()
+        return lambda xb, wb: self.apply_weight(xb, wb, bias)
+
+    def rounding_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's full-precision output on ``rounding_inputs`` (what learned rounding matches)."""
+        with torch.no_grad():
+            return self.rounding_layer_fn()(x, self.weight.detach())
+
+    def weights_replaced_by(self, fn):
+        """For the duration, the quantized weights are ``fn()`` (used as given) and no gradient
+        reaches the layer's own parameters."""
+        return replaced_quantized_weight(self, fn)
+
+    def frozen_weight(self) -> torch.Tensor | None:
+        """Quantized weights with the scale loaded from a checkpoint (``weight_scale``), else None."""
+        scale = getattr(self, "weight_scale", None)
+        return None if scale is None else fake_quantize(self.weight, self.weight_format, scale)
+
+
+class QuantConv2d(DirectWeightsMixin, nn.Conv2d):
     """nn.Conv2d with fake-quantized weights and dynamically quantized inputs."""
 
     @classmethod
@@ -58,7 +143,24 @@ class QuantConv2d(nn.Conv2d):
         return _with_formats(layer, weights, activations, group_size)
 
     def quantized_weight(self) -> torch.Tensor:
+        frozen = self.frozen_weight()
+        if frozen is not None:
+            return frozen
         return _fq(self.weight, self.weight_format, weight_granularity(self.group_size, 4))
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The dynamic input quantizer of the forward pass, per conv group."""
+        gran = activation_granularity(self.group_size, 5, 2)
+        return self._per_conv_group(x, lambda t: fake_quantize_dynamic(t, self.act_format, gran))
+
+    def apply_weight(self, x: torch.Tensor, w: torch.Tensor, bias) -> torch.Tensor:
+        return self._conv_forward(x, w, bias)
+
+    def expected_input(self) -> str:
+        return f"(N, {self.in_channels}, H, W)"
+
+    def accepts_input(self, x: torch.Tensor) -> bool:
+        return x.ndim == 4 and x.shape[1] == self.in_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gran = activation_granularity(self.group_size, 5, 2)
@@ -73,7 +175,7 @@ class QuantConv2d(nn.Conv2d):
         return super().extra_repr() + _formats_repr(self)
 
 
-class QuantLinear(nn.Linear):
+class QuantLinear(DirectWeightsMixin, nn.Linear):
     """nn.Linear with fake-quantized weights and dynamically quantized inputs
     (one scale per row and group of input features)."""
 
@@ -85,7 +187,24 @@ class QuantLinear(nn.Linear):
         return _with_formats(layer, weights, activations, group_size)
 
     def quantized_weight(self) -> torch.Tensor:
+        frozen = self.frozen_weight()
+        if frozen is not None:
+            return frozen
         return _fq(self.weight, self.weight_format, weight_granularity(self.group_size, 2))
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The dynamic input quantizer of the forward pass (per row and group of features)."""
+        gran = Granularity("group", axis=-1, group_size=self.group_size or _ALL, shared_dims=())
+        return fake_quantize_dynamic(x, self.act_format, gran)
+
+    def apply_weight(self, x: torch.Tensor, w: torch.Tensor, bias) -> torch.Tensor:
+        return F.linear(x, w, bias)
+
+    def expected_input(self) -> str:
+        return f"(N, ..., {self.in_features})"
+
+    def accepts_input(self, x: torch.Tensor) -> bool:
+        return x.ndim >= 2 and x.shape[-1] == self.in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gran = Granularity("group", axis=-1, group_size=self.group_size or _ALL, shared_dims=())
@@ -102,6 +221,7 @@ def _with_formats(layer, weights, activations, group_size):
     layer.act_format = None if activations is None else parse(activations)
     layer.group_size = group_size
     layer.act_ranges = None  # dynamic activation scales unless static ranges are calibrated
+    layer.register_buffer("weight_scale", None)  # set by winoq.load: the weights' saved scales, used as they are
     return layer
 
 

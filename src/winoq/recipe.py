@@ -71,6 +71,9 @@ class Recipe:
         of its clipping ratio).
     skip: module-name patterns (``fnmatch``: "conv_in", "*.time_emb*") whose convs and linears
         stay in float, e.g. a UNet's first and last conv.
+    fold_batchnorm: fold every eval-mode BatchNorm2d that directly follows a conv into that conv
+        before quantizing (``winoq.batchnorm``), so the quantized weights are the ones a deployment
+        runs; False quantizes the conv and keeps the BatchNorm in float after it.
     """
 
     weights: str = "int8"
@@ -96,6 +99,7 @@ class Recipe:
     format_search: str = "off"
     activation_ranges: str = "dynamic"
     skip: tuple[str, ...] = ()
+    fold_batchnorm: bool = True
 
     def __post_init__(self):
         for field in ("weights", "activations"):
@@ -133,6 +137,8 @@ class Recipe:
             raise ValueError(f"skip must be a tuple of module-name patterns (fnmatch, e.g. 'conv_in', "
                              f"'*.time_embedding.*'), got {self.skip!r}")
         object.__setattr__(self, "skip", tuple(self.skip))
+        if not isinstance(self.fold_batchnorm, bool):
+            raise ValueError(f"fold_batchnorm must be True or False, got {self.fold_batchnorm!r}")
         if self.points is not None:
             pts = tuple(str(Fraction(p)) for p in self.points)
             object.__setattr__(self, "points", pts)
@@ -169,7 +175,8 @@ class Recipe:
             tile += " +tap-wise weights"
         group = "per-channel" if self.group_size is None else f"g{self.group_size}"
         extra = "".join([f" format-search({self.format_search})" if self.format_search != "off" else ""," static-ranges" if self.activation_ranges == "static" else "",
-                         (f" learned-rounding({self.reconstruction})" if self.rounding == "learned" else "")])
+                         (f" learned-rounding({self.reconstruction})" if self.rounding == "learned" else ""),
+                         "" if self.fold_batchnorm else " bn-unfolded"])
         return f"W:{self.weights} A:{self.activations} {group} {tile}{extra}"
 
 

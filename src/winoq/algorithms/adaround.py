@@ -33,10 +33,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..formats import FloatFormat, IntFormat, parse
+from ..modules import WeightView as _WeightView
 
 __all__ = [
     "ROUNDING_MODES",
@@ -317,68 +317,30 @@ class RoundingProblem:
     target: torch.Tensor
 
 
-@dataclass
-class WeightView:
-    """A quantized layer's weights in the domain its quantizer works on (the transformed
-    ``U = G' g G'^T`` of a Winograd layer, with its current transform scales), with the
-    format, scale granularity and scale method the layer itself uses."""
+WeightView = _WeightView  # defined with the quantized layers (winoq.modules), kept importable here
 
-    weight: torch.Tensor
-    fmt: IntFormat | FloatFormat
-    gran: object
-    method: str
 
-    def scale(self) -> torch.Tensor:
-        from ..quantizers import compute_scale
-
-        return compute_scale(self.weight, self.fmt, self.gran, self.method)[0]
+def _quantized_layer(layer: nn.Module, what: str = "expected QuantConv2d, QuantLinear or QuantWinogradConv2d"):
+    """``layer`` when it is one of winoq's quantized layers (they carry the rounding methods)."""
+    if not all(callable(getattr(layer, m, None)) for m in ("rounding_format", "rounding_target", "set_rounded_weight")):
+        raise ValueError(f"{what}, got {type(layer).__name__}")
+    return layer
 
 
 def layer_weight_format(layer: nn.Module):
     """The weight format of a winoq quantized layer (None: its weights stay float)."""
-    from ..modules import QuantConv2d, QuantLinear
-    from ..winograd.quantized import QuantWinogradConv2d
-
-    if isinstance(layer, QuantWinogradConv2d):
-        return layer.formats.weight
-    if isinstance(layer, (QuantConv2d, QuantLinear)):
-        return layer.weight_format
-    raise ValueError(f"expected QuantConv2d, QuantLinear or QuantWinogradConv2d, got {type(layer).__name__}")
+    return _quantized_layer(layer).rounding_format()
 
 
-@torch.no_grad()
 def weight_view(layer: nn.Module) -> WeightView:
-    """:class:`WeightView` of a quantized layer whose weights are quantized."""
-    from ..modules import weight_granularity
-    from ..winograd.conv import transform_2d
-    from ..winograd.quantized import QuantWinogradConv2d
-
-    fmt = layer_weight_format(layer)
-    w = layer.weight.detach()
-    if isinstance(layer, QuantWinogradConv2d):
-        _, g, _ = layer.transforms(w.dtype, w.device)
-        return WeightView(transform_2d(g, w), fmt, layer._weight_gran(), layer.weight_method)
-    return WeightView(w, fmt, weight_granularity(layer.group_size, w.ndim), "minmax")
+    """:class:`WeightView` of a quantized layer whose weights are quantized (``layer.rounding_target()``)."""
+    return _quantized_layer(layer).rounding_target()
 
 
-@torch.no_grad()
-def set_rounded_weight(layer: nn.Module, w_q: torch.Tensor) -> None:
+def set_rounded_weight(layer: nn.Module, w_q: torch.Tensor, scale: torch.Tensor | None = None) -> None:
     """Put weights already on the grid into the layer: a Winograd layer keeps them as its
     ``learned_u`` (used as given), a direct layer as its weight."""
-    from ..winograd.quantized import QuantWinogradConv2d
-
-    if isinstance(layer, QuantWinogradConv2d):
-        layer.learned_u = w_q.detach().clone()
-    else:
-        layer.weight.copy_(w_q)
-
-
-def _expected_input(layer) -> str:
-    from ..modules import QuantLinear
-
-    if isinstance(layer, QuantLinear):
-        return f"(N, ..., {layer.in_features})"
-    return f"(N, {layer.in_channels}, H, W)"
+    _quantized_layer(layer).set_rounded_weight(w_q, scale)
 
 
 def rounding_problem(layer: nn.Module, inputs: torch.Tensor) -> RoundingProblem:
@@ -391,84 +353,29 @@ def rounding_problem(layer: nn.Module, inputs: torch.Tensor) -> RoundingProblem:
     weight error and, for Winograd, part of the Winograd-domain activation error.
     Winograd weights are the transformed ``U = G' g G'^T`` (with the layer's
     current transform scales: learn the rounding *after* the transform scales).
+    The layer supplies each piece (``rounding_target``, ``rounding_inputs``,
+    ``rounding_layer_fn``, ``rounding_reference``).
     """
-    from ..modules import QuantConv2d, QuantLinear, activation_granularity
-    from ..quantizers import Granularity, fake_quantize_dynamic
-    from ..winograd.quantized import QuantWinogradConv2d
-
+    layer = _quantized_layer(layer, "learned rounding supports QuantConv2d, QuantLinear and QuantWinogradConv2d")
     if not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point():
-        raise ValueError(f"calibration inputs must be a float tensor of shape {_expected_input(layer)}")
-    if isinstance(layer, QuantWinogradConv2d):
-        fmt = layer.formats.weight
-        if fmt is None:
-            raise ValueError("this Winograd layer keeps its weights in float (formats.weight is None): nothing to round")
-        if inputs.ndim != 4 or inputs.shape[1] != layer.in_channels:
-            raise ValueError(f"calibration inputs for this Winograd layer must have shape {_expected_input(layer)}, "
-                             f"got {tuple(inputs.shape)}")
-        from ..winograd.scales import reference_output
-
-        x = inputs.to(layer.weight.dtype).detach()
-        view = weight_view(layer)
-        with torch.no_grad():
-            target = reference_output(layer, x)
-        return RoundingProblem(view.weight, fmt, view.scale(), winograd_layer_fn(layer), x, target)
-    if isinstance(layer, (QuantConv2d, QuantLinear)):
-        fmt = layer.weight_format
-        if fmt is None:
-            raise ValueError("this layer keeps its weights in float (weight_format is None): nothing to round")
-        w = layer.weight.detach()
-        linear = isinstance(layer, QuantLinear)
-        if linear:
-            if inputs.ndim < 2 or inputs.shape[-1] != layer.in_features:
-                raise ValueError(f"calibration inputs for this linear layer must have shape {_expected_input(layer)}, "
-                                 f"got {tuple(inputs.shape)}")
-        elif inputs.ndim != 4 or inputs.shape[1] != layer.in_channels:
-            raise ValueError(f"calibration inputs for this conv must have shape {_expected_input(layer)}, "
-                             f"got {tuple(inputs.shape)}")
-        x = inputs.to(w.dtype).detach()
-        with torch.no_grad():
-            if layer.act_format is not None:
-                if linear:
-                    gran = Granularity("group", axis=-1, group_size=layer.group_size or (1 << 30), shared_dims=())
-                    x = fake_quantize_dynamic(x, layer.act_format, gran)
-                else:
-                    gran = activation_granularity(layer.group_size, 5, 2)
-                    x = layer._per_conv_group(x, lambda t: fake_quantize_dynamic(t, layer.act_format, gran))
-        scale = weight_view(layer).scale()
-        bias = None if layer.bias is None else layer.bias.detach()  # no gradient reaches the layer's parameters
-        if linear:
-            def layer_fn(xb, wb):
-                return F.linear(xb, wb, bias)
-        else:
-            def layer_fn(xb, wb):
-                return layer._conv_forward(xb, wb, bias)
-        with torch.no_grad():
-            target = layer_fn(x, w)
-        return RoundingProblem(w, fmt, scale, layer_fn, x, target)
-    raise ValueError(f"learned rounding supports QuantConv2d, QuantLinear and QuantWinogradConv2d, "
-                     f"got {type(layer).__name__}")
+        raise ValueError(f"calibration inputs must be a float tensor of shape {layer.expected_input()}")
+    fmt = layer.rounding_format()
+    if fmt is None:
+        raise ValueError(f"this {type(layer).__name__} keeps its weights in float (its weight format is None): "
+                         "nothing to round")
+    if not layer.accepts_input(inputs):
+        raise ValueError(f"calibration inputs for this {type(layer).__name__} must have shape "
+                         f"{layer.expected_input()}, got {tuple(inputs.shape)}")
+    x = layer.rounding_inputs(inputs)
+    view = layer.rounding_target()
+    return RoundingProblem(view.weight, fmt, view.scale(), layer.rounding_layer_fn(), x, layer.rounding_reference(x))
 
 
 def winograd_layer_fn(layer: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """``fn(x, u)``: the layer's full quantized Winograd pipeline on ``x`` with the
     Winograd-domain weights replaced by ``u`` (shape (K, C/groups, n, n), used as
     given, not re-quantized)."""
-
-    def fn(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        # shadow the bound method on this instance only, for the duration of the call, and keep
-        # gradients away from the layer's own parameters (bias, transforms): only u is learned
-        saved = [(p, p.requires_grad) for p in layer.parameters()]
-        for p, _ in saved:
-            p.requires_grad_(False)
-        layer.quantized_weight = lambda g: u.to(g.dtype)
-        try:
-            return layer(x)
-        finally:
-            del layer.quantized_weight
-            for p, req in saved:
-                p.requires_grad_(req)
-
-    return fn
+    return layer.rounding_layer_fn()
 
 
 def round_layer_weight(layer: nn.Module, inputs: torch.Tensor, rounding: str = "learned", **kwargs):

@@ -22,7 +22,7 @@ other's rounding errors:
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Callable, NamedTuple
 
 import torch
@@ -208,19 +208,11 @@ def _block_state(qblock: nn.Module):
 
 @contextmanager
 def _soft_weights(layers: list[tuple[str, nn.Module, object]], adas: list[AdaRoundWeight]):
-    """Each layer's ``quantized_weight`` shadowed on the instance by its soft AdaRound weight."""
-    from ..winograd.quantized import QuantWinogradConv2d
-
-    try:
+    """Each layer's quantized weights replaced by its soft AdaRound weight (``weights_replaced_by``)."""
+    with ExitStack() as stack:
         for (_, layer, _), ada in zip(layers, adas):
-            if isinstance(layer, QuantWinogradConv2d):
-                layer.quantized_weight = lambda g, ada=ada: ada(hard=False).to(g.dtype)
-            else:
-                layer.quantized_weight = lambda ada=ada: ada(hard=False)
+            stack.enter_context(layer.weights_replaced_by(lambda ada=ada: ada(hard=False)))
         yield
-    finally:
-        for _, layer, _ in layers:
-            layer.__dict__.pop("quantized_weight", None)
 
 
 @contextmanager
@@ -316,7 +308,7 @@ def reconstruct_block(qblock: nn.Module, calls: list[BlockCall], iters: int = 30
             _train(qblock, calls, adas, iters, lr, beta, warmup, reg_weight, seed, label)
         with torch.no_grad():
             for (_, layer, _), ada in zip(layers, adas):
-                set_rounded_weight(layer, ada(hard=True).to(layer.weight.dtype))
+                set_rounded_weight(layer, ada(hard=True).to(layer.weight.dtype), ada.scale)
         loss_learned = _full_loss(qblock, calls)
     return {"layers": len(layers), "loss_nearest": loss_nearest, "loss_learned": loss_learned, "iters": iters,
             "seconds": time.perf_counter() - start}

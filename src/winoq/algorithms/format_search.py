@@ -223,13 +223,6 @@ def choose_layer_format(layer, inputs: torch.Tensor | None = None, candidates=No
 
 def set_layer_weight_format(layer, fmt) -> None:
     """Give a quantized layer another weight format (its cached quantized weights are dropped)."""
-    import dataclasses
+    from .adaround import _quantized_layer
 
-    from ..winograd.quantized import QuantWinogradConv2d
-
-    fmt = parse(fmt)
-    if isinstance(layer, QuantWinogradConv2d):
-        layer.formats = dataclasses.replace(layer.formats, weight=fmt)
-        layer.__dict__.pop("_u_cache", None)
-    else:
-        layer.weight_format = fmt
+    _quantized_layer(layer).set_weight_format(fmt)

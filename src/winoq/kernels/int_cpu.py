@@ -127,7 +127,8 @@ def _layer_key(layer, dtype, device) -> tuple:
     ftk = None if ft is None else tuple((k, p._version, p.data_ptr()) for k, p in ft.items())
     return (dtype, str(device), layer.weight._version, layer.weight.data_ptr(), layer.log_sb._version,
             layer.log_sg._version, layer.log_sb.data_ptr(), layer.log_sg.data_ptr(), ftk, layer.group_size,
-            layer.scale_mode, layer.weight_tapwise, layer.weight_method, layer.formats, layer.groups)
+            layer.scale_mode, layer.weight_tapwise, layer.weight_method, layer.formats, layer.groups,
+            id(layer.learned_u))
 
 
 def prepare(layer, dtype: torch.dtype = torch.float32) -> Prepared:
@@ -141,7 +142,8 @@ def prepare(layer, dtype: torch.dtype = torch.float32) -> Prepared:
     fm = layer.formats
     with torch.no_grad():
         at, g, bt = layer.transforms(torch.float64, device)
-        u = transform_2d(g, layer.weight.double())  # (K, cg, n, n)
+        # U as the layer computes with it: learned rounding / a loaded checkpoint give it directly
+        u = transform_2d(g, layer.weight.double()) if layer.learned_u is None else layer.learned_u.double()
         su_full = compute_scale(u, fm.weight, layer._weight_gran(), layer.weight_method)[0]
         qu = quantize(u, fm.weight, su_full)
     codes = qu.codes  # int32 (K, cg, n, n)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..formats import parse
-from ..modules import quantize_activation
+from ..modules import WeightView, quantize_activation, replaced_quantized_weight
 from ..quantizers import Granularity, compute_scale, fake_quantize, fake_quantize_dynamic, quantize
 from .conv import (WinogradConv2d, extract_tiles, hadamard_taps_first, stitch_taps_first, stitch_tiles,
                    tiles_taps_first, transform_2d, transform_taps_first)
@@ -258,6 +258,59 @@ class QuantWinogradConv2d(WinogradConv2d):
                 su = _pick_scale(qu.scale, qu.codes.shape)[ks, sub][:, :1]  # (K/G,1,n|1,n|1)
                 out[:, ks] += acc.double() * sv * su.squeeze(1)[None, :, None, None]
         return out
+
+    # ---------------------------------------------------------------- learned rounding, format search
+    def rounding_format(self):
+        """The format of the transformed weights U (None: they stay float)."""
+        return self.formats.weight
+
+    @torch.no_grad()
+    def rounding_target(self) -> WeightView:
+        """U = G' g G'^T with the current transform scales: what learned rounding and the format
+        search work on, with the layer's own scale granularity."""
+        w = self.weight.detach()
+        _, g, _ = self.transforms(w.dtype, w.device)
+        return WeightView(transform_2d(g, w), self.formats.weight, self._weight_gran(),
+                          getattr(self, "weight_method", "minmax"))
+
+    @torch.no_grad()
+    def set_rounded_weight(self, u_q: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+        """Transformed weights already on the grid (step ``scale``) become ``learned_u``, used as given."""
+        self.learned_u = u_q.detach().clone()
+        self.learned_u_scale = None if scale is None else scale.detach().clone()
+
+    def set_weight_format(self, fmt) -> None:
+        import dataclasses
+
+        self.formats = dataclasses.replace(self.formats, weight=parse(fmt))
+        self.__dict__.pop("_u_cache", None)
+
+    def rounding_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.weight.dtype).detach()
+
+    def rounding_layer_fn(self):
+        """``fn(x, u)``: the full quantized pipeline with U replaced by ``u`` (used as given)."""
+        def fn(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+            with self.weights_replaced_by(lambda: u):
+                return self(x)
+        return fn
+
+    @torch.no_grad()
+    def rounding_reference(self, x: torch.Tensor) -> torch.Tensor:
+        from .scales import reference_output
+
+        return reference_output(self, x)
+
+    def expected_input(self) -> str:
+        return f"(N, {self.in_channels}, H, W)"
+
+    def accepts_input(self, x: torch.Tensor) -> bool:
+        return x.ndim == 4 and x.shape[1] == self.in_channels
+
+    def weights_replaced_by(self, fn):
+        """For the duration, the quantized transformed weights are ``fn()`` (used as given) and no
+        gradient reaches the layer's own parameters (bias, transforms)."""
+        return replaced_quantized_weight(self, lambda g: fn().to(g.dtype))
 
     # ---------------------------------------------------------------- reports
     def int32_report(self) -> dict:
