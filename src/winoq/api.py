@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import capture_layer_inputs, check_calibration_data
+from .quantize_checks import check_kernel_here, check_unsigned_formats, emulated_kernels
 from .modules import QuantConv2d, QuantLinear
 from .recipe import Recipe
 from .winograd.conv import winograd_ineligibility
@@ -50,6 +51,8 @@ def check_finite(model: nn.Module) -> None:
 
 
 def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
+    if not name:  # the root itself (a bare nn.Conv2d / nn.Linear): quantize() returns ``new``
+        return
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, new)
@@ -104,13 +107,16 @@ def quantize(model: nn.Module, recipe: Recipe | None = None, *, calib_data=None,
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_finite(model)
+    check_kernel_here(recipe.kernel, model)
     if calibrate:
         _check_calib_data(recipe, calib_data)
         if recipe.uses_calibration_data:
             check_calibration_data(model, calib_data)  # wrong shapes fail before any work
-    torch.manual_seed(recipe.seed)
+        check_unsigned_formats(model, recipe)
     qmodel = copy.deepcopy(model).eval()
-    plan = _swap_modules(qmodel, recipe)
+    with torch.random.fork_rng(devices=[]):  # the new layers' throw-away init must not move the global RNG
+        plan = _swap_modules(qmodel, recipe)
+    qmodel = next((mod for rep, mod in plan if rep.name == ""), qmodel)  # a bare layer is its own root
     qmodel.eval()  # the swapped-in layers are new modules: put them in eval mode too
     wino = [(rep, mod) for rep, mod in plan if rep.kind == "winograd"]
     if recipe.winograd is not None and not wino:
@@ -118,14 +124,15 @@ def quantize(model: nn.Module, recipe: Recipe | None = None, *, calib_data=None,
                       "every layer is quantized directly", stacklevel=2)
     if not plan:
         warnings.warn("the model has no nn.Conv2d or nn.Linear layer: nothing was quantized", stacklevel=2)
-    if calibrate and wino:
-        _calibrate(model, qmodel, wino, recipe, calib_data, progress)
-    if calibrate and recipe.format_search != "off":
-        _search_formats(model, plan, recipe, calib_data, progress)
-    if calibrate and recipe.rounding == "learned":
-        _learn_rounding(model, qmodel, plan, recipe, calib_data, progress)
-    if calibrate and recipe.activation_ranges == "static":
-        _calibrate_static_ranges(qmodel, plan, calib_data, progress)
+    with emulated_kernels(qmodel):  # calibration always runs the emulated (differentiable) kernel
+        if calibrate and wino:
+            _calibrate(model, qmodel, wino, recipe, calib_data, progress)
+        if calibrate and recipe.format_search != "off":
+            _search_formats(model, plan, recipe, calib_data, progress)
+        if calibrate and recipe.rounding == "learned":
+            _learn_rounding(model, qmodel, plan, recipe, calib_data, progress)
+        if calibrate and recipe.activation_ranges == "static":
+            _calibrate_static_ranges(qmodel, plan, calib_data, progress)
     qmodel.winoq_recipe = recipe
     qmodel.winoq_report = [rep for rep, _ in plan]
     return qmodel
@@ -186,8 +193,13 @@ def _naming_layer(name: str):
 
 
 def _check_calib_data(recipe: Recipe, calib_data) -> None:
-    """Fail before any work when the recipe needs calibration data and none was given."""
+    """Fail before any work when the recipe needs calibration data and none was given;
+    warn when data is given to a recipe that never looks at it."""
     if calib_data is not None:
+        if not recipe.uses_calibration_data:
+            warnings.warn("calib_data is ignored: this recipe is data-free (it learns on calibration data only with "
+                          "rounding='learned', activation_ranges='static', format_search='output' or "
+                          "scales='paw-fsq')", stacklevel=3)
         return
     if recipe.rounding == "learned":
         raise ValueError("rounding='learned' learns on calibration inputs: pass calib_data=(a tensor or batches "
@@ -235,6 +247,12 @@ def _calibrate_static_ranges(qmodel, plan, calib_data, progress: bool) -> None:
             raise ValueError(f"layer {rep.name!r} never ran on the calibration data, so it has no static range; "
                              "pass calib_data that exercises the whole model")
         rep.calibration["static_clip_ratios"] = mod.act_ranges.freeze()
+    zero = [rep.name for rep, mod in plan if not bool(getattr(mod.act_ranges, "amax_input", torch.ones(1)).any())]
+    if zero:  # every input of these layers would quantize to 0 (e.g. all-zero calibration data)
+        raise ValueError(f"the static input range of layer(s) {', '.join(map(repr, zero[:5]))}"
+                         f"{' and %d more' % (len(zero) - 5) if len(zero) > 5 else ''} is zero: their inputs were 0 "
+                         "on every calibration sample, so every input would quantize to 0; pass calib_data with "
+                         "real model inputs (not all zeros)")
 
 
 def _learn_rounding(model, qmodel, plan, recipe: Recipe, calib_data, progress: bool) -> None:
