@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import capture_layer_inputs, check_calibration_data
+from .checkpoint_checks import checked_metadata
 from .quantize_checks import check_kernel_here, check_unsigned_formats, emulated_kernels
 from .modules import QuantConv2d, QuantLinear
 from .recipe import Recipe
@@ -358,7 +359,7 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     if meta.get("format") != _FORMAT:
         raise ValueError(f"{path} is a safetensors file but not a winoq checkpoint (metadata format="
                          f"{meta.get('format')!r}); write it with winoq.save")
-    recipe = Recipe.from_json(meta["recipe"])
+    recipe, report = checked_metadata(path, meta, model)
     qmodel = quantize(model, recipe, calibrate=False, progress=False)
     static_ranges: dict[str, dict] = {}  # layer name -> {buffer name: shape}
     for key, value in tensors.items():
@@ -383,7 +384,6 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     if missing or unexpected:
         raise ValueError(f"{path} does not match this model: missing {missing[:5]}, unexpected {unexpected[:5]}; "
                          "pass the same float architecture that was quantized")
-    report = json.loads(meta.get("report", "[]"))
     _apply_saved_formats(qmodel, report)
     qmodel.winoq_report = [LayerReport(**r) for r in report] if report else qmodel.winoq_report
     return qmodel

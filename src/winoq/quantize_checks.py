@@ -36,6 +36,11 @@ def _quantized_layers(model: nn.Module, skip: tuple[str, ...]):
             yield name, mod
 
 
+def quantized_layer_names(model: nn.Module, skip: tuple[str, ...]) -> list[str]:
+    """The float model's layers ``quantize`` swaps (every nn.Conv2d and nn.Linear not skipped)."""
+    return [name for name, _ in _quantized_layers(model, skip)]
+
+
 def _signed_twin(fmt) -> str:
     return repr(f"int{fmt.bits}") if not fmt.is_float else "a signed format"
 

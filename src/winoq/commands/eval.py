@@ -19,7 +19,7 @@ def run(args) -> int:
     if args.checkpoint is not None:
         try:
             model = load(args.checkpoint, model)
-        except (ValueError, RuntimeError, OSError, KeyError) as exc:
+        except (ValueError, RuntimeError, OSError, KeyError, TypeError) as exc:
             raise CLIError(f"cannot load checkpoint {args.checkpoint}: {one_line(exc)}") from None
         label = f"quantized {model.winoq_recipe.describe()}"
     x, y, desc = load_eval_data(name, args.data, args.n_images)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import warnings
 from pathlib import Path
 
@@ -48,17 +50,63 @@ def _calibration_images(name: str, calib_dir: str | None = None, n: int = 64):
         return None
 
 
+def _input_files(model: str, weights: str | None) -> list[Path]:
+    """The files the float model is read from (``--out`` must not overwrite any of them)."""
+    files = [Path(weights)] if weights not in (None, "shared") else []
+    folder = Path(model[len("diffusers:"):]) if model.startswith("diffusers:") else None
+    if folder is not None and folder.is_dir():
+        files += [p for p in folder.rglob("*") if p.is_file()]
+    elif Path(model).is_file():
+        files.append(Path(model))
+    return files
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Same file after resolving symlinks (and hard links, when both exist)."""
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def _check_output(out: Path, inputs: list[Path]) -> None:
+    """Fail before any work when ``--out`` cannot be written or would destroy an input."""
+    if out.is_dir():
+        raise CLIError(f"--out {out} is a directory; give a file name such as {out / 'model.safetensors'}")
+    if not out.parent.is_dir():
+        raise CLIError(f"output folder {out.parent} does not exist")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise CLIError(f"output folder {out.parent} is not writable; choose another --out")
+    for src in inputs:
+        if _same_file(out, src):
+            raise CLIError(f"--out {out} is the input file {src}: writing it would overwrite the float weights; "
+                           "choose another --out")
+    tmp = Path(f"{out}.tmp")
+    if tmp.exists() or tmp.is_symlink():
+        raise CLIError(f"{tmp} already exists (left by an interrupted run, or another run is writing {out}); "
+                       "remove it if no run is writing, or choose another --out")
+
+
+def _save(qmodel, out: Path) -> None:
+    """``winoq.save`` with a one-line error on a full disk or an unwritable file, and no
+    half-written ``<out>.tmp`` left behind."""
+    from .. import save
+
+    try:
+        save(qmodel, out)
+    except OSError as exc:
+        Path(f"{out}.tmp").unlink(missing_ok=True)  # _check_output made sure it was not there before
+        fix = "free some space or choose another --out" if exc.errno == errno.ENOSPC else "choose another --out"
+        raise CLIError(f"cannot write {out}: {one_line(exc)} ({fix})") from None
+
+
 def run(args) -> int:
-    from .. import quantize, save
+    from .. import quantize
     from ..metrics import timed
 
     set_threads(args.threads)
     recipe = _recipe_from_args(args)
     out = Path(args.out)
-    if out.is_dir():
-        raise CLIError(f"--out {out} is a directory; give a file name such as {out / 'model.safetensors'}")
-    if not out.parent.is_dir():
-        raise CLIError(f"output folder {out.parent} does not exist")
+    _check_output(out, _input_files(args.model, args.weights))
     model, name = load_float_model(args.model, args.weights)
     if args.eval and name.startswith("diffusers:"):
         raise CLIError("--eval measures classifier accuracy; for UNets see benchmarks/diffusion_table.py")
@@ -75,12 +123,13 @@ def run(args) -> int:
     print(f"quantizing {name}: {recipe.describe()} (seed {recipe.seed})")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        qmodel, q_seconds = timed(quantize, model, recipe, calib_data=calib, progress=progress)
+        try:
+            qmodel, q_seconds = timed(quantize, model, recipe, calib_data=calib, progress=progress)
+        except ValueError as exc:  # the recipe does not fit this model (e.g. unsigned weights)
+            print_warnings(caught)
+            raise CLIError(f"cannot quantize {name}: {one_line(exc)}") from None
     print_warnings(caught)
-    try:
-        save(qmodel, out)
-    except OSError as exc:
-        raise CLIError(f"cannot write {out}: {one_line(exc)}") from None
+    _save(qmodel, out)
     print(layer_summary(qmodel.winoq_report))
     print(f"quantized in {q_seconds:.1f} s; saved {out} ({out.stat().st_size / 1024:.0f} KiB)")
     if data is not None:
