@@ -22,7 +22,8 @@ class Recipe:
     """How to quantize a model.
 
     weights / activations: format names (``winoq.formats.parse``: "int8", "int4",
-        "fp8_e4m3", "fp4_e2m1", ...).
+        "fp8_e4m3", "fp4_e2m1", ...). Unsigned ones ("uint8") are refused or warned about
+        where they would clamp negatives to 0 (``winoq.quantize_checks``).
     group_size: channels per scale group (None: per output channel for weights,
         per tensor for activations). When it does not divide a layer's channel
         count the last group is shorter.
