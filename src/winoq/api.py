@@ -115,7 +115,8 @@ def quantize(model: nn.Module, recipe: Recipe | None = None, *, calib_data=None,
             check_calibration_data(model, calib_data)  # wrong shapes fail before any work
         check_unsigned_formats(model, recipe)
     qmodel = copy.deepcopy(model).eval()
-    with torch.random.fork_rng(devices=[]):  # the new layers' throw-away init must not move the global RNG
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda):  # the new layers' throw-away init must not move the global RNGs
         plan = _swap_modules(qmodel, recipe)
     qmodel = next((mod for rep, mod in plan if rep.name == ""), qmodel)  # a bare layer is its own root
     qmodel.eval()  # the swapped-in layers are new modules: put them in eval mode too
