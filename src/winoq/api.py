@@ -26,6 +26,8 @@ from tqdm.auto import tqdm
 
 from .batchnorm import fold_batchnorm
 from .calibration import capture_layer_inputs, check_calibration_data
+from .checkpoint_checks import checked_metadata
+from .quantize_checks import check_kernel_here, check_unsigned_formats, emulated_kernels
 from .modules import QuantConv2d, QuantLinear
 from .recipe import Recipe
 from .winograd.conv import winograd_ineligibility
@@ -51,6 +53,8 @@ def check_finite(model: nn.Module) -> None:
 
 
 def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
+    if not name:  # the root itself (a bare nn.Conv2d / nn.Linear): quantize() returns ``new``
+        return
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, new)
@@ -105,14 +109,18 @@ def quantize(model: nn.Module, recipe: Recipe | None = None, *, calib_data=None,
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_finite(model)
+    check_kernel_here(recipe.kernel, model)
     if calibrate:
         _check_calib_data(recipe, calib_data)
         if recipe.uses_calibration_data:
             check_calibration_data(model, calib_data)  # wrong shapes fail before any work
-    torch.manual_seed(recipe.seed)
+        check_unsigned_formats(model, recipe)
     qmodel = copy.deepcopy(model).eval()
     folded = fold_batchnorm(qmodel) if recipe.fold_batchnorm else []
-    plan = _swap_modules(qmodel, recipe)
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda):  # the new layers' throw-away init must not move the global RNGs
+        plan = _swap_modules(qmodel, recipe)
+    qmodel = next((mod for rep, mod in plan if rep.name == ""), qmodel)  # a bare layer is its own root
     qmodel.eval()  # the swapped-in layers are new modules: put them in eval mode too
     wino = [(rep, mod) for rep, mod in plan if rep.kind == "winograd"]
     if recipe.winograd is not None and not wino:
@@ -120,14 +128,15 @@ def quantize(model: nn.Module, recipe: Recipe | None = None, *, calib_data=None,
                       "every layer is quantized directly", stacklevel=2)
     if not plan:
         warnings.warn("the model has no nn.Conv2d or nn.Linear layer: nothing was quantized", stacklevel=2)
-    if calibrate and wino:
-        _calibrate(model, qmodel, wino, recipe, calib_data, progress)
-    if calibrate and recipe.format_search != "off":
-        _search_formats(model, plan, recipe, calib_data, progress)
-    if calibrate and recipe.rounding == "learned":
-        _learn_rounding(model, qmodel, plan, recipe, calib_data, progress)
-    if calibrate and recipe.activation_ranges == "static":
-        _calibrate_static_ranges(qmodel, plan, calib_data, progress)
+    with emulated_kernels(qmodel):  # calibration always runs the emulated (differentiable) kernel
+        if calibrate and wino:
+            _calibrate(model, qmodel, wino, recipe, calib_data, progress)
+        if calibrate and recipe.format_search != "off":
+            _search_formats(model, plan, recipe, calib_data, progress)
+        if calibrate and recipe.rounding == "learned":
+            _learn_rounding(model, qmodel, plan, recipe, calib_data, progress)
+        if calibrate and recipe.activation_ranges == "static":
+            _calibrate_static_ranges(qmodel, plan, calib_data, progress)
     _note_folded(plan, folded)
     qmodel.winoq_recipe = recipe
     qmodel.winoq_report = [rep for rep, _ in plan]
@@ -197,8 +206,13 @@ def _naming_layer(name: str):
 
 
 def _check_calib_data(recipe: Recipe, calib_data) -> None:
-    """Fail before any work when the recipe needs calibration data and none was given."""
+    """Fail before any work when the recipe needs calibration data and none was given;
+    warn when data is given to a recipe that never looks at it."""
     if calib_data is not None:
+        if not recipe.uses_calibration_data:
+            warnings.warn("calib_data is ignored: this recipe is data-free (it learns on calibration data only with "
+                          "rounding='learned', activation_ranges='static', format_search='output' or "
+                          "scales='paw-fsq')", stacklevel=3)
         return
     if recipe.rounding == "learned":
         raise ValueError("rounding='learned' learns on calibration inputs: pass calib_data=(a tensor or batches "
@@ -246,6 +260,12 @@ def _calibrate_static_ranges(qmodel, plan, calib_data, progress: bool) -> None:
             raise ValueError(f"layer {rep.name!r} never ran on the calibration data, so it has no static range; "
                              "pass calib_data that exercises the whole model")
         rep.calibration["static_clip_ratios"] = mod.act_ranges.freeze()
+    zero = [rep.name for rep, mod in plan if not bool(getattr(mod.act_ranges, "amax_input", torch.ones(1)).any())]
+    if zero:  # every input of these layers would quantize to 0 (e.g. all-zero calibration data)
+        raise ValueError(f"the static input range of layer(s) {', '.join(map(repr, zero[:5]))}"
+                         f"{' and %d more' % (len(zero) - 5) if len(zero) > 5 else ''} is zero: their inputs were 0 "
+                         "on every calibration sample, so every input would quantize to 0; pass calib_data with "
+                         "real model inputs (not all zeros)")
 
 
 def _learn_rounding(model, qmodel, plan, recipe: Recipe, calib_data, progress: bool) -> None:
@@ -341,8 +361,8 @@ def save(qmodel: nn.Module, path: str | os.PathLike, *, winograd_weights: str = 
     os.replace(tmp, path)  # never leave a half-written checkpoint in place of a good one
 
 
-def _read_recipe(meta: dict, path) -> Recipe:
-    """The saved recipe; files of the float format (``winoq-1``) predate BatchNorm folding."""
+def _check_format(meta: dict, path) -> None:
+    """Refuse files that are not winoq checkpoints, or of a format this winoq does not read."""
     from .checkpoint import FORMAT, LEGACY_FORMATS
 
     fmt = meta.get("format")
@@ -352,9 +372,14 @@ def _read_recipe(meta: dict, path) -> Recipe:
                              f"(it reads {', '.join((FORMAT, *LEGACY_FORMATS))}); upgrade winoq or re-save it")
         raise ValueError(f"{path} is a safetensors file but not a winoq checkpoint (metadata format="
                          f"{fmt!r}); write it with winoq.save")
-    recipe = Recipe.from_json(meta["recipe"])
-    if fmt in LEGACY_FORMATS and "fold_batchnorm" not in json.loads(meta["recipe"]):
-        recipe = recipe.replace(fold_batchnorm=False)
+
+
+def _legacy_recipe(recipe: Recipe, meta: dict) -> Recipe:
+    """Files of the float format (``winoq-1``) predate BatchNorm folding: they load unfolded."""
+    from .checkpoint import LEGACY_FORMATS
+
+    if meta.get("format") in LEGACY_FORMATS and "fold_batchnorm" not in json.loads(meta["recipe"]):
+        return recipe.replace(fold_batchnorm=False)
     return recipe
 
 
@@ -375,7 +400,7 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     for bit; ``model`` itself is untouched). Reads ``winoq-2`` files and the older float ``winoq-1``."""
     from safetensors import safe_open
 
-    from .checkpoint import codes_table, decode_into, finish_decoding
+    from .checkpoint import codes_table, decode_into, finish_decoding, key_prefix
 
     try:
         with safe_open(os.fspath(path), framework="pt") as f:
@@ -386,7 +411,9 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     except Exception as exc:
         raise ValueError(f"{path} is not a readable safetensors file ({exc}); "
                          "expected a checkpoint written by winoq.save") from exc
-    recipe = _read_recipe(meta, path)
+    _check_format(meta, path)
+    recipe, report = checked_metadata(path, meta, model)
+    recipe = _legacy_recipe(recipe, meta)
     qmodel = quantize(model, recipe, calibrate=False, progress=False)
     pending = decode_into(qmodel, tensors, codes_table(meta, path), path)
     _drop_dead_clip(qmodel, tensors, path)
@@ -396,10 +423,10 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
         if sep:
             static_ranges.setdefault(owner, {})[buffer] = value.shape
     for name, mod in qmodel.named_modules():
-        if isinstance(mod, QuantWinogradConv2d) and f"{name}.free_transforms.AT" in tensors:
+        if isinstance(mod, QuantWinogradConv2d) and f"{key_prefix(name)}free_transforms.AT" in tensors:
             mod.set_free_transforms(mod.tc.AT, mod.tc.G, mod.tc.BT)
-        if isinstance(mod, QuantWinogradConv2d) and f"{name}.learned_u" in tensors:
-            mod.learned_u = torch.empty_like(tensors[f"{name}.learned_u"], device=mod.weight.device)
+        if isinstance(mod, QuantWinogradConv2d) and f"{key_prefix(name)}learned_u" in tensors:
+            mod.learned_u = torch.empty_like(tensors[f"{key_prefix(name)}learned_u"], device=mod.weight.device)
         if name in static_ranges and isinstance(mod, (QuantWinogradConv2d, QuantConv2d, QuantLinear)):
             from .quantizers import StaticRanges
 
@@ -413,7 +440,6 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     if missing or unexpected:
         raise ValueError(f"{path} does not match this model: missing {missing[:5]}, unexpected {unexpected[:5]}; "
                          "pass the same float architecture that was quantized")
-    report = json.loads(meta.get("report", "[]"))
     _apply_saved_formats(qmodel, report)  # before the saved scales are attached: a new format drops them
     finish_decoding(pending)
     qmodel.winoq_report = [LayerReport(**r) for r in report] if report else qmodel.winoq_report

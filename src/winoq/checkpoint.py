@@ -49,6 +49,11 @@ def _pack4(nibbles: torch.Tensor) -> torch.Tensor:
     return flat[0::2] | (flat[1::2] << 4)
 
 
+def key_prefix(name: str) -> str:
+    """State-dict key prefix of the module ``name`` ("" for the root: a bare quantized layer)."""
+    return f"{name}." if name else ""
+
+
 def _unpack4(packed: torch.Tensor, numel: int) -> torch.Tensor:
     out = torch.stack([packed & 0xF, packed >> 4], dim=1).flatten()
     return out[:numel]
@@ -202,9 +207,9 @@ def deployable_tensors(qmodel: nn.Module, winograd_weights: str = "codes") -> tu
             continue
         tensors, entry = enc
         for key in ("weight", "learned_u", "weight_scale"):
-            state.pop(f"{name}.{key}", None)
-        state[f"{name}.{entry['part']}.codes"] = tensors["codes"]
-        state[f"{name}.{entry['part']}.scale"] = tensors["scale"]
+            state.pop(f"{key_prefix(name)}{key}", None)
+        state[f"{key_prefix(name)}{entry['part']}.codes"] = tensors["codes"]
+        state[f"{key_prefix(name)}{entry['part']}.scale"] = tensors["scale"]
         table[name] = entry
     if fallback:
         warnings.warn(f"{len(fallback)} layers ({', '.join(fallback[:3])}) are stored with float weights: their "
@@ -229,7 +234,7 @@ def decode_into(qmodel: nn.Module, tensors: dict[str, torch.Tensor], table: dict
                              f"which this model does not quantize that way; pass the same float architecture "
                              "that was quantized")
         try:
-            codes, compact = tensors.pop(f"{name}.{part}.codes"), tensors.pop(f"{name}.{part}.scale")
+            codes, compact = tensors.pop(f"{key_prefix(name)}{part}.codes"), tensors.pop(f"{key_prefix(name)}{part}.scale")
             shape = tuple(entry["shape"])
             entry["encoding"], entry["format"], entry["axis"], entry["group_size"]  # noqa: B018 - all present
         except KeyError as exc:
@@ -245,11 +250,11 @@ def decode_into(qmodel: nn.Module, tensors: dict[str, torch.Tensor], table: dict
         full = expand_scale(compact.to(device=device, dtype=dtype), entry["axis"], entry["group_size"], shape)
         value = q * full
         if part == "weight":
-            tensors[f"{name}.weight"] = value
+            tensors[f"{key_prefix(name)}weight"] = value
         else:
-            tensors[f"{name}.learned_u"] = value
+            tensors[f"{key_prefix(name)}learned_u"] = value
             mod.learned_u = torch.empty_like(value)
-            tensors[f"{name}.weight"] = mod.weight.detach().clone()  # replaced after loading (needs the transforms)
+            tensors[f"{key_prefix(name)}weight"] = mod.weight.detach().clone()  # replaced after loading (needs the transforms)
         pending.append((mod, part, full))
     return pending
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -21,7 +22,8 @@ class Recipe:
     """How to quantize a model.
 
     weights / activations: format names (``winoq.formats.parse``: "int8", "int4",
-        "fp8_e4m3", "fp4_e2m1", ...).
+        "fp8_e4m3", "fp4_e2m1", ...). Unsigned ones ("uint8") are refused or warned about
+        where they would clamp negatives to 0 (``winoq.quantize_checks``).
     group_size: channels per scale group (None: per output channel for weights,
         per tensor for activations). When it does not divide a layer's channel
         count the last group is shorter.
@@ -102,6 +104,7 @@ class Recipe:
     fold_batchnorm: bool = True
 
     def __post_init__(self):
+        _check_field_types(self)
         for field in ("weights", "activations"):
             parse(getattr(self, field))  # raises ValueError listing the valid names
         if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 1):
@@ -183,3 +186,28 @@ class Recipe:
 def _one_of(name, value, allowed):
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, allowed))}")
+
+
+# annotation word -> the Python types a value of it may have (bool is an int subclass: listed apart)
+_TYPE_WORDS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),),
+               "tuple[str, ...]": (tuple, list)}
+_TYPE_NAMES = {"int": "an int", "float": "a finite number", "str": "a str", "bool": "a bool (True/False)",
+               "None": "None", "tuple[str, ...]": "a tuple of str"}
+
+
+def _check_field_types(recipe: "Recipe") -> None:
+    """Every field holds a value of its annotated type: ``True`` is no int (group_size=True
+    would silently mean 1), floats are finite, a tuple field takes a tuple or list. Fields
+    whose annotation is not a plain union of the words above are checked by their own rules."""
+    for f in dataclasses.fields(recipe):
+        words = [w.strip() for w in str(f.type).split("|")]
+        if not all(w in _TYPE_WORDS for w in words):
+            continue
+        value = getattr(recipe, f.name)
+        allowed = tuple(t for w in words for t in _TYPE_WORDS[w])
+        if isinstance(value, bool) and "bool" not in words or not isinstance(value, allowed):
+            expected = " or ".join(_TYPE_NAMES[w] for w in words)
+            raise ValueError(f"{f.name} must be {expected}, got {value!r} ({type(value).__name__})")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{f.name} must be a finite number, got {value!r}")
+

@@ -88,9 +88,14 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} not found")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except SafetensorError as e:  # truncated or not a safetensors file at all
+            raise RuntimeError(f"{path} is not a readable safetensors file ({e}); it may be truncated: "
+                               "copy or download it again") from e
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)

@@ -58,13 +58,36 @@ class ScaleLearningConfig:
 
 
 def noise_batch(layer: QuantWinogradConv2d, cfg: ScaleLearningConfig, gen: torch.Generator) -> torch.Tensor:
-    """Random images of ``cfg.tiles`` output tiles per side (for 'same' padding)."""
+    """Random images of ``cfg.tiles`` output tiles per side (for 'same' padding), drawn in
+    float32 (the same draws whatever the layer's dtype) and cast to the layer's dtype."""
     shape = (cfg.batch, layer.in_channels, cfg.tiles * layer.m, cfg.tiles * layer.m)
     if cfg.noise == "gaussian":
-        return torch.randn(shape, generator=gen)
-    if cfg.noise == "halfnormal":  # non-negative, like the output of a ReLU
-        return torch.randn(shape, generator=gen).abs()
-    return torch.rand(shape, generator=gen) * 2 - 1
+        x = torch.randn(shape, generator=gen)
+    elif cfg.noise == "halfnormal":  # non-negative, like the output of a ReLU
+        x = torch.randn(shape, generator=gen).abs()
+    else:
+        x = torch.rand(shape, generator=gen) * 2 - 1
+    return x.to(device=layer.weight.device, dtype=layer.weight.dtype)
+
+
+def learning_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the scales are learned in: float64 for float64 layers, float32 otherwise
+    (fp16 / bf16 lack the range and precision of the relative-error loss and its gradients)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def in_learning_dtype(layer: QuantWinogradConv2d) -> QuantWinogradConv2d:
+    """The layer itself when it already has its learning dtype, else a copy in that dtype
+    (the scales learned on it are copied back; the layer keeps its own dtype)."""
+    dtype = learning_dtype(layer.weight.dtype)
+    if layer.weight.dtype == dtype:
+        return layer
+    cache = layer.__dict__.pop("_u_cache", None)
+    try:
+        return copy.deepcopy(layer).to(dtype)
+    finally:
+        if cache is not None:
+            layer._u_cache = cache
 
 
 def reference_output(layer: QuantWinogradConv2d, x: torch.Tensor) -> torch.Tensor:
@@ -135,6 +158,7 @@ def learn_layer_scales(layer: QuantWinogradConv2d, cfg: ScaleLearningConfig = Sc
     with standard scales, after the closed form, after fine-tuning, and seconds
     (measured on the output channels learned on: see :func:`output_channel_subset`)."""
     proxy = output_channel_subset(layer, cfg)
+    proxy = proxy.to(learning_dtype(layer.weight.dtype)) if proxy is not layer else in_learning_dtype(layer)
     info = _learn_layer_scales(proxy, cfg)
     if proxy is not layer:
         layer.set_diagonal_scales(proxy.log_sb.detach().exp(), proxy.log_sg.detach().exp())
@@ -219,6 +243,7 @@ def learn_shared_scales(layers: list[QuantWinogradConv2d], cfg: ScaleLearningCon
     if any(l.tc.n != n or l.tc.points != layers[0].tc.points for l in layers):
         raise ValueError("shared scales need layers with the same F(m, r) and points")
     start = time.perf_counter()
+    originals, layers = layers, [in_learning_dtype(l) for l in layers]
     gen = torch.Generator().manual_seed(cfg.seed)
     log_sb = torch.zeros(n, dtype=torch.float64, requires_grad=True)
     log_sg = torch.zeros(n, dtype=torch.float64, requires_grad=True)
@@ -247,7 +272,7 @@ def learn_shared_scales(layers: list[QuantWinogradConv2d], cfg: ScaleLearningCon
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    for layer in layers:
+    for layer in originals:
         layer.set_diagonal_scales(log_sb.detach().exp(), log_sg.detach().exp())
     return {"seconds": time.perf_counter() - start, "alpha": best[1], "s_b": log_sb.exp().tolist(),
             "s_g": log_sg.exp().tolist()}

@@ -1,0 +1,1 @@
+"""The ``winoq`` commands, one module each (``register(subparsers)`` adds its subparser)."""
