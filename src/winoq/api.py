@@ -28,6 +28,7 @@ from .calibration import capture_layer_inputs, check_calibration_data
 from .modules import QuantConv2d, QuantLinear
 from .recipe import Recipe
 from .winograd.conv import winograd_ineligibility
+from .granularity import apply_recipe as apply_granularity
 from .winograd.quantized import QuantWinogradConv2d, StageFormats
 from .winograd.scales import ScaleLearningConfig, learn_layer_scales, learn_shared_scales
 
@@ -111,6 +112,7 @@ def quantize(model: nn.Module, recipe: Recipe | None = None, *, calib_data=None,
     torch.manual_seed(recipe.seed)
     qmodel = copy.deepcopy(model).eval()
     plan = _swap_modules(qmodel, recipe)
+    apply_granularity(qmodel, recipe)
     qmodel.eval()  # the swapped-in layers are new modules: put them in eval mode too
     wino = [(rep, mod) for rep, mod in plan if rep.kind == "winograd"]
     if recipe.winograd is not None and not wino:
@@ -126,6 +128,8 @@ def quantize(model: nn.Module, recipe: Recipe | None = None, *, calib_data=None,
         _learn_rounding(model, qmodel, plan, recipe, calib_data, progress)
     if calibrate and recipe.activation_ranges == "static":
         _calibrate_static_ranges(qmodel, plan, calib_data, progress)
+    for rep, mod in wino:
+        rep.int32 = mod.int32_report()  # after learning: the transforms as they will run
     qmodel.winoq_recipe = recipe
     qmodel.winoq_report = [rep for rep, _ in plan]
     return qmodel

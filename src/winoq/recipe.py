@@ -71,6 +71,13 @@ class Recipe:
         of its clipping ratio).
     skip: module-name patterns (``fnmatch``: "conv_in", "*.time_emb*") whose convs and linears
         stay in float, e.g. a UNet's first and last conv.
+    activation_granularity: where the dynamic activation scales of the convs' inputs live
+        (``winoq.granularity``): "fine" (default: a direct conv's input per sample, pixel and channel
+        group -- the blocks of its GEMM reduction over (channel, ky, kx); a Winograd conv's input per
+        tile and channel group, each overlapping tile quantized on its own, what an integer input
+        transform needs), "block" (Winograd input per m x m pixel block of the tile grid instead;
+        emulated only) or "sample" (one scale per sample and channel group over all pixels, the
+        coarse choice). Linear inputs are always per row (token) and group.
     """
 
     weights: str = "int8"
@@ -96,6 +103,7 @@ class Recipe:
     format_search: str = "off"
     activation_ranges: str = "dynamic"
     skip: tuple[str, ...] = ()
+    activation_granularity: str = "fine"
 
     def __post_init__(self):
         for field in ("weights", "activations"):
@@ -118,6 +126,7 @@ class Recipe:
                              f"weights={self.weights!r} is an integer format; use e.g. weights='fp4_e2m1' or "
                              "format_search='off'")
         _one_of("activation_ranges", self.activation_ranges, ("dynamic", "static"))
+        _one_of("activation_granularity", self.activation_granularity, ("fine", "block", "sample"))
         if not isinstance(self.rounding_iters, int) or self.rounding_iters < 1:
             raise ValueError(f"rounding_iters must be a positive int, got {self.rounding_iters!r}")
         if not isinstance(self.calib_samples, int) or self.calib_samples < 1:
@@ -161,6 +170,7 @@ class Recipe:
             data["points"] = tuple(data["points"])
         if "skip" in data:
             data["skip"] = tuple(data["skip"])
+        data.setdefault("activation_granularity", "sample")  # files from before the field ran per sample
         return cls(**data)
 
     def describe(self) -> str:

@@ -357,7 +357,7 @@ def weight_view(layer: nn.Module) -> WeightView:
     w = layer.weight.detach()
     if isinstance(layer, QuantWinogradConv2d):
         _, g, _ = layer.transforms(w.dtype, w.device)
-        return WeightView(transform_2d(g, w), fmt, layer._weight_gran(), layer.weight_method)
+        return WeightView(transform_2d(g, w), fmt, layer._weight_gran(), "minmax")
     return WeightView(w, fmt, weight_granularity(layer.group_size, w.ndim), "minmax")
 
 
@@ -392,8 +392,7 @@ def rounding_problem(layer: nn.Module, inputs: torch.Tensor) -> RoundingProblem:
     Winograd weights are the transformed ``U = G' g G'^T`` (with the layer's
     current transform scales: learn the rounding *after* the transform scales).
     """
-    from ..modules import QuantConv2d, QuantLinear, activation_granularity
-    from ..quantizers import Granularity, fake_quantize_dynamic
+    from ..modules import QuantConv2d, QuantLinear
     from ..winograd.quantized import QuantWinogradConv2d
 
     if not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point():
@@ -427,13 +426,7 @@ def rounding_problem(layer: nn.Module, inputs: torch.Tensor) -> RoundingProblem:
                              f"got {tuple(inputs.shape)}")
         x = inputs.to(w.dtype).detach()
         with torch.no_grad():
-            if layer.act_format is not None:
-                if linear:
-                    gran = Granularity("group", axis=-1, group_size=layer.group_size or (1 << 30), shared_dims=())
-                    x = fake_quantize_dynamic(x, layer.act_format, gran)
-                else:
-                    gran = activation_granularity(layer.group_size, 5, 2)
-                    x = layer._per_conv_group(x, lambda t: fake_quantize_dynamic(t, layer.act_format, gran))
+            x = layer.quantize_input(x, dynamic=True)
         scale = weight_view(layer).scale()
         bias = None if layer.bias is None else layer.bias.detach()  # no gradient reaches the layer's parameters
         if linear:
