@@ -316,6 +316,16 @@ def _triton_interpreter_checks() -> dict:
         assert y.dtype == x.dtype and y.is_contiguous(memory_format=torch.channels_last) == big
         report[name] = float((y.float() - yc).norm() / yc.norm())
         assert report[name] <= (1e-3 if big else 1e-6), (name, report[name])
+    # per-tile input scales (the default granularity): V codes and outputs against int_cpu
+    for name, (c, k, m, groups, gs) in {"tile_input_f4_groups": (12, 8, 4, 2, 5), "tile_input_f6": (16, 8, 6, 1, 8)}.items():
+        layer = make_layer(c, k, m, groups, gs, input_scales="fine")
+        x = float_input((2, c, 10, 9))
+        y, cd = triton_winograd.forward(layer, x, return_codes=True)
+        yc, cc = int_cpu.forward(layer, x, return_codes=True)
+        same = (cd["v"].float().transpose(1, 2) == cc["v"]).double().mean()
+        assert same >= 0.999, (name, float(same))
+        report[name] = float((y - yc).norm() / yc.norm())
+        assert report[name] <= 1e-5, (name, report[name])
     return report
 
 
@@ -328,7 +338,7 @@ def test_triton_kernels_under_the_interpreter():
                           cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     result = json.loads(proc.stdout.split("RESULT", 1)[1])
-    assert len(result) == 7
+    assert len(result) == 9
 
 
 # ----------------------------------------------------------------------------- GPU benchmark, CPU parts
