@@ -73,6 +73,9 @@ class StageGranularity:
         axis = _axis(layout)
         kept = {"conv_group", "out_channel"} | set(self.per)
         shared = tuple(d for d, name in enumerate(layout) if d != axis and _kind(name) not in kept)
+        own = [d for d in range(len(layout)) if d != axis and d not in shared]
+        if self.group_size is None and len(own) == 1 and layout[own[0]] == "out_channel":
+            return Granularity("channel", axis=own[0])  # per output channel (weights without groups)
         return Granularity("group", axis=axis, group_size=self.group_size or ALL, shared_dims=shared)
 
     def static_keep(self, layout: tuple[str, ...]) -> tuple[int, ...]:
