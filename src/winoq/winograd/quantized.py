@@ -339,7 +339,7 @@ class QuantWinogradConv2d(WinogradConv2d):
     def extra_repr(self) -> str:
         fm = self.formats
         names = [getattr(f, "name", "float") for f in (fm.input, fm.winograd_input, fm.weight, fm.output)]
-        return super().extra_repr() + f", stages(in,V,U,M)={names}, group_size={self.group_size}, {self.scale_mode}"
+        return super().extra_repr() + f", stages(in,V,U,M)={names}, group_size={self.group_size}, {self.scale_mode}, input per {self.granularity.input_mode}"
 
 
 def _compact(q: torch.Tensor, fmt) -> torch.Tensor:
