@@ -127,6 +127,8 @@ def markdown(res) -> str:
             r = res[c].get(row)
             if r is None:
                 cells.append("")
+            elif row == "FP" and "worst_db" in r:
+                cells.append("(reference)")
             elif "worst_db" in r:
                 cells.append(f"{r['probe_worst_db']:.1f} / {r['worst_db']:.1f} / {r['mean_db']:.1f}")
             else:
