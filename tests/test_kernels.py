@@ -33,6 +33,7 @@ from hypothesis import strategies as st
 
 import winoq.kernels as kernels
 from winoq.kernels import KERNELS, int_cpu, resolve_kernel, triton_available, winograd_forward
+from winoq.granularity import WINO_TILES_LAST
 from winoq.quantizers import compute_scale, quantize
 from winoq.winograd.conv import extract_tiles, transform_2d
 from winoq.winograd.quantized import QuantWinogradConv2d, StageFormats
@@ -44,10 +45,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_layer(c, k, m, groups=1, group_size=32, scale_mode="shared", padding=1, bias=True, seed=0,
-               formats=StageFormats(), padding_mode="zeros"):
+               formats=StageFormats(), padding_mode="zeros", input_scales="sample"):
+    """``input_scales``: the layer's activation granularity ("sample": one input scale per sample
+    and channel group, exact on ``integer_input``; "fine": per tile; "block")."""
     gen = torch.Generator().manual_seed(seed)
     layer = QuantWinogradConv2d(c, k, 3, m, padding=padding, bias=bias, groups=groups, group_size=group_size,
                                 scale_mode=scale_mode, formats=formats, padding_mode=padding_mode)
+    layer.activation_granularity = input_scales
     with torch.no_grad():
         layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen))
         if bias:
@@ -137,7 +141,7 @@ def layer_configs(draw):
     mode = draw(st.sampled_from(["zeros", "zeros", "reflect"])) if padding != 0 else "zeros"
     return dict(c=c, k=k, m=m, groups=groups, group_size=gs, padding=padding, hw=hw, padding_mode=mode,
                 scale_mode=draw(st.sampled_from(["shared", "shared", "tapwise"])), bias=draw(st.booleans()),
-                weight_tapwise=draw(st.booleans()), clip=draw(st.sampled_from([1.0, 0.9])),
+                weight_tapwise=draw(st.booleans()),
                 gemm=draw(st.sampled_from(["int_mm", "float"])), batch=draw(st.integers(1, 2)),
                 seed=draw(st.integers(0, 1000)))
 
@@ -148,8 +152,6 @@ def test_int_cpu_float64_equals_forward_integer_on_integer_inputs(cfg):
     layer = make_layer(cfg["c"], cfg["k"], cfg["m"], cfg["groups"], cfg["group_size"], cfg["scale_mode"],
                        cfg["padding"], cfg["bias"], cfg["seed"], padding_mode=cfg["padding_mode"])
     layer.weight_tapwise = cfg["weight_tapwise"]
-    with torch.no_grad():
-        layer.clip.fill_(cfg["clip"])
     x = integer_input((cfg["batch"], cfg["c"], *cfg["hw"]), cfg["group_size"], cfg["seed"])
     ref = layer.forward_integer(x)
     y = int_cpu.forward(layer, x, gemm=cfg["gemm"], dtype=torch.float64)
@@ -172,20 +174,22 @@ def _forward_integer_v_ratio(layer, x):
     fm = layer.formats
     x = x.double()
     at, g, bt = layer.transforms(torch.float64, "cpu")
-    xp = layer.pad_input(layer._fq(x, fm.input, layer._input_gran()))
-    v = transform_2d(bt, extract_tiles(xp, layer.m, layer.kernel_size, layer.output_hw(xp)))
-    sv = layer._per_conv_group(v, lambda t: (compute_scale(t, fm.winograd_input, layer._act_gran(7, (5, 6), axis=2))[0]
-                                             * layer.clip[0].double()).expand(t.shape))
+    xp = layer.quantize_padded_input(layer.pad_input(layer.quantize_input(x)))
+    tiles = layer.quantize_tiles(extract_tiles(xp, layer.m, layer.kernel_size, layer.output_hw(xp)), WINO_TILES_LAST)
+    v = transform_2d(bt, tiles)
+    sv = layer._per_conv_group(v, lambda t: compute_scale(t, fm.winograd_input,
+                                                          layer.granularity.v.granularity(WINO_TILES_LAST))[0].expand(t.shape))
     u = v / sv
     nb, c, th, tw, n, _ = u.shape
     return u.permute(4, 5, 1, 0, 2, 3).reshape(n * n, c, -1), quantize(v, fm.winograd_input, sv).codes
 
 
+@pytest.mark.parametrize("input_scales", ["sample", "fine", "block"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("case", ["plain", "diagonal_scales", "misaligned_groups", "free_transforms"])
-def test_int_cpu_on_float_inputs(case, dtype):
+def test_int_cpu_on_float_inputs(case, dtype, input_scales):
     layer = make_layer(12, 8, 4, groups=2 if case == "misaligned_groups" else 1,
-                       group_size=5 if case == "misaligned_groups" else 4)
+                       group_size=5 if case == "misaligned_groups" else 4, input_scales=input_scales)
     if case == "diagonal_scales":
         gen = torch.Generator().manual_seed(5)
         layer.set_diagonal_scales(torch.exp(torch.rand(6, generator=gen) - 0.5),
@@ -211,8 +215,9 @@ def test_int_cpu_on_float_inputs(case, dtype):
 @pytest.mark.parametrize("fmts", [("fp8_e4m3", "int8", "int8", "int8"), ("int8", "int8", "int8", None),
                                   ("int8", "int8", "int8", "fp8_e4m3"), (None, "int8", "int8", "int8"),
                                   ("int6", "int4", "int4", "int6")])
-def test_int_cpu_other_stage_formats(fmts):
-    layer = make_layer(12, 8, 4, group_size=4, formats=StageFormats(*fmts))
+@pytest.mark.parametrize("input_scales", ["sample", "fine"])
+def test_int_cpu_other_stage_formats(fmts, input_scales):
+    layer = make_layer(12, 8, 4, group_size=4, formats=StageFormats(*fmts), input_scales=input_scales)
     x = float_input((2, 12, 10, 9))
     ref = layer.forward_integer(x)
     for dtype in (torch.float64, torch.float32):
@@ -220,8 +225,9 @@ def test_int_cpu_other_stage_formats(fmts):
         assert match >= 0.95 and rel <= 2e-2, (fmts, dtype, match, rel)
 
 
-def test_int_cpu_close_to_emulated_forward():
-    layer = make_layer(16, 16, 4, group_size=8)
+@pytest.mark.parametrize("input_scales", ["sample", "fine", "block"])
+def test_int_cpu_close_to_emulated_forward(input_scales):
+    layer = make_layer(16, 16, 4, group_size=8, input_scales=input_scales)
     x = float_input((2, 16, 12, 12))
     match, rel = agreement(int_cpu.forward(layer, x), layer(x.double()).detach())
     assert match >= 0.95 and rel <= 2e-2
@@ -310,6 +316,16 @@ def _triton_interpreter_checks() -> dict:
         assert y.dtype == x.dtype and y.is_contiguous(memory_format=torch.channels_last) == big
         report[name] = float((y.float() - yc).norm() / yc.norm())
         assert report[name] <= (1e-3 if big else 1e-6), (name, report[name])
+    # per-tile input scales (the default granularity): V codes and outputs against int_cpu
+    for name, (c, k, m, groups, gs) in {"tile_input_f4_groups": (12, 8, 4, 2, 5), "tile_input_f6": (16, 8, 6, 1, 8)}.items():
+        layer = make_layer(c, k, m, groups, gs, input_scales="fine")
+        x = float_input((2, c, 10, 9))
+        y, cd = triton_winograd.forward(layer, x, return_codes=True)
+        yc, cc = int_cpu.forward(layer, x, return_codes=True)
+        same = (cd["v"].float().transpose(1, 2) == cc["v"]).double().mean()
+        assert same >= 0.999, (name, float(same))
+        report[name] = float((y - yc).norm() / yc.norm())
+        assert report[name] <= 1e-5, (name, report[name])
     return report
 
 
@@ -322,7 +338,7 @@ def test_triton_kernels_under_the_interpreter():
                           cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     result = json.loads(proc.stdout.split("RESULT", 1)[1])
-    assert len(result) == 7
+    assert len(result) == 9
 
 
 # ----------------------------------------------------------------------------- GPU benchmark, CPU parts

@@ -168,6 +168,7 @@ def test_forward_integer_matches_forward_on_ties():
 def test_input_stage_is_per_sample_and_channel_group(group_size, scale_mode):
     layer = make_layer(6, 4, 4, group_size=group_size, scale_mode=scale_mode,
                        formats=StageFormats("int8", None, None, None))
+    layer.activation_granularity = "sample"
     x = rand_input((2, 6, 9, 8))
     xq = _fq_groups(x, 1, group_size, (2, 3))
     assert not torch.allclose(xq, x)

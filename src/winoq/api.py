@@ -31,6 +31,7 @@ from .quantize_checks import check_kernel_here, check_unsigned_formats, emulated
 from .modules import QuantConv2d, QuantLinear
 from .recipe import Recipe
 from .winograd.conv import winograd_ineligibility
+from .granularity import apply_recipe as apply_granularity
 from .winograd.quantized import QuantWinogradConv2d, StageFormats
 from .winograd.scales import ScaleLearningConfig, learn_layer_scales, learn_shared_scales
 
@@ -121,6 +122,7 @@ def quantize(model: nn.Module, recipe: Recipe | None = None, *, calib_data=None,
     with torch.random.fork_rng(devices=cuda):  # the new layers' throw-away init must not move the global RNGs
         plan = _swap_modules(qmodel, recipe)
     qmodel = next((mod for rep, mod in plan if rep.name == ""), qmodel)  # a bare layer is its own root
+    apply_granularity(qmodel, recipe)
     qmodel.eval()  # the swapped-in layers are new modules: put them in eval mode too
     wino = [(rep, mod) for rep, mod in plan if rep.kind == "winograd"]
     if recipe.winograd is not None and not wino:
@@ -137,6 +139,8 @@ def quantize(model: nn.Module, recipe: Recipe | None = None, *, calib_data=None,
             _learn_rounding(model, qmodel, plan, recipe, calib_data, progress)
         if calibrate and recipe.activation_ranges == "static":
             _calibrate_static_ranges(qmodel, plan, calib_data, progress)
+    for rep, mod in wino:
+        rep.int32 = mod.int32_report()  # after learning: the transforms as they will run
     _note_folded(plan, folded)
     qmodel.winoq_recipe = recipe
     qmodel.winoq_report = [rep for rep, _ in plan]

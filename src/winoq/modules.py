@@ -2,8 +2,11 @@
 1x1, ...) or when Winograd is off, and linear layers. Same formats and group
 rule as the Winograd layer: weights group-wise along input channels (scale per
 output channel and group of ``group_size`` input channels; per output channel when
-``group_size`` is None); activations dynamic, one scale per sample and channel
-group (per sample when ``group_size`` is None)."""
+``group_size`` is None); activations dynamic. A conv is a GEMM whose reduction runs over
+(channel, ky, kx), so by default its input has one scale per sample, pixel and group of
+``group_size`` channels (within one conv group); ``activation_granularity="sample"`` keeps
+one scale per sample and group over all pixels. Linear inputs: one scale per row (token)
+and group. Where the scales live is described once in :mod:`winoq.granularity`."""
 from __future__ import annotations
 
 import contextlib
@@ -14,21 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .formats import parse
+from .granularity import CONV_INPUT, DirectGranularity, StageGranularity, linear_input, linear_weight
 from .quantizers import Granularity, compute_scale, fake_quantize, fake_quantize_dynamic
-
-_ALL = 1 << 30  # a group size larger than any axis: the whole axis is one group
 
 
 def weight_granularity(group_size: int | None, ndim: int) -> Granularity:
-    if group_size is None:
-        return Granularity("channel", axis=0)
-    return Granularity("group", axis=1, group_size=group_size, shared_dims=tuple(range(2, ndim)))
-
-
-def activation_granularity(group_size: int | None, ndim: int, channel_axis: int = 1) -> Granularity:
-    """Per sample (dim 0) and channel group; shared over every other dim (spatial / tokens)."""
-    shared = tuple(d for d in range(1, ndim) if d != channel_axis % ndim)
-    return Granularity("group", axis=channel_axis, group_size=group_size or _ALL, shared_dims=shared)
+    """Weights (K, C/groups, ...): per output channel and group of input channels."""
+    return StageGranularity(group_size, ("out_channel",)).granularity(linear_weight(ndim))
 
 
 def _fq(x, fmt, gran):
@@ -107,7 +102,7 @@ class DirectWeightsMixin:
     def rounding_inputs(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` as the layer's activation quantizer passes it to the weights."""
         x = x.to(self.weight.dtype).detach()
-        return x if self.act_format is None else self.quantize_input(x)
+        return x if self.act_format is None else self.quantize_input(x, dynamic=True)
 
     def rounding_layer_fn(self):
         """``fn(x, w)``: the layer on already quantized inputs with weights ``w`` (no gradient to
@@ -135,23 +130,38 @@ class QuantConv2d(DirectWeightsMixin, nn.Conv2d):
     """nn.Conv2d with fake-quantized weights and dynamically quantized inputs."""
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, weights, activations, group_size: int | None) -> "QuantConv2d":
+    def from_conv(cls, conv: nn.Conv2d, weights, activations, group_size: int | None,
+                  activation_granularity: str = "fine") -> "QuantConv2d":
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                     conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
                     device=conv.weight.device, dtype=conv.weight.dtype)
         layer.load_state_dict(conv.state_dict())
-        return _with_formats(layer, weights, activations, group_size)
+        layer = _with_formats(layer, weights, activations, group_size)
+        layer.activation_granularity = activation_granularity
+        return layer
+
+    activation_granularity = "fine"  # winoq.granularity.ACTIVATION_CHOICES
+
+    @property
+    def granularity(self) -> DirectGranularity:
+        return DirectGranularity.make(self.group_size, self.activation_granularity)
 
     def quantized_weight(self) -> torch.Tensor:
         frozen = self.frozen_weight()
         if frozen is not None:
             return frozen
-        return _fq(self.weight, self.weight_format, weight_granularity(self.group_size, 4))
+        return _fq(self.weight, self.weight_format, self.granularity.weight.granularity(linear_weight(4)))
 
-    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        """The dynamic input quantizer of the forward pass, per conv group."""
-        gran = activation_granularity(self.group_size, 5, 2)
-        return self._per_conv_group(x, lambda t: fake_quantize_dynamic(t, self.act_format, gran))
+    def quantize_input(self, x: torch.Tensor, dynamic: bool = False) -> torch.Tensor:
+        """The input stage, viewed (N, groups, C/groups, H, W) so that no channel group
+        straddles two conv groups (one loud group must not zero the others);
+        ``dynamic=True`` ignores static ranges."""
+        stage = self.granularity.input
+        gran = stage.granularity(CONV_INPUT)
+        if dynamic:
+            return self._per_conv_group(x, lambda t: _fq(t, self.act_format, gran))
+        return self._per_conv_group(x, lambda t: quantize_activation(self, "input", t, self.act_format, gran,
+                                                                     stage.static_keep(CONV_INPUT)))
 
     def apply_weight(self, x: torch.Tensor, w: torch.Tensor, bias) -> torch.Tensor:
         return self._conv_forward(x, w, bias)
@@ -163,9 +173,7 @@ class QuantConv2d(DirectWeightsMixin, nn.Conv2d):
         return x.ndim == 4 and x.shape[1] == self.in_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gran = activation_granularity(self.group_size, 5, 2)
-        x = self._per_conv_group(x, lambda t: quantize_activation(self, "input", t, self.act_format, gran, (1, 2)))
-        return self._conv_forward(x, self.quantized_weight(), self.bias)
+        return self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.bias)
 
     def _per_conv_group(self, x, fn):
         nb, c = x.shape[:2]
@@ -186,16 +194,24 @@ class QuantLinear(DirectWeightsMixin, nn.Linear):
         layer.load_state_dict(lin.state_dict())
         return _with_formats(layer, weights, activations, group_size)
 
+    @property
+    def granularity(self) -> DirectGranularity:
+        return DirectGranularity.make(self.group_size, linear=True)
+
     def quantized_weight(self) -> torch.Tensor:
         frozen = self.frozen_weight()
         if frozen is not None:
             return frozen
-        return _fq(self.weight, self.weight_format, weight_granularity(self.group_size, 2))
+        return _fq(self.weight, self.weight_format, self.granularity.weight.granularity(linear_weight(2)))
 
-    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        """The dynamic input quantizer of the forward pass (per row and group of features)."""
-        gran = Granularity("group", axis=-1, group_size=self.group_size or _ALL, shared_dims=())
-        return fake_quantize_dynamic(x, self.act_format, gran)
+    def quantize_input(self, x: torch.Tensor, dynamic: bool = False) -> torch.Tensor:
+        """The input stage: one scale per row (token) and group of input features."""
+        stage = self.granularity.input
+        layout = linear_input(x.ndim)
+        if dynamic:
+            return _fq(x, self.act_format, stage.granularity(layout))
+        return quantize_activation(self, "input", x, self.act_format, stage.granularity(layout),
+                                   stage.static_keep(layout))
 
     def apply_weight(self, x: torch.Tensor, w: torch.Tensor, bias) -> torch.Tensor:
         return F.linear(x, w, bias)
@@ -207,9 +223,7 @@ class QuantLinear(DirectWeightsMixin, nn.Linear):
         return x.ndim >= 2 and x.shape[-1] == self.in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gran = Granularity("group", axis=-1, group_size=self.group_size or _ALL, shared_dims=())
-        return F.linear(quantize_activation(self, "input", x, self.act_format, gran, (-1,)), self.quantized_weight(),
-                        self.bias)
+        return F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + _formats_repr(self)

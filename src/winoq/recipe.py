@@ -76,6 +76,13 @@ class Recipe:
     fold_batchnorm: fold every eval-mode BatchNorm2d that directly follows a conv into that conv
         before quantizing (``winoq.batchnorm``), so the quantized weights are the ones a deployment
         runs; False quantizes the conv and keeps the BatchNorm in float after it.
+    activation_granularity: where the dynamic activation scales of the convs' inputs live
+        (``winoq.granularity``): "fine" (default: a direct conv's input per sample, pixel and channel
+        group -- the blocks of its GEMM reduction over (channel, ky, kx); a Winograd conv's input per
+        tile and channel group, each overlapping tile quantized on its own, what an integer input
+        transform needs), "block" (Winograd input per m x m pixel block of the tile grid instead;
+        emulated only) or "sample" (one scale per sample and channel group over all pixels, the
+        coarse choice). Linear inputs are always per row (token) and group.
     """
 
     weights: str = "int8"
@@ -102,6 +109,7 @@ class Recipe:
     activation_ranges: str = "dynamic"
     skip: tuple[str, ...] = ()
     fold_batchnorm: bool = True
+    activation_granularity: str = "fine"
 
     def __post_init__(self):
         _check_field_types(self)
@@ -125,6 +133,7 @@ class Recipe:
                              f"weights={self.weights!r} is an integer format; use e.g. weights='fp4_e2m1' or "
                              "format_search='off'")
         _one_of("activation_ranges", self.activation_ranges, ("dynamic", "static"))
+        _one_of("activation_granularity", self.activation_granularity, ("fine", "block", "sample"))
         if not isinstance(self.rounding_iters, int) or self.rounding_iters < 1:
             raise ValueError(f"rounding_iters must be a positive int, got {self.rounding_iters!r}")
         if not isinstance(self.calib_samples, int) or self.calib_samples < 1:
@@ -170,6 +179,7 @@ class Recipe:
             data["points"] = tuple(data["points"])
         if "skip" in data:
             data["skip"] = tuple(data["skip"])
+        data.setdefault("activation_granularity", "sample")  # files from before the field ran per sample
         return cls(**data)
 
     def describe(self) -> str:

@@ -144,7 +144,7 @@ def check_reconstruction(qblock, calls, iters=150):
         for m in layers:
             if isinstance(m, QuantWinogradConv2d):
                 u = transform_2d(m.transforms(torch.float32, "cpu")[1], m.weight)
-                scales[m] = compute_scale(u, m.formats.weight, m._weight_gran(), m.weight_method)[0]
+                scales[m] = compute_scale(u, m.formats.weight, m._weight_gran())[0]
             else:
                 scales[m] = compute_scale(m.weight, m.weight_format, weight_granularity(m.group_size, m.weight.ndim),
                                           "minmax")[0]

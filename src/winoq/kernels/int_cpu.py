@@ -3,8 +3,10 @@
 Computes what :meth:`QuantWinogradConv2d.forward_integer` computes, the way an
 integer kernel does, in the taps-first layout ``(n*n, C, P)``, ``P = N*th*tw``:
 
-1. input ``x`` -> integer codes, one scale ``s_x`` per (sample, channel group) (the
-   layer's input stage), written straight into the zero-padded buffer;
+1. input ``x`` -> integer codes: with per-tile input scales (the default, see
+   :mod:`winoq.granularity`) each overlapping tile is cut out and gets its own scale per
+   channel group; with per-sample scales one ``s_x`` per (sample, channel group) is used and
+   the codes are written straight into the zero-padded buffer;
 2. input transform in integers: ``BT`` (without the learned diagonal scales) times
    its common denominator ``den`` is an integer matrix (den = 1 for F(2,3) and
    F(4,3), 4 for F(6,3)), so ``V_int = (den BT) d (den BT)^T`` is an integer
@@ -17,7 +19,7 @@ integer kernel does, in the taps-first layout ``(n*n, C, P)``, ``P = N*th*tw``:
    shared by the taps. The real V is ``V_int * s_x / den^2 * s_b[a] s_b[b]``: without
    learned diagonal scales (and with the input's channel groups nesting in V's),
    ``max |V|`` is taken on ``V_int`` itself and the code is ``V_int / (max|V_int| /
-   qmax * clip)``; otherwise V_int is first multiplied by its per (tap, channel,
+   qmax)``; otherwise V_int is first multiplied by its per (tap, channel,
    sample) factor (one pass) and the maximum taken on the real V;
 4. per tap and channel group an int8 x int8 -> int32 GEMM (``torch._int_mm``, which
    runs on CPU with VNNI), or the same integer GEMM done exactly in float32
@@ -30,8 +32,9 @@ integer kernel does, in the taps-first layout ``(n*n, C, P)``, ``P = N*th*tw``:
    the M scale and the bias are applied to the m*m outputs while stitching them.
 
 V is computed in floating point from the (fake-)quantized input instead when step 2
-cannot be integral: a float or absent input format, or free (PAW) transforms
-without a small common denominator. Steps 3-6 are the same.
+cannot be integral: a float or absent input format, free (PAW) transforms
+without a small common denominator, or per-block input scales (a tile straddles
+blocks). Steps 3-6 are the same.
 
 Agreement with ``forward_integer`` (float64 throughout): identical integer codes
 except where a value lies on (or, with ``dtype=float32``, within float32 rounding
@@ -47,7 +50,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..quantizers import Granularity, compute_scale, fake_quantize_dynamic, quantize
+from ..granularity import WINO_M, WINO_TILES
+from ..quantizers import compute_scale, fake_quantize_dynamic, quantize
 from ..winograd.conv import conv_padding, tiles_taps_first, transform_2d
 
 _MIN_SCALE = 1e-30  # quantizers' floor on scales
@@ -83,10 +87,10 @@ def _common_denominator(mat: torch.Tensor) -> int | None:
     return None
 
 
-def _needs_clamp(fmt, clip: torch.Tensor) -> bool:
-    """Symmetric scales map max |t| to qmax / clip: only clip < 1 (or a range shorter on the
-    negative side than qmax) can leave codes outside [qmin, qmax]."""
-    return float(clip) < 1.0 or fmt.qmin > -fmt.max_value
+def _needs_clamp(fmt) -> bool:
+    """Symmetric scales map max |t| to qmax: only a range shorter on the negative side than
+    qmax can leave codes outside [qmin, qmax]."""
+    return fmt.qmin > -fmt.max_value
 
 
 def _group_bounds(size: int, group: int | None) -> tuple[int, int]:
@@ -126,9 +130,8 @@ def _layer_key(layer, dtype, device) -> tuple:
     ft = layer.free_transforms
     ftk = None if ft is None else tuple((k, p._version, p.data_ptr()) for k, p in ft.items())
     return (dtype, str(device), layer.weight._version, layer.weight.data_ptr(), layer.log_sb._version,
-            layer.log_sg._version, layer.log_sb.data_ptr(), layer.log_sg.data_ptr(), ftk, layer.group_size,
-            layer.scale_mode, layer.weight_tapwise, layer.weight_method, layer.formats, layer.groups,
-            id(layer.learned_u))
+            layer.log_sg._version, layer.log_sb.data_ptr(), layer.log_sg.data_ptr(), ftk, layer.formats, layer.groups,
+            layer.granularity.u, id(layer.learned_u))
 
 
 def prepare(layer, dtype: torch.dtype = torch.float32) -> Prepared:
@@ -144,7 +147,7 @@ def prepare(layer, dtype: torch.dtype = torch.float32) -> Prepared:
         at, g, bt = layer.transforms(torch.float64, device)
         # U as the layer computes with it: learned rounding / a loaded checkpoint give it directly
         u = transform_2d(g, layer.weight.double()) if layer.learned_u is None else layer.learned_u.double()
-        su_full = compute_scale(u, fm.weight, layer._weight_gran(), layer.weight_method)[0]
+        su_full = compute_scale(u, fm.weight, layer._weight_gran())[0]
         qu = quantize(u, fm.weight, su_full)
     codes = qu.codes  # int32 (K, cg, n, n)
     k, cg, n, _ = codes.shape
@@ -306,6 +309,30 @@ def _v_groups_align(layer, c: int, gs_in: int, prep: Prepared) -> bool:
     return bool((first == last).all())
 
 
+def _tile_transform(layer, x: torch.Tensor, prep: Prepared, pad, extra, out_hw, dtype) -> torch.Tensor:
+    """Per-tile input scales: cut the overlapping tiles (taps, C, N, th, tw), take one scale
+    per (tile, channel group within a conv group) (same expression as fake_quantize_dynamic),
+    integer codes, the integer transform ``kron(den B^T, den B^T)``, then the real V:
+    ``V_int * s_tile / den^2`` times the diagonal scales -> (taps, C, P)."""
+    fmt = layer.formats.input
+    m, r = layer.m, layer.kernel_size
+    xp = _pad_extra(layer.pad_input(x.to(prep.bt_dtype)), extra)
+    tiles = tiles_taps_first(xp, m, r, out_hw)  # (taps, C, N, th, tw)
+    taps, c = tiles.shape[:2]
+    g = layer.groups
+    gs_in, nin = _group_bounds(c // g, layer.group_size)
+    amax = _group_amax(tiles.reshape(taps, c, -1), g, c // g, gs_in, False)  # (1, G, J, P)
+    s_t = _per_channel((amax * (1.0 / fmt.max_value)).clamp_min_(_MIN_SCALE), c // g, gs_in)  # (1, C, P)
+    q = tiles.reshape(taps, c, -1).div(s_t).round_()
+    if _needs_clamp(fmt):
+        q.clamp_(fmt.qmin, fmt.qmax)
+    v = torch.matmul(prep.bt_int, q.reshape(taps, -1)).reshape(taps, c, -1).to(dtype)  # exact integers
+    f = s_t.to(dtype) / prep.den**2
+    if prep.tap_w is not None:
+        f = f * prep.tap_w.view(taps, 1, 1)
+    return v.mul_(f)
+
+
 # ----------------------------------------------------------------------------- forward
 @torch.no_grad()
 def forward(layer, x: torch.Tensor, *, gemm: str = "auto", dtype: torch.dtype = torch.float32,
@@ -344,14 +371,17 @@ def forward(layer, x: torch.Tensor, *, gemm: str = "auto", dtype: torch.dtype = 
     r, m = layer.kernel_size, layer.m
     taps = (m + r - 1) ** 2
     vfmt = fm.winograd_input
-    clip_v, clip_m = layer.clip[0].to(dtype), layer.clip[1].to(dtype)
+    mode = layer.granularity.input_mode
 
     # ---- 1-2: input codes and transform
-    integral = prep.bt_int is not None
+    integral = prep.bt_int is not None and mode != "block"
     pad, out_hw, extra = _padding(layer, *x.shape[2:])
     th, tw = math.ceil(out_hw[0] / m), math.ceil(out_hw[1] / m)
     p = nb * th * tw
-    if integral:
+    if integral and mode == "tile":
+        uniform = False
+        v = _tile_transform(layer, x, prep, pad, extra, out_hw, dtype)
+    elif integral:
         q, s_c, gs_in = _input_codes(layer, x, prep.bt_dtype, pad, extra)
         s_c = s_c.to(dtype)  # codes may be float64 (wide transforms), scales follow `dtype`
         if prep.tap_w is not None:
@@ -369,17 +399,19 @@ def forward(layer, x: torch.Tensor, *, gemm: str = "auto", dtype: torch.dtype = 
             v = v.reshape(taps, c, nb, th * tw).mul_(f).reshape(taps, c, p)
     else:
         uniform = False
-        xq = x.to(dtype)
-        if fm.input is not None:
-            xq = fake_quantize_dynamic(xq, fm.input, layer._input_gran())
-        v = _input_transform(_pad_extra(layer.pad_input(xq), extra), prep.bt_float, m, r, out_hw)
+        xp = _pad_extra(layer.quantize_padded_input(layer.pad_input(layer.quantize_input(x.to(dtype)))), extra)
+        if mode == "tile" and fm.input is not None:
+            tiles = layer.quantize_tiles(tiles_taps_first(xp, m, r, out_hw), WINO_TILES)  # (taps, C, N, th, tw)
+            v = torch.matmul(prep.bt_float, tiles.reshape(taps, -1)).reshape(taps, c, p)
+        else:
+            v = _input_transform(xp, prep.bt_float, m, r, out_hw)
 
     # ---- 3: requantize V (scale from max |V| per (sample, tile, channel group))
     amax = _group_amax(v, G, cg, gs, tapwise)  # (taps|1, G, J, P)
-    sv_code = (amax / vfmt.max_value).clamp_min_(_MIN_SCALE) * clip_v  # in units of v
+    sv_code = (amax / vfmt.max_value).clamp_min_(_MIN_SCALE)  # in units of v
     v.div_(_per_channel(sv_code, cg, gs))
-    v.round_()  # integer codes; |v / sv| <= qmax / clip, so clamping is only needed for clip < 1
-    if _needs_clamp(vfmt, clip_v):
+    v.round_()  # integer codes; |v / sv| <= qmax, so clamping is only needed for a short negative side
+    if _needs_clamp(vfmt):
         v.clamp_(vfmt.qmin, vfmt.qmax)
     if uniform:  # scale of the real V: times s_x / den^2 of the group
         s_grp = s_c.reshape(nb, G, cg)[:, :, :: gs][:, :, :nj]  # (N, G, J): any channel of the group
@@ -425,18 +457,17 @@ def forward(layer, x: torch.Tensor, *, gemm: str = "auto", dtype: torch.dtype = 
     post_scale = None  # (1, K, P) scale applied after the output transform (shared M scales)
     if fm.output is not None:
         if fm.output.is_float:
-            gran = Granularity("group", axis=1, group_size=layer.group_size or (1 << 30),
-                               shared_dims=() if tapwise else (0,))
-            mprod = fake_quantize_dynamic(mprod, fm.output, gran, clip_ratio=clip_m)
+            mprod = fake_quantize_dynamic(mprod.reshape(taps, k, nb, th, tw), fm.output,
+                                          layer.granularity.m.granularity(WINO_M)).reshape(taps, k, p)
         else:
             ofmt = fm.output
             gs_m, _ = _group_bounds(k, layer.group_size)
             amax_m = _group_amax(mprod, 1, k, gs_m, tapwise)  # (taps|1, 1, Jm, P)
-            # same expression as fake_quantize_dynamic: amax * (clip / qmax)
-            sm = (amax_m * (clip_m / ofmt.max_value)).clamp_min_(_MIN_SCALE)
+            # same expression as fake_quantize_dynamic: amax * (1 / qmax)
+            sm = (amax_m * (1.0 / ofmt.max_value)).clamp_min_(_MIN_SCALE)
             sm_c = _per_channel(sm, k, gs_m)
             mq = mprod.div_(sm_c).round_()
-            if _needs_clamp(ofmt, clip_m):
+            if _needs_clamp(ofmt):
                 mq.clamp_(ofmt.qmin, ofmt.qmax)
             if return_codes:
                 codes["m"] = mq.clone()

@@ -18,8 +18,9 @@ channels innermost (coalesced):
     ``kron(AT', AT')`` (tf32x3 dot), times the M scale, plus bias, stored into
     ``y (N, K, H, W)`` in x's dtype and memory format.
 
-The input stage's scale (one max per sample and channel group of x) is a torch
-reduction before (a). (a) and (b) are compiled without FMA contraction so that they
+The input stage's scales (one max per sample and channel group of x, or, with per-tile
+input scales -- the default, see :mod:`winoq.granularity` -- one per tile and channel group
+within a conv group) are a torch reduction before (a). (a) and (b) are compiled without FMA contraction so that they
 round like the separate torch operations of :mod:`winoq.kernels.int_cpu`: on the
 same input both produce the same int8 codes for V and M.
 
@@ -32,7 +33,7 @@ integral F(4,3) / F(6,3) paths at the block sizes used).
 
 Scope: ``QuantWinogradConv2d`` with zero padding, ``scale_mode="shared"``, integer
 formats whose codes fit int8 for V and U, an integer (or no) input and output
-format. Anything else raises ``NotImplementedError`` naming ``"emulated"``.
+format, input scales per sample or per tile (not per pixel block). Anything else raises ``NotImplementedError`` naming ``"emulated"``.
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..granularity import ALL
 from ..quantizers import compute_scale, quantize
 from ..winograd.conv import conv_padding, transform_2d
 
@@ -72,14 +74,15 @@ def interpreted() -> bool:
 @_jit
 def _input_kernel(
     x_ptr, sx_ptr, rowf_ptr, wtap_ptr, kt_ptr, v_ptr, sv_ptr,
-    C, H, W, TW, T, PT, PL, P, CG, GS, J, NGRP, SXN, SXC, SXH, SXW,
-    clip_v, in_qmin, in_qmax, v_qmin, v_qmax,
+    C, H, W, TW, T, PT, PL, P, CG, GS, J, NGRP, SXN, SXC, SXH, SXW, SCN, SCT,
+    in_qmin, in_qmax, v_qmin, v_qmax,
     N_TAP: tl.constexpr, M_OUT: tl.constexpr, TAPS: tl.constexpr, TAPS_PAD: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, NCHUNK: tl.constexpr, NPASS: tl.constexpr,
     QUANT_INPUT: tl.constexpr, FP16_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """(a) tiles of x -> input codes -> V = B d B^T (one small GEMM) -> int8 codes of V
-    (taps, P, C) with one scale per (sample, tile, channel group): sv (groups, P)."""
+    (taps, P, C) with one scale per (sample, tile, channel group): sv (groups, P). The input
+    scale of a row (tile, channel) is at ``sx + n * SCN + t * SCT + c`` (SCT = 0: per sample)."""
     pid0 = tl.program_id(0)
     n = pid0 // NGRP
     gid = pid0 % NGRP
@@ -118,7 +121,7 @@ def _input_kernel(
             xv = tl.load(x_ptr + n * SXN + c[:, None] * SXC + h * SXH + w * SXW,
                          mask=rmask[:, None] & hw_ok, other=0.0).to(tl.float32)
             if QUANT_INPUT:
-                s = tl.load(sx_ptr + n * C + c, mask=rmask, other=1.0)
+                s = tl.load(sx_ptr + n * SCN + t * SCT + c, mask=rmask, other=1.0)
                 u = xv / s[:, None]
                 fl = tl.floor(u)
                 fr = u - fl
@@ -130,14 +133,14 @@ def _input_kernel(
                 v = tl.dot(d.to(tl.float16), kt, out_dtype=tl.float32)
             else:
                 v = tl.dot(d, kt, input_precision=DOT_PRECISION)
-            rowf = tl.load(rowf_ptr + n * C + c, mask=rmask, other=0.0)
+            rowf = tl.load(rowf_ptr + n * SCN + t * SCT + c, mask=rmask, other=0.0)
             vf = v * (rowf[:, None] * wtap[None, :])  # the real V: s_x / den^2 and the diagonal scales
             if pas == 0:
                 va = tl.where(rmask[:, None] & qmask[None, :], tl.abs(vf), 0.0)
                 va = tl.reshape(va, (BLOCK_T, BLOCK_C, TAPS_PAD))
                 amax = tl.maximum(amax, tl.max(tl.max(va, axis=2), axis=1))
             if pas == NPASS - 1:
-                sv = tl.maximum(amax / v_qmax, 1e-30) * clip_v  # (BLOCK_T,)
+                sv = tl.maximum(amax / v_qmax, 1e-30)  # (BLOCK_T,)
                 svr = tl.reshape(tl.broadcast_to(sv[:, None], (BLOCK_T, BLOCK_C)), (ROWS,))
                 if ch == 0:
                     tl.store(sv_ptr + gid * P + n * T + t, svr, mask=tmask & (rl_c == 0))
@@ -188,7 +191,7 @@ def _gemm_kernel(
 @_jit
 def _output_kernel(
     m_ptr, at_ptr, bias_ptr, y_ptr, mq_ptr,
-    K, P, T, TW, OH, OW, GSM, SYN, SYK, SYH, SYW, clip_over_qmax, m_qmin, m_qmax,
+    K, P, T, TW, OH, OW, GSM, SYN, SYK, SYH, SYW, inv_qmax, m_qmin, m_qmax,
     M_OUT: tl.constexpr, M2: tl.constexpr, M2_PAD: tl.constexpr, TAPS: tl.constexpr, TAPS_PAD: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, NCHUNK: tl.constexpr, NPASS: tl.constexpr,
     QUANT_M: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_MQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -229,7 +232,7 @@ def _output_kernel(
                     ma = tl.reshape(tl.max(tl.abs(mm), axis=0), (BLOCK_P, BLOCK_K))
                     amax = tl.maximum(amax, tl.max(ma, axis=1))
                 if pas == NPASS - 1:
-                    sm = tl.maximum(amax * clip_over_qmax, 1e-30)
+                    sm = tl.maximum(amax * inv_qmax, 1e-30)
                     smc = tl.reshape(tl.broadcast_to(sm[:, None], (BLOCK_P, BLOCK_K)), (COLS,))
                     u = mm / smc[None, :]
                     fl = tl.floor(u)
@@ -266,6 +269,8 @@ def unsupported_reason(layer) -> str | None:
             return f"the {name} stage is {f.name}; the kernels handle integer (or unquantized) {name}s"
     if layer.padding_mode != "zeros":
         return f"padding_mode {layer.padding_mode!r} (the kernels pad with zeros)"
+    if layer.granularity.input_mode == "block":
+        return "input scales per pixel block (a tile straddles blocks: no integer input transform)"
     return None
 
 
@@ -315,7 +320,7 @@ def prepare(layer, device) -> Prepared:
     ft = layer.free_transforms
     key = (str(device), layer.weight._version, layer.weight.data_ptr(), layer.log_sb._version,
            layer.log_sg._version, None if ft is None else tuple((k, p._version) for k, p in ft.items()),
-           layer.group_size, layer.weight_tapwise, layer.weight_method, layer.formats, layer.groups)
+           layer.formats, layer.groups, layer.granularity.u)
     hit = _CACHE.get(layer)
     if hit is not None and hit.key == key:
         return hit
@@ -323,7 +328,7 @@ def prepare(layer, device) -> Prepared:
     with torch.no_grad():
         at, g, bt = layer.transforms(torch.float64, layer.weight.device)
         u = transform_2d(g, layer.weight.double())
-        su_full = compute_scale(u, fm.weight, layer._weight_gran(), layer.weight_method)[0]
+        su_full = compute_scale(u, fm.weight, layer._weight_gran())[0]
         codes = quantize(u, fm.weight, su_full).codes  # (K, cg, n, n)
     k, cg, n, _ = codes.shape
     taps = n * n
@@ -360,6 +365,24 @@ def prepare(layer, device) -> Prepared:
                     atp.float().to(device), gs, nj)
     _CACHE[layer] = prep
     return prep
+
+
+def _tile_input_scales(layer, x: torch.Tensor, pad, th: int, tw: int) -> torch.Tensor:
+    """(N, T, C) float32 scale of each tile's input per channel group within a conv group
+    (same expression as fake_quantize_dynamic, as int_cpu computes it)."""
+    fmt = layer.formats.input
+    nb, c, h, w = x.shape
+    m, n = layer.m, layer.m + layer.kernel_size - 1
+    xa = torch.nn.functional.pad(x.float().abs(), (pad[0], tw * m + n - m - w - pad[0], pad[2], th * m + n - m - h - pad[2]))
+    amax = torch.nn.functional.max_pool2d(xa, n, stride=m)  # (N, C, th, tw): max |x| of each tile
+    g = layer.groups
+    cg = c // g
+    gs = min(layer.group_size or ALL, cg)
+    nj = math.ceil(cg / gs)
+    a = torch.nn.functional.pad(amax.reshape(nb, g, cg, th * tw), (0, 0, 0, nj * gs - cg))
+    a = a.reshape(nb, g, nj, gs, th * tw).amax(3)  # (N, G, J, T)
+    s = (a * (1.0 / fmt.max_value)).clamp_min(_MIN_SCALE).repeat_interleave(gs, dim=2)[:, :, :cg]
+    return s.reshape(nb, c, th * tw).transpose(1, 2).contiguous()
 
 
 def _input_scales(layer, x: torch.Tensor) -> torch.Tensor:
@@ -415,7 +438,12 @@ def forward(layer, x: torch.Tensor, *, return_codes: bool = False,
     vfmt, ofmt = fm.winograd_input, fm.output
 
     quant_in = fm.input is not None
-    if quant_in:
+    per_tile = quant_in and layer.granularity.input_mode == "tile"
+    if per_tile:
+        sx = _tile_input_scales(layer, x, pad, th, tw)  # (N, T, C)
+        rowf = (sx / prep.den**2) if prep.integral else sx
+        in_q = (float(fm.input.qmin), float(fm.input.qmax))
+    elif quant_in:
         sx = _input_scales(layer, x)
         rowf = (sx / prep.den**2) if prep.integral else sx
         in_q = (float(fm.input.qmin), float(fm.input.qmax))
@@ -433,7 +461,8 @@ def forward(layer, x: torch.Tensor, *, return_codes: bool = False,
     grid_a = (nb * G * nj, math.ceil(t_count / bt_))
     k_in[grid_a](x, sx, rowf, prep.wtap, prep.kt, v8, sv,
                  c, h, w, tw, t_count, pad[2], pad[0], p, cg, gs, nj, G * nj, *x.stride(),
-                 float(layer.clip[0]), in_q[0], in_q[1], float(vfmt.qmin), float(vfmt.qmax),
+                 t_count * c if per_tile else c, c if per_tile else 0,
+                 in_q[0], in_q[1], float(vfmt.qmin), float(vfmt.qmax),
                  N_TAP=n, M_OUT=m, TAPS=taps, TAPS_PAD=taps_pad, BLOCK_C=block_c, BLOCK_T=bt_, NCHUNK=nchunk,
                  NPASS=2 if nchunk > 1 else 1, QUANT_INPUT=quant_in, FP16_DOT=prep.fp16_dot and quant_in,
                  DOT_PRECISION=_FLOAT_DOT, num_warps=8, **_NO_FMA)
@@ -458,7 +487,7 @@ def forward(layer, x: torch.Tensor, *, return_codes: bool = False,
     quant_m = ofmt is not None
     mq = torch.empty(taps, p, k, dtype=torch.float32, device=dev) if (return_codes and quant_m) else mprod
     bias = layer.bias.detach().float().contiguous() if layer.bias is not None else mprod
-    cq = float((layer.clip[1].float() / (ofmt.max_value if quant_m else 1.0)))
+    cq = float(1.0 / (ofmt.max_value if quant_m else 1.0))
     grid_c = (math.ceil(k / gsm), math.ceil(p / bpo))
     k_out[grid_c](mprod, prep.at, bias, y, mq, k, p, t_count, tw, oh, ow, gsm, *y.stride(), cq,
                   float(ofmt.qmin) if quant_m else 0.0, float(ofmt.qmax) if quant_m else 0.0,

@@ -12,6 +12,11 @@ Because the transforms run in integer arithmetic on hardware, all n x n taps of
 a tile share one scale (per sample, tile and channel group): ``scale_mode =
 "shared"``, the paper's setting. ``"tapwise"`` gives every tap its own scale
 (the tap-wise baseline; it needs floating-point rescaling inside the transforms).
+The spatial input x has one scale per tile and channel group by default (quantized
+after tile extraction, so each overlapping tile is an integer tile for the integer input
+transform); ``activation_granularity="sample"`` gives it one scale per sample and group over
+all pixels, ``"block"`` one per m x m pixel block (emulated only). Every stage's
+granularity is described in :mod:`winoq.granularity`.
 
 The transforms are the Toom-Cook ones with learnable diagonal scales
 (BT' = S_B BT, G' = S_G G, AT' = AT (S_B S_G)^-1), so the layer computes the
@@ -22,16 +27,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 from torch import nn
 
 from ..formats import parse
+from ..granularity import (WINO_INPUT, WINO_INPUT_BLOCKS, WINO_M, WINO_M_LAST, WINO_TILES, WINO_TILES_LAST, WINO_U,
+                           WinogradGranularity)
 from ..modules import WeightView, quantize_activation, replaced_quantized_weight
 from ..quantizers import Granularity, compute_scale, fake_quantize, fake_quantize_dynamic, quantize
 from .conv import (WinogradConv2d, extract_tiles, hadamard_taps_first, stitch_taps_first, stitch_tiles,
                    tiles_taps_first, transform_2d, transform_taps_first)
 from .transforms import apply_diagonal_scales
+
+# fixed-point fractional bits of non-rational (learned) transform coefficients in the int32 report
+FRACTION_BITS = 10
 
 
 @dataclass(frozen=True)
@@ -64,11 +75,8 @@ class QuantWinogradConv2d(WinogradConv2d):
         self.log_sb = nn.Parameter(torch.zeros(n), requires_grad=False)
         self.log_sg = nn.Parameter(torch.zeros(n), requires_grad=False)
         self.free_transforms: nn.ParameterDict | None = None
-        # Clipping of the dynamic Winograd-domain scales (fraction of each group's max), chosen
-        # data-free with the transform scales; 1.0 = plain min-max.
-        self.register_buffer("clip", torch.ones(2))  # (V, M)
-        self.weight_method = "minmax"
         self.weight_tapwise = False
+        self.activation_granularity = "fine"  # winoq.granularity.ACTIVATION_CHOICES: the spatial input's scales
         self.kernel = "emulated"  # see winoq.kernels: "emulated", "int-cpu", "triton", "auto"
         self.register_buffer("learned_u", None)  # transformed weights already on the grid (learned rounding)
         self.act_ranges = None  # StaticRanges when activation ranges are static (calibrated), else dynamic
@@ -108,17 +116,20 @@ class QuantWinogradConv2d(WinogradConv2d):
         return tuple(t.to(device=device, dtype=dtype) for t in mats)
 
     # ---------------------------------------------------------------- granularity
-    def _act_gran(self, ndim: int, tap_dims: tuple[int, ...], axis: int = 1) -> Granularity:
-        """Activations: one scale per sample (dim 0), per tile, per channel group;
-        shared by the taps (``tap_dims``) unless tap-wise."""
-        shared = () if self.scale_mode == "tapwise" else tap_dims
-        size = (1 << 30) if self.group_size is None else self.group_size  # None: all channels share
-        return Granularity("group", axis=axis, group_size=size, shared_dims=shared)
+    @property
+    def granularity(self) -> WinogradGranularity:
+        """Where the scales of x, V, U and M live (read by every kernel)."""
+        return WinogradGranularity.make(self.group_size, self.activation_granularity, self.scale_mode == "tapwise",
+                                        self.weight_tapwise)
 
     def _input_gran(self) -> Granularity:
-        """Spatial input: one scale per sample and channel group over all pixels
-        (what an integer input transform needs, tap-wise or not)."""
-        return Granularity("group", axis=1, group_size=self.group_size or (1 << 30), shared_dims=(2, 3))
+        """The spatial input's granularity on (N, C, H, W) where no tiles are formed (the
+        data-free reference output): per sample and channel group over all pixels when the
+        layer quantizes x so, else per sample, pixel and group (the finest input)."""
+        stage = self.granularity.input
+        if self.granularity.input_mode != "sample":
+            stage = type(stage)(stage.group_size, ("sample", "pixel"))
+        return stage.granularity(WINO_INPUT)
 
     def _per_conv_group(self, v: torch.Tensor, fn) -> torch.Tensor:
         """Apply ``fn`` to V viewed as (N, groups, C/groups, ...) so that channel
@@ -130,13 +141,54 @@ class QuantWinogradConv2d(WinogradConv2d):
     def _weight_gran(self) -> Granularity:
         """Transformed weights U (K, C/groups, n, n): per output channel and input-channel
         group, shared by the taps unless tap-wise; per output channel when group_size is None."""
-        shared = () if (self.scale_mode == "tapwise" or self.weight_tapwise) else (2, 3)
-        size = (1 << 30) if self.group_size is None else self.group_size
-        return Granularity("group", axis=1, group_size=size, shared_dims=shared)
+        return self.granularity.u.granularity(WINO_U)
+
+    def _static(self, stage: str) -> bool:
+        r = self.act_ranges
+        return r is not None and (r.stages is None or stage in r.stages)
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Input stage on (N, C, H, W) before padding, for the per-sample (and static) scales."""
+        gr = self.granularity.input
+        if self.granularity.input_mode == "sample" or self._static("input"):
+            return quantize_activation(self, "input", x, self.formats.input, gr.granularity(WINO_INPUT),
+                                       gr.static_keep(WINO_INPUT))
+        return x
+
+    def quantize_padded_input(self, xp: torch.Tensor) -> torch.Tensor:
+        """Block mode: x (padded) with one scale per sample, channel group and m x m pixel block
+        of the tile grid (a tile straddles up to 4 blocks: not an integer-transformable tile)."""
+        fmt = self.formats.input
+        if fmt is None or self.granularity.input_mode != "block" or self._static("input"):
+            return xp
+        m = self.m
+        nb, c, h, w = xp.shape
+        hb, wb = -(-h // m), -(-w // m)
+        xb = torch.nn.functional.pad(xp, (0, wb * m - w, 0, hb * m - h)).reshape(nb, c, hb, m, wb, m)
+        xb = fake_quantize_dynamic(xb, fmt, self.granularity.input.granularity(WINO_INPUT_BLOCKS))
+        return xb.reshape(nb, c, hb * m, wb * m)[:, :, :h, :w]
+
+    def quantize_tiles(self, tiles: torch.Tensor, layout: tuple[str, ...]) -> torch.Tensor:
+        """Tile mode: each (overlapping) tile of the input, with one scale per tile and channel
+        group. ``tiles`` is (n*n, C, N, th, tw) or (N, C, th, tw, n, n); ``layout`` names its dims
+        once split per conv group (WINO_TILES or WINO_TILES_LAST)."""
+        fmt = self.formats.input
+        if fmt is None or self.granularity.input_mode != "tile" or self._static("input"):
+            return tiles
+        cdim = layout.index("channel")
+        shape = tiles.shape
+        t = tiles.reshape(*shape[: cdim - 1], self.groups, shape[cdim - 1] // self.groups, *shape[cdim:])
+        return fake_quantize_dynamic(t, fmt, self.granularity.input.granularity(layout)).reshape(shape)
 
     @staticmethod
-    def _fq(x, fmt, gran, clip=1.0):
-        return x if fmt is None else fake_quantize_dynamic(x, fmt, gran, clip_ratio=clip)
+    def _fq(x, fmt, gran):
+        return x if fmt is None else fake_quantize_dynamic(x, fmt, gran)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before the unused per-layer clipping buffer was removed carry a
+        # `clip` entry (always ones): nothing reads it, so it is dropped instead of refused
+        state_dict.pop(prefix + "clip", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ---------------------------------------------------------------- forward
     def quantized_weight(self, g: torch.Tensor) -> torch.Tensor:
@@ -147,7 +199,7 @@ class QuantWinogradConv2d(WinogradConv2d):
             tracked = [self.weight, self.log_sb, self.log_sg]
             if self.free_transforms is not None:
                 tracked += list(self.free_transforms.parameters())
-            key = (tuple((id(t), t._version) for t in tracked), g.dtype, g.device, self.weight_method,
+            key = (tuple((id(t), t._version) for t in tracked), g.dtype, g.device,
                    self.weight_tapwise, self.formats.weight, self.group_size, self.scale_mode)
             cached = getattr(self, "_u_cache", None)
             if cached is not None and cached[0] == key:
@@ -159,7 +211,7 @@ class QuantWinogradConv2d(WinogradConv2d):
             if key is not None:
                 self._u_cache = (key, u, None)
             return u
-        scale, _ = compute_scale(u.detach(), fmt, self._weight_gran(), self.weight_method)
+        scale, _ = compute_scale(u.detach(), fmt, self._weight_gran())
         if key is None:
             return fake_quantize(u, fmt, scale)
         # inference: keep U as grid values in the narrowest dtype that holds them exactly (int8 /
@@ -190,21 +242,18 @@ class QuantWinogradConv2d(WinogradConv2d):
         """Fake quantization in floating point: runs anywhere, differentiable."""
         self.check_input(x)
         at, g, bt = self.transforms(x.dtype, x.device)
-        fm = self.formats
-        tap_keep = (0,) if self.scale_mode == "tapwise" else ()
-        x = quantize_activation(self, "input", x, fm.input, self._input_gran(), (1,))
-        xp = self.pad_input(x)
+        fm, gr = self.formats, self.granularity
+        xp = self.quantize_padded_input(self.pad_input(self.quantize_input(x)))
         out_hw = self.output_hw(xp)
-        v = transform_taps_first(bt, tiles_taps_first(xp, self.m, self.kernel_size, out_hw))  # (n*n, C, N, th, tw)
+        tiles = tiles_taps_first(xp, self.m, self.kernel_size, out_hw)  # (n*n, C, N, th, tw)
+        v = transform_taps_first(bt, self.quantize_tiles(tiles, WINO_TILES))
         taps, c = v.shape[:2]
         # channel groups within each conv group; one scale per (group, sample, tile), shared by the taps
         v = v.reshape(taps, self.groups, c // self.groups, *v.shape[2:])
-        v = quantize_activation(self, "v", v, fm.winograd_input, self._act_gran(v.ndim, (0,), axis=2), (1, 2) + tap_keep,
-                                self.clip[0])
+        v = quantize_activation(self, "v", v, fm.winograd_input, gr.v.granularity(WINO_TILES), gr.v.static_keep(WINO_TILES))
         v = v.reshape(taps, c, *v.shape[3:])
         mprod = hadamard_taps_first(self.quantized_weight(g), v, self.groups)  # (n*n, K, N, th, tw)
-        mprod = quantize_activation(self, "m", mprod, fm.output, self._act_gran(mprod.ndim, (0,), axis=1), (1,) + tap_keep,
-                                    self.clip[1])
+        mprod = quantize_activation(self, "m", mprod, fm.output, gr.m.granularity(WINO_M), gr.m.static_keep(WINO_M))
         y = stitch_taps_first(transform_taps_first(at, mprod), out_hw)
         return y if self.bias is None else y + self.bias.to(y.dtype).view(1, -1, 1, 1)
 
@@ -227,18 +276,19 @@ class QuantWinogradConv2d(WinogradConv2d):
             raise ValueError("forward_integer computes dynamic activation scales; this layer has static ranges "
                              "(activation_ranges='static'): use forward() / the emulated kernel")
         x = x.double()
+        gr = self.granularity
         at, g, bt = self.transforms(torch.float64, x.device)
-        x = self._fq(x, fm.input, self._input_gran())
-        xp = self.pad_input(x)
+        xp = self.quantize_padded_input(self.pad_input(self.quantize_input(x)))
         out_hw = self.output_hw(xp)
-        v = transform_2d(bt, extract_tiles(xp, self.m, self.kernel_size, out_hw))
-        sv = self._per_conv_group(v, lambda t: (compute_scale(t, fm.winograd_input, self._act_gran(7, (5, 6), axis=2))[0]
-                                                * self.clip[0].double()).expand(t.shape))
+        tiles = self.quantize_tiles(extract_tiles(xp, self.m, self.kernel_size, out_hw), WINO_TILES_LAST)
+        v = transform_2d(bt, tiles)
+        sv = self._per_conv_group(v, lambda t: compute_scale(t, fm.winograd_input,
+                                                             gr.v.granularity(WINO_TILES_LAST))[0].expand(t.shape))
         qv = quantize(v, fm.winograd_input, sv)
         u = transform_2d(g, self.weight.double()) if self.learned_u is None else self.learned_u.double()
-        qu = quantize(u, fm.weight, compute_scale(u, fm.weight, self._weight_gran(), self.weight_method)[0])
+        qu = quantize(u, fm.weight, compute_scale(u, fm.weight, self._weight_gran())[0])
         mprod = self._integer_hadamard(qu, qv)
-        mprod = self._fq(mprod, fm.output, self._act_gran(6, (4, 5)), self.clip[1].double())
+        mprod = self._fq(mprod, fm.output, gr.m.granularity(WINO_M_LAST))
         y = stitch_tiles(transform_2d(at, mprod), out_hw)
         return y if self.bias is None else y + self.bias.double().view(1, -1, 1, 1)
 
@@ -313,29 +363,36 @@ class QuantWinogradConv2d(WinogradConv2d):
         return replaced_quantized_weight(self, lambda g: fn().to(g.dtype))
 
     # ---------------------------------------------------------------- reports
-    def int32_report(self) -> dict:
-        """Worst-case accumulator magnitudes of the integer pipeline, and whether they fit int32."""
+    def int32_report(self, frac_bits: int = FRACTION_BITS) -> dict:
+        """Worst-case accumulator magnitudes of the integer pipeline as it runs the current
+        (possibly learned) transforms, and whether they fit int32.
+
+        Input transform: the learned row scales S_B fold into V's requantization multiplier,
+        so the integer transform is the base B^T (Toom-Cook, or the free PAW matrix) in integer
+        form. Output transform: M's codes share one scale per tile, so A^T' = A^T (S_B S_G)^-1
+        itself runs in integers, in integer form. :func:`integer_form` gives that form (exact
+        small rationals, else fixed point with ``frac_bits`` fractional bits)."""
         fm = self.formats
-        at, g, bt = self.transforms(torch.float64, "cpu")
+        at, _, _ = self.transforms(torch.float64, "cpu")
+        base_bt = (self.free_transforms["BT"] if self.free_transforms is not None else self.tc.BT).detach()
         cg = self.in_channels // self.groups
         gsz = cg if self.group_size is None else min(self.group_size, cg)
         worst = {}
         if fm.input is not None and not fm.input.is_float:
-            # BT applied in integers after scaling its rows to integers (denominators cleared)
-            den = _common_denominator(bt)
-            worst["input_transform"] = float((bt * den).abs().sum(1).max() ** 2 * fm.input.max_value)
+            bti, _ = integer_form(base_bt.double().cpu(), frac_bits)
+            worst["input_transform"] = float(bti.abs().sum(1).max() ** 2 * fm.input.max_value)
         if fm.winograd_input is not None and fm.weight is not None and not fm.weight.is_float:
             worst["hadamard_group_sum"] = float(gsz * fm.winograd_input.max_value * fm.weight.max_value)
         if fm.output is not None and not fm.output.is_float:
-            den = _common_denominator(at)
-            worst["output_transform"] = float((at * den).abs().sum(1).max() ** 2 * fm.output.max_value)
+            ati, _ = integer_form(at, frac_bits)
+            worst["output_transform"] = float(ati.abs().sum(1).max() ** 2 * fm.output.max_value)
         return {k: {"worst_abs": v, "bits": math.ceil(math.log2(v + 1)) + 1, "fits_int32": v < 2**31}
                 for k, v in worst.items()}
 
     def extra_repr(self) -> str:
         fm = self.formats
         names = [getattr(f, "name", "float") for f in (fm.input, fm.winograd_input, fm.weight, fm.output)]
-        return super().extra_repr() + f", stages(in,V,U,M)={names}, group_size={self.group_size}, {self.scale_mode}"
+        return super().extra_repr() + f", stages(in,V,U,M)={names}, group_size={self.group_size}, {self.scale_mode}, input per {self.granularity.input_mode}"
 
 
 def _compact(q: torch.Tensor, fmt) -> torch.Tensor:
@@ -353,10 +410,19 @@ def _pick_scale(scale: torch.Tensor, shape) -> torch.Tensor:
     return scale.expand(shape) if scale.dim() == len(shape) else scale
 
 
-def _common_denominator(mat: torch.Tensor, limit: int = 1 << 12) -> int:
-    """Smallest d <= limit with d * mat integral (the transforms are rationals)."""
-    for d in range(1, limit + 1):
-        scaled = mat * d
-        if torch.allclose(scaled, scaled.round(), atol=1e-9):
-            return d
-    return limit
+def integer_form(mat: torch.Tensor, frac_bits: int = FRACTION_BITS) -> tuple[torch.Tensor, int]:
+    """``(round(d * mat), d)``: the integer matrix an integer pipeline multiplies by, and its
+    denominator. Small rationals (Toom-Cook transforms) are exact with their least common
+    denominator d <= 2**frac_bits; anything else (learned scales) is fixed point, d = 2**frac_bits."""
+    limit = 1 << frac_bits
+    den = 1
+    for v in mat.flatten().tolist():
+        f = Fraction(v).limit_denominator(limit)
+        if abs(float(f) - v) > 1e-12 * max(1.0, abs(v)):
+            den = limit
+            break
+        den = den * f.denominator // math.gcd(den, f.denominator)
+        if den > limit:
+            den = limit
+            break
+    return (mat * den).round(), den
