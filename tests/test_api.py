@@ -16,6 +16,9 @@ from winoq import Recipe
 from winoq.modules import QuantConv2d, QuantLinear
 from winoq.winograd.quantized import QuantWinogradConv2d
 
+# the paper's Winograd-domain scales (shared by the taps, 8-bit M): where learning the transform scales matters most
+PAPER_PIPELINE = dict(winograd_input_scales="shared", winograd_weight_scales="shared", winograd_output_format=None)
+
 
 def tiny_cnn(seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
@@ -324,7 +327,7 @@ def test_skip_must_be_patterns():
 
 @pytest.mark.parametrize("optimizer,loss", [("sgd", "mse"), ("adam", "l1")])
 def test_learning_optimizer_and_loss_are_recipe_choices(optimizer, loss):
-    qm = q(tiny_cnn(), Recipe(winograd=6, learn_steps=3, learn_optimizer=optimizer, learn_loss=loss))
+    qm = q(tiny_cnn(), Recipe(winograd=6, learn_steps=3, learn_optimizer=optimizer, learn_loss=loss, **PAPER_PIPELINE))
     rep = [r for r in qm.winoq_report if r.kind == "winograd"][0]
     assert rep.calibration["sqnr_learned_db"] > rep.calibration["sqnr_standard_db"] + 10
     with pytest.raises(ValueError, match="learn_optimizer"):

@@ -63,7 +63,8 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
 
 # ----------------------------------------------------------------------------- module swap
 def _swap_modules(qmodel: nn.Module, recipe: Recipe) -> list[tuple[LayerReport, nn.Module]]:
-    fmts = StageFormats(recipe.activations, recipe.activations, recipe.weights, recipe.activations)
+    fmts = StageFormats(recipe.activations, recipe.activations, recipe.weights,
+                        recipe.winograd_output_format or recipe.activations)
     scale_mode = "tapwise" if recipe.scales == "tapwise" else "shared"
     plan = []
     for name, mod in list(qmodel.named_modules()):
@@ -77,6 +78,7 @@ def _swap_modules(qmodel: nn.Module, recipe: Recipe) -> list[tuple[LayerReport, 
                 new = QuantWinogradConv2d.from_conv(mod, recipe.winograd, recipe.points, formats=fmts,
                                                     group_size=recipe.group_size, scale_mode=scale_mode)
                 new.weight_tapwise = recipe.winograd_weight_scales == "tapwise"
+                new.input_tapwise = recipe.winograd_input_scales == "tapwise"
                 new.kernel = recipe.kernel
                 rep = LayerReport(name, "winograd", f"F({recipe.winograd},{mod.kernel_size[0]})",
                                   int32=new.int32_report())

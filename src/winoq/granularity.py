@@ -152,11 +152,17 @@ class WinogradGranularity:
     @classmethod
     @lru_cache(maxsize=None)
     def make(cls, group_size: int | None, activations: str = "fine", tapwise: bool = False,
-             weight_tapwise: bool = False) -> "WinogradGranularity":
-        tap = ("tap",) if tapwise else ()
-        act = StageGranularity(group_size, ("sample", "tile") + tap)
+             weight_tapwise: bool = False, input_tapwise: bool = False) -> "WinogradGranularity":
+        """``tapwise``: every Winograd-domain stage per tap (the tap-wise baseline; M per tap needs a
+        float output transform); ``weight_tapwise`` / ``input_tapwise``: U / V per tap as well, which
+        an integer pipeline gets for free (U's scale folds into the requantization of M; V is
+        requantized from the integer input transform by one multiplier per tap instead of one per
+        tile); M keeps one scale per tile so that the output transform runs in integers."""
+        tile = ("sample", "tile")
+        v = StageGranularity(group_size, tile + (("tap",) if (tapwise or input_tapwise) else ()))
+        m = StageGranularity(group_size, tile + (("tap",) if tapwise else ()))
         u = StageGranularity(group_size, ("out_channel",) + (("tap",) if (tapwise or weight_tapwise) else ()))
-        return cls(StageGranularity(group_size, ACTIVATION_CHOICES[_choice(activations)][1]), act, u, act)
+        return cls(StageGranularity(group_size, ACTIVATION_CHOICES[_choice(activations)][1]), v, u, m)
 
     @property
     def input_mode(self) -> str:

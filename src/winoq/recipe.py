@@ -47,11 +47,21 @@ class Recipe:
         runs anywhere), "int-cpu" (integer arithmetic on the CPU), "triton" (GPU kernels; needs
         CUDA and the triton package) or "auto" (triton where it can run, else emulated).
         Calibration always runs emulated.
-    winograd_weight_scales: "shared" (the paper: one scale per output channel and channel group for
-        all n x n taps of the transformed weights) or "tapwise" (one per tap as well). Tap-wise
+    winograd_weight_scales: "tapwise" (default: one scale per output channel, channel group and
+        tap of the transformed weights U) or "shared" (the paper: one for all n x n taps). Tap-wise
         weight scales keep the pipeline integer: the transforms still see one scale per tile,
         and the per-(channel, tap) weight scale folds into the requantization multiplier of
         the Hadamard result (an integer pipeline requantizes there anyway).
+    winograd_input_scales: "tapwise" (default: one scale per sample, tile, channel group and tap of
+        V = B^T d B) or "shared" (the paper: one for all taps of a tile). Free in an integer
+        pipeline too: V is requantized from the exact integer input transform with one multiplier
+        per tap instead of one per tile, and the scale folds into the requantization of M.
+    winograd_output_format: format of the Hadamard result M before the output transform
+        (default "int16": the int32 group sums, rescaled per group and tap, requantized to 16-bit
+        with one scale per sample, tile and output-channel group, so the output transform runs
+        in integers; None: the activation format, the paper's fully 8-bit M). No multiplication
+        takes M as an operand except the transform's constants: the speed-up of Winograd (8-bit
+        V x U products) is unchanged.
     rounding: "nearest", or "learned" (AdaRound-style soft rounding per weight, annealed to
         hard up/down choices between the two neighbouring grid values, INT or FP grid, learned
         layer by layer on ``calib_data``; for Winograd layers on the transformed weights
@@ -100,7 +110,7 @@ class Recipe:
     learn_loss: str = "mse"
     learn_max_channels: int | None = 256
     kernel: str = "emulated"
-    winograd_weight_scales: str = "shared"
+    winograd_weight_scales: str = "tapwise"
     rounding: str = "nearest"
     rounding_iters: int = 300
     reconstruction: str = "layer"
@@ -110,6 +120,8 @@ class Recipe:
     skip: tuple[str, ...] = ()
     fold_batchnorm: bool = True
     activation_granularity: str = "fine"
+    winograd_input_scales: str = "tapwise"
+    winograd_output_format: str | None = "int16"
 
     def __post_init__(self):
         _check_field_types(self)
@@ -125,6 +137,9 @@ class Recipe:
         _one_of("learn_optimizer", self.learn_optimizer, ("adam", "sgd"))
         _one_of("learn_loss", self.learn_loss, ("mse", "l1"))
         _one_of("winograd_weight_scales", self.winograd_weight_scales, ("shared", "tapwise"))
+        _one_of("winograd_input_scales", self.winograd_input_scales, ("shared", "tapwise"))
+        if self.winograd_output_format is not None:
+            parse(self.winograd_output_format)
         _one_of("rounding", self.rounding, ROUNDINGS)
         _one_of("reconstruction", self.reconstruction, ("layer", "block"))
         _one_of("format_search", self.format_search, ("off", "weight", "output"))
@@ -180,12 +195,17 @@ class Recipe:
         if "skip" in data:
             data["skip"] = tuple(data["skip"])
         data.setdefault("activation_granularity", "sample")  # files from before the field ran per sample
+        data.setdefault("winograd_input_scales", "shared")  # ... and V, M as the paper: shared, 8-bit M
+        data.setdefault("winograd_output_format", None)
         return cls(**data)
 
     def describe(self) -> str:
         tile = "direct" if self.winograd is None else f"F({self.winograd},3) {self.scales}"
-        if self.winograd is not None and self.winograd_weight_scales == "tapwise" and self.scales != "tapwise":
-            tile += " +tap-wise weights"
+        if self.winograd is not None and self.scales != "tapwise":
+            taps = [s for s, mode in (("V", self.winograd_input_scales), ("U", self.winograd_weight_scales))
+                    if mode == "tapwise"]
+            tile += f" tap-wise {'/'.join(taps)}" if taps else ""
+            tile += f" M:{self.winograd_output_format or self.activations}"
         group = "per-channel" if self.group_size is None else f"g{self.group_size}"
         extra = "".join([f" format-search({self.format_search})" if self.format_search != "off" else ""," static-ranges" if self.activation_ranges == "static" else "",
                          (f" learned-rounding({self.reconstruction})" if self.rounding == "learned" else ""),

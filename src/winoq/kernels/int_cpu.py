@@ -365,7 +365,7 @@ def forward(layer, x: torch.Tensor, *, gemm: str = "auto", dtype: torch.dtype = 
         dtype_gemm = torch.float64  # group sums would not be exact in float32
     else:
         dtype_gemm = dtype
-    tapwise = layer.scale_mode == "tapwise"
+    tap_v, tap_m = layer.granularity.v.keeps("tap"), layer.granularity.m.keeps("tap")
     G, cg, gs, nj, kg = prep.groups, prep.cg, prep.gs, prep.nj, prep.kg
     nb, c = x.shape[:2]
     r, m = layer.kernel_size, layer.m
@@ -407,7 +407,7 @@ def forward(layer, x: torch.Tensor, *, gemm: str = "auto", dtype: torch.dtype = 
             v = _input_transform(xp, prep.bt_float, m, r, out_hw)
 
     # ---- 3: requantize V (scale from max |V| per (sample, tile, channel group))
-    amax = _group_amax(v, G, cg, gs, tapwise)  # (taps|1, G, J, P)
+    amax = _group_amax(v, G, cg, gs, tap_v)  # (taps|1, G, J, P)
     sv_code = (amax / vfmt.max_value).clamp_min_(_MIN_SCALE)  # in units of v
     v.div_(_per_channel(sv_code, cg, gs))
     v.round_()  # integer codes; |v / sv| <= qmax, so clamping is only needed for a short negative side
@@ -462,7 +462,7 @@ def forward(layer, x: torch.Tensor, *, gemm: str = "auto", dtype: torch.dtype = 
         else:
             ofmt = fm.output
             gs_m, _ = _group_bounds(k, layer.group_size)
-            amax_m = _group_amax(mprod, 1, k, gs_m, tapwise)  # (taps|1, 1, Jm, P)
+            amax_m = _group_amax(mprod, 1, k, gs_m, tap_m)  # (taps|1, 1, Jm, P)
             # same expression as fake_quantize_dynamic: amax * (1 / qmax)
             sm = (amax_m * (1.0 / ofmt.max_value)).clamp_min_(_MIN_SCALE)
             sm_c = _per_channel(sm, k, gs_m)
@@ -471,7 +471,7 @@ def forward(layer, x: torch.Tensor, *, gemm: str = "auto", dtype: torch.dtype = 
                 mq.clamp_(ofmt.qmin, ofmt.qmax)
             if return_codes:
                 codes["m"] = mq.clone()
-            if tapwise:
+            if tap_m:
                 mprod = mq.mul_(sm_c)
             else:  # the taps share the scale: transform the codes, scale the (fewer) outputs
                 mprod, post_scale = mq, sm_c

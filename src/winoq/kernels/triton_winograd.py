@@ -259,8 +259,9 @@ def unsupported_reason(layer) -> str | None:
     if not isinstance(layer, QuantWinogradConv2d):
         return f"{type(layer).__name__} is not a QuantWinogradConv2d"
     fm = layer.formats
-    if layer.scale_mode != "shared":
-        return "scale_mode 'tapwise' (the Triton kernels implement the shared Winograd-domain scales)"
+    if layer.scale_mode != "shared" or layer.granularity.v.keeps("tap"):
+        return ("Winograd-domain scales per tap (scales='tapwise' or winograd_input_scales='tapwise'; the Triton "
+                "kernels implement V and M scales shared by the taps)")
     for name, f in (("winograd_input", fm.winograd_input), ("weight", fm.weight)):
         if f is None or f.is_float or f.qmin < -128 or f.qmax > 127:
             return f"the {name} stage is {getattr(f, 'name', 'float')}; the kernels need integer codes that fit int8"

@@ -76,6 +76,7 @@ class QuantWinogradConv2d(WinogradConv2d):
         self.log_sg = nn.Parameter(torch.zeros(n), requires_grad=False)
         self.free_transforms: nn.ParameterDict | None = None
         self.weight_tapwise = False
+        self.input_tapwise = False  # V per tap as well (free in an integer pipeline; see winoq.granularity)
         self.activation_granularity = "fine"  # winoq.granularity.ACTIVATION_CHOICES: the spatial input's scales
         self.kernel = "emulated"  # see winoq.kernels: "emulated", "int-cpu", "triton", "auto"
         self.register_buffer("learned_u", None)  # transformed weights already on the grid (learned rounding)
@@ -120,7 +121,7 @@ class QuantWinogradConv2d(WinogradConv2d):
     def granularity(self) -> WinogradGranularity:
         """Where the scales of x, V, U and M live (read by every kernel)."""
         return WinogradGranularity.make(self.group_size, self.activation_granularity, self.scale_mode == "tapwise",
-                                        self.weight_tapwise)
+                                        self.weight_tapwise, self.input_tapwise)
 
     def _input_gran(self) -> Granularity:
         """The spatial input's granularity on (N, C, H, W) where no tiles are formed (the
