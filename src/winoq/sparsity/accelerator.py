@@ -256,12 +256,13 @@ def _next_values(spec: LayerSpec, fold: Folding) -> list[Folding]:
 
 def allocate(layers: Sequence[LayerSpec], platform: str | Platform,
              histograms: Mapping[str, Sequence[float]] | None = None, dsp_fraction: float = 1.0,
-             skip_zero_windows: bool = False) -> Design:
+             skip_zero_windows: bool = False, best_per_dsp: bool = False) -> Design:
     """Greedy fpgaConvNet-style allocation: start every engine at folding 1, then repeatedly give the
     bottleneck engine the one-step-more-parallel folding with the largest cycle reduction per added
     DSP that fits the budget (``dsp_fraction`` of the platform's DSPs, all its BRAM); stop when the
     bottleneck cannot be sped up. ``histograms``: conv name -> ``ws`` (mean over input channels);
-    convs without one are dense engines."""
+    convs without one are dense engines. ``best_per_dsp``: return the state along this path with
+    the most images/s per DSP instead of the last (the best design of any smaller DSP budget)."""
     plat = get_platform(platform)
     if not 0 < dsp_fraction <= 1:
         raise ValueError(f"dsp_fraction must be in (0, 1], got {dsp_fraction}")
@@ -277,6 +278,10 @@ def allocate(layers: Sequence[LayerSpec], platform: str | Platform,
     if sum(dsp) > budget or sum(bram) > plat.bram36:
         raise ValueError(f"the smallest design ({sum(dsp)} DSP, {sum(bram)} BRAM36) does not fit {plat.name} "
                          f"({budget} DSP at dsp_fraction={dsp_fraction}, {plat.bram36} BRAM36)")
+    def snapshot():
+        return Design(plat, tuple(layers), tuple(fold), tuple(cyc), tuple(dsp), tuple(bram), budget)
+
+    best_state = snapshot()
     while True:
         b = max(range(len(layers)), key=cyc.__getitem__)
         best = None
@@ -291,7 +296,9 @@ def allocate(layers: Sequence[LayerSpec], platform: str | Platform,
         if best is None:
             break
         _, fold[b], cyc[b], dsp[b], bram[b] = best
-    return Design(plat, tuple(layers), tuple(fold), tuple(cyc), tuple(dsp), tuple(bram), budget)
+        if best_per_dsp and (plat.clock_mhz * 1e6 / max(cyc)) / max(sum(dsp), 1) > best_state.throughput_per_dsp:
+            best_state = snapshot()
+    return best_state if best_per_dsp else snapshot()
 
 
 # ----------------------------------------------------------------------------- mapping a model

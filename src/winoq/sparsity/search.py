@@ -32,7 +32,6 @@ from .accelerator import Design, LayerSpec, allocate, get_platform
 from .thresholds import Evaluation, Evaluator, SparsityConfig
 
 OBJECTIVES = ("throughput_per_dsp", "throughput")
-DSP_FRACTIONS = (1.0, 0.75, 0.5, 0.35, 0.25, 0.15, 0.1)
 
 
 @dataclass(frozen=True)
@@ -121,21 +120,18 @@ def allocate_record(rec: Record, specs: Sequence[LayerSpec], platform, dsp_fract
     return allocate(specs, platform, rec.histograms if sparse else None, dsp_fraction)
 
 
-def allocate_best(rec: Record, specs, platform, objective: str, sparse: bool = True,
-                  fractions: Sequence[float] = DSP_FRACTIONS) -> Design:
-    """The allocation afterwards of the non-hardware-aware baselines: the best of ``objective``
-    over a grid of DSP budgets (fractions that cannot hold the smallest design are skipped)."""
-    best = None
-    for frac in fractions:
-        try:
-            d = allocate_record(rec, specs, platform, frac, sparse)
-        except ValueError:
-            continue
-        if best is None or metric_of(d, objective) > metric_of(best, objective):
-            best = d
-    if best is None:
-        raise ValueError(f"no DSP budget in {tuple(fractions)} holds the smallest design on {get_platform(platform).name}")
-    return best
+def allocate_best(rec: Record, specs, platform, objective: str, sparse: bool = True) -> Design:
+    """The allocation afterwards of the non-hardware-aware baselines: for images/s, the greedy
+    allocator on the whole platform; for images/s per DSP, the best state along its path (the
+    best design of any DSP budget)."""
+    return allocate(specs, platform, rec.histograms if sparse else None, 1.0,
+                    best_per_dsp=(metric_of_name(objective) == "throughput_per_dsp"))
+
+
+def metric_of_name(objective: str) -> str:
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective {objective!r} unknown; use one of {OBJECTIVES}")
+    return objective
 
 
 # ----------------------------------------------------------------------------- the problem
@@ -183,7 +179,8 @@ class _HassObjective:
         if self.objective == "throughput_per_dsp":
             frac = trial.suggest_float("dsp_fraction", self.problem.space.dsp_fraction_min, 1.0)
         rec = make_record("hass", cfg, self.problem.evaluator.evaluate(cfg), dsp_fraction=frac, trial=trial.number)
-        design = allocate_record(rec, self.problem.specs, self.platform, frac)
+        design = allocate(self.problem.specs, self.platform, rec.histograms, frac,
+                          best_per_dsp=self.objective == "throughput_per_dsp")
         rec.design = design.summary()
         trial.set_user_attr("record", rec.as_dict())
         return rec.accuracy, metric_of(design, self.objective)
@@ -335,7 +332,7 @@ def greedy_search(problem: Problem, platform: str, step_w: float = 0.001, step_a
     def assess(w: float, a: float) -> tuple[Record, float]:
         cfg = ev.uniform(w, a)
         rec = make_record("greedy", cfg, ev.evaluate(cfg))
-        design = allocate_best(rec, specs, platform, objective, fractions=(1.0,))
+        design = allocate_best(rec, specs, platform, objective)
         rec.design = design.summary()
         return rec, metric_of(design, objective)
 
