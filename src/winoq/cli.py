@@ -645,6 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Print winoq/torch versions, threads, model names, number formats and "
                                       "which datasets are installed.")
     info.set_defaults(func=cmd_info)
+    from .commands import sparsity as _sparsity; _sparsity.register(sub)  # noqa: E702
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Subcommands of the ``winoq`` command line, one module each."""
