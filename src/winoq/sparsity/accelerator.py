@@ -239,18 +239,28 @@ class Design:
                                                     self.dsp_per_layer, self.bram_per_layer)]}
 
 
-def _next_values(spec: LayerSpec, fold: Folding) -> list[Folding]:
-    """Folding one step more parallel along each axis (fine +1; coarse to the next divisor)."""
+def _axis_values(spec: LayerSpec, fold: Folding) -> list[list[Folding]]:
+    """Per parallelism axis, the foldings beyond ``fold`` in increasing order (fine: +1 up to
+    ``k*k``; coarse: the next divisors of the channel counts)."""
     c_in, c_out = _channels(spec)
+    axes = []
+    if spec.kind == "conv":
+        axes.append([replace(fold, fine=f) for f in range(fold.fine + 1, spec.taps + 1)])
+    axes.append([replace(fold, coarse_in=d) for d in divisors(c_in) if d > fold.coarse_in])
+    if spec.kind in ("conv", "linear"):
+        axes.append([replace(fold, coarse_out=d) for d in divisors(c_out) if d > fold.coarse_out])
+    return [a for a in axes if a]
+
+
+def _next_values(spec: LayerSpec, fold: Folding, ws, skip: bool) -> list[Folding]:
+    """Per axis, the least-parallel folding beyond ``fold`` that takes fewer cycles (a dense
+    ``fine`` of 4 is no faster than 3 on a 3x3 window: ``⌈9/4⌉ = ⌈9/3⌉``, so step to 5)."""
+    now = layer_cycles(spec, fold, ws, skip)
     out = []
-    if spec.kind == "conv" and fold.fine < spec.taps:
-        out.append(replace(fold, fine=fold.fine + 1))
-    nxt = [d for d in divisors(c_in) if d > fold.coarse_in]
-    if nxt:
-        out.append(replace(fold, coarse_in=nxt[0]))
-    nxt = [d for d in divisors(c_out) if d > fold.coarse_out]
-    if spec.kind in ("conv", "linear") and nxt:
-        out.append(replace(fold, coarse_out=nxt[0]))
+    for values in _axis_values(spec, fold):
+        nxt = next((f for f in values if layer_cycles(spec, f, ws, skip) < now), None)
+        if nxt is not None:
+            out.append(nxt)
     return out
 
 
@@ -258,8 +268,8 @@ def allocate(layers: Sequence[LayerSpec], platform: str | Platform,
              histograms: Mapping[str, Sequence[float]] | None = None, dsp_fraction: float = 1.0,
              skip_zero_windows: bool = False, best_per_dsp: bool = False) -> Design:
     """Greedy fpgaConvNet-style allocation: start every engine at folding 1, then repeatedly give the
-    bottleneck engine the one-step-more-parallel folding with the largest cycle reduction per added
-    DSP that fits the budget (``dsp_fraction`` of the platform's DSPs, all its BRAM); stop when the
+    bottleneck engine the next faster folding along one axis (fine, coarse_in, coarse_out) with the
+    largest cycle reduction per added DSP that fits the budget (``dsp_fraction`` of the platform's DSPs, all its BRAM); stop when the
     bottleneck cannot be sped up. ``histograms``: conv name -> ``ws`` (mean over input channels);
     convs without one are dense engines. ``best_per_dsp``: return the state along this path with
     the most images/s per DSP instead of the last (the best design of any smaller DSP budget)."""
@@ -285,7 +295,7 @@ def allocate(layers: Sequence[LayerSpec], platform: str | Platform,
     while True:
         b = max(range(len(layers)), key=cyc.__getitem__)
         best = None
-        for cand in _next_values(layers[b], fold[b]):
+        for cand in _next_values(layers[b], fold[b], ws[b], skip_zero_windows):
             c = layer_cycles(layers[b], cand, ws[b], skip_zero_windows)
             d, m = layer_dsp(layers[b], cand), layer_bram(layers[b], cand)
             if c >= cyc[b] or sum(dsp) - dsp[b] + d > budget or sum(bram) - bram[b] + m > plat.bram36:
