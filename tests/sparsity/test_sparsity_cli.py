@@ -49,3 +49,10 @@ def test_bad_input_is_one_clear_line(folder, capsys, args, message):
                "--method", "uniform", "--out", str(folder / "o"), "--no-progress", *args])
     err = capsys.readouterr().err
     assert rc == 2 and message in err and "Traceback" not in err
+
+
+def test_help_and_missing_subcommand(capsys):
+    assert main(["sparsity", "search", "--help"]) == 0
+    assert "--tau-w-max" in capsys.readouterr().out
+    assert main(["sparsity"]) == 2
+    assert "platforms" in capsys.readouterr().err
