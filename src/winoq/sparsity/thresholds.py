@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..formats import IntFormat
-from ..quantizers import compute_scale, fake_quantize, per_channel, per_tensor
+from ..quantizers import compute_scale, fake_quantize, per_channel
 
 SUPPORTED_BITS = (8, 16, None)
 
