@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .commands import quantize as _quantize; _quantize.register(sub)
     from .commands import eval as _eval; _eval.register(sub)
     from .commands import info as _info; _info.register(sub)
+    from .commands import sparsity as _sparsity; _sparsity.register(sub)
     return parser
 
 
