@@ -12,6 +12,9 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <ctime>
+#include <cstdio>
+#include <cstdlib>
 #include <cmath>
 #include <cstdint>
 #include <vector>

@@ -8,13 +8,80 @@ static inline float rha(float t) {  // round half away from zero
   return std::copysign(a, t);
 }
 
-static inline int32_t rshift(int32_t t, int k) {
-  if (k == 0) return t;
-  int32_t half = 1 << (k - 1);
-  return t >= 0 ? (t + half) >> k : -((half - t) >> k);
+// t / 2^k rounded half away from zero (k >= 1): for t < 0, floor((t + half - 1) / 2^k) is
+// -floor((-t + half) / 2^k); branch-free so that it vectorizes
+static inline int32_t rshift(int32_t t, int k) { return (t + (1 << (k - 1)) + (t >> 31)) >> k; }
+
+static inline float rq(float t, float lo, float hi) {  // rha, then clamp (in float: no int overflow)
+  return std::min(std::max(rha(t), lo), hi);
 }
 
-static inline int32_t clampi(int32_t v, int32_t lo, int32_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
+#if WINOQ_VNNI
+static inline __m512 rha16(__m512 t) {
+  const __m512i sign = _mm512_set1_epi32((int)0x80000000u);
+  __m512 a = _mm512_castsi512_ps(_mm512_andnot_si512(sign, _mm512_castps_si512(t)));
+  a = _mm512_roundscale_ps(_mm512_add_ps(a, _mm512_set1_ps(0.5f)), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(a),
+                                             _mm512_and_si512(sign, _mm512_castps_si512(t))));
+}
+static inline __m512i rq16(__m512 t, float lo, float hi) {
+  return _mm512_cvttps_epi32(_mm512_min_ps(_mm512_max_ps(rha16(t), _mm512_set1_ps(lo)), _mm512_set1_ps(hi)));
+}
+#endif
+
+// dst[i] = rq(src[i] * mul[i])
+static inline void quant_ff(const float* __restrict src, const float* __restrict mul, int32_t* __restrict dst, int cnt,
+                            float lo, float hi) {
+  int i = 0;
+#if WINOQ_VNNI
+  for (; i + 16 <= cnt; i += 16)
+    _mm512_storeu_si512(dst + i, rq16(_mm512_mul_ps(_mm512_loadu_ps(src + i), _mm512_loadu_ps(mul + i)), lo, hi));
+#endif
+  for (; i < cnt; ++i) dst[i] = (int32_t)rq(src[i] * mul[i], lo, hi);
+}
+
+// dst[i] = rq(float(src[i]) * r) + 128 as u8
+static inline void quant_iu8(const int32_t* __restrict src, float r, uint8_t* __restrict dst, int cnt, float lo, float hi) {
+  int i = 0;
+#if WINOQ_VNNI
+  const __m512 rv = _mm512_set1_ps(r);
+  const __m512i off = _mm512_set1_epi32(128);
+  for (; i + 16 <= cnt; i += 16) {
+    __m512i q = rq16(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(src + i)), rv), lo, hi);
+    _mm_storeu_si128((__m128i*)(dst + i), _mm512_cvtepi32_epi8(_mm512_add_epi32(q, off)));
+  }
+#endif
+  for (; i < cnt; ++i) dst[i] = (uint8_t)((int32_t)rq((float)src[i] * r, lo, hi) + 128);
+}
+
+// max |src[i]| of int32
+static inline int32_t amax_i(const int32_t* __restrict src, int cnt, int32_t acc) {
+  int i = 0;
+#if WINOQ_VNNI
+  __m512i m = _mm512_setzero_si512();
+  for (; i + 16 <= cnt; i += 16) m = _mm512_max_epi32(m, _mm512_abs_epi32(_mm512_loadu_si512(src + i)));
+  acc = std::max(acc, _mm512_reduce_max_epi32(m));
+#endif
+  for (; i < cnt; ++i) acc = std::max(acc, src[i] < 0 ? -src[i] : src[i]);
+  return acc;
+}
+
+// dst[i] = float(src[i]) * s[i] (+ bias[i])
+static inline void dequant(const int32_t* __restrict src, const float* __restrict s, const float* __restrict bias,
+                           float* __restrict dst, int cnt) {
+  int i = 0;
+#if WINOQ_VNNI
+  for (; i + 16 <= cnt; i += 16) {
+    __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(src + i)), _mm512_loadu_ps(s + i));
+    if (bias) y = _mm512_add_ps(y, _mm512_loadu_ps(bias + i));
+    _mm512_storeu_ps(dst + i, y);
+  }
+#endif
+  if (bias)
+    for (; i < cnt; ++i) dst[i] = (float)src[i] * s[i] + bias[i];
+  else
+    for (; i < cnt; ++i) dst[i] = (float)src[i] * s[i];
+}
 
 // ---------------------------------------------------------------------------- phase A
 // One tile: input codes, integer input transform, V codes (u8 = code + 128) and V scales.
@@ -32,7 +99,7 @@ static void input_tile(const Args& a, int64_t p, int32_t* d, int32_t* t1, int32_
         continue;
       }
       const float* src = a.x + ((nb * a.H + yy) * a.W + xx) * a.C;
-      for (int c = 0; c < C; ++c) dst[c] = clampi((int32_t)rha(src[c] * rxc[c]), a.in_min, a.in_max);
+      quant_ff(src, rxc, dst, C, (float)a.in_min, (float)a.in_max);
     }
   // T = rshift(Bq d, kb): (n x n) per channel, channels innermost (vectorized)
   for (int r = 0; r < n; ++r)
@@ -45,7 +112,8 @@ static void input_tile(const Args& a, int64_t p, int32_t* d, int32_t* t1, int32_
         const int32_t* src = d + (int64_t)(i * n + j) * C;
         for (int c = 0; c < C; ++c) dst[c] += b * src[c];
       }
-      for (int c = 0; c < C; ++c) dst[c] = rshift(dst[c], a.kb);
+      if (a.kb > 0)
+        for (int c = 0; c < C; ++c) dst[c] = rshift(dst[c], a.kb);
     }
   // V = T Bq^T
   for (int r = 0; r < n; ++r)
@@ -65,10 +133,7 @@ static void input_tile(const Args& a, int64_t p, int32_t* d, int32_t* t1, int32_
     for (int jg = 0; jg < a.J; ++jg) {
       const int c0 = g * a.cg + jg * a.gs, c1 = std::min(c0 + a.gs, (g + 1) * a.cg);
       int32_t amax = 0;
-      for (int t = 0; t < taps; ++t) {
-        const int32_t* src = v + (int64_t)t * C;
-        for (int c = c0; c < c1; ++c) amax = std::max(amax, src[c] < 0 ? -src[c] : src[c]);
-      }
+      for (int t = 0; t < taps; ++t) amax = amax_i(v + (int64_t)t * C + c0, c1 - c0, amax);
       const float den = (float)amax * a.clip_v;
       const float r = amax > 0 ? a.Qv / den : 0.0f;
       const float sxg = a.sx[nb * a.ss[0] + ty * a.ss[1] + tx * a.ss[2] + c0 * a.ss[3]];
@@ -77,8 +142,7 @@ static void input_tile(const Args& a, int64_t p, int32_t* d, int32_t* t1, int32_
       for (int t = 0; t < taps; ++t) {
         const int32_t* src = v + (int64_t)t * C;
         uint8_t* dst = a.v8 + ((int64_t)t * a.Pp + p) * a.Cp + col;
-        for (int c = c0; c < c1; ++c)
-          dst[c - c0] = (uint8_t)(clampi((int32_t)rha((float)src[c] * r), a.v_min, a.v_max) + 128);
+        quant_iu8(src + c0, r, dst, c1 - c0, (float)a.v_min, (float)a.v_max);
         for (int c = c1 - c0; c < a.gs4; ++c) dst[c] = 128;
       }
     }
@@ -104,10 +168,23 @@ static void gemm_block(const Args& a, int t, int g, int64_t p0, int kb32) {
         c1[q] = _mm512_dpbusd_epi32(c1[q], b, u1);
       }
     }
-    for (int q = 0; q < PB; ++q) {
-      _mm512_storeu_si512(acc[q], c0[q]);
-      _mm512_storeu_si512(acc[q] + 16, c1[q]);
+    {  // M += float(acc - 128 sum U) * (sv * su), in registers
+      const int64_t ko = (int64_t)kb32 * 32;
+      const int64_t off = (((int64_t)t * a.G + g) * a.J + jg) * a.kgp + ko;
+      const __m512i r0 = _mm512_loadu_si512(a.corr + off), r1 = _mm512_loadu_si512(a.corr + off + 16);
+      const __m512 s0 = _mm512_loadu_ps(a.su + off), s1 = _mm512_loadu_ps(a.su + off + 16);
+      for (int q = 0; q < PB; ++q) {
+        const int64_t p = p0 + q;
+        const __m512 sv = _mm512_set1_ps(a.sv[p * a.G * a.J + g * a.J + jg]);
+        float* mrow = a.mf + ((p * taps + t) * a.G + g) * (int64_t)a.kgp + ko;
+        const __m512 f0 = _mm512_mul_ps(sv, s0), f1 = _mm512_mul_ps(sv, s1);
+        _mm512_storeu_ps(mrow, _mm512_add_ps(_mm512_loadu_ps(mrow),
+                                             _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(c0[q], r0)), f0)));
+        _mm512_storeu_ps(mrow + 16, _mm512_add_ps(_mm512_loadu_ps(mrow + 16),
+                                                  _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(c1[q], r1)), f1)));
+      }
     }
+    continue;
 #else
     for (int q = 0; q < PB; ++q)
       for (int kk = 0; kk < 32; ++kk) acc[q][kk] = 0;
@@ -164,7 +241,7 @@ static void output_tile(const Args& a, int64_t p, int32_t* qm, int32_t* t1, floa
       const float* src = mt + ((int64_t)t * a.G + g) * a.kgp;
       const float* rr = rk + g * a.kg;
       int32_t* dst = qm + (int64_t)t * K + g * a.kg;
-      for (int kk = 0; kk < a.kg; ++kk) dst[kk] = clampi((int32_t)rha(src[kk] * rr[kk]), a.m_min, a.m_max);
+      quant_ff(src, rr, dst, a.kg, (float)a.m_min, (float)a.m_max);
     }
   // T = rshift(Aq qm, ka): (m x n), Y = T Aq^T: (m x m); channels innermost
   for (int r = 0; r < m; ++r)
@@ -177,7 +254,8 @@ static void output_tile(const Args& a, int64_t p, int32_t* qm, int32_t* t1, floa
         const int32_t* src = qm + (int64_t)(i * n + j) * K;
         for (int k = 0; k < K; ++k) dst[k] += b * src[k];
       }
-      for (int k = 0; k < K; ++k) dst[k] = rshift(dst[k], a.ka);
+      if (a.ka > 0)
+        for (int k = 0; k < K; ++k) dst[k] = rshift(dst[k], a.ka);
     }
   int32_t* yi = qm;  // reuse: (m*m) x K
   for (int r = 0; r < m; ++r)
@@ -197,25 +275,30 @@ static void output_tile(const Args& a, int64_t p, int32_t* qm, int32_t* t1, floa
     for (int s = 0; s < m; ++s) {
       const int64_t ox = tx * m + s;
       if (ox >= a.OW) break;
-      const int32_t* src = yi + (int64_t)(r * m + s) * K;
+      dequant(yi + (int64_t)(r * m + s) * K, sk, a.bias, rk, K);  // rk: free again, a row of K outputs
       float* dst = a.y + (nb * K * a.OH + oy) * a.OW + ox;
       const int64_t plane = a.OH * a.OW;
-      if (a.bias)
-        for (int k = 0; k < K; ++k) dst[k * plane] = (float)src[k] * sk[k] + a.bias[k];
-      else
-        for (int k = 0; k < K; ++k) dst[k * plane] = (float)src[k] * sk[k];
+      for (int k = 0; k < K; ++k) dst[k * plane] = rk[k];
     }
   }
+}
+
+static double thread_ms() {  // this thread's CPU time (profiling a shared machine)
+  timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
 }
 
 static void run(const Args& a) {
   const int n = a.n, taps = n * n, C = (int)a.C, K = a.G * a.kg;
   const int64_t P = a.P;
+  auto t0 = thread_ms();
   at::parallel_for(0, P, 1, [&](int64_t b, int64_t e) {
     std::vector<int32_t> d((size_t)taps * C), t1((size_t)taps * C), v((size_t)taps * C);
     std::vector<float> rxc(C);
     for (int64_t p = b; p < e; ++p) input_tile(a, p, d.data(), t1.data(), v.data(), rxc.data());
   });
+  auto t1c = thread_ms();
   const int64_t npb = a.Pp / PB, nkb = a.kgp / 32;
   const int64_t jobs = (int64_t)npb * nkb * a.G;
   at::parallel_for(0, jobs, 1, [&](int64_t b, int64_t e) {
@@ -225,9 +308,16 @@ static void run(const Args& a) {
       for (int t = 0; t < taps; ++t) gemm_block(a, t, g, pb * PB, kb32);
     }
   });
+  auto t2c = thread_ms();
   at::parallel_for(0, P, 1, [&](int64_t b, int64_t e) {
     std::vector<int32_t> qm((size_t)taps * K), t1((size_t)taps * K);
     std::vector<float> rk(K), sk(K);
     for (int64_t p = b; p < e; ++p) output_tile(a, p, qm.data(), t1.data(), rk.data(), sk.data());
   });
+  if (std::getenv("WINOQ_KERNEL_PROFILE")) {
+    auto t3 = thread_ms();
+    auto ms = [](double d) { return d; };
+    std::fprintf(stderr, "winoq cpu kernel (thread CPU, thread 0): input %.2f ms, gemm %.2f ms, output %.2f ms\n", ms(t1c - t0), ms(t2c - t1c),
+                 ms(t3 - t2c));
+  }
 }
