@@ -84,7 +84,7 @@ def _packed(layer, p: fp.Plan, mod):
 
 @torch.no_grad()
 def forward(layer, x: torch.Tensor, rx: torch.Tensor | None = None, sx: torch.Tensor | None = None,
-            isa: str = "", return_intermediates: bool = False):
+            isa: str = "") -> torch.Tensor:
     """Fixed-point forward of a QuantWinogradConv2d on CPU (float32 out). ``rx``, ``sx``:
     (N, th, tw, C) input multipliers / scales (default: the layer's input granularity).
     ``isa``: force "avx512-vnni", "avx2" or "portable" (default: the best this CPU has)."""
@@ -107,11 +107,9 @@ def forward(layer, x: torch.Tensor, rx: torch.Tensor | None = None, sx: torch.Te
     fm = layer.formats
     vf, mf, inf = fm.winograd_input, fm.output, fm.input
     bias = None if layer.bias is None else layer.bias.detach().float()
-    out = mod.forward(x.detach().float(), [pad[2], pad[0]], [layer.m, layer.m + layer.kernel_size - 1, th, tw, *out_hw],
+    return mod.forward(x.detach().float(), [pad[2], pad[0]], [layer.m, layer.m + layer.kernel_size - 1, th, tw, *out_hw],
                        rx.float(), sx.float(), p.bq, p.kb, p.aq, p.ka,
                        [layer.groups, p.gs, p.gsm, layer.out_channels], u8, corr, su,
                        [float(vf.max_value), float(layer.clip[0]), vf.qmin, vf.qmax],
                        [float(mf.max_value), float(layer.clip[1]), mf.qmin, mf.qmax],
                        [inf.qmin, inf.qmax], bias, isa)
-    # intermediates: V codes + 128 (taps, tiles, channels padded), V scales, M (tiles, taps, G, K/G padded)
-    return out if return_intermediates else out[0]

@@ -1,7 +1,7 @@
 // Fixed-point int8 Winograd convolution for CPUs (the "cpu" kernel of winoq).
 //
-// Layout: input NHWC float; phase A writes one int8 V row per (tap, tile) with the channels
-// contiguous (u8 = code + 128, each channel group padded to a multiple of 4); phase B runs,
+// Layout: input NHWC float; phase A writes V per tap in panels of 8 tiles, [channels/4][8][4]
+// (u8 = code + 128, each channel group padded to a multiple of 4); phase B runs,
 // per tap, the int8 GEMM [tiles x channels] x [channels x K] with U pre-packed as
 // [tap][conv group][32 output channels][group][channels/4][32][4] so that one vpdpbusd
 // multiplies 4 channels of a tile by 4 channels of 16 output channels; the sign offset of
@@ -15,6 +15,7 @@
 #include <ctime>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -36,10 +37,11 @@ struct Args {
   float Qm, clip_m; int m_min, m_max;
   int in_min, in_max;
   const float* bias;
-  uint8_t* v8; float* sv; float* mf; float* y;
+  uint8_t* v8; float* sv; float* mf; float* y;  // per-thread block buffers (run()), output
+  int64_t p_base;                               // first tile of the block in the buffers
 };
 
-constexpr int PB = 12;  // tiles per GEMM block: 24 zmm accumulators
+constexpr int PB = 8;  // tiles per GEMM block: 16 zmm accumulators
 
 }  // namespace
 
@@ -103,7 +105,7 @@ std::vector<torch::Tensor> pack_u(torch::Tensor u, int64_t G, int64_t gs) {
   return {packed, corr};
 }
 
-std::vector<torch::Tensor> forward(torch::Tensor x, std::vector<int64_t> pad_tl, std::vector<int64_t> geom,
+torch::Tensor forward(torch::Tensor x, std::vector<int64_t> pad_tl, std::vector<int64_t> geom,
                       torch::Tensor rx, torch::Tensor sx, torch::Tensor bq, int64_t kb, torch::Tensor aq, int64_t ka,
                       std::vector<int64_t> groups, torch::Tensor packed, torch::Tensor corr, torch::Tensor su,
                       std::vector<double> vq, std::vector<double> mq, std::vector<int64_t> in_range,
@@ -117,7 +119,7 @@ std::vector<torch::Tensor> forward(torch::Tensor x, std::vector<int64_t> pad_tl,
   a.x = xh.data_ptr<float>(); a.N = x.size(0); a.C = x.size(1); a.H = x.size(2); a.W = x.size(3);
   a.pad_t = (int)pad_tl[0]; a.pad_l = (int)pad_tl[1];
   a.m = (int)geom[0]; a.n = (int)geom[1]; a.th = (int)geom[2]; a.tw = (int)geom[3]; a.OH = geom[4]; a.OW = geom[5];
-  a.P = a.N * a.th * a.tw; a.Pp = (a.P + PB - 1) / PB * PB;
+  a.P = a.N * a.th * a.tw; a.Pp = PB;
   a.rx = rx.data_ptr<float>(); a.sx = sx.data_ptr<float>();
   for (int i = 0; i < 4; ++i) { a.rs[i] = rx.stride(i); a.ss[i] = sx.stride(i); }
   auto bqc = bq.to(torch::kInt32).contiguous(), aqc = aq.to(torch::kInt32).contiguous();
@@ -136,18 +138,14 @@ std::vector<torch::Tensor> forward(torch::Tensor x, std::vector<int64_t> pad_tl,
   a.in_min = (int)in_range[0]; a.in_max = (int)in_range[1];
   torch::Tensor bc;
   if (bias.has_value()) { bc = bias->to(torch::kFloat32).contiguous(); a.bias = bc.data_ptr<float>(); }
-  const int taps = a.n * a.n;
-  auto v8 = torch::full({taps, a.Pp, a.Cp}, 128, torch::kUInt8);  // padded tiles: code 0
-  auto sv = torch::zeros({a.Pp, (int64_t)a.G * a.J}, torch::kFloat32);
-  auto mf = torch::zeros({a.Pp, taps, (int64_t)a.G, (int64_t)a.kgp}, torch::kFloat32);
   auto y = torch::empty({a.N, K, a.OH, a.OW}, torch::kFloat32);
-  a.v8 = v8.data_ptr<uint8_t>(); a.sv = sv.data_ptr<float>(); a.mf = mf.data_ptr<float>(); a.y = y.data_ptr<float>();
+  a.y = y.data_ptr<float>();
   if (isa.empty()) isa = best_isa();
   if (isa == "avx512-vnni") isa_vnni::run(a);
   else if (isa == "avx2") isa_avx2::run(a);
   else if (isa == "portable") isa_portable::run(a);
   else TORCH_CHECK(false, "isa must be avx512-vnni, avx2 or portable, got ", isa);
-  return {y, v8, sv, mf};  // the output, then the intermediates (tests, debugging)
+  return y;
 }
 
 }  // namespace

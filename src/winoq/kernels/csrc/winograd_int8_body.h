@@ -83,16 +83,47 @@ static inline void dequant(const int32_t* __restrict src, const float* __restric
     for (; i < cnt; ++i) dst[i] = (float)src[i] * s[i];
 }
 
+// The two-pass integer transform of 16 channels at once: for every r, s < no
+//   out[r*no + s] = sum_j M[s][j] * rshift(sum_i M[r][i] * in[i*ni + j], k)
+// (rows ld apart, M: no x ni). The tile stays in registers / L1 between the passes.
+typedef int32_t v16i __attribute__((vector_size(64), aligned(4)));
+static inline void transform16(const int32_t* in, int32_t* out, const int32_t* M, int no, int ni, int k, int64_t ld) {
+  v16i tt[8][8];
+  for (int j = 0; j < ni; ++j) {
+    v16i col[8];
+    for (int i = 0; i < ni; ++i) col[i] = *(const v16i*)(in + (int64_t)(i * ni + j) * ld);
+    for (int r = 0; r < no; ++r) {
+      v16i acc = {};
+      for (int i = 0; i < ni; ++i) {
+        const int32_t b = M[r * ni + i];
+        if (b) acc += b * col[i];
+      }
+      if (k) acc = (acc + (1 << (k - 1)) + (acc >> 31)) >> k;  // rshift, see above
+      tt[r][j] = acc;
+    }
+  }
+  for (int r = 0; r < no; ++r)
+    for (int s = 0; s < no; ++s) {
+      v16i acc = {};
+      for (int j = 0; j < ni; ++j) {
+        const int32_t b = M[s * ni + j];
+        if (b) acc += b * tt[r][j];
+      }
+      *(v16i*)(out + (int64_t)(r * no + s) * ld) = acc;
+    }
+}
+
 // ---------------------------------------------------------------------------- phase A
 // One tile: input codes, integer input transform, V codes (u8 = code + 128) and V scales.
-static void input_tile(const Args& a, int64_t p, int32_t* d, int32_t* t1, int32_t* v, float* rxc) {
+static void input_tile(const Args& a, int64_t p, int32_t* d, int32_t* v, float* rxc, uint8_t* row) {
   const int n = a.n, m = a.m, C = (int)a.C;
+  const int64_t Cr = (C + 15) / 16 * 16;
   const int64_t tiles = (int64_t)a.th * a.tw;
   const int64_t nb = p / tiles, ty = (p % tiles) / a.tw, tx = p % a.tw;
   for (int c = 0; c < C; ++c) rxc[c] = a.rx[nb * a.rs[0] + ty * a.rs[1] + tx * a.rs[2] + c * a.rs[3]];
   for (int i = 0; i < n; ++i)
     for (int j = 0; j < n; ++j) {
-      int32_t* dst = d + (int64_t)(i * n + j) * C;
+      int32_t* dst = d + (int64_t)(i * n + j) * Cr;
       const int64_t yy = ty * m + i - a.pad_t, xx = tx * m + j - a.pad_l;
       if (yy < 0 || yy >= a.H || xx < 0 || xx >= a.W) {
         for (int c = 0; c < C; ++c) dst[c] = 0;
@@ -101,49 +132,27 @@ static void input_tile(const Args& a, int64_t p, int32_t* d, int32_t* t1, int32_
       const float* src = a.x + ((nb * a.H + yy) * a.W + xx) * a.C;
       quant_ff(src, rxc, dst, C, (float)a.in_min, (float)a.in_max);
     }
-  // T = rshift(Bq d, kb): (n x n) per channel, channels innermost (vectorized)
-  for (int r = 0; r < n; ++r)
-    for (int j = 0; j < n; ++j) {
-      int32_t* dst = t1 + (int64_t)(r * n + j) * C;
-      for (int c = 0; c < C; ++c) dst[c] = 0;
-      for (int i = 0; i < n; ++i) {
-        const int32_t b = a.bq[r * n + i];
-        if (b == 0) continue;
-        const int32_t* src = d + (int64_t)(i * n + j) * C;
-        for (int c = 0; c < C; ++c) dst[c] += b * src[c];
-      }
-      if (a.kb > 0)
-        for (int c = 0; c < C; ++c) dst[c] = rshift(dst[c], a.kb);
-    }
-  // V = T Bq^T
-  for (int r = 0; r < n; ++r)
-    for (int s = 0; s < n; ++s) {
-      int32_t* dst = v + (int64_t)(r * n + s) * C;
-      for (int c = 0; c < C; ++c) dst[c] = 0;
-      for (int j = 0; j < n; ++j) {
-        const int32_t b = a.bq[s * n + j];
-        if (b == 0) continue;
-        const int32_t* src = t1 + (int64_t)(r * n + j) * C;
-        for (int c = 0; c < C; ++c) dst[c] += b * src[c];
-      }
-    }
+  // V = rshift(Bq d, kb) Bq^T, 16 channels at a time (rows Cr = C rounded up to 16 apart)
+  for (int c = 0; c < C; c += 16) transform16(d + c, v + c, a.bq, n, n, a.kb, Cr);
   // V codes per channel group (shared by the taps)
   const int taps = n * n;
   for (int g = 0; g < a.G; ++g)
     for (int jg = 0; jg < a.J; ++jg) {
       const int c0 = g * a.cg + jg * a.gs, c1 = std::min(c0 + a.gs, (g + 1) * a.cg);
       int32_t amax = 0;
-      for (int t = 0; t < taps; ++t) amax = amax_i(v + (int64_t)t * C + c0, c1 - c0, amax);
+      for (int t = 0; t < taps; ++t) amax = amax_i(v + (int64_t)t * Cr + c0, c1 - c0, amax);
       const float den = (float)amax * a.clip_v;
       const float r = amax > 0 ? a.Qv / den : 0.0f;
       const float sxg = a.sx[nb * a.ss[0] + ty * a.ss[1] + tx * a.ss[2] + c0 * a.ss[3]];
-      a.sv[p * a.G * a.J + g * a.J + jg] = amax > 0 ? ((den / a.Qv) * sxg) * a.pow_kb : 0.0f;
+      a.sv[(p - a.p_base) * a.G * a.J + g * a.J + jg] = amax > 0 ? ((den / a.Qv) * sxg) * a.pow_kb : 0.0f;
+      // V8 layout per tap: blocks of PB tiles, [channel/4][PB tiles][4 channels] (the GEMM's B panel)
       const int64_t col = (int64_t)(g * a.J + jg) * a.gs4;
+      const int64_t pb = (p - a.p_base) / PB, pq = (p - a.p_base) % PB;  // buffer position
       for (int t = 0; t < taps; ++t) {
-        const int32_t* src = v + (int64_t)t * C;
-        uint8_t* dst = a.v8 + ((int64_t)t * a.Pp + p) * a.Cp + col;
-        quant_iu8(src + c0, r, dst, c1 - c0, (float)a.v_min, (float)a.v_max);
-        for (int c = c1 - c0; c < a.gs4; ++c) dst[c] = 128;
+        uint8_t* dst = a.v8 + ((int64_t)t * a.Pp + pb * PB) * a.Cp + (col / 4) * PB * 4 + pq * 4;
+        quant_iu8(v + (int64_t)t * Cr + c0, r, row, c1 - c0, (float)a.v_min, (float)a.v_max);
+        for (int c = c1 - c0; c < a.gs4; ++c) row[c] = 128;
+        for (int c4 = 0; c4 < a.gs4 / 4; ++c4) std::memcpy(dst + c4 * PB * 4, row + c4 * 4, 4);
       }
     }
 }
@@ -156,41 +165,55 @@ static void gemm_block(const Args& a, int t, int g, int64_t p0, int kb32) {
   int32_t acc[PB][32];
   for (int jg = 0; jg < a.J; ++jg) {
     const int8_t* up = a.up + ((((int64_t)t * a.G + g) * (a.kgp / 32) + kb32) * a.J + jg) * (int64_t)a.gs4 * 32;
-    const uint8_t* vp = a.v8 + ((int64_t)t * a.Pp + p0) * a.Cp + (int64_t)(g * a.J + jg) * a.gs4;
+    const uint8_t* vp = a.v8 + ((int64_t)t * a.Pp + p0) * a.Cp + (int64_t)(g * a.J + jg) * a.gs4 * PB;
 #if WINOQ_VNNI
-    __m512i c0[PB], c1[PB];
-    for (int q = 0; q < PB; ++q) { c0[q] = _mm512_setzero_si512(); c1[q] = _mm512_setzero_si512(); }
+    // 8 tiles x 32 output channels in 16 named registers (arrays, or 12 tiles, were spilled by GCC)
+#define WQ_FORPB(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7)
+#define WQ_DECL(q) __m512i x0_##q = _mm512_setzero_si512(), x1_##q = _mm512_setzero_si512();
+#define WQ_STEP(q)                                                                  \
+  {                                                                                 \
+    const __m512i b = _mm512_set1_epi32(*(const int32_t*)(vc + (q) * 4));           \
+    x0_##q = _mm512_dpbusd_epi32(x0_##q, b, u0);                                    \
+    x1_##q = _mm512_dpbusd_epi32(x1_##q, b, u1);                                    \
+  }
+#define WQ_FLUSH(q)                                                                                  \
+  {                                                                                                  \
+    const __m512 sv = _mm512_set1_ps(a.sv[(p0 + (q)) * a.G * a.J + g * a.J + jg]);                   \
+    float* mrow = a.mf + (((p0 + (q)) * taps + t) * a.G + g) * (int64_t)a.kgp + ko;                  \
+    __m512 y0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(x0_##q, _mm512_loadu_si512(a.corr + off)));      \
+    __m512 y1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(x1_##q, _mm512_loadu_si512(a.corr + off + 16))); \
+    y0 = _mm512_mul_ps(y0, _mm512_mul_ps(sv, _mm512_loadu_ps(a.su + off)));                          \
+    y1 = _mm512_mul_ps(y1, _mm512_mul_ps(sv, _mm512_loadu_ps(a.su + off + 16)));                     \
+    if (jg > 0) { /* the first group stores: M is not zero-filled */                              \
+      y0 = _mm512_add_ps(_mm512_loadu_ps(mrow), y0);                                                 \
+      y1 = _mm512_add_ps(_mm512_loadu_ps(mrow + 16), y1);                                            \
+    }                                                                                                \
+    _mm512_storeu_ps(mrow, y0);                                                                      \
+    _mm512_storeu_ps(mrow + 16, y1);                                                                 \
+  }
+    static_assert(PB == 8, "the register block is written out for 8 tiles");
+    WQ_FORPB(WQ_DECL)
     for (int c4 = 0; c4 < a.gs4 / 4; ++c4) {
+      const uint8_t* vc = vp + c4 * PB * 4;
       const __m512i u0 = _mm512_loadu_si512(up + c4 * 128), u1 = _mm512_loadu_si512(up + c4 * 128 + 64);
-      for (int q = 0; q < PB; ++q) {
-        const __m512i b = _mm512_set1_epi32(*(const int32_t*)(vp + q * a.Cp + c4 * 4));
-        c0[q] = _mm512_dpbusd_epi32(c0[q], b, u0);
-        c1[q] = _mm512_dpbusd_epi32(c1[q], b, u1);
-      }
+      WQ_FORPB(WQ_STEP)
     }
-    {  // M += float(acc - 128 sum U) * (sv * su), in registers
+    {  // M += float(acc - 128 sum U) * (sv * su)
       const int64_t ko = (int64_t)kb32 * 32;
       const int64_t off = (((int64_t)t * a.G + g) * a.J + jg) * a.kgp + ko;
-      const __m512i r0 = _mm512_loadu_si512(a.corr + off), r1 = _mm512_loadu_si512(a.corr + off + 16);
-      const __m512 s0 = _mm512_loadu_ps(a.su + off), s1 = _mm512_loadu_ps(a.su + off + 16);
-      for (int q = 0; q < PB; ++q) {
-        const int64_t p = p0 + q;
-        const __m512 sv = _mm512_set1_ps(a.sv[p * a.G * a.J + g * a.J + jg]);
-        float* mrow = a.mf + ((p * taps + t) * a.G + g) * (int64_t)a.kgp + ko;
-        const __m512 f0 = _mm512_mul_ps(sv, s0), f1 = _mm512_mul_ps(sv, s1);
-        _mm512_storeu_ps(mrow, _mm512_add_ps(_mm512_loadu_ps(mrow),
-                                             _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(c0[q], r0)), f0)));
-        _mm512_storeu_ps(mrow + 16, _mm512_add_ps(_mm512_loadu_ps(mrow + 16),
-                                                  _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(c1[q], r1)), f1)));
-      }
+      WQ_FORPB(WQ_FLUSH)
     }
+#undef WQ_FORPB
+#undef WQ_DECL
+#undef WQ_STEP
+#undef WQ_FLUSH
     continue;
 #else
     for (int q = 0; q < PB; ++q)
       for (int kk = 0; kk < 32; ++kk) acc[q][kk] = 0;
     for (int c4 = 0; c4 < a.gs4 / 4; ++c4)
       for (int q = 0; q < PB; ++q) {
-        const uint8_t* vv = vp + q * a.Cp + c4 * 4;
+        const uint8_t* vv = vp + c4 * PB * 4 + q * 4;
         const int8_t* uu = up + c4 * 128;
         for (int kk = 0; kk < 32; ++kk)
           acc[q][kk] += (int32_t)vv[0] * uu[kk * 4] + (int32_t)vv[1] * uu[kk * 4 + 1] +
@@ -207,7 +230,8 @@ static void gemm_block(const Args& a, int t, int g, int64_t p0, int kb32) {
       float* mrow = a.mf + ((p * taps + t) * a.G + g) * (int64_t)a.kgp + ko;
       for (int kk = 0; kk < 32; ++kk) {
         const float f = svq * su[kk];
-        mrow[kk] = mrow[kk] + (float)(acc[q][kk] - corr[kk]) * f;
+        const float term = (float)(acc[q][kk] - corr[kk]) * f;
+        mrow[kk] = jg > 0 ? mrow[kk] + term : term;  // the first group stores: M is not zero-filled
       }
     }
   }
@@ -217,9 +241,10 @@ static void gemm_block(const Args& a, int t, int g, int64_t p0, int kb32) {
 // One tile: M codes per output channel group, integer output transform, scale, bias, store.
 static void output_tile(const Args& a, int64_t p, int32_t* qm, int32_t* t1, float* rk, float* sk) {
   const int n = a.n, m = a.m, taps = n * n, K = a.G * a.kg;
+  const int64_t Kr = (K + 15) / 16 * 16;
   const int64_t tiles = (int64_t)a.th * a.tw;
   const int64_t nb = p / tiles, ty = (p % tiles) / a.tw, tx = p % a.tw;
-  const float* mt = a.mf + p * taps * a.G * (int64_t)a.kgp;
+  const float* mt = a.mf + (p - a.p_base) * taps * a.G * (int64_t)a.kgp;
   for (int k = 0; k < K; ++k) rk[k] = 0.0f;  // per-channel max |M| over the taps
   for (int t = 0; t < taps; ++t)
     for (int g = 0; g < a.G; ++g) {
@@ -240,42 +265,19 @@ static void output_tile(const Args& a, int64_t p, int32_t* qm, int32_t* t1, floa
     for (int g = 0; g < a.G; ++g) {
       const float* src = mt + ((int64_t)t * a.G + g) * a.kgp;
       const float* rr = rk + g * a.kg;
-      int32_t* dst = qm + (int64_t)t * K + g * a.kg;
+      int32_t* dst = qm + (int64_t)t * Kr + g * a.kg;
       quant_ff(src, rr, dst, a.kg, (float)a.m_min, (float)a.m_max);
     }
-  // T = rshift(Aq qm, ka): (m x n), Y = T Aq^T: (m x m); channels innermost
-  for (int r = 0; r < m; ++r)
-    for (int j = 0; j < n; ++j) {
-      int32_t* dst = t1 + (int64_t)(r * n + j) * K;
-      for (int k = 0; k < K; ++k) dst[k] = 0;
-      for (int i = 0; i < n; ++i) {
-        const int32_t b = a.aq[r * n + i];
-        if (b == 0) continue;
-        const int32_t* src = qm + (int64_t)(i * n + j) * K;
-        for (int k = 0; k < K; ++k) dst[k] += b * src[k];
-      }
-      if (a.ka > 0)
-        for (int k = 0; k < K; ++k) dst[k] = rshift(dst[k], a.ka);
-    }
-  int32_t* yi = qm;  // reuse: (m*m) x K
-  for (int r = 0; r < m; ++r)
-    for (int s = 0; s < m; ++s) {
-      int32_t* dst = yi + (int64_t)(r * m + s) * K;
-      for (int k = 0; k < K; ++k) dst[k] = 0;
-      for (int j = 0; j < n; ++j) {
-        const int32_t b = a.aq[s * n + j];
-        if (b == 0) continue;
-        const int32_t* src = t1 + (int64_t)(r * n + j) * K;
-        for (int k = 0; k < K; ++k) dst[k] += b * src[k];
-      }
-    }
+  // Y = rshift(Aq qm, ka) Aq^T, 16 channels at a time
+  int32_t* yi = t1;  // (m*m) x Kr
+  for (int k = 0; k < K; k += 16) transform16(qm + k, yi + k, a.aq, m, n, a.ka, Kr);
   for (int r = 0; r < m; ++r) {
     const int64_t oy = ty * m + r;
     if (oy >= a.OH) break;
     for (int s = 0; s < m; ++s) {
       const int64_t ox = tx * m + s;
       if (ox >= a.OW) break;
-      dequant(yi + (int64_t)(r * m + s) * K, sk, a.bias, rk, K);  // rk: free again, a row of K outputs
+      dequant(yi + (int64_t)(r * m + s) * Kr, sk, a.bias, rk, K);  // rk: free again, a row of K outputs
       float* dst = a.y + (nb * K * a.OH + oy) * a.OW + ox;
       const int64_t plane = a.OH * a.OW;
       for (int k = 0; k < K; ++k) dst[k * plane] = rk[k];
@@ -289,35 +291,45 @@ static double thread_ms() {  // this thread's CPU time (profiling a shared machi
   return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
 }
 
+// One parallel job per block of PB tiles: input transform, the tap GEMMs over every output
+// channel, requantization and output transform of those tiles, all in per-thread buffers
+// that stay in L1/L2 (V panel: taps x PB x Cp bytes, M: PB x taps x K floats).
 static void run(const Args& a) {
   const int n = a.n, taps = n * n, C = (int)a.C, K = a.G * a.kg;
-  const int64_t P = a.P;
-  auto t0 = thread_ms();
-  at::parallel_for(0, P, 1, [&](int64_t b, int64_t e) {
-    std::vector<int32_t> d((size_t)taps * C), t1((size_t)taps * C), v((size_t)taps * C);
+  const int64_t P = a.P, nblocks = (P + PB - 1) / PB, nkb = a.kgp / 32;
+  double prof[3] = {0, 0, 0};
+  const bool profile = std::getenv("WINOQ_KERNEL_PROFILE") != nullptr;
+  at::parallel_for(0, nblocks, 1, [&](int64_t b, int64_t e) {
+    const size_t Cr = (C + 15) / 16 * 16, Kr = (K + 15) / 16 * 16;
+    std::vector<int32_t> d(taps * Cr), v(taps * Cr);  // channel tails stay 0
     std::vector<float> rxc(C);
-    for (int64_t p = b; p < e; ++p) input_tile(a, p, d.data(), t1.data(), v.data(), rxc.data());
-  });
-  auto t1c = thread_ms();
-  const int64_t npb = a.Pp / PB, nkb = a.kgp / 32;
-  const int64_t jobs = (int64_t)npb * nkb * a.G;
-  at::parallel_for(0, jobs, 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      const int64_t pb = i / (nkb * a.G), rest = i % (nkb * a.G);
-      const int g = (int)(rest / nkb), kb32 = (int)(rest % nkb);
-      for (int t = 0; t < taps; ++t) gemm_block(a, t, g, pb * PB, kb32);
+    std::vector<uint8_t> row(a.gs4 + 16), v8((size_t)taps * PB * a.Cp);
+    std::vector<float> sv((size_t)PB * a.G * a.J), mf((size_t)PB * taps * a.G * a.kgp);
+    std::vector<int32_t> qm(taps * Kr), t1(taps * Kr);
+    std::vector<float> rk(Kr), sk(Kr);
+    Args w = a;  // the same problem, with this thread's buffers for one block of tiles
+    w.Pp = PB; w.v8 = v8.data(); w.sv = sv.data(); w.mf = mf.data();
+    for (int64_t blk = b; blk < e; ++blk) {
+      w.p_base = blk * PB;
+      const int64_t pe = std::min(P, w.p_base + PB);
+      double t0 = profile ? thread_ms() : 0;
+      if (pe - w.p_base < PB) {  // a partial block: the missing tiles are code 0 with scale 0
+        std::fill(v8.begin(), v8.end(), (uint8_t)128);
+        std::fill(sv.begin(), sv.end(), 0.0f);
+      }
+      for (int64_t p = w.p_base; p < pe; ++p) input_tile(w, p, d.data(), v.data(), rxc.data(), row.data());
+      double t1t = profile ? thread_ms() : 0;
+      for (int g = 0; g < a.G; ++g)
+        for (int kb32 = 0; kb32 < nkb; ++kb32)
+          for (int t = 0; t < taps; ++t) gemm_block(w, t, g, 0, kb32);
+      double t2t = profile ? thread_ms() : 0;
+      for (int64_t p = w.p_base; p < pe; ++p) output_tile(w, p, qm.data(), t1.data(), rk.data(), sk.data());
+      if (profile) {
+        prof[0] += t1t - t0; prof[1] += t2t - t1t; prof[2] += thread_ms() - t2t;  // racy with threads: a profile aid
+      }
     }
   });
-  auto t2c = thread_ms();
-  at::parallel_for(0, P, 1, [&](int64_t b, int64_t e) {
-    std::vector<int32_t> qm((size_t)taps * K), t1((size_t)taps * K);
-    std::vector<float> rk(K), sk(K);
-    for (int64_t p = b; p < e; ++p) output_tile(a, p, qm.data(), t1.data(), rk.data(), sk.data());
-  });
-  if (std::getenv("WINOQ_KERNEL_PROFILE")) {
-    auto t3 = thread_ms();
-    auto ms = [](double d) { return d; };
-    std::fprintf(stderr, "winoq cpu kernel (thread CPU, thread 0): input %.2f ms, gemm %.2f ms, output %.2f ms\n", ms(t1c - t0), ms(t2c - t1c),
-                 ms(t3 - t2c));
-  }
+  if (profile)
+    std::fprintf(stderr, "winoq cpu kernel (thread CPU): input %.2f ms, gemm %.2f ms, output %.2f ms\n", prof[0], prof[1],
+                 prof[2]);
 }
