@@ -10,21 +10,22 @@ values bit for bit (every float step is one IEEE operation in a fixed order, no 
 1. input codes ``qx = clamp(rha(x * rx))``, ``rx = Q_in / amax`` per (sample, tile, channel)
    (a tensor: today one value per sample and input channel group, expanded over the tiles;
    per-tile input scales plug in unchanged), real scale ``sx = amax / Q_in``;
-2. input transform per n x n tile in int32: ``T = rshift(Bq d, k)``, ``V = T Bq^T``
-   (real ``V = V_int sx 2^-k``; the shift after the first pass keeps int32 sums exact);
+2. input transform per n x n tile in int32: ``T = rshift(Bq d, s)``, ``V = T Bq^T``
+   (real ``V = V_int sx 2^(s - 2k)``; s, the smallest shift after the first pass that keeps
+   the second inside int32, is 0 for F(2,3) and F(4,3));
 3. V codes, one scale per (sample, tile, channel group) shared by the taps:
    ``amax = max |V_int|``, ``qv = clamp(rha(float(V_int) * (Q_v / (amax * clip_v))))``,
-   real scale ``sv = (amax * clip_v / Q_v) * sx * 2^-k``;
+   real scale ``sv = (amax * clip_v / Q_v) * sx * 2^(s - 2k)``;
 4. per tap and channel group an int8 GEMM over the group's channels, int32 sums;
 5. ``M = sum_j float(acc_j) * (sv_j * su_j)`` (float32, groups in order): the per-group
    (V x U) scales folded into the one requantization of M;
 6. M codes per (sample, tile, output channel group), shared by the taps:
    ``qm = clamp(rha(M * (Q_m / (amax_M * clip_m))))``;
 7. output transform in int32 like step 2 with ``Aq``; ``y = float(Y_int) * s_out + bias``,
-   ``s_out = (amax_M * clip_m / Q_m) * 2^-k``.
+   ``s_out = (amax_M * clip_m / Q_m) * 2^(s - 2k)``.
 
-``rha`` is round half away from zero, ``floor(|t| + 0.5)`` with t's sign, in float32 (and
-``rshift`` its integer counterpart). The transformed weights U are quantized once, in
+``rha`` is round half away from zero, computed exactly in float32 (and ``rshift`` its integer
+counterpart). The transformed weights U are quantized once, in
 float64, exactly as the layer's other paths do it (``compute_scale`` of the layer).
 The differentiable emulation uses the same rounded matrices (:func:`rounded_transforms`,
 through ``QuantWinogradConv2d.transforms`` when the layer's kernel is ``"cpu"``).
@@ -40,15 +41,20 @@ import torch
 from ..quantizers import compute_scale, quantize
 from .conv import conv_padding, transform_2d
 
-# chosen by measurement (benchmarks/kernels_cpu.py --accuracy; docs/results.md): past 8 bits
-# the output no longer changes measurably against the float-transform emulation
-DEFAULT_TRANSFORM_BITS = 8
+# chosen by measurement (benchmarks/kernels_cpu.py --accuracy, docs/results.md): at 10 bits the
+# layers' SQNR is that of the float-transform emulation to <= 0.15 dB where no first-pass shift is
+# needed; 8 bits lose up to 0.4 dB, 6 bits up to 10 dB
+DEFAULT_TRANSFORM_BITS = 10
 _INT32 = 2**31 - 1
 
 
 def rha(t: torch.Tensor) -> torch.Tensor:
-    """Round half away from zero, in t's float dtype: ``copysign(floor(|t| + 0.5), t)``."""
-    return torch.floor(t.abs() + 0.5).copysign(t)
+    """Round half away from zero, in t's float dtype, exactly: ``f = floor(|t|)`` plus one when
+    ``|t| - f >= 0.5`` (that difference is exact), with t's sign. (``floor(|t| + 0.5)`` would
+    round 0.49999997 up: the sum rounds to 1.0 in float32.)"""
+    a = t.abs()
+    f = torch.floor(a)
+    return (f + (a - f >= 0.5).to(t.dtype)).copysign(t)
 
 
 def rshift(t: torch.Tensor, k: int) -> torch.Tensor:
@@ -79,6 +85,16 @@ def effective_bits(mat: torch.Tensor, bits: int, in_max: int = 128) -> int:
     raise ValueError("transform too large for int32 arithmetic even at 0 fractional bits")
 
 
+def first_pass_shift(mat: torch.Tensor, k: int, in_max: int = 128) -> int:
+    """The smallest right shift after the first pass that keeps the second inside int32
+    (0 when it fits unshifted: rounding the first pass to whole codes costs ~4 dB)."""
+    mq = fixed(mat, k)
+    for s in range(0, k + 1):
+        if _int_transform_bound(mq, s, in_max) <= _INT32:
+            return s
+    raise ValueError("transform too large for int32 arithmetic")
+
+
 def rounded_transforms(at: torch.Tensor, bt: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(AT', BT') rounded to the fixed point the integer kernel uses (same dtype)."""
     kb, ka = effective_bits(bt, bits), effective_bits(at, bits)
@@ -99,7 +115,24 @@ def unsupported_reason(layer) -> str | None:
         return f"padding_mode {layer.padding_mode!r} (only 'zeros')"
     if layer.act_ranges is not None:
         return "static activation ranges (the fixed-point kernel computes dynamic scales)"
+    if not _groups_nest(layer.in_channels, layer.groups, layer.group_size):
+        return (f"channel groups of {layer.group_size} over {layer.in_channels} inputs straddle the conv's "
+                f"{layer.groups} groups (V sums each group in integers under one input scale)")
     return None
+
+
+def _groups_nest(c: int, groups: int, group_size: int | None) -> bool:
+    """Does every channel group of V (inside a conv group) lie inside one group of the input's
+    per-(sample, channel group) scales (groups of ``group_size`` over all channels)?"""
+    gs_in = c if group_size is None else min(group_size, c)
+    cg = c // groups
+    gs_v = cg if group_size is None else min(group_size, cg)
+    ch = torch.arange(c)
+    v_id = (ch // cg) * (cg + 1) + (ch % cg) // gs_v
+    in_id = ch // gs_in
+    lo = torch.full((int(v_id.max()) + 1,), c).scatter_reduce(0, v_id, in_id, "amin")
+    hi = torch.full_like(lo, -1).scatter_reduce(0, v_id, in_id, "amax")
+    return bool((lo[v_id] == hi[v_id]).all())
 
 
 # ----------------------------------------------------------------------------- the plan (weights)
@@ -110,6 +143,8 @@ class Plan:
     key: tuple
     kb: int                 # fractional bits of Bq
     ka: int                 # fractional bits of Aq
+    sb: int                 # right shift after the first pass of the input transform (V_int = V 2^(2kb - sb) / sx)
+    sa: int                 # the same for the output transform
     bq: torch.Tensor        # (n, n) int32
     aq: torch.Tensor        # (m, n) int32
     u: torch.Tensor         # (taps, K, Cg) int8 codes
@@ -145,6 +180,7 @@ def plan(layer) -> Plan:
         return hit
     at, g, bt = layer.transforms(torch.float64, "cpu", fixed_point=False)
     kb, ka = effective_bits(bt, bits), effective_bits(at, bits)
+    sb, sa = first_pass_shift(bt, kb), first_pass_shift(at, ka)
     fm = layer.formats
     u = transform_2d(g, layer.weight.detach().double().cpu()) if layer.learned_u is None \
         else layer.learned_u.detach().double().cpu()
@@ -156,7 +192,7 @@ def plan(layer) -> Plan:
     su = su_full.expand(k, cg, n, n)[:, ::gs][:, :nj]  # (K, J, n, n): each group's scale
     su = su.permute(2, 3, 0, 1).reshape(n * n, k, nj).float().contiguous()
     gsm = k if layer.group_size is None else min(layer.group_size, k)
-    p = Plan(key, kb, ka, fixed(bt, kb).int(), fixed(at, ka).int(),
+    p = Plan(key, kb, ka, sb, sa, fixed(bt, kb).int(), fixed(at, ka).int(),
              codes.permute(2, 3, 0, 1).reshape(n * n, k, cg).to(torch.int8).contiguous(), su, gs, nj, gsm)
     _PLANS[layer] = p
     return p
@@ -238,7 +274,7 @@ def reference_forward(layer, x: torch.Tensor, rx: torch.Tensor | None = None,
     qmin_i, qmax_i = fm.input.qmin, fm.input.qmax
     qx = rha(tiles * rx.float()[..., None, None]).clamp_(qmin_i, qmax_i).long()
     # 2. input transform
-    v = _int_transform(qx, p.bq, p.kb)  # (N, th, tw, C, n, n) int64
+    v = _int_transform(qx, p.bq, p.sb)  # (N, th, tw, C, n, n) int64
     assert int(v.abs().max()) <= _INT32
     # 3. V codes per (sample, tile, V group)
     vg = v.reshape(nb, th, tw, G, cg, n * n)
@@ -249,7 +285,7 @@ def reference_forward(layer, x: torch.Tensor, rx: torch.Tensor | None = None,
     qv_t = torch.full_like(den, float(vf.max_value))  # tensors, not Python scalars: `q / t` would be q * (1 / t)
     rv = torch.where(amax > 0, qv_t / den, torch.zeros_like(den))
     sxg = sx.float().reshape(nb, th, tw, G, cg)[..., :: p.gs][..., : p.nj]
-    sv = torch.where(amax > 0, (den / qv_t) * sxg * 2.0**-p.kb, torch.zeros_like(den))
+    sv = torch.where(amax > 0, (den / qv_t) * sxg * 2.0 ** (p.sb - 2 * p.kb), torch.zeros_like(den))
     qv = rha(vg.float() * rv[..., None, None]).clamp_(vf.qmin, vf.qmax).long()  # (N,th,tw,G,J,gs,taps)
     # 4-5. per tap and group int GEMM, scaled sum over groups
     uq = p.u.long().reshape(n * n, G, kg, cg)
@@ -272,11 +308,11 @@ def reference_forward(layer, x: torch.Tensor, rx: torch.Tensor | None = None,
     den_m = amax_m * layer.clip[1].float()
     qm_t = torch.full_like(den_m, float(mfmt.max_value))
     rm = torch.where(amax_m > 0, qm_t / den_m, torch.zeros_like(den_m))
-    so = torch.where(amax_m > 0, (den_m / qm_t) * 2.0**-p.ka, torch.zeros_like(den_m))
+    so = torch.where(amax_m > 0, (den_m / qm_t) * 2.0 ** (p.sa - 2 * p.ka), torch.zeros_like(den_m))
     qm = rha(mf * rm[:, :, :, None, :]).clamp_(mfmt.qmin, mfmt.qmax).long()
     # 7. output transform, scale, bias
     qm = qm.reshape(nb, th, tw, n, n, K).permute(0, 1, 2, 5, 3, 4)  # (N, th, tw, K, n, n)
-    yi = _int_transform(qm, p.aq, p.ka)  # (N, th, tw, K, m, m)
+    yi = _int_transform(qm, p.aq, p.sa)  # (N, th, tw, K, m, m)
     assert int(yi.abs().max()) <= _INT32
     y = yi.float() * so[..., None, None]
     if layer.bias is not None:

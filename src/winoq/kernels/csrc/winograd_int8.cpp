@@ -29,7 +29,7 @@ struct Args {
   int pad_t, pad_l, m, n, th, tw; int64_t OH, OW, P, Pp;
   const float* rx; int64_t rs[4];       // (N, th, tw, C) input multipliers, strides
   const float* sx; int64_t ss[4];       // input scales, strides
-  const int32_t* bq; int kb; float pow_kb;
+  const int32_t* bq; int kb; float pow_kb;  // kb, ka: the shift after the first pass; pow: the scale 2^(s - 2k)
   const int32_t* aq; int ka; float pow_ka;
   int G, cg, kg, gs, J, gs4, kgp, gsm; int64_t Cp;
   const int8_t* up; const int32_t* corr; const float* su;  // packed U; [taps][G][J][kgp]
@@ -106,7 +106,7 @@ std::vector<torch::Tensor> pack_u(torch::Tensor u, int64_t G, int64_t gs) {
 }
 
 torch::Tensor forward(torch::Tensor x, std::vector<int64_t> pad_tl, std::vector<int64_t> geom,
-                      torch::Tensor rx, torch::Tensor sx, torch::Tensor bq, int64_t kb, torch::Tensor aq, int64_t ka,
+                      torch::Tensor rx, torch::Tensor sx, torch::Tensor bq, torch::Tensor aq, std::vector<int64_t> shifts,
                       std::vector<int64_t> groups, torch::Tensor packed, torch::Tensor corr, torch::Tensor su,
                       std::vector<double> vq, std::vector<double> mq, std::vector<int64_t> in_range,
                       c10::optional<torch::Tensor> bias, std::string isa) {
@@ -123,8 +123,9 @@ torch::Tensor forward(torch::Tensor x, std::vector<int64_t> pad_tl, std::vector<
   a.rx = rx.data_ptr<float>(); a.sx = sx.data_ptr<float>();
   for (int i = 0; i < 4; ++i) { a.rs[i] = rx.stride(i); a.ss[i] = sx.stride(i); }
   auto bqc = bq.to(torch::kInt32).contiguous(), aqc = aq.to(torch::kInt32).contiguous();
-  a.bq = bqc.data_ptr<int32_t>(); a.kb = (int)kb; a.pow_kb = std::ldexp(1.0f, -(int)kb);
-  a.aq = aqc.data_ptr<int32_t>(); a.ka = (int)ka; a.pow_ka = std::ldexp(1.0f, -(int)ka);
+  // shifts: first-pass shift and scale exponent of each transform (fixed_point.py: s, s - 2k)
+  a.bq = bqc.data_ptr<int32_t>(); a.kb = (int)shifts[0]; a.pow_kb = std::ldexp(1.0f, (int)shifts[1]);
+  a.aq = aqc.data_ptr<int32_t>(); a.ka = (int)shifts[2]; a.pow_ka = std::ldexp(1.0f, (int)shifts[3]);
   const int64_t K = groups[3];
   a.G = (int)groups[0]; a.cg = (int)(a.C / a.G); a.kg = (int)(K / a.G); a.gs = (int)groups[1]; a.gsm = (int)groups[2];
   a.J = (a.cg + a.gs - 1) / a.gs; a.gs4 = (a.gs + 3) / 4 * 4; a.kgp = (a.kg + 31) / 32 * 32;

@@ -3,9 +3,9 @@
 // The arithmetic is defined in src/winoq/winograd/fixed_point.py; every float step below
 // is one IEEE operation in the order given there (built with -ffp-contract=off).
 
-static inline float rha(float t) {  // round half away from zero
-  float a = std::floor(std::fabs(t) + 0.5f);
-  return std::copysign(a, t);
+static inline float rha(float t) {  // round half away from zero, exactly (see fixed_point.rha)
+  const float a = std::fabs(t), f = std::floor(a);
+  return std::copysign(f + (a - f >= 0.5f ? 1.0f : 0.0f), t);
 }
 
 // t / 2^k rounded half away from zero (k >= 1): for t < 0, floor((t + half - 1) / 2^k) is
@@ -19,8 +19,10 @@ static inline float rq(float t, float lo, float hi) {  // rha, then clamp (in fl
 #if WINOQ_VNNI
 static inline __m512 rha16(__m512 t) {
   const __m512i sign = _mm512_set1_epi32((int)0x80000000u);
-  __m512 a = _mm512_castsi512_ps(_mm512_andnot_si512(sign, _mm512_castps_si512(t)));
-  a = _mm512_roundscale_ps(_mm512_add_ps(a, _mm512_set1_ps(0.5f)), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512 m = _mm512_castsi512_ps(_mm512_andnot_si512(sign, _mm512_castps_si512(t)));
+  const __m512 f = _mm512_roundscale_ps(m, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __mmask16 up = _mm512_cmp_ps_mask(_mm512_sub_ps(m, f), _mm512_set1_ps(0.5f), _CMP_GE_OQ);
+  const __m512 a = _mm512_mask_add_ps(f, up, f, _mm512_set1_ps(1.0f));
   return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(a),
                                              _mm512_and_si512(sign, _mm512_castps_si512(t))));
 }
