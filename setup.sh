@@ -6,6 +6,12 @@ cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 $PY -m pip install -q torch==2.13.0
 $PY -m pip install -q -e ".[test,diffusion]"
+# the compiled kernel="cpu" (C++ / ninja, JIT-built into ~/.cache/winoq/ext, or $WINOQ_EXT_DIR): build it now,
+# so that the first quantized model does not wait for the compiler; without g++ it warns and winoq still works
+echo "setup: building the compiled cpu kernel (a few minutes on 2 cores)"
+$PY -c "from winoq.kernels import cpu; import sys; sys.exit(0 if cpu.available() else 1)" \
+  && echo "setup: cpu kernel built ($($PY -c 'from winoq.kernels import cpu; print(cpu.isa())'))" \
+  || echo "setup: the cpu kernel could not be built; kernel='cpu' will run its PyTorch twin (same results, slower)"
 FMNIST=/usr/share/datasets/fashion-mnist
 if [ -d "$FMNIST" ]; then
   echo "setup: Fashion-MNIST found at $FMNIST"

@@ -84,7 +84,7 @@ def agreement(y, ref) -> tuple[float, float]:
 
 # ----------------------------------------------------------------------------- the switch
 def test_kernel_names_and_cpu_resolution():
-    assert KERNELS == ("emulated", "int-cpu", "triton", "auto")
+    assert KERNELS == ("emulated", "int-cpu", "cpu", "triton", "auto")
     assert resolve_kernel("emulated", "cpu") == "emulated"
     assert resolve_kernel("int-cpu", "cpu") == "int-cpu"
     if not torch.cuda.is_available():

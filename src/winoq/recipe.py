@@ -44,7 +44,9 @@ class Recipe:
         (benchmarks/speedups.py).
     seed: seeds every random draw (noise, calibration order).
     kernel: how the Winograd layers compute at inference: "emulated" (PyTorch fake quantization,
-        runs anywhere), "int-cpu" (integer arithmetic on the CPU), "triton" (GPU kernels; needs
+        runs anywhere), "int-cpu" (integer arithmetic on the CPU in PyTorch ops, the reference),
+        "cpu" (the compiled fixed-point int8 CPU kernel; the emulation then uses its rounded
+        transforms, see winoq.winograd.fixed_point), "triton" (GPU kernels; needs
         CUDA and the triton package) or "auto" (triton where it can run, else emulated).
         Calibration always runs emulated.
     winograd_weight_scales: "tapwise" (default: one scale per output channel, channel group and

@@ -2,8 +2,15 @@
 
 ``emulated``  the layer's own ``forward`` (fake quantization in floating point;
               works everywhere, differentiable).
-``int-cpu``   integer arithmetic on CPU (int8 codes, int32 group sums;
-              :mod:`winoq.kernels.int_cpu`), equal to ``forward_integer``.
+``int-cpu``   integer arithmetic on CPU in PyTorch ops (int8 codes, int32 group sums;
+              :mod:`winoq.kernels.int_cpu`), equal to ``forward_integer``: the reference
+              of the float-transform pipeline.
+``cpu``       the compiled fixed-point int8 kernel (:mod:`winoq.kernels.cpu`: AVX-512 VNNI,
+              AVX2 or portable C++): int8 tiles, k-bit fixed-point integer transforms
+              (:mod:`winoq.winograd.fixed_point`), int32 group sums. The layer's emulation
+              then uses the same rounded transforms. Without a C++ toolchain it warns once
+              and runs the PyTorch twin (same results). Layers it cannot run (float or
+              > 8-bit stages, tap-wise scales, non-zero padding modes) run emulated.
 ``triton``    Triton GPU kernels (:mod:`winoq.kernels.triton_winograd`); needs
               CUDA and the optional ``triton`` package.
 ``auto``      ``triton`` when CUDA and triton are available, else ``emulated``.
@@ -12,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-KERNELS = ("emulated", "int-cpu", "triton", "auto")
+KERNELS = ("emulated", "int-cpu", "cpu", "triton", "auto")
 
 
 def triton_available() -> bool:
@@ -64,9 +71,28 @@ def winograd_forward(layer, x: torch.Tensor, kernel: str = "emulated") -> torch.
         from . import int_cpu
 
         return int_cpu.forward(layer, x).to(x.dtype)
+    if name == "cpu":
+        return _fixed_point_forward(layer, x)
     from . import triton_winograd
 
     return triton_winograd.forward(layer, x).to(x.dtype)
+
+
+def _fixed_point_forward(layer, x: torch.Tensor) -> torch.Tensor:
+    from ..winograd import fixed_point
+    from . import cpu
+
+    why = fixed_point.unsupported_reason(layer)
+    if why is None and x.device.type != "cpu":
+        why = f"its input is on {x.device}"
+    if why is not None:
+        if not getattr(layer, "_warned_cpu_kernel", False):
+            import warnings
+
+            warnings.warn(f"kernel 'cpu' cannot run {type(layer).__name__} ({why}); it runs emulated", stacklevel=3)
+            layer._warned_cpu_kernel = True
+        return layer.forward_emulated(x)
+    return cpu.forward(layer, x).to(x.dtype)
 
 
 __all__ = ["KERNELS", "resolve_kernel", "triton_available", "winograd_forward"]

@@ -84,6 +84,8 @@ class QuantWinogradConv2d(WinogradConv2d):
         # keep the quantized transformed weights between inference calls (int8 / float8 codes: about
         # (n/r)^2 bytes per conv weight, 3.5 GiB for an SD-1.5 UNet at F(6,3)); False recomputes them
         self.cache_u = True
+        # fractional bits of the fixed-point transforms of the "cpu" kernel (None: fixed_point.DEFAULT_TRANSFORM_BITS)
+        self.transform_bits = None
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, m: int, points=None, **kwargs) -> "QuantWinogradConv2d":
@@ -107,13 +109,23 @@ class QuantWinogradConv2d(WinogradConv2d):
             {"AT": nn.Parameter(at.detach().double().clone()), "G": nn.Parameter(g.detach().double().clone()),
              "BT": nn.Parameter(bt.detach().double().clone())})
 
-    def transforms(self, dtype, device):
+    def transforms(self, dtype, device, fixed_point: bool | None = None):
+        """(AT', G', BT'); with ``fixed_point`` (default: when the kernel is the fixed-point
+        "cpu" one) AT' and BT' rounded as that kernel runs them (winograd.fixed_point)."""
+        if fixed_point is None:
+            fixed_point = self.kernel == "cpu"
         if self.free_transforms is not None:
             ft = self.free_transforms
             base = (ft["AT"], ft["G"], ft["BT"])
         else:
             base = (self.tc.AT.to(device), self.tc.G.to(device), self.tc.BT.to(device))
         mats = apply_diagonal_scales(*base, self.log_sb.exp(), self.log_sg.exp())
+        if fixed_point:
+            from .fixed_point import rounded_transforms, transform_bits
+
+            at_q, bt_q = rounded_transforms(mats[0].detach(), mats[2].detach(), transform_bits(self))
+            # straight-through: the rounded values forward, the scales' gradients as before
+            mats = (mats[0] + (at_q - mats[0]).detach(), mats[1], mats[2] + (bt_q - mats[2]).detach())
         return tuple(t.to(device=device, dtype=dtype) for t in mats)
 
     # ---------------------------------------------------------------- granularity

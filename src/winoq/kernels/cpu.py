@@ -1,0 +1,115 @@
+"""The compiled fixed-point int8 Winograd kernel for CPUs (``kernel="cpu"``).
+
+It computes the pipeline defined in :mod:`winoq.winograd.fixed_point` (int8 input tiles,
+k-bit fixed-point integer transforms, int8 V and U, int32 group sums with AVX-512 VNNI
+``vpdpbusd``, one requantization of M, integer output transform) and returns what
+:func:`winoq.winograd.fixed_point.reference_forward` returns, bit for bit.
+
+The C++ source (``csrc/``) is compiled on first use with ``torch.utils.cpp_extension.load``
+(ninja) into a cache directory (``$WINOQ_EXT_DIR``, default ``~/.cache/winoq/ext``);
+``bash setup.sh`` builds it once so that later imports only load it. A JIT build rather than
+an ahead-of-time one because the package itself stays a pure-Python wheel: an AOT build
+needs torch inside pip's isolated build environment, which is exactly where pip would pick
+a CUDA torch. When the compiler or ninja is missing the build fails once with a warning
+and the kernel runs ``reference_forward`` (same numbers, PyTorch speed).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..winograd import fixed_point as fp
+
+_CSRC = Path(__file__).with_name("csrc")
+_SOURCES = ("winograd_int8.cpp", "winograd_int8_body.h")
+_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off", "-fno-fast-math"]
+_STATE: dict = {}
+
+
+def build_dir() -> Path:
+    root = Path(os.environ.get("WINOQ_EXT_DIR", Path.home() / ".cache" / "winoq" / "ext"))
+    digest = hashlib.sha1(b"".join((_CSRC / s).read_bytes() for s in _SOURCES) + " ".join(_FLAGS).encode()
+                          + torch.__version__.encode()).hexdigest()[:12]
+    return root / f"winograd_int8-{digest}"
+
+
+def load(verbose: bool = False):
+    """The compiled module, building it if needed; None (with one warning) when it cannot be built."""
+    if "mod" in _STATE:
+        return _STATE["mod"]
+    try:
+        from torch.utils import cpp_extension
+
+        d = build_dir()
+        d.mkdir(parents=True, exist_ok=True)
+        mod = cpp_extension.load(name="winoq_winograd_int8", sources=[str(_CSRC / _SOURCES[0])],
+                                 extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], build_directory=str(d),
+                                 verbose=verbose)
+    except Exception as err:  # no compiler, no ninja, unsupported platform
+        first = (str(err).strip().splitlines() or [type(err).__name__])[-1]
+        warnings.warn(f"winoq: the compiled 'cpu' kernel could not be built ({first}); it runs the PyTorch "
+                      "fixed-point twin instead (same results, slower). Install g++ and ninja and run setup.sh.",
+                      RuntimeWarning, stacklevel=2)
+        mod = None
+    _STATE["mod"] = mod
+    return mod
+
+
+def available() -> bool:
+    return load() is not None
+
+
+def isa() -> str | None:
+    """Instruction set the compiled kernel picks on this CPU ("avx512-vnni", "avx2", "portable")."""
+    mod = load()
+    return None if mod is None else mod.best_isa()
+
+
+def _packed(layer, p: fp.Plan, mod):
+    if p.packed is None:
+        g = layer.groups
+        taps, k, cg = p.u.shape
+        kg = k // g
+        u8, corr = mod.pack_u(p.u, g, p.gs)
+        kgp = corr.shape[-1]
+        su = p.su.reshape(taps, g, kg, p.nj).permute(0, 1, 3, 2)  # (taps, G, J, kg)
+        su = torch.nn.functional.pad(su, (0, kgp - kg)).contiguous()
+        p.packed = (u8, corr, su)
+    return p.packed
+
+
+@torch.no_grad()
+def forward(layer, x: torch.Tensor, rx: torch.Tensor | None = None, sx: torch.Tensor | None = None,
+            isa: str = "") -> torch.Tensor:
+    """Fixed-point forward of a QuantWinogradConv2d on CPU (float32 out). ``rx``, ``sx``:
+    (N, th, tw, C) input multipliers / scales (default: the layer's input granularity).
+    ``isa``: force "avx512-vnni", "avx2" or "portable" (default: the best this CPU has)."""
+    why = fp.unsupported_reason(layer)
+    if why is not None:
+        raise ValueError(f"cpu kernel: {why}; use kernel='emulated'")
+    if x.device.type != "cpu":
+        raise ValueError(f"cpu kernel runs on CPU tensors, got {x.device}")
+    layer.check_input(x)
+    mod = load()
+    if mod is None:
+        return fp.reference_forward(layer, x, rx, sx)
+    p = fp.plan(layer)
+    nb, c, h, w = x.shape
+    pad, out_hw, th, tw = fp.tile_grid(layer, h, w)
+    if rx is None:
+        rx, sx = fp.input_scales(layer, x, th, tw)
+    fp.check_scale_nesting(layer, sx, p)
+    u8, corr, su = _packed(layer, p, mod)
+    fm = layer.formats
+    vf, mf, inf = fm.winograd_input, fm.output, fm.input
+    bias = None if layer.bias is None else layer.bias.detach().float()
+    return mod.forward(x.detach().float(), [pad[2], pad[0]], [layer.m, layer.m + layer.kernel_size - 1, th, tw, *out_hw],
+                       rx.float(), sx.float(), p.bq, p.aq, [p.sb, p.sb - 2 * p.kb, p.sa, p.sa - 2 * p.ka],
+                       [layer.groups, p.gs, p.gsm, layer.out_channels], u8, corr, su,
+                       [float(vf.max_value), float(layer.clip[0]), vf.qmin, vf.qmax],
+                       [float(mf.max_value), float(layer.clip[1]), mf.qmin, mf.qmax],
+                       [inf.qmin, inf.qmax], bias, isa)

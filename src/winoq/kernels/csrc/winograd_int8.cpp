@@ -1,0 +1,158 @@
+// Fixed-point int8 Winograd convolution for CPUs (the "cpu" kernel of winoq).
+//
+// Layout: input NHWC float; phase A writes V per tap in panels of 8 tiles, [channels/4][8][4]
+// (u8 = code + 128, each channel group padded to a multiple of 4); phase B runs,
+// per tap, the int8 GEMM [tiles x channels] x [channels x K] with U pre-packed as
+// [tap][conv group][32 output channels][group][channels/4][32][4] so that one vpdpbusd
+// multiplies 4 channels of a tile by 4 channels of 16 output channels; the sign offset of
+// V (+128) is removed with the precomputed 128 * sum(U) per output channel and group;
+// phase C requantizes M and runs the output transform.  The instruction set is picked at
+// run time: AVX-512 VNNI, AVX2, or portable C++.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <ctime>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include <immintrin.h>
+
+namespace {
+
+struct Args {
+  const float* x; int64_t N, C, H, W;  // NHWC
+  int pad_t, pad_l, m, n, th, tw; int64_t OH, OW, P, Pp;
+  const float* rx; int64_t rs[4];       // (N, th, tw, C) input multipliers, strides
+  const float* sx; int64_t ss[4];       // input scales, strides
+  const int32_t* bq; int kb; float pow_kb;  // kb, ka: the shift after the first pass; pow: the scale 2^(s - 2k)
+  const int32_t* aq; int ka; float pow_ka;
+  int G, cg, kg, gs, J, gs4, kgp, gsm; int64_t Cp;
+  const int8_t* up; const int32_t* corr; const float* su;  // packed U; [taps][G][J][kgp]
+  float Qv, clip_v; int v_min, v_max;
+  float Qm, clip_m; int m_min, m_max;
+  int in_min, in_max;
+  const float* bias;
+  uint8_t* v8; float* sv; float* mf; float* y;  // per-thread block buffers (run()), output
+  int64_t p_base;                               // first tile of the block in the buffers
+};
+
+constexpr int PB = 8;  // tiles per GEMM block: 16 zmm accumulators
+
+}  // namespace
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
+namespace isa_vnni {
+#define WINOQ_VNNI 1
+#include "winograd_int8_body.h"
+#undef WINOQ_VNNI
+}  // namespace isa_vnni
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2")
+namespace isa_avx2 {
+#define WINOQ_VNNI 0
+#include "winograd_int8_body.h"
+#undef WINOQ_VNNI
+}  // namespace isa_avx2
+#pragma GCC pop_options
+
+namespace isa_portable {
+#define WINOQ_VNNI 0
+#include "winograd_int8_body.h"
+#undef WINOQ_VNNI
+}  // namespace isa_portable
+
+namespace {
+
+std::string best_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
+    return "avx512-vnni";
+  if (__builtin_cpu_supports("avx2")) return "avx2";
+  return "portable";
+}
+
+// u: (taps, K, cg) int8 codes, groups G; returns packed U and corr (128 * sum U) as
+// [taps][G][J][kgp] int32, kgp = K/G rounded up to 32.
+std::vector<torch::Tensor> pack_u(torch::Tensor u, int64_t G, int64_t gs) {
+  TORCH_CHECK(u.dtype() == torch::kInt8 && u.dim() == 3, "pack_u: (taps, K, cg) int8");
+  u = u.contiguous();
+  const int64_t taps = u.size(0), K = u.size(1), cg = u.size(2), kg = K / G;
+  const int64_t J = (cg + gs - 1) / gs, gs4 = (gs + 3) / 4 * 4, kgp = (kg + 31) / 32 * 32, nkb = kgp / 32;
+  auto packed = torch::zeros({taps, G, nkb, J, gs4 / 4, 32, 4}, torch::kInt8);
+  auto corr = torch::zeros({taps, G, J, kgp}, torch::kInt32);
+  const int8_t* src = u.data_ptr<int8_t>();
+  int8_t* dst = packed.data_ptr<int8_t>();
+  int32_t* cr = corr.data_ptr<int32_t>();
+  for (int64_t t = 0; t < taps; ++t)
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t kk = 0; kk < kg; ++kk)
+        for (int64_t c = 0; c < cg; ++c) {
+          const int8_t val = src[(t * K + g * kg + kk) * cg + c];
+          const int64_t j = c / gs, cc = c % gs;
+          const int64_t idx = (((((t * G + g) * nkb + kk / 32) * J + j) * (gs4 / 4) + cc / 4) * 32 + kk % 32) * 4 + cc % 4;
+          dst[idx] = val;
+          cr[((t * G + g) * J + j) * kgp + kk] += 128 * (int32_t)val;
+        }
+  return {packed, corr};
+}
+
+torch::Tensor forward(torch::Tensor x, std::vector<int64_t> pad_tl, std::vector<int64_t> geom,
+                      torch::Tensor rx, torch::Tensor sx, torch::Tensor bq, torch::Tensor aq, std::vector<int64_t> shifts,
+                      std::vector<int64_t> groups, torch::Tensor packed, torch::Tensor corr, torch::Tensor su,
+                      std::vector<double> vq, std::vector<double> mq, std::vector<int64_t> in_range,
+                      c10::optional<torch::Tensor> bias, std::string isa) {
+  // geom: m, n, th, tw, OH, OW ; groups: G, gs, gsm, K ; vq/mq: Q, clip, qmin, qmax
+  TORCH_CHECK(x.dim() == 4 && x.dtype() == torch::kFloat32, "x: (N, C, H, W) float32");
+  TORCH_CHECK(rx.dtype() == torch::kFloat32 && sx.dtype() == torch::kFloat32 && rx.dim() == 4 && sx.dim() == 4,
+              "rx, sx: (N, th, tw, C) float32");
+  auto xh = x.contiguous(at::MemoryFormat::ChannelsLast);
+  Args a{};
+  a.x = xh.data_ptr<float>(); a.N = x.size(0); a.C = x.size(1); a.H = x.size(2); a.W = x.size(3);
+  a.pad_t = (int)pad_tl[0]; a.pad_l = (int)pad_tl[1];
+  a.m = (int)geom[0]; a.n = (int)geom[1]; a.th = (int)geom[2]; a.tw = (int)geom[3]; a.OH = geom[4]; a.OW = geom[5];
+  a.P = a.N * a.th * a.tw; a.Pp = PB;
+  a.rx = rx.data_ptr<float>(); a.sx = sx.data_ptr<float>();
+  for (int i = 0; i < 4; ++i) { a.rs[i] = rx.stride(i); a.ss[i] = sx.stride(i); }
+  auto bqc = bq.to(torch::kInt32).contiguous(), aqc = aq.to(torch::kInt32).contiguous();
+  // shifts: first-pass shift and scale exponent of each transform (fixed_point.py: s, s - 2k)
+  a.bq = bqc.data_ptr<int32_t>(); a.kb = (int)shifts[0]; a.pow_kb = std::ldexp(1.0f, (int)shifts[1]);
+  a.aq = aqc.data_ptr<int32_t>(); a.ka = (int)shifts[2]; a.pow_ka = std::ldexp(1.0f, (int)shifts[3]);
+  const int64_t K = groups[3];
+  a.G = (int)groups[0]; a.cg = (int)(a.C / a.G); a.kg = (int)(K / a.G); a.gs = (int)groups[1]; a.gsm = (int)groups[2];
+  a.J = (a.cg + a.gs - 1) / a.gs; a.gs4 = (a.gs + 3) / 4 * 4; a.kgp = (a.kg + 31) / 32 * 32;
+  a.Cp = (int64_t)a.G * a.J * a.gs4;
+  TORCH_CHECK(packed.numel() == (int64_t)a.n * a.n * a.G * a.kgp * a.J * a.gs4, "packed U does not match the layer");
+  TORCH_CHECK(su.numel() == (int64_t)a.n * a.n * a.G * a.J * a.kgp && corr.numel() == su.numel(), "su / corr shape");
+  auto suc = su.contiguous();
+  a.up = packed.data_ptr<int8_t>(); a.corr = corr.data_ptr<int32_t>(); a.su = suc.data_ptr<float>();
+  a.Qv = (float)vq[0]; a.clip_v = (float)vq[1]; a.v_min = (int)vq[2]; a.v_max = (int)vq[3];
+  a.Qm = (float)mq[0]; a.clip_m = (float)mq[1]; a.m_min = (int)mq[2]; a.m_max = (int)mq[3];
+  a.in_min = (int)in_range[0]; a.in_max = (int)in_range[1];
+  torch::Tensor bc;
+  if (bias.has_value()) { bc = bias->to(torch::kFloat32).contiguous(); a.bias = bc.data_ptr<float>(); }
+  auto y = torch::empty({a.N, K, a.OH, a.OW}, torch::kFloat32);
+  a.y = y.data_ptr<float>();
+  if (isa.empty()) isa = best_isa();
+  if (isa == "avx512-vnni") isa_vnni::run(a);
+  else if (isa == "avx2") isa_avx2::run(a);
+  else if (isa == "portable") isa_portable::run(a);
+  else TORCH_CHECK(false, "isa must be avx512-vnni, avx2 or portable, got ", isa);
+  return y;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.def("pack_u", &pack_u, "pack int8 U codes for the GEMM");
+  mod.def("forward", &forward, "fixed-point int8 Winograd conv");
+  mod.def("best_isa", &best_isa, "instruction set the kernel picks on this CPU");
+}

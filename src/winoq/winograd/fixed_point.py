@@ -1,0 +1,331 @@
+"""The fixed-point integer pipeline of a fully quantized Winograd conv: its one definition.
+
+With learned diagonal scales the transforms ``BT' = S_B BT`` and ``AT' = AT (S_B S_G)^-1``
+are not integer matrices, so integer hardware runs them as k-bit fixed point:
+``Bq = round(BT' 2^k)``, ``Aq = round(AT' 2^k)`` (round half away from zero). Every other
+step is defined here too, so that the compiled kernel (``winoq.kernels.cpu``) and the
+pure-PyTorch twin :func:`reference_forward` compute the same integers and the same float32
+values bit for bit (every float step is one IEEE operation in a fixed order, no FMA):
+
+1. input codes ``qx = clamp(rha(x * rx))``, ``rx = Q_in / amax`` per (sample, tile, channel)
+   (a tensor: today one value per sample and input channel group, expanded over the tiles;
+   per-tile input scales plug in unchanged), real scale ``sx = amax / Q_in``;
+2. input transform per n x n tile in int32: ``T = rshift(Bq d, s)``, ``V = T Bq^T``
+   (real ``V = V_int sx 2^(s - 2k)``; s, the smallest shift after the first pass that keeps
+   the second inside int32, is 0 for F(2,3) and F(4,3));
+3. V codes, one scale per (sample, tile, channel group) shared by the taps:
+   ``amax = max |V_int|``, ``qv = clamp(rha(float(V_int) * (Q_v / (amax * clip_v))))``,
+   real scale ``sv = (amax * clip_v / Q_v) * sx * 2^(s - 2k)``;
+4. per tap and channel group an int8 GEMM over the group's channels, int32 sums;
+5. ``M = sum_j float(acc_j) * (sv_j * su_j)`` (float32, groups in order): the per-group
+   (V x U) scales folded into the one requantization of M;
+6. M codes per (sample, tile, output channel group), shared by the taps:
+   ``qm = clamp(rha(M * (Q_m / (amax_M * clip_m))))``;
+7. output transform in int32 like step 2 with ``Aq``; ``y = float(Y_int) * s_out + bias``,
+   ``s_out = (amax_M * clip_m / Q_m) * 2^(s - 2k)``.
+
+``rha`` is round half away from zero, computed exactly in float32 (and ``rshift`` its integer
+counterpart). The transformed weights U are quantized once, in
+float64, exactly as the layer's other paths do it (``compute_scale`` of the layer).
+The differentiable emulation uses the same rounded matrices (:func:`rounded_transforms`,
+through ``QuantWinogradConv2d.transforms`` when the layer's kernel is ``"cpu"``).
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from ..quantizers import compute_scale, quantize
+from .conv import conv_padding, transform_2d
+
+# chosen by measurement (benchmarks/kernels_cpu.py --accuracy, docs/results.md): at 10 bits the
+# layers' SQNR is that of the float-transform emulation to <= 0.15 dB where no first-pass shift is
+# needed; 8 bits lose up to 0.4 dB, 6 bits up to 10 dB
+DEFAULT_TRANSFORM_BITS = 10
+_INT32 = 2**31 - 1
+
+
+def rha(t: torch.Tensor) -> torch.Tensor:
+    """Round half away from zero, in t's float dtype, exactly: ``f = floor(|t|)`` plus one when
+    ``|t| - f >= 0.5`` (that difference is exact), with t's sign. (``floor(|t| + 0.5)`` would
+    round 0.49999997 up: the sum rounds to 1.0 in float32.)"""
+    a = t.abs()
+    f = torch.floor(a)
+    return (f + (a - f >= 0.5).to(t.dtype)).copysign(t)
+
+
+def rshift(t: torch.Tensor, k: int) -> torch.Tensor:
+    """Integer ``t / 2^k`` rounded half away from zero (integer tensors)."""
+    if k == 0:
+        return t
+    half = 1 << (k - 1)
+    return torch.where(t >= 0, (t + half) >> k, -((half - t) >> k))
+
+
+def fixed(mat: torch.Tensor, k: int) -> torch.Tensor:
+    """``mat`` as k-bit fixed point: integers ``rha(mat 2^k)`` (int64)."""
+    return rha(mat.double() * 2.0**k).long()
+
+
+def _int_transform_bound(mq: torch.Tensor, k: int, in_max: int) -> int:
+    """Worst |value| of the two-pass integer transform of codes bounded by ``in_max``."""
+    l1 = int(mq.abs().sum(1).max())
+    first = l1 * in_max
+    return l1 * ((first + (1 << k >> 1)) >> k if k else first)
+
+
+def effective_bits(mat: torch.Tensor, bits: int, in_max: int = 128) -> int:
+    """The largest k <= ``bits`` whose two-pass transform stays inside int32."""
+    for k in range(bits, -1, -1):
+        if _int_transform_bound(fixed(mat, k), k, in_max) <= _INT32:
+            return k
+    raise ValueError("transform too large for int32 arithmetic even at 0 fractional bits")
+
+
+def first_pass_shift(mat: torch.Tensor, k: int, in_max: int = 128) -> int:
+    """The smallest right shift after the first pass that keeps the second inside int32
+    (0 when it fits unshifted: rounding the first pass to whole codes costs ~4 dB)."""
+    mq = fixed(mat, k)
+    for s in range(0, k + 1):
+        if _int_transform_bound(mq, s, in_max) <= _INT32:
+            return s
+    raise ValueError("transform too large for int32 arithmetic")
+
+
+def rounded_transforms(at: torch.Tensor, bt: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(AT', BT') rounded to the fixed point the integer kernel uses (same dtype)."""
+    kb, ka = effective_bits(bt, bits), effective_bits(at, bits)
+    return fixed(at, ka).to(at.dtype) / 2.0**ka, fixed(bt, kb).to(bt.dtype) / 2.0**kb
+
+
+# ----------------------------------------------------------------------------- what runs where
+def unsupported_reason(layer) -> str | None:
+    """Why the fixed-point pipeline cannot run ``layer`` (None when it can)."""
+    fm = layer.formats
+    for name, f in (("input", fm.input), ("winograd_input", fm.winograd_input), ("weight", fm.weight),
+                    ("output", fm.output)):
+        if f is None or f.is_float or not f.signed or f.qmin < -128 or f.qmax > 127:
+            return f"the {name} stage is {getattr(f, 'name', 'float')}; the fixed-point kernel needs signed int2..int8"
+    if layer.scale_mode != "shared":
+        return "scale_mode 'tapwise' needs float rescaling inside the transforms"
+    gr = layer.granularity
+    if gr.v.keeps("tap"):
+        return ("V scales per tap (Recipe(winograd_input_scales='tapwise'), the default); the fixed-point kernel "
+                "implements V scales shared by the taps: use winograd_input_scales='shared'")
+    if gr.input_mode != "sample":
+        return (f"input scales per {gr.input_mode} (Recipe(activation_granularity='fine'), the default); the "
+                "fixed-point kernel quantizes the input per sample and channel group: use "
+                "activation_granularity='sample'")
+    if layer.padding_mode != "zeros":
+        return f"padding_mode {layer.padding_mode!r} (only 'zeros')"
+    if layer.act_ranges is not None:
+        return "static activation ranges (the fixed-point kernel computes dynamic scales)"
+    if not _groups_nest(layer.in_channels, layer.groups, layer.group_size):
+        return (f"channel groups of {layer.group_size} over {layer.in_channels} inputs straddle the conv's "
+                f"{layer.groups} groups (V sums each group in integers under one input scale)")
+    return None
+
+
+def _groups_nest(c: int, groups: int, group_size: int | None) -> bool:
+    """Does every channel group of V (inside a conv group) lie inside one group of the input's
+    per-(sample, channel group) scales (groups of ``group_size`` over all channels)?"""
+    gs_in = c if group_size is None else min(group_size, c)
+    cg = c // groups
+    gs_v = cg if group_size is None else min(group_size, cg)
+    ch = torch.arange(c)
+    v_id = (ch // cg) * (cg + 1) + (ch % cg) // gs_v
+    in_id = ch // gs_in
+    lo = torch.full((int(v_id.max()) + 1,), c).scatter_reduce(0, v_id, in_id, "amin")
+    hi = torch.full_like(lo, -1).scatter_reduce(0, v_id, in_id, "amax")
+    return bool((lo[v_id] == hi[v_id]).all())
+
+
+# ----------------------------------------------------------------------------- the plan (weights)
+@dataclass
+class Plan:
+    """Everything that depends on the layer only: fixed-point transforms, U codes and scales."""
+
+    key: tuple
+    kb: int                 # fractional bits of Bq
+    ka: int                 # fractional bits of Aq
+    sb: int                 # right shift after the first pass of the input transform (V_int = V 2^(2kb - sb) / sx)
+    sa: int                 # the same for the output transform
+    bq: torch.Tensor        # (n, n) int32
+    aq: torch.Tensor        # (m, n) int32
+    u: torch.Tensor         # (taps, K, Cg) int8 codes
+    su: torch.Tensor        # (taps, K, J) float32 U scales (tap-shared ones expanded)
+    gs: int                 # V channel-group length within a conv group
+    nj: int                 # V channel groups per conv group
+    gsm: int                # M channel-group length over K
+    packed: object = None   # the compiled kernel's packing of u (winoq.kernels.cpu)
+
+
+_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _key(layer, bits) -> tuple:
+    ft = layer.free_transforms
+    tracked = [layer.weight, layer.log_sb, layer.log_sg] + ([] if ft is None else list(ft.parameters()))
+    lu = layer.learned_u
+    return (bits, tuple((t.data_ptr(), t._version) for t in tracked), None if lu is None else (lu.data_ptr(), lu._version),
+            layer.group_size, layer.granularity.u, layer.formats, layer.groups)
+
+
+def transform_bits(layer) -> int:
+    return getattr(layer, "transform_bits", None) or DEFAULT_TRANSFORM_BITS
+
+
+@torch.no_grad()
+def plan(layer) -> Plan:
+    """The layer's fixed-point transforms and weight codes, cached until its weights or scales change."""
+    bits = transform_bits(layer)
+    key = _key(layer, bits)
+    hit = _PLANS.get(layer)
+    if hit is not None and hit.key == key:
+        return hit
+    at, g, bt = layer.transforms(torch.float64, "cpu", fixed_point=False)
+    kb, ka = effective_bits(bt, bits), effective_bits(at, bits)
+    sb, sa = first_pass_shift(bt, kb), first_pass_shift(at, ka)
+    fm = layer.formats
+    u = transform_2d(g, layer.weight.detach().double().cpu()) if layer.learned_u is None \
+        else layer.learned_u.detach().double().cpu()
+    su_full = compute_scale(u, fm.weight, layer._weight_gran(), layer.weight_method)[0]
+    codes = quantize(u, fm.weight, su_full).codes  # (K, Cg, n, n)
+    k, cg, n, _ = codes.shape
+    gs = cg if layer.group_size is None else min(layer.group_size, cg)
+    nj = math.ceil(cg / gs)
+    su = su_full.expand(k, cg, n, n)[:, ::gs][:, :nj]  # (K, J, n, n): each group's scale
+    su = su.permute(2, 3, 0, 1).reshape(n * n, k, nj).float().contiguous()
+    gsm = k if layer.group_size is None else min(layer.group_size, k)
+    p = Plan(key, kb, ka, sb, sa, fixed(bt, kb).int(), fixed(at, ka).int(),
+             codes.permute(2, 3, 0, 1).reshape(n * n, k, cg).to(torch.int8).contiguous(), su, gs, nj, gsm)
+    _PLANS[layer] = p
+    return p
+
+
+# ----------------------------------------------------------------------------- activations
+def tile_grid(layer, h: int, w: int) -> tuple[tuple[int, int, int, int], tuple[int, int], int, int]:
+    """(F.pad spec, output size, tile rows, tile columns) of an input of size h x w."""
+    r, m = layer.kernel_size, layer.m
+    pad = conv_padding(layer.padding, r)
+    oh, ow = h + pad[2] + pad[3] - r + 1, w + pad[0] + pad[1] - r + 1
+    if oh < 1 or ow < 1:
+        raise ValueError(f"input {(h, w)} after padding {pad} is smaller than the {r}x{r} kernel")
+    return pad, (oh, ow), math.ceil(oh / m), math.ceil(ow / m)
+
+
+def input_scales(layer, x: torch.Tensor, th: int, tw: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input multipliers ``rx = Q / amax`` and scales ``sx = amax / Q`` as (N, th, tw, C)
+    float32 views, from the layer's input granularity (one scale per sample and channel
+    group over all pixels, expanded over the tiles). A per-tile input granularity returns
+    its (N, th, tw, C) values here; nothing else changes."""
+    nb, c = x.shape[:2]
+    q = float(layer.formats.input.max_value)
+    gs = c if layer.group_size is None else min(layer.group_size, c)
+    ng = math.ceil(c / gs)
+    a = x.detach().float().abs().amax(dim=(2, 3))  # (N, C)
+    a = torch.nn.functional.pad(a, (0, ng * gs - c)).reshape(nb, ng, gs).amax(-1)
+    a = a.repeat_interleave(gs, 1)[:, :c]
+    qt = torch.full_like(a, q)  # a tensor: `q / a` with a Python q would compute q * (1 / a)
+    rx = torch.where(a > 0, qt / a, torch.zeros_like(a))
+    sx = a / qt
+    return rx[:, None, None, :].expand(nb, th, tw, c), sx[:, None, None, :].expand(nb, th, tw, c)
+
+
+def check_scale_nesting(layer, sx: torch.Tensor, p: Plan) -> None:
+    """V sums channels in integers, so the input scale must be one value across each V group."""
+    nb, th, tw, c = sx.shape
+    cg = c // layer.groups
+    s = sx.reshape(nb, th, tw, layer.groups, cg)
+    first = s[..., :: p.gs].repeat_interleave(p.gs, -1)[..., :cg]
+    if not torch.equal(first, s):
+        raise ValueError("the input scales vary inside a channel group of V; the fixed-point kernel needs the "
+                         "input's channel groups to contain V's (group_size dividing C / groups)")
+
+
+# ----------------------------------------------------------------------------- the PyTorch twin
+def _int_transform(q: torch.Tensor, mq: torch.Tensor, k: int) -> torch.Tensor:
+    """(..., n, n) int64 tiles -> (..., o, o): rshift(mq q, k) mq^T."""
+    t = rshift(torch.einsum("ai,...ij->...aj", mq.long(), q), k)
+    return torch.einsum("...aj,bj->...ab", t, mq.long())
+
+
+@torch.no_grad()
+def reference_forward(layer, x: torch.Tensor, rx: torch.Tensor | None = None,
+                      sx: torch.Tensor | None = None, return_codes: bool = False):
+    """The fixed-point pipeline in PyTorch integer / float32 tensor ops (bit for bit what the
+    compiled kernel returns). ``rx``, ``sx``: (N, th, tw, C) input multipliers and scales
+    (default: :func:`input_scales`)."""
+    why = unsupported_reason(layer)
+    if why is not None:
+        raise ValueError(f"fixed-point kernel: {why}")
+    layer.check_input(x)
+    fm = layer.formats
+    p = plan(layer)
+    nb, c, h, w = x.shape
+    m, r = layer.m, layer.kernel_size
+    n = m + r - 1
+    pad, out_hw, th, tw = tile_grid(layer, h, w)
+    if rx is None:
+        rx, sx = input_scales(layer, x, th, tw)
+    check_scale_nesting(layer, sx, p)
+    G = layer.groups
+    cg, K = c // G, layer.out_channels
+    kg = K // G
+    # 1. input codes, tile by tile (N, th, tw, C, n, n)
+    xp = torch.nn.functional.pad(x.float(), (pad[0], pad[1] + tw * m + r - 1 - (w + pad[0] + pad[1]),
+                                             pad[2], pad[3] + th * m + r - 1 - (h + pad[2] + pad[3])))
+    tiles = xp.unfold(2, n, m).unfold(3, n, m).permute(0, 2, 3, 1, 4, 5)
+    qmin_i, qmax_i = fm.input.qmin, fm.input.qmax
+    qx = rha(tiles * rx.float()[..., None, None]).clamp_(qmin_i, qmax_i).long()
+    # 2. input transform
+    v = _int_transform(qx, p.bq, p.sb)  # (N, th, tw, C, n, n) int64
+    assert int(v.abs().max()) <= _INT32
+    # 3. V codes per (sample, tile, V group)
+    vg = v.reshape(nb, th, tw, G, cg, n * n)
+    vg = torch.nn.functional.pad(vg, (0, 0, 0, p.nj * p.gs - cg)).reshape(nb, th, tw, G, p.nj, p.gs, n * n)
+    amax = vg.abs().amax(dim=(-1, -2)).float()  # (N, th, tw, G, J)
+    vf = fm.winograd_input
+    den = amax * layer.clip[0].float()
+    qv_t = torch.full_like(den, float(vf.max_value))  # tensors, not Python scalars: `q / t` would be q * (1 / t)
+    rv = torch.where(amax > 0, qv_t / den, torch.zeros_like(den))
+    sxg = sx.float().reshape(nb, th, tw, G, cg)[..., :: p.gs][..., : p.nj]
+    sv = torch.where(amax > 0, (den / qv_t) * sxg * 2.0 ** (p.sb - 2 * p.kb), torch.zeros_like(den))
+    qv = rha(vg.float() * rv[..., None, None]).clamp_(vf.qmin, vf.qmax).long()  # (N,th,tw,G,J,gs,taps)
+    # 4-5. per tap and group int GEMM, scaled sum over groups
+    uq = p.u.long().reshape(n * n, G, kg, cg)
+    uq = torch.nn.functional.pad(uq, (0, p.nj * p.gs - cg)).reshape(n * n, G, kg, p.nj, p.gs)
+    su = p.su.reshape(n * n, G, kg, p.nj)
+    mf = torch.zeros(nb, th, tw, n * n, G, kg, dtype=torch.float32)
+    accs = []
+    for j in range(p.nj):
+        acc = torch.einsum("nyxgct,tgkc->nyxtgk", qv[..., j, :, :], uq[..., j, :])
+        assert int(acc.abs().max()) <= _INT32
+        accs.append(acc)
+        f = sv[:, :, :, None, :, j, None] * su[None, None, None, :, :, :, j]  # (N,th,tw,taps,G,kg)
+        mf = mf + acc.float() * f
+    mf = mf.reshape(nb, th, tw, n * n, K)
+    # 6. M codes per (sample, tile, output channel group)
+    mfmt = fm.output
+    ngm = math.ceil(K / p.gsm)
+    mg = torch.nn.functional.pad(mf.abs(), (0, ngm * p.gsm - K)).reshape(nb, th, tw, n * n, ngm, p.gsm)
+    amax_m = mg.amax(dim=(3, 5)).repeat_interleave(p.gsm, -1)[..., :K]  # (N, th, tw, K)
+    den_m = amax_m * layer.clip[1].float()
+    qm_t = torch.full_like(den_m, float(mfmt.max_value))
+    rm = torch.where(amax_m > 0, qm_t / den_m, torch.zeros_like(den_m))
+    so = torch.where(amax_m > 0, (den_m / qm_t) * 2.0 ** (p.sa - 2 * p.ka), torch.zeros_like(den_m))
+    qm = rha(mf * rm[:, :, :, None, :]).clamp_(mfmt.qmin, mfmt.qmax).long()
+    # 7. output transform, scale, bias
+    qm = qm.reshape(nb, th, tw, n, n, K).permute(0, 1, 2, 5, 3, 4)  # (N, th, tw, K, n, n)
+    yi = _int_transform(qm, p.aq, p.sa)  # (N, th, tw, K, m, m)
+    assert int(yi.abs().max()) <= _INT32
+    y = yi.float() * so[..., None, None]
+    if layer.bias is not None:
+        y = y + layer.bias.detach().float().view(1, 1, 1, K, 1, 1)
+    y = y.permute(0, 3, 1, 4, 2, 5).reshape(nb, K, th * m, tw * m)[:, :, : out_hw[0], : out_hw[1]]
+    if return_codes:
+        return y, {"qx": qx, "v": v, "qv": qv, "acc": accs, "m": mf, "qm": qm}
+    return y

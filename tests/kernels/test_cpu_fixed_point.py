@@ -1,0 +1,233 @@
+"""The fixed-point pipeline (winoq.winograd.fixed_point) and the compiled "cpu" kernel.
+
+The compiled kernel must equal ``fixed_point.reference_forward`` bit for bit (torch.equal,
+no tolerance) on every instruction set this CPU has, including rounding ties; the
+reference itself is checked against the exact convolution and the float-transform
+emulation with loose bounds (it is a quantized conv)."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import winoq
+from winoq.kernels import cpu, winograd_forward
+from winoq.winograd import fixed_point as fp
+from winoq.winograd.quantized import QuantWinogradConv2d, StageFormats
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def compiled_isas() -> list[str]:
+    if not cpu.available():
+        pytest.skip("the compiled cpu kernel could not be built here (no g++ / ninja)")
+    best = cpu.isa()
+    return {"avx512-vnni": ["avx512-vnni", "avx2", "portable"], "avx2": ["avx2", "portable"]}.get(best, ["portable"])
+
+
+def make_layer(c, k, m, groups=1, group_size=32, padding=1, bias=True, seed=0, learned=True, clip=(1.0, 1.0),
+               formats=StageFormats()):
+    gen = torch.Generator().manual_seed(seed)
+    layer = QuantWinogradConv2d(c, k, 3, m, padding=padding, bias=bias, groups=groups, group_size=group_size,
+                                formats=formats).eval()
+    n = m + 2
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen) * 0.2)
+        if bias:
+            layer.bias.copy_(torch.randn(k, generator=gen))
+        if learned:  # arbitrary learned diagonal scales: non-integer transforms
+            layer.set_diagonal_scales(torch.rand(n, generator=gen) * 1.5 + 0.5, torch.rand(n, generator=gen) * 1.5 + 0.5)
+        layer.clip.copy_(torch.tensor(clip))
+    return layer
+
+
+CASES = [  # c, k, m, groups, group_size, padding, (h, w), batch, learned, clip, bias
+    (8, 6, 2, 1, 4, 1, (9, 10), 2, True, (1.0, 1.0), True),
+    (33, 20, 2, 1, 8, 0, (7, 11), 1, True, (0.8, 0.9), True),
+    (16, 16, 4, 4, 4, 2, (9, 9), 2, True, (1.0, 1.0), False),
+    (12, 12, 4, 12, 32, 1, (8, 13), 1, True, (1.0, 0.7), True),   # depthwise
+    (12, 24, 2, 12, 32, 1, (6, 6), 1, False, (1.0, 1.0), True),   # depthwise, 2 outputs per input
+    (64, 40, 6, 1, 32, 1, (14, 15), 1, True, (0.9, 1.0), True),
+    (32, 64, 6, 2, 16, "same", (5, 17), 2, True, (1.0, 1.0), True),
+    (20, 8, 4, 1, None, 1, (11, 7), 1, True, (1.0, 1.0), True),   # one group over all channels
+    (6, 10, 6, 1, 3, 1, (3, 4), 3, False, (1.0, 1.0), True),      # a single ragged tile
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"c{c[0]}k{c[1]}F{c[2]}g{c[3]}gs{c[4]}" for c in CASES])
+def test_compiled_equals_reference_bit_for_bit(case):
+    c, k, m, groups, gs, pad, hw, nb, learned, clip, bias = case
+    layer = make_layer(c, k, m, groups, gs, pad, bias, learned=learned, clip=clip)
+    x = torch.randn(nb, c, *hw, generator=torch.Generator().manual_seed(1)) * 3
+    ref = fp.reference_forward(layer, x)
+    assert ref.shape == F.conv2d(x, layer.weight, None, padding=pad, groups=groups).shape
+    for isa in compiled_isas():
+        assert torch.equal(cpu.forward(layer, x, isa=isa), ref), isa
+
+
+def _sparse_input(shape, seed):
+    """Mostly zeros with isolated pixels: V of such tiles is an outer product of BT columns,
+    whose ratios (e.g. 2/4 in F(4,3)) put many codes exactly on .5 before rounding."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(-3, 4, shape, generator=gen).float()
+    return x * (torch.rand(shape, generator=gen) < 0.05)
+
+
+def test_ties_round_half_away_and_match():
+    layer = make_layer(4, 4, 4, group_size=1, learned=False, bias=False)
+    x = _sparse_input((2, 4, 16, 16), 3)
+    ref, codes = fp.reference_forward(layer, x, return_codes=True)
+    p = fp.plan(layer)
+    amax = codes["v"].abs().amax(dim=(-1, -2), keepdim=True).float()  # group_size 1: per channel
+    pre = codes["v"].float() * torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+    ties = (pre.abs() - pre.abs().floor()) == 0.5
+    assert int(ties.sum()) > 10  # the input really exercises ties
+    qv = codes["qv"].reshape(pre.shape)
+    assert torch.equal(qv[ties].abs().float(), pre[ties].abs() + 0.5)  # away from zero
+    assert p.kb == fp.DEFAULT_TRANSFORM_BITS
+    for isa in compiled_isas():
+        assert torch.equal(cpu.forward(layer, x, isa=isa), ref), isa
+
+
+@given(st.integers(-(2**20), 2**20), st.integers(1, 12))
+def test_rshift_is_round_half_away(t, k):
+    exact = t / 2**k
+    want = math.copysign(math.floor(abs(exact) + 0.5), exact)
+    assert int(fp.rshift(torch.tensor([t]), k)) == int(want)
+
+
+def test_rha_halves():
+    t = torch.tensor([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 2.4999998, -0.49999997, 8388607.5, 0.0])
+    assert fp.rha(t).tolist() == [-3, -2, -1, 1, 2, 3, 2, -0.0, 8388608, 0]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from([2, 4, 6]), st.integers(0, 14), st.floats(0.25, 4.0))
+def test_effective_bits_fit_int32(m, bits, spread):
+    layer = make_layer(4, 4, m, learned=False)
+    n = m + 2
+    with torch.no_grad():
+        layer.set_diagonal_scales(torch.linspace(1 / spread, spread, n), torch.ones(n))
+    at, _, bt = layer.transforms(torch.float64, "cpu", fixed_point=False)
+    for mat in (at, bt):
+        k = fp.effective_bits(mat, bits)
+        assert 0 <= k <= bits
+        assert fp._int_transform_bound(fp.fixed(mat, k), k, 128) < 2**31
+        # rounding error of a coefficient is at most half a step
+        assert float((fp.fixed(mat, k) / 2.0**k - mat).abs().max()) <= 2.0 ** -(k + 1) + 1e-12
+
+
+def test_reference_is_a_close_conv():
+    """The fixed-point pipeline stays close to the exact conv and to the float-transform emulation."""
+    layer = make_layer(32, 32, 4, group_size=16)
+    from winoq.winograd.scales import ScaleLearningConfig, learn_layer_scales
+
+    learn_layer_scales(layer, ScaleLearningConfig(steps=0))
+    x = torch.randn(2, 32, 12, 12, generator=torch.Generator().manual_seed(2)).relu()
+    exact = F.conv2d(x.double(), layer.weight.double(), layer.bias.double(), padding=1)
+    ref = fp.reference_forward(layer, x).double()
+    with torch.no_grad():
+        emu = layer.forward_emulated(x).double()
+    sq = lambda y: float(10 * torch.log10(exact.pow(2).sum() / (y - exact).pow(2).sum()))  # noqa: E731
+    assert sq(ref) > 15 and abs(sq(ref) - sq(emu)) < 1.0  # measured: 18.1 and 18.4 dB
+
+
+def test_emulation_uses_the_kernels_rounded_transforms():
+    layer = make_layer(8, 8, 6, group_size=4)
+    at, g, bt = layer.transforms(torch.float64, "cpu")
+    layer.kernel = "cpu"
+    at_q, g_q, bt_q = layer.transforms(torch.float64, "cpu")
+    p = fp.plan(layer)
+    assert torch.equal(g, g_q)
+    assert torch.equal(bt_q, p.bq.double() / 2.0**p.kb) and torch.equal(at_q, p.aq.double() / 2.0**p.ka)
+    assert not torch.equal(bt, bt_q)  # learned scales: BT' is not fixed point already
+    # straight-through: the diagonal scales still receive gradients through the rounded transforms
+    layer.log_sb.requires_grad_(True)
+    x = torch.randn(1, 8, 8, 8)
+    layer.train()
+    layer(x).square().sum().backward()
+    assert layer.log_sb.grad is not None and bool(layer.log_sb.grad.abs().sum() > 0)
+
+
+def test_switch_and_recipe():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(16, 16, 3, padding=1)).eval()
+    q = winoq.quantize(model, winoq.Recipe(winograd=4, group_size=8, scales="learned", learn_steps=0, kernel="cpu"),
+                       progress=False)
+    x = torch.randn(2, 8, 10, 10)
+    layers = [mod for mod in q.modules() if isinstance(mod, QuantWinogradConv2d)]
+    assert layers and all(mod.kernel == "cpu" for mod in layers)
+    with torch.no_grad():
+        y = q(x)
+        h = fp.reference_forward(layers[0], x).relu()
+        torch.testing.assert_close(y, fp.reference_forward(layers[1], h), rtol=0, atol=0)
+        winoq.set_kernel(q, "emulated")
+        assert torch.equal(layers[0].transforms(torch.float64, "cpu")[2],
+                           layers[0].transforms(torch.float64, "cpu", fixed_point=False)[2])
+
+
+def test_unsupported_layer_runs_emulated_with_a_warning():
+    layer = QuantWinogradConv2d(4, 4, 3, 2, padding=1, scale_mode="tapwise").eval()
+    layer.kernel = "cpu"
+    x = torch.randn(1, 4, 6, 6)
+    with pytest.warns(UserWarning, match="tapwise.*runs emulated"):
+        y = winograd_forward(layer, x, "cpu")
+    torch.testing.assert_close(y, layer.forward_emulated(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="fixed-point kernel.*tapwise"):
+        fp.reference_forward(layer, x)
+
+
+def test_missing_extension_warns_once_and_falls_back(monkeypatch):
+    from torch.utils import cpp_extension
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(cpu, "_STATE", {})
+    monkeypatch.setattr(cpp_extension, "load", broken)
+    layer = make_layer(8, 8, 4, group_size=4)
+    x = torch.randn(1, 8, 9, 9)
+    with pytest.warns(RuntimeWarning, match="could not be built.*Ninja is required"):
+        y = winograd_forward(layer, x, "cpu")
+    assert torch.equal(y, fp.reference_forward(layer, x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        winograd_forward(layer, x, "cpu")  # no second warning
+    assert not cpu.available() and cpu.isa() is None
+
+
+def test_input_scales_must_nest_in_v_groups():
+    layer = make_layer(40, 40, 2, groups=2, group_size=16)  # conv group 1 (channels 20-39) straddles 16-31 / 32-39
+    x = torch.randn(1, 40, 6, 6)
+    assert "straddle" in fp.unsupported_reason(layer)
+    layer.kernel = "cpu"
+    with pytest.warns(UserWarning, match="straddle.*runs emulated"):
+        winograd_forward(layer, x, "cpu")
+    ok = make_layer(8, 8, 2, groups=2, group_size=4)
+    pad, out_hw, th, tw = fp.tile_grid(ok, 6, 6)
+    rx, sx = fp.input_scales(ok, x[:, :8], th, tw)
+    sx = sx.clone()
+    sx[..., 1] *= 2  # a scale that changes inside a V group: refused, never a silent wrong sum
+    with pytest.raises(ValueError, match="input scales vary inside a channel group of V"):
+        fp.reference_forward(ok, x[:, :8], rx, sx)
+
+
+def test_per_tile_input_scales_plug_in():
+    """Finer input scales (one per sample, tile and channel group) go through the same entry."""
+    layer = make_layer(8, 8, 4, group_size=4)
+    x = torch.randn(2, 8, 12, 12)
+    pad, out_hw, th, tw = fp.tile_grid(layer, 12, 12)
+    rx, sx = fp.input_scales(layer, x, th, tw)
+    gen = torch.Generator().manual_seed(0)
+    f = (torch.rand(2, th, tw, 2, generator=gen) + 0.5).repeat_interleave(4, -1)
+    rx, sx = (rx / f).contiguous(), (sx * f).contiguous()
+    ref = fp.reference_forward(layer, x, rx, sx)
+    assert not torch.equal(ref, fp.reference_forward(layer, x))
+    for isa in compiled_isas():
+        assert torch.equal(cpu.forward(layer, x, rx, sx, isa=isa), ref)
