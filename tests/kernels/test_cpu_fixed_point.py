@@ -30,11 +30,16 @@ def compiled_isas() -> list[str]:
     return {"avx512-vnni": ["avx512-vnni", "avx2", "portable"], "avx2": ["avx2", "portable"]}.get(best, ["portable"])
 
 
+# what the fixed-point kernel implements: the paper's pipeline with per-sample input scales
+KERNEL_PIPELINE = dict(activation_granularity="sample", winograd_input_scales="shared", winograd_output_format=None)
+
+
 def make_layer(c, k, m, groups=1, group_size=32, padding=1, bias=True, seed=0, learned=True, clip=(1.0, 1.0),
                formats=StageFormats()):
     gen = torch.Generator().manual_seed(seed)
     layer = QuantWinogradConv2d(c, k, 3, m, padding=padding, bias=bias, groups=groups, group_size=group_size,
                                 formats=formats).eval()
+    layer.activation_granularity = "sample"  # the kernel's input scales: per sample and channel group
     n = m + 2
     with torch.no_grad():
         layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen) * 0.2)
@@ -42,7 +47,6 @@ def make_layer(c, k, m, groups=1, group_size=32, padding=1, bias=True, seed=0, l
             layer.bias.copy_(torch.randn(k, generator=gen))
         if learned:  # arbitrary learned diagonal scales: non-integer transforms
             layer.set_diagonal_scales(torch.rand(n, generator=gen) * 1.5 + 0.5, torch.rand(n, generator=gen) * 1.5 + 0.5)
-        layer.clip.copy_(torch.tensor(clip))
     return layer
 
 
@@ -158,7 +162,7 @@ def test_switch_and_recipe():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(),
                                 torch.nn.Conv2d(16, 16, 3, padding=1)).eval()
-    q = winoq.quantize(model, winoq.Recipe(winograd=4, group_size=8, scales="learned", learn_steps=0, kernel="cpu"),
+    q = winoq.quantize(model, winoq.Recipe(winograd=4, group_size=8, scales="learned", learn_steps=0, kernel="cpu", **KERNEL_PIPELINE),
                        progress=False)
     x = torch.randn(2, 8, 10, 10)
     layers = [mod for mod in q.modules() if isinstance(mod, QuantWinogradConv2d)]

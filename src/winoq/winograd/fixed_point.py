@@ -192,7 +192,7 @@ def plan(layer) -> Plan:
     fm = layer.formats
     u = transform_2d(g, layer.weight.detach().double().cpu()) if layer.learned_u is None \
         else layer.learned_u.detach().double().cpu()
-    su_full = compute_scale(u, fm.weight, layer._weight_gran(), layer.weight_method)[0]
+    su_full = compute_scale(u, fm.weight, layer._weight_gran())[0]
     codes = quantize(u, fm.weight, su_full).codes  # (K, Cg, n, n)
     k, cg, n, _ = codes.shape
     gs = cg if layer.group_size is None else min(layer.group_size, cg)
@@ -289,7 +289,7 @@ def reference_forward(layer, x: torch.Tensor, rx: torch.Tensor | None = None,
     vg = torch.nn.functional.pad(vg, (0, 0, 0, p.nj * p.gs - cg)).reshape(nb, th, tw, G, p.nj, p.gs, n * n)
     amax = vg.abs().amax(dim=(-1, -2)).float()  # (N, th, tw, G, J)
     vf = fm.winograd_input
-    den = amax * layer.clip[0].float()
+    den = amax.float()  # (the dynamic scales are plain min-max: no clipping)
     qv_t = torch.full_like(den, float(vf.max_value))  # tensors, not Python scalars: `q / t` would be q * (1 / t)
     rv = torch.where(amax > 0, qv_t / den, torch.zeros_like(den))
     sxg = sx.float().reshape(nb, th, tw, G, cg)[..., :: p.gs][..., : p.nj]
@@ -313,7 +313,7 @@ def reference_forward(layer, x: torch.Tensor, rx: torch.Tensor | None = None,
     ngm = math.ceil(K / p.gsm)
     mg = torch.nn.functional.pad(mf.abs(), (0, ngm * p.gsm - K)).reshape(nb, th, tw, n * n, ngm, p.gsm)
     amax_m = mg.amax(dim=(3, 5)).repeat_interleave(p.gsm, -1)[..., :K]  # (N, th, tw, K)
-    den_m = amax_m * layer.clip[1].float()
+    den_m = amax_m.float()
     qm_t = torch.full_like(den_m, float(mfmt.max_value))
     rm = torch.where(amax_m > 0, qm_t / den_m, torch.zeros_like(den_m))
     so = torch.where(amax_m > 0, (den_m / qm_t) * 2.0 ** (p.sa - 2 * p.ka), torch.zeros_like(den_m))
