@@ -1,0 +1,87 @@
+"""The deployment end of the pipeline for a (pruned) U-Net: W8A8 quantization, ONNX export,
+CPU latency in torch and onnxruntime.
+
+Latency is the median wall time of ``repeats`` single-image forwards after ``warmup`` runs,
+at a fixed thread count; on a machine shared with other jobs the median is the number to
+trust, and the spread is returned with it.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+import warnings
+
+import torch
+from torch import nn
+
+
+def quantize_w8a8(model: nn.Module, winograd: int | None, progress: bool = False) -> nn.Module:
+    """winoq W8A8 (int8 weights and activations): ``winograd=None`` direct convs,
+    ``winograd=4`` fully quantized Winograd F(4,3) for the 3x3 convs (learned data-free
+    scales).  The transposed convs (upsampling) stay in float: winoq quantizes Conv2d / Linear."""
+    import winoq
+
+    recipe = winoq.Recipe(weights="int8", activations="int8", winograd=winograd)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return winoq.quantize(model, recipe, progress=progress).eval()
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, example: torch.Tensor) -> str:
+    """Export with the TorchScript-based exporter (no onnxscript needed); returns the path."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (example,), str(path), dynamo=False, input_names=["image"],
+                          output_names=["logits"], opset_version=17)
+    return str(path)
+
+
+def _summary(times: list[float]) -> dict:
+    times = sorted(times)
+    return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * times[0],
+            "max_ms": 1e3 * times[-1], "repeats": len(times)}
+
+
+def torch_latency(model: nn.Module, example: torch.Tensor, threads: int, repeats: int = 10, warmup: int = 2) -> dict:
+    """Median wall time of one forward at ``threads`` torch threads (restored afterwards)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model.eval()
+        times = []
+        with torch.inference_mode():
+            for i in range(warmup + repeats):
+                t0 = time.perf_counter()
+                model(example)
+                if i >= warmup:
+                    times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(old)
+    return _summary(times)
+
+
+def onnx_latency(path: str | os.PathLike, example: torch.Tensor, threads: int, repeats: int = 10,
+                 warmup: int = 2) -> dict:
+    """Median wall time of one onnxruntime CPU run at ``threads`` intra-op threads."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    feed = {sess.get_inputs()[0].name: example.numpy()}
+    times = []
+    for i in range(warmup + repeats):
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return _summary(times)
+
+
+def onnx_outputs(path: str | os.PathLike, example: torch.Tensor) -> torch.Tensor:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: example.numpy()})[0])
