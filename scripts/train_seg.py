@@ -33,6 +33,7 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--size", type=int, default=128, help="Sunnybrook image size")
+    ap.add_argument("--crop", type=int, default=None, help="Sunnybrook: central crop (pixels) before resizing")
     ap.add_argument("--downscale", type=int, default=3, help="CHASE_DB1 downscale factor")
     ap.add_argument("--patch", type=int, default=96, help="CHASE_DB1 training patch size")
     ap.add_argument("--max-minutes", type=float, default=None, help="stop training after this wall time")
@@ -42,7 +43,7 @@ def main(argv=None):
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    kw = {"size": args.size} if args.dataset == "sunnybrook" else {"downscale": args.downscale}
+    kw = {"size": args.size, "crop": args.crop} if args.dataset == "sunnybrook" else {"downscale": args.downscale}
     tr = load_segmentation(args.dataset, "train", args.root, **kw)
     te = load_segmentation(args.dataset, "test", args.root, **kw)
     cfg = UNetConfig(in_channels=tr.images.shape[1], out_channels=1, depth=args.depth,

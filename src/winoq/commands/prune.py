@@ -56,6 +56,7 @@ def _example(model, info: dict, dataset: str | None):
 def run(args) -> int:
     import torch
 
+    from ..cli import CLIError
     from ..data.segmentation import load_segmentation
     from ..pruning import PruneConfig, TrainConfig, evaluate, load_unet, prune_unet, save_unet
 
@@ -65,11 +66,11 @@ def run(args) -> int:
     model, info = load_unet(args.weights)
     needs_data = args.finetune_steps > 0 or args.criterion == "taylor" or args.eval
     if needs_data and args.dataset is None:
-        raise SystemExit("winoq prune: --finetune-steps, --criterion taylor and --eval need --dataset sunnybrook|chase")
+        raise CLIError("--finetune-steps, --criterion taylor and --eval need --dataset sunnybrook|chase")
     train_data = test_data = None
     if needs_data:
         train_args = info.get("args", {})
-        kw = {"size": train_args.get("size", 128)} if args.dataset == "sunnybrook" else \
+        kw = {"size": train_args.get("size", 128), "crop": train_args.get("crop")} if args.dataset == "sunnybrook" else \
              {"downscale": train_args.get("downscale", 3)}
         train_data = load_segmentation(args.dataset, "train", args.data_root, **kw)
         test_data = load_segmentation(args.dataset, "test", args.data_root, **kw)
@@ -79,8 +80,8 @@ def run(args) -> int:
                          metric=args.metric, stages=args.stages, finetune=finetune, seed=args.seed)
     try:
         result = prune_unet(model, config, train_data, example=_example(model, info, args.dataset), progress=True)
-    except ValueError as e:
-        raise SystemExit(f"winoq prune: {e}")
+    except ValueError as e:   # unreachable ratio, bad config: one line, usage exit status
+        raise CLIError(str(e)) from e
     summary = {"params": result.params, "macs": result.macs, "ratio_params": round(result.ratio_params, 2),
                "ratio_macs": round(result.ratio_macs, 2), "widths": list(result.model.config.widths)}
     if args.eval:

@@ -101,8 +101,10 @@ def _read_sunnybrook_image(path: Path) -> np.ndarray:
     return np.clip(arr / max(scale, 1e-6), 0.0, 1.5), size
 
 
-def load_sunnybrook(split: str = "train", root: str | os.PathLike | None = None, size: int = 128) -> SegmentationSet:
-    """Sunnybrook LV slices of ``split`` ("train" / "test"), resized to ``size`` x ``size``."""
+def load_sunnybrook(split: str = "train", root: str | os.PathLike | None = None, size: int = 128,
+                    crop: int | None = None) -> SegmentationSet:
+    """Sunnybrook LV slices of ``split`` ("train" / "test"): optionally the central ``crop`` x ``crop``
+    region (the short-axis views centre the heart), resized to ``size`` x ``size``."""
     root = Path(root) if root is not None else dataset_root("sunnybrook_lv")
     images, masks, names = [], [], []
     for name, ip, mp in paired_files(root / split / "images", root / split / "masks"):
@@ -110,8 +112,15 @@ def load_sunnybrook(split: str = "train", root: str | os.PathLike | None = None,
         images.append(torch.from_numpy(img)[None, None])
         masks.append(torch.from_numpy(read_mask(mp, wh).astype(np.float32))[None, None])
         names.append(name)
-    x = _resize(torch.cat(images), (size, size))
-    y = _resize_mask(torch.cat(masks), (size, size))
+    x, y = torch.cat(images), torch.cat(masks)
+    if crop is not None:
+        h, w = x.shape[-2:]
+        if not 1 <= crop <= min(h, w):
+            raise ValueError(f"crop {crop} must be between 1 and the image size {h}x{w}")
+        top, left = (h - crop) // 2, (w - crop) // 2
+        x, y = x[..., top:top + crop, left:left + crop], y[..., top:top + crop, left:left + crop]
+    x = _resize(x, (size, size))
+    y = _resize_mask(y, (size, size))
     return SegmentationSet(x.contiguous(), y.contiguous(), names)
 
 
