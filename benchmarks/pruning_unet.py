@@ -69,13 +69,15 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", choices=["sunnybrook", "chase"], required=True)
     ap.add_argument("--weights", default=None, help="dense U-Net (default benchmarks/weights/unet_<dataset>.safetensors)")
-    ap.add_argument("--ratios", default="4,16,64,256,1000,3000", help="target parameter ratios")
+    ap.add_argument("--ratios", default="16,64,256,1000,3000", help="target parameter ratios")
     ap.add_argument("--runs", default="l1/oneshot,l2/oneshot,taylor/oneshot,random/oneshot,l1/iterative",
                     help="criterion/schedule pairs")
-    ap.add_argument("--side-ratios", default="16,256,1000", help="target ratios of the runs after the first")
-    ap.add_argument("--finetune-steps", type=int, default=20, help="fine-tuning steps per pruned model")
+    ap.add_argument("--side-ratios", default="256,1000", help="target ratios of the runs after the first")
+    ap.add_argument("--finetune-steps", type=int, default=100, help="fine-tuning steps per pruned model")
+    ap.add_argument("--control-steps", type=int, default=None,
+                    help="fine-tune the dense model this many steps as a control (default: --finetune-steps; 0: skip)")
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--stages", type=int, default=3, help="stages of the iterative schedule")
     ap.add_argument("--repeats", type=int, default=5, help="latency repeats")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for pruning / fine-tuning")
@@ -103,11 +105,13 @@ def main(argv=None):
     ref = human_reference(test_data)
     if ref is not None:
         result["second_observer"] = {"dice": ref["dice"], "iou": ref["iou"]}
-    control = copy.deepcopy(dense)
-    train(control, train_data, ft, progress=False)
-    result["dense_finetuned"] = {k: v for k, v in evaluate(control, test_data).items() if not k.endswith("image")}
-    print(f"{tag}: dense Dice {dense_scores['dice']:.4f}, fine-tuned control {result['dense_finetuned']['dice']:.4f}",
-          flush=True)
+    control_steps = args.finetune_steps if args.control_steps is None else args.control_steps
+    result["dense_finetuned"] = None
+    if control_steps > 0:
+        control = copy.deepcopy(dense)
+        train(control, train_data, TrainConfig(**{**ft.__dict__, "steps": control_steps}), progress=False)
+        result["dense_finetuned"] = {k: v for k, v in evaluate(control, test_data).items() if not k.endswith("image")}
+    print(f"{tag}: dense Dice {dense_scores['dice']:.4f}, fine-tuned control {result['dense_finetuned']}", flush=True)
 
     rows, keep = [], {}
     json_path = OUT / f"pruning_unet_{tag}.json"
@@ -177,7 +181,7 @@ def main(argv=None):
 def print_tables(r: dict) -> None:
     print(f"\n## {r['dataset']}: dense Dice {r['dense']['dice']:.4f} IoU {r['dense']['iou']:.4f}, "
           f"{r['dense']['params']:,} params, {r['dense']['macs'] / 1e6:.1f} MMAC; dense + same fine-tuning "
-          f"{r['dense_finetuned']['dice']:.4f}" + (f"; second observer Dice {r['second_observer']['dice']:.4f}"
+          f"{(r['dense_finetuned'] or {}).get('dice', float('nan')):.4f}" + (f"; second observer Dice {r['second_observer']['dice']:.4f}"
                                                     if "second_observer" in r else ""))
     print("\n| criterion | schedule | target | params x | MACs x | params | Dice | IoU |\n|---|---|---|---|---|---|---|---|")
     for x in r["rows"]:

@@ -6,8 +6,11 @@ the skip concatenation), so removing a group keeps the network consistent and ge
 smaller.  On top of it this module decides *which* filters go and *how many*:
 
 * importance (``criterion``): ``l1`` / ``l2`` filter-group magnitude, ``taylor`` (|w * dL/dw|
-  on a calibration batch) or ``random`` (the control), ranked globally across layers after
-  Torch-Pruning's per-group mean normalisation;
+  on a calibration batch) or ``random`` (the control), after Torch-Pruning's per-group mean
+  normalisation, ranked globally across layers per unit of what a filter costs (``cost_aware``:
+  importance / parameters or MACs it carries), so wide deep layers give up filters before the
+  narrow full-resolution ones (ranking by importance alone takes every layer down by about the
+  same fraction and leaves the first convs with one filter at high ratios);
 * amount: rounds of "remove the least important filters whose estimated saving fills the
   remaining gap", re-measuring the exact parameter / MAC count after each round, until the
   target is met within ``tolerance``; every layer keeps at least one filter;
@@ -52,6 +55,7 @@ class PruneConfig:
     tolerance: float = 0.05
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(steps=0))
     calib_batch: int = 8
+    cost_aware: bool = True
     seed: int = 0
 
     def __post_init__(self):
@@ -164,7 +168,7 @@ def _dim(m: nn.Module) -> int:
 
 
 def _prune_round(model: UNetSeg, importance, metric: str, gap: float, example: torch.Tensor,
-                 calib, criterion: str) -> int:
+                 calib, criterion: str, cost_aware: bool = True) -> int:
     """Remove the least important filters whose estimated saving covers ``gap``; returns how many."""
     import torch_pruning as tp
 
@@ -181,7 +185,10 @@ def _prune_round(model: UNetSeg, importance, metric: str, gap: float, example: t
             if n is None or n <= 1:
                 continue
             scores = importance(group)
-            info.append((root, group[0].dep.handler, n, _channel_cost(DG, group, metric, areas)))
+            cost = _channel_cost(DG, group, metric, areas)
+            info.append((root, group[0].dep.handler, n, cost))
+            if cost_aware:
+                scores = scores / max(cost, 1e-12)
             for c, s in enumerate(scores.tolist()):
                 candidates.append((s, len(info) - 1, c))
     if not candidates:
@@ -211,7 +218,7 @@ def _prune_round(model: UNetSeg, importance, metric: str, gap: float, example: t
 @torch.enable_grad()
 def prune_to_ratio(model: UNetSeg, ratio: float, metric: str, criterion: str, example: torch.Tensor,
                    dense_value: int, tolerance: float = 0.05, calib=None, seed: int = 0,
-                   max_rounds: int = 200) -> float:
+                   max_rounds: int = 200, cost_aware: bool = True) -> float:
     """Prune ``model`` in place until dense_value / metric >= ratio * (1 - tolerance); returns the
     ratio reached.  Raises :class:`UnreachableRatioError` with the largest reachable ratio."""
     best = largest_ratio(model, metric, example, dense_value)
@@ -230,7 +237,7 @@ def prune_to_ratio(model: UNetSeg, ratio: float, metric: str, criterion: str, ex
         torch.manual_seed(seed * 1000 + r)   # the random criterion's draw, reproducibly
         # aim a little below the target so the rounds converge from one side
         if _prune_round(model, importance, metric, current - target * (1 - tolerance / 2), example,
-                        calib, criterion) == 0:
+                        calib, criterion, cost_aware) == 0:
             break
     reached = dense_value / measure(model, metric, example)
     if reached < ratio * (1 - tolerance):
@@ -299,7 +306,7 @@ def prune_unet(model: UNetSeg, config: PruneConfig, train_data: SegmentationSet 
     bar = tqdm(targets, desc=f"prune {config.criterion}/{config.schedule}", disable=not progress, leave=False)
     for k, ratio in enumerate(bar):
         reached = prune_to_ratio(work, ratio, config.metric, config.criterion, example, dense[config.metric],
-                                 config.tolerance, calib, config.seed + k)
+                                 config.tolerance, calib, config.seed + k, cost_aware=config.cost_aware)
         work = as_plain_unet(work)
         log = {"stage": k, "target": ratio, "reached": reached, "params": count_params(work)}
         if steps_per_stage > 0:
