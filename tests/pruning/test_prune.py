@@ -114,3 +114,13 @@ def test_config_validation():
         PruneConfig(target_ratio=2, criterion="hessian")
     with pytest.raises(ValueError, match="train_data"):
         prune_unet(tiny_unet(), PruneConfig(target_ratio=2, finetune=TrainConfig(steps=1)), progress=False)
+
+
+def test_cost_aware_ranking_keeps_more_full_resolution_filters():
+    dense = tiny_unet()
+    widths = {}
+    for aware in (True, False):
+        res = prune_unet(dense, PruneConfig(target_ratio=30, cost_aware=aware), example=EXAMPLE, progress=False)
+        widths[aware] = res.model.config.width_map()
+    # the first conv's filters are cheap (9 weights each): importance per parameter keeps them
+    assert widths[True]["enc.0.conv1"] > widths[False]["enc.0.conv1"]
