@@ -81,7 +81,16 @@ def main(argv=None):
     ap.add_argument("--stages", type=int, default=3, help="stages of the iterative schedule")
     ap.add_argument("--repeats", type=int, default=5, help="latency repeats")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for pruning / fine-tuning")
+    ap.add_argument("--deploy-only", type=float, default=None, metavar="RATIO",
+                    help="only prune l1/oneshot to RATIO (with the fine-tuning budget), then W8A8, latency and "
+                         "overlays of that model; writes pruning_unet_<dataset>_deploy.json")
+    ap.add_argument("--dense-latency", action="store_true",
+                    help="only time the dense model (torch / onnxruntime); writes pruning_unet_<dataset>_dense_latency.json")
     args = ap.parse_args(argv)
+    if args.dense_latency:
+        return dense_latency(args)
+    if args.deploy_only is not None:
+        return deploy_only(args)
     torch.set_num_threads(args.threads)
     OUT.mkdir(parents=True, exist_ok=True)
     tag = args.dataset
@@ -176,6 +185,58 @@ def main(argv=None):
     result["seconds"] = time.time() - t_start
     dump_json(json_path, result)
     print_tables(result)
+
+
+def dense_latency(args) -> None:
+    torch.set_num_threads(args.threads)
+    tag = args.dataset
+    dense, info = load_unet(args.weights or REPO / "benchmarks" / "weights" / f"unet_{tag}.safetensors")
+    targs = info.get("args", {})
+    kw = {"size": targs.get("size", 128), "crop": targs.get("crop")} if tag == "sunnybrook" else \
+        {"downscale": targs.get("downscale", 3)}
+    test_data = load_segmentation(tag, "test", **kw)
+    example = pad_to_multiple(test_data.images[:1], 2 ** dense.config.depth)[0].contiguous()
+    out = {"machine": machine(), "dataset": tag, "params": count_params(dense), "macs": count_macs(dense, example),
+           **latency_row(dense, example, OUT / f"pruning_unet_{tag}_dense.onnx", args.repeats)}
+    dump_json(OUT / f"pruning_unet_{tag}_dense_latency.json", out)
+    print(json.dumps(out, indent=1))
+
+
+def deploy_only(args) -> None:
+    """Dense vs one pruned model (l1 / one-shot at ``--deploy-only``): Dice, W8A8, latency, overlays."""
+    torch.set_num_threads(args.threads)
+    tag = args.dataset
+    weights = args.weights or REPO / "benchmarks" / "weights" / f"unet_{tag}.safetensors"
+    dense, info = load_unet(weights)
+    targs = info.get("args", {})
+    kw = {"size": targs.get("size", 128), "crop": targs.get("crop")} if tag == "sunnybrook" else \
+        {"downscale": targs.get("downscale", 3)}
+    train_data, test_data = load_segmentation(tag, "train", **kw), load_segmentation(tag, "test", **kw)
+    m = 2 ** dense.config.depth
+    example = pad_to_multiple(test_data.images[:1], m)[0].contiguous()
+    patch = targs.get("patch", 64) if tag == "chase" else None
+    ft = TrainConfig(steps=args.finetune_steps, batch_size=args.batch_size, lr=args.lr, patch_size=patch)
+    res = prune_unet(dense, PruneConfig(target_ratio=args.deploy_only, finetune=ft), train_data, example=example,
+                     progress=False)
+    model = res.model
+    save_unet(model, OUT / f"pruning_unet_{tag}_{args.deploy_only:g}x.safetensors", {"dataset": tag, "args": targs})
+    out = {"machine": machine(), "dataset": tag, "ratio_params": res.ratio_params, "ratio_macs": res.ratio_macs,
+           "params": res.params, "dense_dice": evaluate(dense, test_data)["dice"]}
+    s = evaluate(model, test_data)
+    out["rows"] = [{"recipe": "float", "dice": s["dice"], "iou": s["iou"]}]
+    for wino in (None, 4):
+        q = quantize_w8a8(model, wino)
+        qs = evaluate(q, test_data)
+        out["rows"].append({"recipe": f"W8A8 {'direct' if wino is None else 'Winograd F(4,3)'}", "dice": qs["dice"],
+                            "iou": qs["iou"], **latency_row(q, example, None, args.repeats)})
+    out["rows"][0].update(latency_row(model, example, OUT / f"pruning_unet_{tag}_deploy.onnx", args.repeats))
+    with torch.no_grad():
+        preds = {"dense": (predict_logits(dense, test_data.images[:1], m) > 0).float()[0],
+                 f"pruned {res.ratio_params:.0f}x": (predict_logits(model, test_data.images[:1], m) > 0).float()[0]}
+    out["plot"] = plot_overlays(test_data.images[0], test_data.masks[0], preds, OUT / f"pruning_unet_{tag}_overlay.png",
+                                f"{tag}: {test_data.names[0]}")
+    dump_json(OUT / f"pruning_unet_{tag}_deploy.json", out)
+    print(json.dumps(out, indent=1))
 
 
 def print_tables(r: dict) -> None:

@@ -124,3 +124,10 @@ def test_cost_aware_ranking_keeps_more_full_resolution_filters():
         widths[aware] = res.model.config.width_map()
     # the first conv's filters are cheap (9 weights each): importance per parameter keeps them
     assert widths[True]["enc.0.conv1"] > widths[False]["enc.0.conv1"]
+
+
+def test_taylor_and_fine_tuning_pad_images_of_any_size():
+    data = tiny_data(n=4, size=18)   # not a multiple of 2**depth = 4
+    cfg = PruneConfig(target_ratio=4, criterion="taylor", finetune=TrainConfig(steps=2, batch_size=2))
+    res = prune_unet(tiny_unet(), cfg, data, example=EXAMPLE, progress=False)
+    assert res.ratio_params >= 4 * 0.95 and res.history[0]["finetune"]["steps"] == 2

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data.segmentation import SegmentationSet
+from ..data.segmentation import SegmentationSet, pad_to_multiple
 from ..models.unet_seg import UNetSeg, count_params, measured_widths, width_slots
 from .train import TrainConfig, segmentation_loss, train
 
@@ -293,7 +293,8 @@ def prune_unet(model: UNetSeg, config: PruneConfig, train_data: SegmentationSet 
             raise ValueError("criterion 'taylor' needs train_data for its gradients")
         g = torch.Generator().manual_seed(config.seed)
         idx = torch.randperm(len(train_data), generator=g)[:config.calib_batch]
-        calib = (train_data.images[idx], train_data.masks[idx])
+        m = 2 ** work.config.depth   # whole images of any size: pad like at inference
+        calib = (pad_to_multiple(train_data.images[idx], m)[0], pad_to_multiple(train_data.masks[idx], m)[0])
     targets = stage_targets(config)
     # fail before any work when the final target is out of reach
     best = largest_ratio(work, config.metric, example, dense[config.metric])
@@ -310,7 +311,8 @@ def prune_unet(model: UNetSeg, config: PruneConfig, train_data: SegmentationSet 
         work = as_plain_unet(work)
         log = {"stage": k, "target": ratio, "reached": reached, "params": count_params(work)}
         if steps_per_stage > 0:
-            tcfg = TrainConfig(**{**config.finetune.__dict__, "steps": steps_per_stage, "seed": config.finetune.seed + k})
+            tcfg = TrainConfig(**{**config.finetune.__dict__, "steps": steps_per_stage, "seed": config.finetune.seed + k,
+                                  "pad_multiple": max(config.finetune.pad_multiple, 2 ** work.config.depth)})
             log["finetune"] = train(work, train_data, tcfg, progress=progress, desc=f"fine-tune {k}")
         history.append(log)
         bar.set_postfix(ratio=f"{reached:.1f}x")

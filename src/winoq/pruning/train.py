@@ -22,7 +22,8 @@ from ..metrics.segmentation import segmentation_scores
 @dataclass(frozen=True)
 class TrainConfig:
     """``patch_size``: train on random square patches of this size (None: whole images).
-    ``max_seconds``: stop early after this much wall time (None: no limit)."""
+    ``max_seconds``: stop early after this much wall time (None: no limit).  ``pad_multiple``:
+    zero-pad whole images (and masks) to this multiple (a U-Net of depth d needs 2**d)."""
     steps: int = 200
     batch_size: int = 8
     lr: float = 2e-3
@@ -31,6 +32,7 @@ class TrainConfig:
     rotate90: bool = True
     seed: int = 0
     max_seconds: float | None = None
+    pad_multiple: int = 1
 
     def __post_init__(self):
         if self.steps < 0 or self.batch_size < 1:
@@ -56,6 +58,8 @@ def _batch(data: SegmentationSet, cfg: TrainConfig, g: torch.Generator):
     else:
         idx = torch.randint(len(data), (cfg.batch_size,), generator=g)
         x, y = data.images[idx], data.masks[idx]
+        if cfg.pad_multiple > 1:   # whole images the network cannot take as they are
+            x, y = pad_to_multiple(x, cfg.pad_multiple)[0], pad_to_multiple(y, cfg.pad_multiple)[0]
     return augment(x, y, g, rotate90=cfg.rotate90)
 
 
