@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .commands import eval as _eval; _eval.register(sub)
     from .commands import info as _info; _info.register(sub)
     from .commands import sparsity as _sparsity; _sparsity.register(sub)
+    from .commands import prune as _prune; _prune.register(sub)
     return parser
 
 

@@ -1,0 +1,43 @@
+"""`winoq prune` end to end on a tiny synthetic Sunnybrook-style folder."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_seg_data import make_sunnybrook  # noqa: E402
+
+from winoq.cli import main  # noqa: E402
+from winoq.models.unet_seg import UNetConfig, UNetSeg  # noqa: E402
+from winoq.pruning import load_unet, save_unet  # noqa: E402
+
+
+def test_prune_command_writes_a_smaller_loadable_unet(tmp_path, capsys):
+    root = make_sunnybrook(tmp_path / "sb", n=4, size=16)
+    make_sunnybrook(tmp_path / "sb", n=2, size=16, split="test")
+    torch.manual_seed(0)
+    save_unet(UNetSeg(UNetConfig(depth=2, base_width=8)), tmp_path / "dense.safetensors",
+              {"dataset": "sunnybrook", "args": {"size": 16}})
+    out = tmp_path / "pruned.safetensors"
+    rc = main(["prune", "--weights", str(tmp_path / "dense.safetensors"), "--out", str(out), "--ratio", "5",
+               "--dataset", "sunnybrook", "--data-root", str(root), "--criterion", "taylor",
+               "--schedule", "iterative", "--stages", "2", "--finetune-steps", "2", "--eval",
+               "--onnx", str(tmp_path / "p.onnx")])
+    assert rc == 0
+    text = capsys.readouterr().out
+    summary = json.loads(text[:text.rindex("}") + 1])
+    assert summary["ratio_params"] >= 5 * 0.95 and 0 <= summary["dice"] <= 1
+    model, info = load_unet(out)
+    assert list(model.config.widths) == summary["widths"] and info["prune"]["criterion"] == "taylor"
+    assert (tmp_path / "p.onnx").is_file()
+
+
+def test_prune_command_unreachable_ratio(tmp_path, capsys):
+    save_unet(UNetSeg(UNetConfig(depth=1, base_width=2)), tmp_path / "d.safetensors")
+    rc = main(["prune", "--weights", str(tmp_path / "d.safetensors"), "--out", str(tmp_path / "p.safetensors"),
+               "--ratio", "1000"])
+    assert rc != 0
+    assert "not reachable" in capsys.readouterr().err
