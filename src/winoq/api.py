@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import capture_layer_inputs, check_calibration_data
+from .distributed import assign_layers, layer_cost, shard, share_learned_scales
 from .modules import QuantConv2d, QuantLinear
 from .recipe import Recipe
 from .winograd.conv import winograd_choice
@@ -182,14 +183,23 @@ def _calibrate(model, qmodel, wino, recipe: Recipe, calib_data, progress: bool) 
             for rep, _ in wino:
                 rep.calibration = {"shared": True, **{k: v for k, v in info.items() if k == "seconds"}}
             return
-        bar = tqdm(wino, desc="learning transform scales (data-free)", disable=not progress, unit="layer")
-        for i, (rep, mod) in enumerate(bar):
+        # layers are independent (seed = recipe.seed + index): under winoq.distributed each rank learns its share
+        rank, world = shard()
+        owners = assign_layers([layer_cost(m, cfg.max_out_channels) for _, m in wino], world)
+        mine = [(i, rep, mod) for i, ((rep, mod), owner) in enumerate(zip(wino, owners)) if owner == rank]
+        bar = tqdm(mine, desc="learning transform scales (data-free)", disable=not progress or rank != 0,
+                   unit="layer")
+        infos = {}
+        for i, rep, mod in bar:
             with _naming_layer(rep.name):
-                rep.calibration = learn_layer_scales(mod, ScaleLearningConfig(**{**cfg.__dict__, "seed": recipe.seed + i}))
-            bar.set_postfix_str(f"{rep.name}: {rep.calibration['sqnr_standard_db']:.1f} -> "
-                                f"{rep.calibration['sqnr_learned_db']:.1f} dB")
-            if not all(torch.isfinite(torch.tensor(rep.calibration["s_b"] + rep.calibration["s_g"]))):
+                infos[i] = learn_layer_scales(mod, ScaleLearningConfig(**{**cfg.__dict__, "seed": recipe.seed + i}))
+            bar.set_postfix_str(f"{rep.name}: {infos[i]['sqnr_standard_db']:.1f} -> "
+                                f"{infos[i]['sqnr_learned_db']:.1f} dB")
+            if not all(torch.isfinite(torch.tensor(infos[i]["s_b"] + infos[i]["s_g"]))):
                 raise FloatingPointError(f"non-finite transform scales learned for layer {rep.name!r}")
+        infos = share_learned_scales([m for _, m in wino], infos)
+        for i, (rep, _) in enumerate(wino):
+            rep.calibration = infos[i]
     elif recipe.scales == "paw-fsq":
         from .algorithms.paw import learn_paw_fsq
 
