@@ -58,7 +58,7 @@ def file_digest(path) -> str:
 def test_recipe_defaults_are_valid_and_json_round_trips():
     r = Recipe()
     assert Recipe.from_json(r.to_json()) == r
-    r2 = Recipe(weights="int4", activations="fp8_e4m3", group_size=None, winograd=4, scales="tapwise",
+    r2 = Recipe(winograd_min_channels=None, weights="int4", activations="fp8_e4m3", group_size=None, winograd=4, scales="tapwise",
                 points=("0", "1", "-1", "1/2", "-1/2"))
     assert Recipe.from_json(r2.to_json()) == r2
     assert json.loads(r2.to_json())["points"] == ["0", "1", "-1", "1/2", "-1/2"]
@@ -114,7 +114,7 @@ def test_quantize_returns_a_new_model_and_leaves_the_original_alone():
     model = tiny_cnn()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     types_before = [type(mod) for mod in model]
-    qm = q(model, Recipe(winograd=4, scales="standard"))
+    qm = q(model, Recipe(winograd_min_channels=None, winograd=4, scales="standard"))
     assert qm is not model
     assert [type(mod) for mod in model] == types_before
     after = model.state_dict()
@@ -128,7 +128,7 @@ def test_quantize_returns_a_new_model_and_leaves_the_original_alone():
 
 
 def test_module_swap_plan():
-    qm = q(tiny_cnn(), Recipe(winograd=4, scales="standard", group_size=4))
+    qm = q(tiny_cnn(), Recipe(winograd_min_channels=None, winograd=4, scales="standard", group_size=4))
     assert type(qm[0]) is QuantWinogradConv2d
     assert type(qm[2]) is QuantConv2d and qm[2].stride == (2, 2)
     assert type(qm[3]) is QuantConv2d and qm[3].kernel_size == (1, 1)
@@ -139,14 +139,14 @@ def test_module_swap_plan():
     kinds = {r.name: r.kind for r in qm.winoq_report}
     assert kinds == {"0": "winograd", "2": "direct", "3": "direct", "6": "linear"}
     assert "stride" in next(r.detail for r in qm.winoq_report if r.name == "2")
-    assert qm.winoq_recipe == Recipe(winograd=4, scales="standard", group_size=4)
+    assert qm.winoq_recipe == Recipe(winograd_min_channels=None, winograd=4, scales="standard", group_size=4)
     assert not qm.training
 
 
 def test_quantized_model_runs_and_stays_close():
     model = tiny_cnn().eval()
     x = example_input()
-    qm = q(model, Recipe(winograd=4, scales="standard"))
+    qm = q(model, Recipe(winograd_min_channels=None, winograd=4, scales="standard"))
     with torch.no_grad():
         y, yq = model(x), qm(x)
     assert yq.shape == y.shape and torch.isfinite(yq).all()
@@ -163,8 +163,8 @@ def test_winograd_off_keeps_every_conv_direct():
 
 def test_model_without_eligible_convs_warns_and_works():
     model = no_winograd_cnn()
-    with pytest.warns(UserWarning, match="Winograd-eligible"):
-        qm = q(model, Recipe(winograd=4))
+    with pytest.warns(UserWarning, match="no conv runs as Winograd"):
+        qm = q(model, Recipe(winograd_min_channels=None, winograd=4))
     assert type(qm[0]) is QuantConv2d and type(qm[1]) is QuantConv2d and type(qm[3]) is QuantLinear
     x = example_input()
     with torch.no_grad():
@@ -177,12 +177,12 @@ def test_nan_weight_is_rejected_with_the_parameter_name():
     with torch.no_grad():
         model[2].weight[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"2\.weight"):
-        q(model, Recipe(winograd=4, scales="standard"))
+        q(model, Recipe(winograd_min_channels=None, winograd=4, scales="standard"))
     model = tiny_cnn()
     with torch.no_grad():
         model[6].bias[1] = float("inf")
     with pytest.raises(ValueError, match=r"6\.bias"):
-        q(model, Recipe(winograd=4, scales="standard"))
+        q(model, Recipe(winograd_min_channels=None, winograd=4, scales="standard"))
 
 
 def test_quantize_argument_checks():
@@ -190,9 +190,9 @@ def test_quantize_argument_checks():
         winoq.quantize(tiny_cnn(), {"weights": "int8"}, progress=False)
     with pytest.raises(TypeError):
         winoq.quantize(lambda x: x, Recipe(), progress=False)
-    qm = q(tiny_cnn(), Recipe(winograd=4, scales="standard"))
+    qm = q(tiny_cnn(), Recipe(winograd_min_channels=None, winograd=4, scales="standard"))
     with pytest.raises(ValueError, match="already quantized"):
-        q(qm, Recipe(winograd=4, scales="standard"))
+        q(qm, Recipe(winograd_min_channels=None, winograd=4, scales="standard"))
 
 
 # --------------------------------------------------------------------------- save / load
@@ -210,7 +210,7 @@ def _round_trip(tmp_path, recipe: Recipe, **kw):
 
 
 def test_round_trip_learned(tmp_path):
-    qm, loaded, y, y2 = _round_trip(tmp_path, Recipe(winograd=4, scales="learned", learn_steps=2))
+    qm, loaded, y, y2 = _round_trip(tmp_path, Recipe(winograd_min_channels=None, winograd=4, scales="learned", learn_steps=2))
     cal = qm.winoq_report[0].calibration
     assert cal["sqnr_learned_db"] >= cal["sqnr_standard_db"]
     assert torch.equal(y, y2)
@@ -221,13 +221,13 @@ def test_round_trip_learned(tmp_path):
 
 def test_round_trip_paw_fsq(tmp_path):
     calib = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(7))  # 200 fixed steps: keep it tiny
-    qm, loaded, y, y2 = _round_trip(tmp_path, Recipe(winograd=4, scales="paw-fsq"), calib_data=calib)
+    qm, loaded, y, y2 = _round_trip(tmp_path, Recipe(winograd_min_channels=None, winograd=4, scales="paw-fsq"), calib_data=calib)
     assert qm[0].free_transforms is not None and loaded[0].free_transforms is not None
     assert torch.equal(y, y2)
 
 
 def test_round_trip_shared_scales(tmp_path):
-    qm, loaded, y, y2 = _round_trip(tmp_path, Recipe(winograd=4, scales="learned", learn_steps=1, shared_scales=True))
+    qm, loaded, y, y2 = _round_trip(tmp_path, Recipe(winograd_min_channels=None, winograd=4, scales="learned", learn_steps=1, shared_scales=True))
     assert torch.equal(y, y2)
     assert loaded[0].log_sb.dtype == qm[0].log_sb.dtype
     assert torch.equal(loaded[0].log_sb, qm[0].log_sb) and torch.equal(loaded[0].log_sg, qm[0].log_sg)
@@ -235,7 +235,7 @@ def test_round_trip_shared_scales(tmp_path):
 
 def test_round_trip_standard_and_tapwise(tmp_path):
     for scales in ("standard", "tapwise"):
-        _, loaded, y, y2 = _round_trip(tmp_path, Recipe(winograd=4, scales=scales, weights="int4"))
+        _, loaded, y, y2 = _round_trip(tmp_path, Recipe(winograd_min_channels=None, winograd=4, scales=scales, weights="int4"))
         assert torch.equal(y, y2)
         assert loaded[0].scale_mode == ("tapwise" if scales == "tapwise" else "shared")
 
@@ -264,7 +264,7 @@ def test_load_missing_file(tmp_path):
 
 
 def test_load_into_a_different_architecture_fails(tmp_path):
-    qm = q(tiny_cnn(), Recipe(winograd=4, scales="standard"))
+    qm = q(tiny_cnn(), Recipe(winograd_min_channels=None, winograd=4, scales="standard"))
     path = tmp_path / "m.safetensors"
     winoq.save(qm, path)
     bigger = tiny_cnn()
@@ -274,7 +274,7 @@ def test_load_into_a_different_architecture_fails(tmp_path):
 
 
 def test_load_into_an_architecture_with_other_shapes_raises_value_error(tmp_path):
-    qm = q(tiny_cnn(), Recipe(winograd=4, scales="standard"))
+    qm = q(tiny_cnn(), Recipe(winograd_min_channels=None, winograd=4, scales="standard"))
     path = tmp_path / "m.safetensors"
     winoq.save(qm, path)
     wider = tiny_cnn()
@@ -287,8 +287,8 @@ def test_load_into_an_architecture_with_other_shapes_raises_value_error(tmp_path
 def test_save_over_an_existing_file(tmp_path):
     path = tmp_path / "m.safetensors"
     x = example_input()
-    qa = q(tiny_cnn(seed=0), Recipe(winograd=4, scales="standard"))
-    qb = q(tiny_cnn(seed=1), Recipe(winograd=2, scales="standard", weights="int4"))
+    qa = q(tiny_cnn(seed=0), Recipe(winograd_min_channels=None, winograd=4, scales="standard"))
+    qb = q(tiny_cnn(seed=1), Recipe(winograd_min_channels=None, winograd=2, scales="standard", weights="int4"))
     winoq.save(qa, path)
     winoq.save(qb, path)
     loaded = winoq.load(path, tiny_cnn())
@@ -306,7 +306,7 @@ def test_save_over_an_existing_file(tmp_path):
 
 def test_skip_patterns_keep_layers_float_and_survive_save_load(tmp_path):
     model = tiny_cnn()
-    recipe = Recipe(winograd=4, scales="standard", skip=("0", "[6-9]"))
+    recipe = Recipe(winograd_min_channels=None, winograd=4, scales="standard", skip=("0", "[6-9]"))
     qm = q(model, recipe)
     assert type(qm[0]) is nn.Conv2d
     assert not any(isinstance(m, QuantLinear) for m in qm.modules())
@@ -327,7 +327,7 @@ def test_skip_must_be_patterns():
 
 @pytest.mark.parametrize("optimizer,loss", [("sgd", "mse"), ("adam", "l1")])
 def test_learning_optimizer_and_loss_are_recipe_choices(optimizer, loss):
-    qm = q(tiny_cnn(), Recipe(winograd=6, learn_steps=3, learn_optimizer=optimizer, learn_loss=loss, **PAPER_PIPELINE))
+    qm = q(tiny_cnn(), Recipe(winograd_min_channels=None, winograd=6, learn_steps=3, learn_optimizer=optimizer, learn_loss=loss, **PAPER_PIPELINE))
     rep = [r for r in qm.winoq_report if r.kind == "winograd"][0]
     assert rep.calibration["sqnr_learned_db"] > rep.calibration["sqnr_standard_db"] + 10
     with pytest.raises(ValueError, match="learn_optimizer"):

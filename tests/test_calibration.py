@@ -126,7 +126,7 @@ def test_static_ranges_before_calibration_is_an_error():
 def test_static_recipe_quantizes_close_and_is_batch_independent(winograd, tmp_path):
     model = tiny_cnn()
     cal = [images(8, seed=s) for s in range(3)]
-    qm = q(model, Recipe(winograd=winograd, activation_ranges="static", learn_steps=0), calib_data=cal)
+    qm = q(model, Recipe(winograd_min_channels=None, winograd=winograd, activation_ranges="static", learn_steps=0), calib_data=cal)
     layers = [m for m in qm.modules() if isinstance(m, (QuantConv2d, QuantWinogradConv2d))]
     assert all(m.act_ranges is not None and m.act_ranges.mode == "frozen" for m in layers)
     x = images(4, seed=9)
@@ -134,7 +134,7 @@ def test_static_recipe_quantizes_close_and_is_batch_independent(winograd, tmp_pa
         ref, y = model(x), qm(x)
         y_single = torch.cat([qm(x[i:i + 1]) for i in range(4)])
     assert torch.allclose(y, y_single, atol=1e-5)  # static scales: a sample's result ignores its batch-mates
-    dynamic = q(model, Recipe(winograd=winograd, learn_steps=0))
+    dynamic = q(model, Recipe(winograd_min_channels=None, winograd=winograd, learn_steps=0))
     with torch.no_grad():
         err_dynamic = (dynamic(x) - ref).pow(2).sum() / ref.pow(2).sum()
     assert ((y - ref).pow(2).sum() / ref.pow(2).sum()) < max(2 * err_dynamic, 0.01)
@@ -148,7 +148,7 @@ def test_static_recipe_quantizes_close_and_is_batch_independent(winograd, tmp_pa
 
 
 def test_static_winograd_layer_refuses_the_integer_twin_and_stays_emulated():
-    qm = q(tiny_cnn(), Recipe(winograd=4, activation_ranges="static", learn_steps=0), calib_data=images(4))
+    qm = q(tiny_cnn(), Recipe(winograd_min_channels=None, winograd=4, activation_ranges="static", learn_steps=0), calib_data=images(4))
     with pytest.raises(ValueError, match="static ranges"):
         qm[0].forward_integer(images(1))
     x = images(2, seed=3)
@@ -162,7 +162,7 @@ def test_static_winograd_layer_refuses_the_integer_twin_and_stays_emulated():
 def test_static_on_a_two_input_model_with_a_calibration_set():
     model = TwoInput()
     cal = CalibrationSet(images(16, c=4), torch.arange(16) * 60, None)
-    qm = q(model, Recipe(winograd=4, activation_ranges="static", learn_steps=0), calib_data=cal)
+    qm = q(model, Recipe(winograd_min_channels=None, winograd=4, activation_ranges="static", learn_steps=0), calib_data=cal)
     with torch.no_grad():
         ref, y = model(cal.x[:4], cal.t[:4]), qm(cal.x[:4], cal.t[:4])
     assert ((y - ref).pow(2).sum() / ref.pow(2).sum()) < 0.05
@@ -198,7 +198,7 @@ def test_non_finite_outputs_while_learning_scales_name_the_layer():
         model[2].weight.mul_(0)
         model[0].weight.fill_(3e38)  # finite weights whose conv overflows float32
     with pytest.raises(FloatingPointError, match=r"layer '0'.*non-finite"):
-        q(model, Recipe(winograd=4))
+        q(model, Recipe(winograd_min_channels=None, winograd=4))
 
 
 # --------------------------------------------------------------------------- block reconstruction via the Recipe
@@ -221,7 +221,7 @@ def res_net():
 def test_block_reconstruction_recipe(winograd, tmp_path):
     model = res_net()
     cal = images(16)
-    recipe = Recipe(weights="int4", winograd=winograd, scales="standard" if winograd else "learned",
+    recipe = Recipe(winograd_min_channels=None, weights="int4", winograd=winograd, scales="standard" if winograd else "learned",
                     rounding="learned", rounding_iters=60, reconstruction="block")
     qm = q(model, recipe, calib_data=cal)
     rounding = {r.name: r.calibration["rounding"] for r in qm.winoq_report}
@@ -242,7 +242,7 @@ def test_reconstruction_must_be_known():
 
 def test_static_stage_filter_falls_back_to_dynamic():
     model = tiny_cnn()
-    recipe = Recipe(winograd=4, learn_steps=0)
+    recipe = Recipe(winograd_min_channels=None, winograd=4, learn_steps=0)
     dynamic = q(model, recipe)
     static = q(model, recipe.replace(activation_ranges="static"), calib_data=images(8))
     x = images(2, seed=4)
@@ -265,7 +265,7 @@ def test_static_ranges_and_learned_rounding_on_a_diffusers_unet_with_dict_batche
     gen = torch.Generator().manual_seed(0)
     batches = [{"sample": torch.randn(4, unet.config.in_channels, 8, 8, generator=gen),
                 "timestep": torch.randint(0, 1000, (4,), generator=gen)} for _ in range(2)]
-    recipe = Recipe(winograd=4, activation_ranges="static", rounding="learned", rounding_iters=5, learn_steps=0)
+    recipe = Recipe(winograd_min_channels=None, winograd=4, activation_ranges="static", rounding="learned", rounding_iters=5, learn_steps=0)
     qm = q(unet, recipe, calib_data=batches)
     with torch.no_grad():
         ref = unet(**batches[0]).sample
@@ -280,7 +280,7 @@ def test_wrong_calibration_shape_fails_before_any_calibration(monkeypatch):
 
     monkeypatch.setattr(api, "_calibrate", lambda *a, **k: pytest.fail("calibrated before checking the data"))
     with pytest.raises(ValueError, match=r"batch 0 \(tensor\(4, 1, 8, 8\)\)"):
-        q(tiny_cnn(), Recipe(winograd=4, activation_ranges="static"), calib_data=images(4, c=1))
+        q(tiny_cnn(), Recipe(winograd_min_channels=None, winograd=4, activation_ranges="static"), calib_data=images(4, c=1))
 
 
 def test_a_used_up_iterator_is_named():

@@ -203,7 +203,7 @@ def test_quantize_a_local_diffusers_unet(tmp_path, capsys):
                                       up_block_types=("UpBlock2D", "UpBlock2D")))
     unet.save_pretrained(tmp_path / "unet")
     out = tmp_path / "unet.w8a8.safetensors"
-    rc = main(["quantize", "--model", f"diffusers:{tmp_path / 'unet'}", "--winograd", "4", "--scales", "standard",
+    rc = main(["quantize", "--model", f"diffusers:{tmp_path / 'unet'}", "--winograd", "4", "--scales", "standard", "--group-size", "8",
                "--out", str(out), "--no-progress"])
     assert rc == 0 and out.is_file()
     assert "winograd" in capsys.readouterr().out

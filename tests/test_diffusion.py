@@ -164,7 +164,8 @@ def test_fd_proxy_features():
 
 def test_eps_sqnr_and_quantize_ddpm_unet(sched):
     m = tiny_unet(num_classes=3)
-    q = winoq.quantize(m, winoq.Recipe(winograd=4, scales="learned", learn_steps=1), progress=False)
+    q = winoq.quantize(m, winoq.Recipe(winograd=4, scales="learned", learn_steps=1, winograd_min_channels=None),
+                       progress=False)
     kinds = {r.kind for r in q.winoq_report}
     assert {"winograd", "direct", "linear"} <= kinds
     y = torch.tensor([0, 1, 2])

@@ -151,7 +151,7 @@ def test_recipe_format_search_picks_the_best_split_per_layer(mode, winograd, tmp
 
     model = _recipe_model()
     x = torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(1))
-    recipe = winoq.Recipe(weights="fp4_e2m1", winograd=winograd, format_search=mode, learn_steps=0)
+    recipe = winoq.Recipe(winograd_min_channels=None, weights="fp4_e2m1", winograd=winograd, format_search=mode, learn_steps=0)
     qm = winoq.quantize(model, recipe, progress=False, calib_data=x if mode == "output" else None)
     for rep in qm.winoq_report:
         errs = rep.calibration["format_errors"]

@@ -2,7 +2,8 @@
 
 ``quantize`` is a module swap followed by a calibration pipeline:
   1. plan: every nn.Conv2d becomes a fully quantized Winograd conv when eligible
-     (square kernel > 1, stride 1, dilation 1, and ``recipe.winograd`` set) or a
+     (square kernel > 1, stride 1, dilation 1, and ``recipe.winograd`` set) and where it
+     pays (``Recipe.winograd_min_channels``, ``winograd_kernels``, ``force_winograd``) or a
      directly quantized conv; every nn.Linear a quantized linear.
   2. calibrate the Winograd layers' transforms: nothing ("standard", "tapwise"),
      data-free noise ("learned", the default: no example input needed) or
@@ -30,8 +31,9 @@ from .checkpoint_checks import checked_metadata
 from .quantize_checks import check_kernel_here, check_unsigned_formats, emulated_kernels
 from .modules import QuantConv2d, QuantLinear
 from .recipe import Recipe
-from .winograd.conv import winograd_ineligibility
+from .winograd.conv import winograd_choice
 from .granularity import apply_recipe as apply_granularity
+from .distributed import assign_layers, layer_cost, shard, share_learned_scales
 from .winograd.quantized import QuantWinogradConv2d, StageFormats
 from .winograd.scales import ScaleLearningConfig, learn_layer_scales, learn_shared_scales
 
@@ -73,18 +75,17 @@ def _swap_modules(qmodel: nn.Module, recipe: Recipe) -> list[tuple[LayerReport, 
         if isinstance(mod, (nn.Conv2d, nn.Linear)) and any(fnmatch.fnmatchcase(name, p) for p in recipe.skip):
             continue  # kept in float on request
         if isinstance(mod, nn.Conv2d):
-            why = "winograd off" if recipe.winograd is None else winograd_ineligibility(mod)
-            if why is None:
-                new = QuantWinogradConv2d.from_conv(mod, recipe.winograd, recipe.points, formats=fmts,
+            m, detail = _winograd_tile(name, mod, recipe)
+            if m is not None:
+                new = QuantWinogradConv2d.from_conv(mod, m, recipe.points, formats=fmts,
                                                     group_size=recipe.group_size, scale_mode=scale_mode)
                 new.weight_tapwise = recipe.winograd_weight_scales == "tapwise"
                 new.input_tapwise = recipe.winograd_input_scales == "tapwise"
                 new.kernel = recipe.kernel
-                rep = LayerReport(name, "winograd", f"F({recipe.winograd},{mod.kernel_size[0]})",
-                                  int32=new.int32_report())
+                rep = LayerReport(name, "winograd", detail, int32=new.int32_report())
             else:
                 new = QuantConv2d.from_conv(mod, recipe.weights, recipe.activations, recipe.group_size)
-                rep = LayerReport(name, "direct", why)
+                rep = LayerReport(name, "direct", detail)
         elif isinstance(mod, nn.Linear):
             new = QuantLinear.from_linear(mod, recipe.weights, recipe.activations, recipe.group_size)
             rep = LayerReport(name, "linear", "direct")
@@ -92,7 +93,30 @@ def _swap_modules(qmodel: nn.Module, recipe: Recipe) -> list[tuple[LayerReport, 
             continue
         _replace(qmodel, name, new)
         plan.append((rep, new))
+    _warn_large_kernels_direct(plan, recipe)
     return plan
+
+
+def _winograd_tile(name: str, conv: nn.Conv2d, recipe: Recipe) -> tuple[int | None, str]:
+    """(output tile or None, report detail) of one conv under the recipe's Winograd rules."""
+    if recipe.winograd is None:
+        return None, "winograd off"
+    min_channels, label = recipe.min_winograd_channels
+    forced = any(fnmatch.fnmatchcase(name, p) for p in recipe.force_winograd)
+    return winograd_choice(conv, recipe.winograd, min_channels=min_channels, kernels=recipe.winograd_kernels,
+                           forced=forced, min_channels_label=label)
+
+
+def _warn_large_kernels_direct(plan, recipe: Recipe) -> None:
+    """Eligible convs kept direct for their kernel size are worth a word: the user may have expected
+    Winograd (and before this rule they silently ran as inaccurate F(m,5) / F(m,7))."""
+    kept = [rep.name for rep, _ in plan if rep.kind == "direct" and rep.detail.endswith("(winograd_kernels)")]
+    if kept:
+        sizes = sorted({int(r.detail.split("x")[0]) for r, _ in plan if r.name in kept})
+        warnings.warn(f"{len(kept)} stride-1 conv(s) with {'/'.join(f'{k}x{k}' for k in sizes)} kernels (e.g. "
+                      f"{kept[0]!r}) stay direct: F({recipe.winograd},{sizes[0]}) is inaccurate when quantized. Pass "
+                      f"winograd_kernels=(3, {', '.join(map(str, sizes))}) for Winograd with the same transform size "
+                      f"as F({recipe.winograd},3) (see Recipe.describe())", stacklevel=3)
 
 
 def quantize(model: nn.Module, recipe: Recipe | None = None, *, calib_data=None, progress: bool = True,
@@ -128,8 +152,9 @@ def quantize(model: nn.Module, recipe: Recipe | None = None, *, calib_data=None,
     qmodel.eval()  # the swapped-in layers are new modules: put them in eval mode too
     wino = [(rep, mod) for rep, mod in plan if rep.kind == "winograd"]
     if recipe.winograd is not None and not wino:
-        warnings.warn("the model has no Winograd-eligible conv (square kernel > 1, stride 1, dilation 1): "
-                      "every layer is quantized directly", stacklevel=2)
+        warnings.warn("no conv runs as Winograd (eligible: square kernel > 1, stride 1, dilation 1; and the rules "
+                      f"{recipe.winograd_rule()!r}): every layer is quantized directly; the report says why",
+                      stacklevel=2)
     if not plan:
         warnings.warn("the model has no nn.Conv2d or nn.Linear layer: nothing was quantized", stacklevel=2)
     with emulated_kernels(qmodel):  # calibration always runs the emulated (differentiable) kernel
@@ -184,14 +209,23 @@ def _calibrate(model, qmodel, wino, recipe: Recipe, calib_data, progress: bool) 
             for rep, _ in wino:
                 rep.calibration = {"shared": True, **{k: v for k, v in info.items() if k == "seconds"}}
             return
-        bar = tqdm(wino, desc="learning transform scales (data-free)", disable=not progress, unit="layer")
-        for i, (rep, mod) in enumerate(bar):
+        # layers are independent (seed = recipe.seed + index): under winoq.distributed each rank learns its share
+        rank, world = shard()
+        owners = assign_layers([layer_cost(m, cfg.max_out_channels) for _, m in wino], world)
+        mine = [(i, rep, mod) for i, ((rep, mod), owner) in enumerate(zip(wino, owners)) if owner == rank]
+        bar = tqdm(mine, desc="learning transform scales (data-free)", disable=not progress or rank != 0,
+                   unit="layer")
+        infos = {}
+        for i, rep, mod in bar:
             with _naming_layer(rep.name):
-                rep.calibration = learn_layer_scales(mod, ScaleLearningConfig(**{**cfg.__dict__, "seed": recipe.seed + i}))
-            bar.set_postfix_str(f"{rep.name}: {rep.calibration['sqnr_standard_db']:.1f} -> "
-                                f"{rep.calibration['sqnr_learned_db']:.1f} dB")
-            if not all(torch.isfinite(torch.tensor(rep.calibration["s_b"] + rep.calibration["s_g"]))):
+                infos[i] = learn_layer_scales(mod, ScaleLearningConfig(**{**cfg.__dict__, "seed": recipe.seed + i}))
+            bar.set_postfix_str(f"{rep.name}: {infos[i]['sqnr_standard_db']:.1f} -> "
+                                f"{infos[i]['sqnr_learned_db']:.1f} dB")
+            if not all(torch.isfinite(torch.tensor(infos[i]["s_b"] + infos[i]["s_g"]))):
                 raise FloatingPointError(f"non-finite transform scales learned for layer {rep.name!r}")
+        infos = share_learned_scales([m for _, m in wino], infos)
+        for i, (rep, _) in enumerate(wino):
+            rep.calibration = infos[i]
     elif recipe.scales == "paw-fsq":
         from .algorithms.paw import learn_paw_fsq
 

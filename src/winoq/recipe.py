@@ -95,6 +95,19 @@ class Recipe:
         transform needs), "block" (Winograd input per m x m pixel block of the tile grid instead;
         emulated only) or "sample" (one scale per sample and channel group over all pixels, the
         coarse choice). Linear inputs are always per row (token) and group.
+    winograd_min_channels: Winograd only where it pays: an eligible conv with fewer input or output
+        channels than this stays direct (quantized with the same formats). "group" (default): the
+        group size (32 when ``group_size`` is None); None: no channel rule. Such convs (a UNet's or a
+        classifier's 3-channel image convs) cost little compute and most of the Winograd error:
+        on the project's DDPM / ResNets keeping them direct raises the worst-timestep SQNR / accuracy
+        (docs/results.md, "Winograd where it pays").
+    winograd_kernels: kernel sizes that run as Winograd (default 3x3 only); a listed larger kernel
+        gets the tile with the same transform size as F(winograd, 3) (F(6,3) -> F(4,5), F(2,7);
+        F(4,3) -> F(2,5)), never F(winograd, 5): quantized error grows with the transform size
+        (F(6,5) measured 10-19x relative output error). Larger kernels left out stay direct, with a
+        warning.
+    force_winograd: module-name patterns (``fnmatch``) of eligible convs that run as Winograd
+        despite ``winograd_min_channels`` and ``winograd_kernels``.
     """
 
     weights: str = "int8"
@@ -124,6 +137,9 @@ class Recipe:
     activation_granularity: str = "fine"
     winograd_input_scales: str = "tapwise"
     winograd_output_format: str | None = "int16"
+    winograd_min_channels: int | str | None = "group"
+    winograd_kernels: tuple[int, ...] = (3,)
+    force_winograd: tuple[str, ...] = ()
 
     def __post_init__(self):
         _check_field_types(self)
@@ -168,9 +184,53 @@ class Recipe:
         object.__setattr__(self, "skip", tuple(self.skip))
         if not isinstance(self.fold_batchnorm, bool):
             raise ValueError(f"fold_batchnorm must be True or False, got {self.fold_batchnorm!r}")
+        self._check_winograd_rules()
         if self.points is not None:
             pts = tuple(str(Fraction(p)) for p in self.points)
             object.__setattr__(self, "points", pts)
+
+    def _check_winograd_rules(self) -> None:
+        mc = self.winograd_min_channels
+        if mc is not None and mc != "group" and (isinstance(mc, bool) or not isinstance(mc, int) or mc < 1):
+            raise ValueError(f"winograd_min_channels must be 'group', a positive int or None, got {mc!r}")
+        ks = self.winograd_kernels
+        if isinstance(ks, (str, int)) or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 2
+                                                for k in ks):
+            raise ValueError(f"winograd_kernels must be a tuple of kernel sizes >= 2, e.g. (3,) or (3, 5), got {ks!r}")
+        object.__setattr__(self, "winograd_kernels", tuple(sorted(set(ks))))
+        if isinstance(self.force_winograd, str) or not all(isinstance(p, str) for p in self.force_winograd):
+            raise ValueError(f"force_winograd must be a tuple of module-name patterns (fnmatch, e.g. 'conv_in'), "
+                             f"got {self.force_winograd!r}")
+        object.__setattr__(self, "force_winograd", tuple(self.force_winograd))
+
+    @property
+    def min_winograd_channels(self) -> tuple[int | None, str | None]:
+        """The channel threshold of the Winograd rule and how the report names it."""
+        mc = self.winograd_min_channels
+        if mc == "group":
+            g = self.group_size or 32
+            return g, f"group size {g}"
+        return mc, None if mc is None else f"winograd_min_channels={mc}"
+
+    def winograd_rule(self) -> str:
+        """Which convs become Winograd, and what happens to larger kernels, in words."""
+        from .winograd.conv import tile_for_kernel
+
+        if self.winograd is None:
+            return "every conv direct"
+        parts = []
+        for k in self.winograd_kernels:
+            m = tile_for_kernel(self.winograd, k)
+            parts.append(f"{k}x{k}: F({m},{k})" if m else f"{k}x{k}: direct (no tile fits)")
+        left = [k for k in (5, 7) if k not in self.winograd_kernels]
+        if left:
+            parts.append(f"{'/'.join(f'{k}x{k}' for k in left)}: direct")
+        mc, label = self.min_winograd_channels
+        if mc is not None:
+            parts.append(f"< {mc} in/out channels: direct")
+        if self.force_winograd:
+            parts.append(f"forced: {', '.join(self.force_winograd)}")
+        return "; ".join(parts)
 
     @property
     def uses_calibration_data(self) -> bool:
@@ -194,11 +254,14 @@ class Recipe:
             raise ValueError(f"recipe has unknown fields {sorted(unknown)}; known: {sorted(known)}")
         if data.get("points") is not None:
             data["points"] = tuple(data["points"])
-        if "skip" in data:
-            data["skip"] = tuple(data["skip"])
+        for key in ("skip", "winograd_kernels", "force_winograd"):
+            if key in data:
+                data[key] = tuple(data[key])
         data.setdefault("activation_granularity", "sample")  # files from before the field ran per sample
         data.setdefault("winograd_input_scales", "shared")  # ... and V, M as the paper: shared, 8-bit M
         data.setdefault("winograd_output_format", None)
+        # recipes saved before the Winograd rules existed made every eligible conv Winograd
+        data.setdefault("winograd_min_channels", None)
         return cls(**data)
 
     def describe(self) -> str:
@@ -212,7 +275,8 @@ class Recipe:
         extra = "".join([f" format-search({self.format_search})" if self.format_search != "off" else ""," static-ranges" if self.activation_ranges == "static" else "",
                          (f" learned-rounding({self.reconstruction})" if self.rounding == "learned" else ""),
                          "" if self.fold_batchnorm else " bn-unfolded"])
-        return f"W:{self.weights} A:{self.activations} {group} {tile}{extra}"
+        rule = "" if self.winograd is None else f" [{self.winograd_rule()}]"
+        return f"W:{self.weights} A:{self.activations} {group} {tile}{extra}{rule}"
 
 
 def _one_of(name, value, allowed):

@@ -94,7 +94,7 @@ def test_find_blocks_residual_model_float_and_quantized():
     net = model(TinyResNet)
     assert find_blocks(net) == (["res1", "res2"], ["stem", "fc"])
     for recipe in (winoq.Recipe(weights="int4", winograd=None),
-                   winoq.Recipe(weights="int4", winograd=4, scales="standard")):
+                   winoq.Recipe(winograd_min_channels=None, weights="int4", winograd=4, scales="standard")):
         assert find_blocks(winoq.quantize(net, recipe, progress=False)) == (["res1", "res2"], ["stem", "fc"])
 
 
@@ -174,7 +174,7 @@ def test_reconstruct_direct_block_beats_nearest():
 
 def test_reconstruct_winograd_block_beats_nearest():
     net = model(TinyResNet)
-    qnet = winoq.quantize(net, winoq.Recipe(weights="int4", winograd=4, scales="standard"), progress=False)
+    qnet = winoq.quantize(net, winoq.Recipe(winograd_min_channels=None, weights="int4", winograd=4, scales="standard"), progress=False)
     assert isinstance(qnet.res2.conv1, QuantWinogradConv2d)
     io = capture_block_io(net, ["res2"], batches_runner([images(8, s) for s in range(2)]))
     info = check_reconstruction(qnet.res2, io["res2"])

@@ -31,7 +31,8 @@ def compiled_isas() -> list[str]:
 
 
 # what the fixed-point kernel implements: the paper's pipeline with per-sample input scales
-KERNEL_PIPELINE = dict(activation_granularity="sample", winograd_input_scales="shared", winograd_output_format=None)
+KERNEL_PIPELINE = dict(activation_granularity="sample", winograd_input_scales="shared", winograd_output_format=None,
+                       winograd_min_channels=None)
 
 
 def make_layer(c, k, m, groups=1, group_size=32, padding=1, bias=True, seed=0, learned=True, clip=(1.0, 1.0),

@@ -124,7 +124,11 @@ def run(args) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            qmodel, q_seconds = timed(quantize, model, recipe, calib_data=calib, progress=progress)
+            if args.procs != 1:  # data-free scale learning spread over local processes (winoq.distributed)
+                from ..distributed import quantize_sharded
+                qmodel, q_seconds = timed(quantize_sharded, model, recipe, procs=args.procs, calib_data=calib)
+            else:
+                qmodel, q_seconds = timed(quantize, model, recipe, calib_data=calib, progress=progress)
         except ValueError as exc:  # the recipe does not fit this model (e.g. unsigned weights)
             print_warnings(caught)
             raise CLIError(f"cannot quantize {name}: {one_line(exc)}") from None
@@ -182,6 +186,8 @@ def register(subparsers) -> None:
                         "paw-fsq (baseline learned on 64 training images; Fashion-MNIST only, noise otherwise), "
                         "tapwise (baseline, one scale per tap)")
     q.add_argument("--seed", type=int, default=0, help="random seed of the scale learning (default: 0)")
+    q.add_argument("--procs", type=positive_int, default=1, metavar="N",
+                   help="learn the Winograd layers' transform scales on N local processes (gloo; same result as 1)")
     q.add_argument("--rounding", choices=("nearest", "learned"), default="nearest",
                    help="weight rounding: nearest (default) or learned (AdaRound-style, on calibration images)")
     q.add_argument("--reconstruction", choices=("layer", "block"), default="layer",

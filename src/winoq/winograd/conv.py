@@ -38,6 +38,39 @@ def is_winograd_eligible(conv: nn.Module) -> bool:
     return winograd_ineligibility(conv) is None
 
 
+def tile_for_kernel(m3: int, kernel: int) -> int | None:
+    """Output tile of an r x r kernel with the same transform size n = m3 + 2 as F(m3, 3), or None
+    when no tile m >= 2 fits. Quantized error grows with n, not with m: one 64-channel layer, W8A8 g32,
+    learned scales, relative squared error on noise (docs/results.md): F(4,3) 2.0e-2 ~ F(2,5) 2.6e-2
+    (n = 6); F(6,3) 7.7e-2 ~ F(4,5) 7.1e-2, F(2,7) 1.2e-1 (n = 8); F(6,5) (n = 10) 1.4e2."""
+    m = m3 + 3 - kernel
+    return m if m >= 2 else None
+
+
+def winograd_choice(conv: nn.Module, m3: int, *, min_channels: int | None, kernels: tuple[int, ...],
+                    forced: bool = False, min_channels_label: str | None = None) -> tuple[int | None, str]:
+    """(output tile, detail) for an eligible-or-not conv under the recipe's rules: the tile when the
+    conv runs as Winograd (detail "F(m,r)"), else None and why it stays direct. ``forced`` skips the
+    channel and kernel-size rules (not the eligibility); ``min_channels_label`` names the threshold
+    in the detail (e.g. "group size 32")."""
+    why = winograd_ineligibility(conv)
+    if why is not None:
+        return None, why
+    r = conv.kernel_size[0]
+    if not forced:
+        if r not in kernels:
+            return None, (f"{r}x{r} kernel: only {'/'.join(f'{k}x{k}' for k in kernels) or 'no'} kernels run as "
+                          "Winograd (winograd_kernels)")
+        if min_channels is not None:
+            for side, c in (("input", conv.in_channels), ("output", conv.out_channels)):
+                if c < min_channels:
+                    return None, f"{c} {side} channels < {min_channels_label or f'winograd_min_channels={min_channels}'}"
+    m = tile_for_kernel(m3, r)
+    if m is None:
+        return None, f"{r}x{r} kernel: no output tile >= 2 with the {m3 + 2}x{m3 + 2} transforms of F({m3},3)"
+    return m, f"F({m},{r})" + (" (forced)" if forced else "")
+
+
 # ----------------------------------------------------------------------------- tiling
 def conv_padding(conv_padding, kernel: int) -> tuple[int, int, int, int]:
     """F.pad spec (left, right, top, bottom) equal to a conv's padding argument."""
