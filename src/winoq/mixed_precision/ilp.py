@@ -16,6 +16,9 @@ def _check_tables(sensitivity, costs, budgets, ties):
     for layer, table in sensitivity.items():
         if not table:
             raise ValueError(f"layer {layer!r} has no choices in sensitivity")
+        bad = [c for c, v in table.items() if not np.isfinite(float(v))]
+        if bad:
+            raise ValueError(f"layer {layer!r}: sensitivity of choice {bad[0]!r} is not finite")
     for kind in budgets:
         if kind not in costs:
             raise ValueError(f"budget {kind!r} has no cost table; costs has {sorted(map(str, costs))}")
@@ -25,6 +28,8 @@ def _check_tables(sensitivity, costs, budgets, ties):
             missing = [c for c in sensitivity[layer] if c not in costs[kind][layer]]
             if missing:
                 raise ValueError(f"layer {layer!r}: choices {missing!r} have no {kind!r} cost")
+            if not all(np.isfinite(float(costs[kind][layer][c])) for c in sensitivity[layer]):
+                raise ValueError(f"layer {layer!r}: a {kind!r} cost is not finite")
         extra = [l for l in costs[kind] if l not in sensitivity]
         if extra:
             raise ValueError(f"layer {extra[0]!r} is in the {kind!r} cost table but missing from sensitivity")
