@@ -641,6 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(e, None, "torch threads (default: torch's choice)")
     e.set_defaults(func=cmd_eval)
 
+    from .commands import mixed as _mixed; _mixed.register(sub)  # noqa: E702
     info = sub.add_parser("info", help="versions, threads, models, formats and datasets found",
                           description="Print winoq/torch versions, threads, model names, number formats and "
                                       "which datasets are installed.")
