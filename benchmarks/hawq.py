@@ -13,6 +13,7 @@ per layer for the latency budget. ILP: 100 layers x 8 choices, one budget, rando
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
 import sys
@@ -25,7 +26,7 @@ from common import add_cifar_args, cifar_setup, dump_json, machine, top1  # noqa
 import torch  # noqa: E402
 
 from winoq.integer import IntegerConfig, convert  # noqa: E402
-from winoq.mixed_precision import PlanConfig, hutchinson_traces, model_layers, plan_bits, solve_ilp  # noqa: E402
+from winoq.mixed_precision import PlanConfig, TraceEstimate, hutchinson_traces, model_layers, plan_bits, solve_ilp  # noqa: E402
 from winoq.models import load_cifar_resnet  # noqa: E402
 
 
@@ -82,6 +83,10 @@ def main(argv=None):
     ap.add_argument("--trace-samples", type=int, default=128)
     ap.add_argument("--trace-tol", type=float, default=0.02)
     ap.add_argument("--trace-iters", type=int, default=60)
+    ap.add_argument("--kinds", nargs="+", default=["size", "bops", "latency"])
+    ap.add_argument("--uniform", action=argparse.BooleanOptionalAction, default=True,
+                    help="evaluate FP and the uniform integer models (off: only the mixed plans)")
+    ap.add_argument("--traces-file", type=Path, help="reuse Hutchinson traces saved here, else compute and save")
     add_cifar_args(ap, n_images=2000, calib_images=256, out="benchmarks/out/hawq.json")
     args = ap.parse_args(argv)
     x, y, calib = cifar_setup(args)
@@ -104,19 +109,30 @@ def main(argv=None):
         print(name, {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
         dump_json(args.out, res)
 
-    record("FP32", model)
     uniform = {}
     for name, (wb, ab) in {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4)}.items():
         uniform[name] = convert(model, calib, IntegerConfig(weight_bits=wb, act_bits=ab))
-        record(f"int {name}", uniform[name], uniform[name])
+    if args.uniform:
+        record("FP32", model)
+        for name, im in uniform.items():
+            record(f"int {name}", im, im)
 
     names = [l.name for l in model_layers(model, x)[0]]
-    t0 = time.perf_counter()
-    traces = hutchinson_traces(model, names, calib, tol=args.trace_tol, max_iters=args.trace_iters,
-                               max_samples=args.trace_samples)
+    if args.traces_file and args.traces_file.exists():
+        saved = json.loads(args.traces_file.read_text())
+        traces = {n: TraceEstimate(e["trace"], e["stderr"], e["samples"], tuple(e["history"]))
+                  for n, e in saved["traces"].items()}
+        res["trace_seconds"] = saved["trace_seconds"]
+    else:
+        t0 = time.perf_counter()
+        traces = hutchinson_traces(model, names, calib, tol=args.trace_tol, max_iters=args.trace_iters,
+                                   max_samples=args.trace_samples)
+        res["trace_seconds"] = time.perf_counter() - t0
     res["traces"] = {n: {"trace": e.trace, "stderr": e.stderr, "samples": e.samples,
                          "history": list(e.history)} for n, e in traces.items()}
-    res["trace_seconds"] = time.perf_counter() - t0
+    if args.traces_file and not args.traces_file.exists():
+        dump_json(args.traces_file, {"traces": res["traces"], "trace_seconds": res["trace_seconds"]})
+    dump_json(args.out, res)
     worst = max(e.relative_spread for e in traces.values())
     print(f"traces: {next(iter(traces.values())).samples} Hutchinson samples, {res['trace_seconds']:.0f} s, "
           f"worst relative spread {worst:.3f}", flush=True)
@@ -124,7 +140,7 @@ def main(argv=None):
     lat8, lat4 = layer_latency(uniform["W8A8"], x), layer_latency(uniform["W4A4"], x)
     latency = {n: {4: lat4[n], 8: lat8[n]} for n in names}
     res["layer_latency_s"] = latency
-    for kind in ("size", "bops", "latency"):
+    for kind in args.kinds:
         # latency: the integer kernels run 4-bit codes as fast as 8-bit ones on this CPU (no 4-bit
         # kernel), so the measured table hardly separates the choices; one r shows what it does
         for r in ((0.5,) if kind == "latency" else (0.75, 0.5, 0.25)):

@@ -51,7 +51,8 @@ class IntegerModel(nn.Module):
     def _run(self, q: torch.Tensor, method: str) -> torch.Tensor:
         env = {0: q}
         for step, (ins, out) in zip(self.steps, self.program):
-            env[out] = getattr(step, method)(*(env[i] for i in ins))
+            fn = step if method == "forward" else step.simulate  # step(...) so module hooks see it
+            env[out] = fn(*(env[i] for i in ins))
             for i in ins:  # free values no later step reads
                 if self._last_use.get(i) == out:
                     env.pop(i, None)
