@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .commands import info as _info; _info.register(sub)
     from .commands import sparsity as _sparsity; _sparsity.register(sub)
     from .commands import prune as _prune; _prune.register(sub)
+    from .commands import mixed as _mixed; _mixed.register(sub)
     return parser
 
 

@@ -1,0 +1,111 @@
+"""``winoq mixed``: HAWQ-V3 mixed-precision plan (Hessian traces + exact ILP), printed as a table,
+plotted (per-layer bits and the sensitivity vs cost Pareto curve), optionally converted to an
+integer-only model and exported to ONNX."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("mixed", help="HAWQ-V3 mixed-precision plan by ILP (table, plot, integer ONNX)",
+                              description=__doc__)
+    p.add_argument("--model", default="fmnist-resnet", help="model name or state-dict file (as for quantize)")
+    p.add_argument("--weights", help="weights file, or 'shared' for the CIFAR ResNets")
+    p.add_argument("--calib-data", metavar="DIR", help="ImageFolder of calibration images (fmnist-resnet: "
+                   "Fashion-MNIST training images when installed)")
+    p.add_argument("--calib-images", type=int, default=64, metavar="N")
+    p.add_argument("--budget", choices=("size", "bops"), default="bops",
+                   help="budget kind (latency budgets need a measured table: Python API)")
+    p.add_argument("--r", type=float, default=0.5, help="budget = cost(4 bit) + r (cost(8 bit) - cost(4 bit))")
+    p.add_argument("--trace-iters", type=int, default=30, help="at most this many Hutchinson samples")
+    p.add_argument("--out", type=Path, help="write the plan as JSON")
+    p.add_argument("--plot", type=Path, help="write a PNG: per-layer bits and the Pareto curve")
+    p.add_argument("--onnx", type=Path, help="convert to integer-only with the plan and export to ONNX")
+    p.set_defaults(func=run)
+
+
+def _table(plan, layers) -> str:
+    rows = [f"{'layer':28s} {'MACs':>11s} {'params':>8s} {'Tr(H)':>10s} {'Omega(4)':>10s} {'Omega(8)':>10s} bits"]
+    for l in layers:
+        s = plan.sensitivity[l.name]
+        tr = plan.traces.get(l.name, {}).get("trace", float("nan"))
+        om = [f"{s[b]:10.3g}" if b in s else f"{'(fixed)':>10s}" for b in (4, 8)]
+        rows.append(f"{l.name:28s} {l.macs:11d} {l.params:8d} {tr:10.3g} {om[0]} {om[1]} {plan.bits[l.name]:4d}")
+    return "\n".join(rows)
+
+
+def pareto(sens, tables, kind, ties, rs):
+    """(cost, summed sensitivity) of the ILP optimum at each r."""
+    from ..mixed_precision import solve_ilp
+
+    lo = sum(min(tables[kind][n][b] for b in sens[n]) for n in sens)
+    hi = sum(max(tables[kind][n][b] for b in sens[n]) for n in sens)
+    out = []
+    for r in rs:
+        bits = solve_ilp(sens, tables, {kind: (lo + r * (hi - lo)) * (1 + 1e-12)}, ties)
+        out.append((sum(tables[kind][n][bits[n]] for n in sens), sum(sens[n][bits[n]] for n in sens)))
+    return out
+
+
+def plot_plan(plan, layers, tables, path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kind = plan.budget_kind
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4))
+    names = [l.name for l in layers]
+    a.bar(range(len(names)), [plan.bits[n] for n in names], color="tab:blue")
+    a.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
+    a.set_ylabel("bits")
+    a.set_title(f"plan: {kind} r={plan.r}")
+    curve = pareto(plan.sensitivity, tables, kind, plan.ties, [i / 20 for i in range(21)])
+    b.plot([c for c, _ in curve], [s for _, s in curve], "o-", label="ILP (mixed 4/8)")
+    for bits, mk in ((4, "s"), (8, "^")):
+        c = sum(tables[kind][n][bits if bits in plan.sensitivity[n] else 8] for n in names)
+        s = sum(plan.sensitivity[n].get(bits, plan.sensitivity[n][8]) for n in names)
+        b.plot([c], [s], mk, ms=9, label=f"uniform {bits} bit (ends 8)")
+    b.set_xlabel(kind)
+    b.set_ylabel("sum of Omega")
+    b.set_yscale("symlog", linthresh=1e-9)
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
+def run(args) -> int:
+    from ._common import CLIError, load_float_model
+    from .quantize import _calibration_images
+    from ..mixed_precision import PlanConfig, cost_tables, model_layers, plan_bits
+
+    if not 0 <= args.r <= 1:
+        raise CLIError(f"--r must be in [0, 1], got {args.r}")
+    model, name = load_float_model(args.model, args.weights)
+    calib = _calibration_images(name, args.calib_data, args.calib_images)
+    if calib is None:
+        raise CLIError("winoq mixed needs calibration images: pass --calib-data DIR (ImageFolder)")
+    plan = plan_bits(model, calib, PlanConfig(budget=args.budget, r=args.r, max_iters=args.trace_iters,
+                                              max_samples=args.calib_images))
+    layers, _ = model_layers(model, calib)
+    tables = cost_tables(layers, (4, 8))
+    print(_table(plan, layers))
+    print(f"budget {plan.budget_kind} <= {plan.budget:.4g}: size {plan.totals['size'] / 1e6:.4f} MB, "
+          f"{plan.totals['bops'] / 1e9:.3f} GBOPs; {sum(b == 4 for b in plan.bits.values())}/{len(plan.bits)} "
+          f"layers at 4 bit; ILP {plan.solve_seconds * 1e3:.1f} ms")
+    if args.out:
+        args.out.write_text(plan.to_json())
+        print(f"plan -> {args.out}")
+    if args.plot:
+        print(f"plot -> {plot_plan(plan, layers, tables, args.plot)}")
+    if args.onnx:
+        from ..integer import IntegerConfig, convert
+        from ..integer.onnx_export import export_onnx
+
+        im = convert(model, calib, IntegerConfig(layer_bits=plan.bits))
+        export_onnx(im, args.onnx, calib[:1])
+        print(f"integer-only model (ONNX, opset 13) -> {args.onnx}")
+    return 0

@@ -1,0 +1,562 @@
+"""Conversion of a traced float model to an integer-only :class:`IntegerModel` (HAWQ-V3).
+
+``convert(model, calib_data, config)``:
+
+1. trace with ``torch.fx`` (an untraceable op raises an error naming it and the
+   ``leaf_modules=`` fix);
+2. run the float model on ``calib_data`` and record every node's range (static calibration);
+3. walk the graph: fold each BatchNorm into its conv (``W' = gamma W / sigma``,
+   ``b' = (b - mu) gamma / sigma + beta``), quantize weights symmetric per output channel,
+   biases to int32 at ``S_w S_in``; activations are requantized by dyadic multipliers where an
+   op needs codes; residual adds scale each branch by its own dyadic multiplier; global
+   average pooling is an integer sum and a rounding shift; the output is dequantized once.
+
+Activations: symmetric, ``[-(2^(b-1)-1), 2^(b-1)-1]``; post-ReLU activations of at most
+``config.unsigned_max_bits`` bits are unsigned ``[0, 2^b - 1]`` with zero point 0 (4-bit, as in
+HAWQ-V3); an activation's bits are the largest input bits of the layers reading it.
+
+3x3 convs stay direct integer convs here; the per-layer conversion is one function
+(:func:`convert_conv`) so an integer Winograd layer with fixed-point transforms can replace it.
+"""
+from __future__ import annotations
+
+import math
+import operator
+import sys
+import traceback
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..calibration import _calls
+from . import layers as L
+from .dyadic import dyadic_tensor
+from .model import IntegerModel, LayerInfo
+
+__all__ = ["IntegerConfig", "IntegerConversionError", "convert", "trace", "layer_names"]
+
+
+class IntegerConversionError(ValueError):
+    """The model has an op or a layout the integer-only conversion cannot express."""
+
+
+@dataclass(frozen=True)
+class IntegerConfig:
+    """How to convert a model to integer-only inference.
+
+    weight_bits / act_bits: defaults for every conv / linear (weights; the activation it reads).
+    layer_bits: per-layer overrides ``{name: bits}`` (weights and input activation) or
+        ``{name: (weight_bits, act_bits)}``, e.g. a mixed-precision plan.
+    first_last_8bit: keep the first and last layers at 8 bit (HAWQ-V3) unless layer_bits names them.
+    unsigned_max_bits: post-ReLU activations of at most this many bits use the unsigned grid.
+    act_clip: "minmax" (calibrated max) or "mse" (clipping ratio with least squared error on the
+        calibration values); "auto": minmax at 8 bit and above, mse below.
+    weight_clip: the same choice for each output channel's weight scale.
+    calib_samples: at most this many calibration samples are run.
+    """
+
+    weight_bits: int = 8
+    act_bits: int = 8
+    layer_bits: Mapping[str, int | tuple[int, int]] = field(default_factory=dict)
+    first_last_8bit: bool = True
+    unsigned_max_bits: int = 4
+    act_clip: str = "auto"
+    weight_clip: str = "auto"
+    calib_samples: int = 256
+
+    def __post_init__(self):
+        for name, b in (("weight_bits", self.weight_bits), ("act_bits", self.act_bits)):
+            if not (isinstance(b, int) and 2 <= b <= 16):
+                raise ValueError(f"{name} must be an int in [2, 16], got {b!r}")
+        for k, v in dict(self.layer_bits).items():
+            pair = v if isinstance(v, tuple) else (v, v)
+            if len(pair) != 2 or not all(isinstance(b, int) and 2 <= b <= 16 for b in pair):
+                raise ValueError(f"layer_bits[{k!r}] must be bits in [2, 16] or a (weight, act) pair, got {v!r}")
+        for name, v in (("act_clip", self.act_clip), ("weight_clip", self.weight_clip)):
+            if v not in ("auto", "minmax", "mse"):
+                raise ValueError(f"{name} must be 'auto', 'minmax' or 'mse', got {v!r}")
+        if self.calib_samples < 1:
+            raise ValueError(f"calib_samples must be >= 1, got {self.calib_samples}")
+
+    def bits_of(self, name: str, first_or_last: bool) -> tuple[int, int]:
+        v = dict(self.layer_bits).get(name)
+        if v is not None:
+            return v if isinstance(v, tuple) else (v, v)
+        if first_or_last and self.first_last_8bit:
+            return 8, 8
+        return self.weight_bits, self.act_bits
+
+
+# ----------------------------------------------------------------------------- tracing
+class _Tracer(fx.Tracer):
+    def __init__(self, leaves):
+        super().__init__()
+        self.leaves = set(leaves)
+        self.stack: list[str] = []
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return qualname in self.leaves or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        self.stack.append(self.path_of_module(m))
+        out = super().call_module(m, forward, args, kwargs)
+        self.stack.pop()
+        return out
+
+
+def _user_frame(tb) -> str:
+    """The last traceback frame outside torch: the line of model code that failed."""
+    where = ""
+    for frame in traceback.extract_tb(tb):
+        if "/torch/" not in frame.filename.replace("\\", "/"):
+            where = f"{frame.filename}:{frame.lineno}: {frame.line}"
+    return where
+
+
+def trace(model: nn.Module, leaf_modules=()) -> fx.GraphModule:
+    """``torch.fx`` trace of ``model``; on failure an error naming the module, the line of code
+    and the fix (mark that module as a leaf with ``leaf_modules=("name",)``)."""
+    tracer = _Tracer(leaf_modules)
+    try:
+        graph = tracer.trace(model)
+    except Exception as e:  # fx raises TraceError, TypeError, RuntimeError ... for untraceable code
+        mod = tracer.stack[-1] if tracer.stack else ""
+        line = _user_frame(sys.exc_info()[2])
+        fix = (f"mark it as a leaf with leaf_modules=({mod!r},) (a leaf must then be an op the integer "
+               f"conversion supports)" if mod else "rewrite the model's forward without data-dependent control flow")
+        raise IntegerConversionError(
+            f"torch.fx cannot trace {'module ' + repr(mod) if mod else 'the model'} "
+            f"({type(e).__name__}: {e}) at {line or 'unknown location'}; {fix}") from e
+    return fx.GraphModule(model, graph)
+
+
+# ----------------------------------------------------------------------------- op kinds
+_FUNCS = {
+    F.relu: "relu", torch.relu: "relu", torch.relu_: "relu",
+    operator.add: "add", torch.add: "add", operator.iadd: "add",
+    torch.flatten: "flatten", F.adaptive_avg_pool2d: "avgpool", operator.getitem: "slice",
+    F.pad: "pad", F.max_pool2d: "maxpool",
+}
+_METHODS = {"relu": "relu", "relu_": "relu", "add": "add", "add_": "add", "flatten": "flatten"}
+_MODULES = ((nn.Conv2d, "conv"), (nn.BatchNorm2d, "bn"), (nn.ReLU, "relu"), (nn.Linear, "linear"),
+            (nn.AdaptiveAvgPool2d, "avgpool"), (nn.MaxPool2d, "maxpool"), (nn.Flatten, "flatten"),
+            (nn.Identity, "identity"), (nn.Dropout, "identity"))
+_PASS = {"relu", "maxpool", "slice", "pad", "flatten", "identity", "bn"}
+
+
+def _unsupported(node: fx.Node, what: str) -> IntegerConversionError:
+    return IntegerConversionError(
+        f"op {node.name!r} ({what}) is not supported by the integer-only conversion; supported: conv2d, "
+        f"batch_norm after a conv, relu, add, linear, global average pool, max pool, slicing, zero pad, "
+        f"flatten")
+
+
+def _kind(node: fx.Node, modules: dict) -> str:
+    if node.op in ("placeholder", "output"):
+        return node.op
+    if node.op == "call_module":
+        mod = modules[node.target]
+        for cls, k in _MODULES:
+            if isinstance(mod, cls):
+                return k
+        raise _unsupported(node, f"module {node.target!r} of type {type(mod).__name__}")
+    if node.op == "call_function" and node.target in _FUNCS:
+        return _FUNCS[node.target]
+    if node.op == "call_method" and node.target in _METHODS:
+        return _METHODS[node.target]
+    raise _unsupported(node, f"{node.op} {getattr(node.target, '__name__', node.target)}")
+
+
+def layer_names(model: nn.Module, leaf_modules=()) -> list[str]:
+    """Names of the convs and linears in execution order (the layers a bit plan assigns)."""
+    gm = trace(model, leaf_modules)
+    mods = dict(gm.named_modules())
+    return [n.target for n in gm.graph.nodes
+            if n.op == "call_module" and isinstance(mods[n.target], (nn.Conv2d, nn.Linear))]
+
+
+# ----------------------------------------------------------------------------- calibration
+class _Recorder(fx.Interpreter):
+    """Runs the float graph and keeps, per node, the largest |value| and a random sample of values."""
+
+    def __init__(self, gm, sample: int = 1 << 15):
+        super().__init__(gm)
+        self.amax: dict[str, float] = {}
+        self.vmin: dict[str, float] = {}
+        self.samples: dict[str, list[torch.Tensor]] = {}
+        self.sample = sample
+        self.gen = torch.Generator().manual_seed(0)
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor) and out.is_floating_point():
+            d = out.detach()
+            self.amax[n.name] = max(self.amax.get(n.name, 0.0), float(d.abs().max()))
+            self.vmin[n.name] = min(self.vmin.get(n.name, math.inf), float(d.min()))
+            flat = d.flatten()
+            idx = torch.randint(0, flat.numel(), (min(self.sample, flat.numel()),), generator=self.gen)
+            self.samples.setdefault(n.name, []).append(flat[idx].float())
+        return out
+
+
+def _calibrate(gm: fx.GraphModule, calib_data, max_samples: int) -> _Recorder:
+    rec = _Recorder(gm)
+    seen = 0
+    with torch.no_grad():
+        for args, kwargs in _calls(calib_data):
+            if kwargs or len(args) != 1:
+                raise IntegerConversionError("calib_data for integer conversion must give one input tensor per batch")
+            x = args[0][: max_samples - seen]
+            rec.run(x)
+            seen += len(x)
+            if seen >= max_samples:
+                break
+    if seen == 0:
+        raise IntegerConversionError("calib_data is empty; pass a tensor of inputs or batches of them")
+    return rec
+
+
+def _mse_clip(values: torch.Tensor, amax: float, qmin: int, qmax: int) -> float:
+    """Clipping value in [0.3, 1] x amax with least squared error on ``values``."""
+    best, best_err = amax, math.inf
+    for ratio in torch.linspace(0.3, 1.0, 36).tolist():
+        s = amax * ratio / qmax
+        err = float(((torch.round(values / s).clamp(qmin, qmax) * s - values) ** 2).sum())
+        if err < best_err:
+            best, best_err = amax * ratio, err
+    return best
+
+
+# ----------------------------------------------------------------------------- conversion state
+@dataclass
+class _QVal:
+    """An integer value of the program: ``real = code * scale``."""
+
+    id: int
+    scale: torch.Tensor          # float64: () for activations, (1, C, 1, 1) / (1, C) for accumulators
+    is_acc: bool
+    qmin: int = 0
+    qmax: int = 0
+    bound: float = 0.0           # largest possible |code| (for overflow checks)
+
+
+def _act_range(bits: int, unsigned: bool, unsigned_max_bits: int) -> tuple[int, int]:
+    if unsigned and bits <= unsigned_max_bits:
+        return 0, (1 << bits) - 1
+    q = (1 << (bits - 1)) - 1
+    return (0 if unsigned else -q), q
+
+
+def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``W' = gamma W / sigma``, ``b' = (b - mu) gamma / sigma + beta`` in float64."""
+    w = conv.weight.detach().double()
+    b = conv.bias.detach().double() if conv.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+    if bn is None:
+        return w, b
+    sigma = torch.sqrt(bn.running_var.double() + bn.eps)
+    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(sigma)
+    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(sigma)
+    w = w * (gamma / sigma).reshape(-1, *([1] * (w.ndim - 1)))
+    return w, (b - bn.running_mean.double()) * gamma / sigma + beta
+
+
+def _weight_scale(w: torch.Tensor, bits: int, clip: str) -> torch.Tensor:
+    """Symmetric per-output-channel scale (float64, one per channel); an all-zero channel gets 1."""
+    qmax = (1 << (bits - 1)) - 1
+    flat = w.reshape(w.shape[0], -1)
+    amax = flat.abs().amax(1)
+    if clip == "mse" or (clip == "auto" and bits < 8):
+        best = amax.clone()
+        best_err = torch.full_like(amax, math.inf)
+        for ratio in torch.linspace(0.3, 1.0, 36).tolist():
+            s = (amax * ratio / qmax).clamp_min(1e-300)
+            err = ((torch.round(flat / s[:, None]).clamp(-qmax, qmax) * s[:, None] - flat) ** 2).sum(1)
+            better = err < best_err
+            best = torch.where(better, amax * ratio, best)
+            best_err = torch.where(better, err, best_err)
+        amax = best
+    return torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+
+
+def convert_conv(name: str, module: nn.Module, w: torch.Tensor, b: torch.Tensor, x: _QVal, bits: int,
+                 clip: str) -> tuple[nn.Module, torch.Tensor, float]:
+    """One conv / linear with folded float64 ``w, b`` reading codes ``x``: returns the integer
+    step, its accumulator scale (per output channel) and the accumulator's worst-case |code|."""
+    s_w = _weight_scale(w, bits, clip)
+    qmax = (1 << (bits - 1)) - 1
+    shape = (-1,) + (1,) * (w.ndim - 1)
+    w_q = torch.round(w / s_w.reshape(shape)).clamp(-qmax, qmax)
+    s_acc = s_w * float(x.scale)
+    b_q = torch.round(b / s_acc)
+    if float(b_q.abs().max()) > L.INT32_MAX:
+        raise IntegerConversionError(f"layer {name!r}: its bias does not fit int32 at scale S_w*S_in "
+                                     f"(max |bias code| {float(b_q.abs().max()):.3g}); its input scale is too fine")
+    x_abs = max(abs(x.qmin), abs(x.qmax))
+    bound = float((w_q.abs().reshape(w.shape[0], -1).sum(1) * x_abs + b_q.abs()).max())
+    if bound >= 2 ** 32:
+        raise IntegerConversionError(f"layer {name!r}: its accumulator can reach {bound:.3g}, beyond the 2^32 "
+                                     f"the dyadic requantization multiplies in int64")
+    wide = bound > L.INT32_MAX
+    if isinstance(module, nn.Conv2d):
+        step = L.IntConv2d(name, w_q, b_q, module, wide)
+        s_acc = s_acc.reshape(1, -1, 1, 1)
+    else:
+        step = L.IntLinear(name, w_q, b_q, wide)
+        s_acc = s_acc.reshape(1, -1)
+    return step, s_acc, bound
+
+
+class _Builder:
+    def __init__(self, gm: fx.GraphModule, rec: _Recorder, config: IntegerConfig):
+        self.gm, self.rec, self.cfg = gm, rec, config
+        self.mods = dict(gm.named_modules())
+        self.nodes = list(gm.graph.nodes)
+        self.kinds = {n: _kind(n, self.mods) for n in self.nodes}
+        layer_nodes = [n for n in self.nodes if self.kinds[n] in ("conv", "linear")]
+        if not layer_nodes:
+            raise IntegerConversionError("the model has no conv or linear layer to convert")
+        ends = {layer_nodes[0], layer_nodes[-1]}
+        self.layer_bits = {n: config.bits_of(n.target, n in ends) for n in layer_nodes}
+        self.steps: list[nn.Module] = []
+        self.program: list[tuple[tuple[int, ...], int]] = []
+        self.env: dict[fx.Node, _QVal] = {}
+        self.act_cache: dict[fx.Node, _QVal] = {}
+        self.unsigned: dict[fx.Node, bool] = {}
+        self.next_id = 1
+        self.infos: list[LayerInfo] = []
+
+    # -- helpers
+    def _emit(self, step: nn.Module, ins: tuple[_QVal, ...], scale, is_acc, qmin=0, qmax=0, bound=0.0) -> _QVal:
+        v = _QVal(self.next_id, scale, is_acc, qmin, qmax, bound if is_acc else max(abs(qmin), abs(qmax)))
+        self.next_id += 1
+        self.steps.append(step)
+        self.program.append((tuple(i.id for i in ins), v.id))
+        return v
+
+    def value_bits(self, node: fx.Node) -> int:
+        """Largest input-activation bits of the layers that read ``node`` (through pass-through ops)."""
+        bits, todo, seen = [], list(node.users), set()
+        while todo:
+            u = todo.pop()
+            if u in seen:
+                continue
+            seen.add(u)
+            k = self.kinds[u]
+            if k in ("conv", "linear"):
+                bits.append(self.layer_bits[u][1])
+            elif k in _PASS:
+                todo.extend(u.users)
+        return max(bits) if bits else self.cfg.act_bits
+
+    def _scale_for(self, node: fx.Node, bits: int, unsigned: bool) -> tuple[torch.Tensor, int, int]:
+        qmin, qmax = _act_range(bits, unsigned, self.cfg.unsigned_max_bits)
+        amax = self.rec.amax.get(node.name)
+        if amax is None:
+            raise IntegerConversionError(f"op {node.name!r} was not reached on calib_data; cannot calibrate it")
+        clip = self.cfg.act_clip
+        if (clip == "mse" or (clip == "auto" and bits < 8)) and amax > 0:
+            amax = _mse_clip(torch.cat(self.rec.samples[node.name]), amax, qmin, qmax)
+        scale = amax / qmax if amax > 0 else 1.0
+        return torch.tensor(scale, dtype=torch.float64), qmin, qmax
+
+    def requant_to(self, node: fx.Node, src: list[_QVal], unsigned: bool, where: str, make) -> _QVal:
+        """Requantize the values ``src`` to ``node``'s calibrated range; ``make(b_c_pairs, qmin, qmax)``
+        builds the step from one dyadic multiplier per source."""
+        scale, qmin, qmax = self._scale_for(node, self.value_bits(node), unsigned)
+        pairs = [dyadic_tensor(s.scale / scale, where) for s in src]
+        return self._emit(make(pairs, qmin, qmax), tuple(src), scale, False, qmin, qmax)
+
+    def act(self, node: fx.Node) -> _QVal:
+        """``node`` as activation codes (requantizing an accumulator once, cached)."""
+        v = self.env[node]
+        if not v.is_acc:
+            return v
+        if node not in self.act_cache:
+            self.act_cache[node] = self.requant_to(
+                node, [v], False, f"requantization after {node.name!r}",
+                lambda p, lo, hi: L.Requantize(p[0][0], p[0][1], lo, hi))
+        return self.act_cache[node]
+
+    def relu_after(self, node: fx.Node) -> fx.Node | None:
+        users = list(node.users)
+        return users[0] if len(users) == 1 and self.kinds[users[0]] == "relu" else None
+
+    # -- node handlers
+    def build(self) -> IntegerModel:
+        placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        if len(placeholders) != 1:
+            raise IntegerConversionError(f"integer conversion needs a model with one input, got {len(placeholders)}")
+        inp = placeholders[0]
+        bits = self.value_bits(inp)
+        scale, _, qmax = self._scale_for(inp, max(bits, 8) if self.cfg.first_last_8bit else bits, False)
+        self.env[inp] = _QVal(0, scale, False, -qmax, qmax, qmax)
+        self.input_scale, self.input_qmax = float(scale), qmax
+        for node in self.nodes:
+            if node in self.env or node.op == "placeholder":
+                continue
+            getattr(self, "_" + self.kinds[node])(node)
+        return IntegerModel(self.input_scale, self.input_qmax, self.steps, self.program,
+                            self.out_val.id, self.out_val.scale, self.infos)
+
+    def _layer(self, node: fx.Node):
+        mod = self.mods[node.target]
+        users = list(node.users)
+        bn = None
+        if isinstance(mod, nn.Conv2d) and len(users) == 1 and self.kinds[users[0]] == "bn":
+            bn = self.mods[users[0].target]
+        w, b = _fold_bn(mod, bn)
+        x = self.act(node.args[0])
+        wb, ab = self.layer_bits[node]
+        step, s_acc, bound = convert_conv(node.target, mod, w, b, x, wb, self.cfg.weight_clip)
+        v = self._emit(step, (x,), s_acc, True, bound=bound)
+        out_numel = self.rec_shape_numel(users[0] if bn is not None else node)
+        macs = out_numel * (w[0].numel())
+        self.infos.append(LayerInfo(node.target, "conv" if isinstance(mod, nn.Conv2d) else "linear", wb,
+                                    self.value_bits(node.args[0]), int(macs), int(w.numel()), bn is not None,
+                                    step.wide))
+        self.env[node] = v
+        self.unsigned[node] = False
+        if bn is not None:
+            self.env[users[0]] = v
+            self.unsigned[users[0]] = False
+
+    def rec_shape_numel(self, node: fx.Node) -> int:
+        """Output elements per sample (channels x spatial), from the recorded shape."""
+        return self.shapes[node.name]
+
+    _conv = _linear = _layer
+
+    def _bn(self, node):
+        raise IntegerConversionError(f"BatchNorm {node.target!r} does not directly follow a conv with no other "
+                                     f"users; it cannot be folded")
+
+    def _relu(self, node):
+        src = node.args[0]
+        v = self.env[src]
+        if v.is_acc:  # ReLU fused into the requantization: clamp at the zero point
+            self.env[node] = self.requant_to(node, [v], True, f"requantization of {node.name!r}",
+                                              lambda p, lo, hi: L.Requantize(p[0][0], p[0][1], lo, hi))
+        else:
+            self.env[node] = self._emit(L.ClampMin(), (v,), v.scale, False, max(v.qmin, 0), v.qmax)
+        self.unsigned[node] = True
+
+    def _add(self, node):
+        a, b = node.args[0], node.args[1] if len(node.args) > 1 else None
+        if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or node.kwargs:
+            raise _unsupported(node, "add of a constant or with alpha")
+        relu = self.relu_after(node)
+        out = relu or node
+        srcs = [self.env[a], self.env[b]]
+        v = self.requant_to(out, srcs, relu is not None, f"residual add {node.name!r}",
+                            lambda p, lo, hi: L.IntAdd(p[0][0], p[0][1], p[1][0], p[1][1], lo, hi))
+        self.env[node] = v
+        self.unsigned[node] = relu is not None
+        if relu is not None:
+            self.env[relu] = v
+            self.unsigned[relu] = True
+
+    def _avgpool(self, node):
+        size = node.args[1] if node.op == "call_function" else self.mods[node.target].output_size
+        if size not in (1, (1, 1), [1, 1]):
+            raise _unsupported(node, f"adaptive average pool to {size} (only global pooling, output 1x1)")
+        x = self.act(node.args[0])
+        n = self.spatial[node.args[0].name]
+        unsigned = self.unsigned.get(node.args[0], False)
+        scale, qmin, qmax = self._scale_for(node, self.value_bits(node), unsigned)
+        bb, cc = dyadic_tensor(x.scale / (n * scale), f"average pool {node.name!r}")
+        self.env[node] = self._emit(L.IntGlobalAvgPool(bb, cc, qmin, qmax), (x,), scale, False, qmin, qmax)
+        self.unsigned[node] = unsigned
+
+    def _passthrough(self, node, step):
+        x = self.act(node.args[0])
+        self.env[node] = self._emit(step, (x,), x.scale, False, x.qmin, x.qmax)
+        self.unsigned[node] = self.unsigned.get(node.args[0], False)
+
+    def _maxpool(self, node):
+        if node.op == "call_module":
+            m = self.mods[node.target]
+            args = (m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+        else:
+            sig = ["kernel_size", "stride", "padding", "dilation", "ceil_mode"]
+            defaults = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False}
+            vals = dict(zip(sig, node.args[1:]), **node.kwargs)
+            args = tuple(vals.get(k, defaults.get(k)) for k in sig)
+        self._passthrough(node, L.MaxPool(*args))
+
+    def _slice(self, node):
+        idx = node.args[1]
+        items = idx if isinstance(idx, tuple) else (idx,)
+        if not all(isinstance(i, (slice, int)) or i is Ellipsis for i in items):
+            raise _unsupported(node, f"indexing with {idx!r}")
+        if any(isinstance(i, slice) and any(isinstance(p, fx.Node) for p in (i.start, i.stop, i.step)) for i in items):
+            raise _unsupported(node, "slicing with traced bounds")
+        self._passthrough(node, L.Slice(idx))
+
+    def _pad(self, node):
+        mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
+        value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
+        if mode != "constant" or value not in (None, 0, 0.0):
+            raise _unsupported(node, f"pad mode={mode!r} value={value!r} (only zero padding)")
+        self._passthrough(node, L.ZeroPad(node.args[1]))
+
+    def _flatten(self, node):
+        if node.op == "call_module":
+            m = self.mods[node.target]
+            start, end = m.start_dim, m.end_dim
+        else:
+            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+            end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+        self._passthrough(node, L.Flatten(start, end))
+
+    def _identity(self, node):
+        self.env[node] = self.env[node.args[0]]
+        self.unsigned[node] = self.unsigned.get(node.args[0], False)
+
+    def _output(self, node):
+        out = node.args[0]
+        if not isinstance(out, fx.Node):
+            raise _unsupported(node, "a model output that is not a single tensor")
+        self.out_val = self.env[out]
+
+
+class _Shapes(fx.Interpreter):
+    """Per-node output elements per sample and spatial size (one sample)."""
+
+    def __init__(self, gm):
+        super().__init__(gm)
+        self.numel, self.spatial = {}, {}
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor):
+            self.numel[n.name] = out[0].numel() if out.ndim else 1
+            if out.ndim == 4:
+                self.spatial[n.name] = out.shape[2] * out.shape[3]
+        return out
+
+
+def convert(model: nn.Module, calib_data, config: IntegerConfig | None = None, *,
+            leaf_modules=()) -> IntegerModel:
+    """Integer-only version of ``model`` (eval mode; ``model`` is not modified).
+
+    ``calib_data``: a tensor of inputs or an iterable of batches (``(input, target)`` pairs allowed)
+    on which the activation ranges are calibrated. ``leaf_modules``: module names ``torch.fx`` must
+    not trace into."""
+    config = config or IntegerConfig()
+    was_training = model.training
+    model.eval()
+    try:
+        gm = trace(model, leaf_modules)
+        b = _Builder(gm, _calibrate(gm, calib_data, config.calib_samples), config)
+        first = next(iter(_calls(calib_data)))[0][0][:1]
+        shapes = _Shapes(gm)
+        with torch.no_grad():
+            shapes.run(first)
+        b.shapes, b.spatial = shapes.numel, shapes.spatial
+        return b.build().eval()
+    finally:
+        model.train(was_training)

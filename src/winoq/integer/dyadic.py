@@ -1,0 +1,80 @@
+"""Dyadic numbers b / 2^c for integer-only requantization (HAWQ-V3).
+
+A real multiplier ``s`` (e.g. ``S_w S_in / S_out``) becomes ``b / 2^c`` with
+``(m, e) = frexp(s)`` (``0.5 <= m < 1``), ``b = round(m 2^31)``, ``c = 31 - e``.
+A mantissa that rounds up to ``b = 2^31`` does not fit int32: it is renormalized to
+``(2^30, c - 1)``. ``requantize`` computes ``(z b + 2^(c-1)) >> c`` in int64 (round half up).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+MANTISSA_BITS = 31
+MAX_SHIFT = 62  # z * b fits int64 for |z| < 2^31 and b < 2^31; a shift of 63+ leaves only the sign
+MIN_SHIFT = 1   # 2^(c-1) must be an integer
+
+
+class DyadicRangeError(ValueError):
+    """A multiplier whose dyadic form needs a shift outside [MIN_SHIFT, MAX_SHIFT]."""
+
+
+def dyadic(scale: float, where: str = "a layer") -> tuple[int, int]:
+    """``(b, c)`` with ``b / 2^c`` the dyadic approximation of ``scale > 0`` (see module doc)."""
+    if not (scale > 0 and math.isfinite(scale)):
+        raise DyadicRangeError(f"{where}: requantization scale {scale!r} is not a positive finite number")
+    m, e = math.frexp(scale)
+    b = round(m * (1 << MANTISSA_BITS))
+    c = MANTISSA_BITS - e
+    if b == 1 << MANTISSA_BITS:  # m rounded up to 1.0: renormalize so b fits int32
+        b, c = b >> 1, c - 1
+    if c > MAX_SHIFT:
+        raise DyadicRangeError(
+            f"{where}: requantization scale {scale:.3e} underflows the dyadic range (needs a shift of "
+            f"{c} > {MAX_SHIFT} bits); its input or weight scale is tiny against its output scale: "
+            f"check the calibration range of this layer or keep it in float")
+    if c < MIN_SHIFT:
+        raise DyadicRangeError(
+            f"{where}: requantization scale {scale:.3e} overflows the dyadic range (shift {c} < {MIN_SHIFT}); "
+            f"its output scale is tiny against its input: check the calibration range of this layer")
+    return b, c
+
+
+def dyadic_tensor(scales: torch.Tensor, where: str = "a layer") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-element :func:`dyadic` of a float tensor; returns int64 tensors ``(b, c)`` of its shape."""
+    flat = scales.detach().double().flatten().tolist()
+    pairs = []
+    for i, s in enumerate(flat):
+        pairs.append(dyadic(s, where if len(flat) == 1 else f"{where} (channel {i})"))
+    b = torch.tensor([p[0] for p in pairs], dtype=torch.int64).reshape(scales.shape)
+    c = torch.tensor([p[1] for p in pairs], dtype=torch.int64).reshape(scales.shape)
+    return b, c
+
+
+def requantize(z: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``(z b + 2^(c-1)) >> c`` in int64 (arithmetic shift: floor, so ties round up)."""
+    z = z.to(torch.int64)
+    half = torch.bitwise_left_shift(torch.ones_like(c), c - 1)
+    return torch.bitwise_right_shift(z * b + half, c)
+
+
+def requantize_float(z: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """The same result as :func:`requantize`, computed in float64 only (the float simulation).
+
+    ``z b`` can need 62 bits, more than float64 holds, so ``b`` is split into 16-bit halves
+    ``b = bh 2^16 + bl``; each partial product is exact, and each is divided by ``2^c`` into an
+    exact floor and remainder. Exact for integer ``|z| < 2^31`` and ``c <= 51``."""
+    if int(c.max()) > 51:
+        raise ValueError(f"the float simulation of a dyadic shift is exact only up to 2^51, got c={int(c.max())}")
+    z = z.to(torch.float64)
+    s = torch.exp2(c.to(torch.float64))
+    bh = torch.floor(b.to(torch.float64) / 65536.0)
+    bl = b.to(torch.float64) - bh * 65536.0
+    a = z * bh * 65536.0            # exact: |z bh| < 2^47, times a power of two
+    qa = torch.floor(a / s)
+    ra = a - qa * s                 # exact remainder in [0, 2^c)
+    bb = z * bl                     # exact: < 2^47
+    qb = torch.floor(bb / s)
+    rb = bb - qb * s
+    return qa + qb + torch.floor((ra + rb + s / 2) / s)

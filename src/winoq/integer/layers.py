@@ -1,0 +1,180 @@
+"""The steps of an integer-only model.
+
+Every step maps integer tensors to an integer tensor (``forward``, int32 / int64 only) and
+has a float64 twin (``simulate``) computing the same codes with floating-point arithmetic;
+``IntegerModel`` runs either. A conv step outputs its int32 accumulator at scale
+``S_w[c] S_in`` (per output channel); the next step that needs activation codes
+requantizes it by a dyadic multiplier. Any module with the same two methods and the
+attributes the converter sets (``name``, ``in_scale`` ...) can stand in for a conv, e.g. an
+integer Winograd conv whose fixed-point transforms give the same accumulator scale.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .dyadic import requantize, requantize_float
+
+INT32_MAX = (1 << 31) - 1
+
+
+def _clamp(x: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    return x.clamp(qmin, qmax)
+
+
+class IntConv2d(nn.Module):
+    """Integer conv: int32 codes in, int32 accumulator ``conv(x, W_q) + bias_q`` out.
+
+    ``wide=True`` accumulates in int64 (chosen when the worst-case sum could pass int32)."""
+
+    def __init__(self, name: str, weight_q: torch.Tensor, bias_q: torch.Tensor, conv: nn.Conv2d, wide: bool):
+        super().__init__()
+        self.name = name
+        self.register_buffer("weight", weight_q.to(torch.int64 if wide else torch.int32))
+        self.register_buffer("bias", bias_q.to(torch.int64 if wide else torch.int32))
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.wide = wide
+
+    def _conv(self, x, w, b):
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv(x.to(self.weight.dtype), self.weight, self.bias)
+
+    def simulate(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv(x, self.weight.double(), self.bias.double())
+
+    def extra_repr(self) -> str:
+        return f"{self.name}, weight={tuple(self.weight.shape)}, stride={self.stride}, wide={self.wide}"
+
+
+class IntLinear(nn.Module):
+    """Integer linear: int32 codes in, int32 accumulator out (like :class:`IntConv2d`)."""
+
+    def __init__(self, name: str, weight_q: torch.Tensor, bias_q: torch.Tensor, wide: bool):
+        super().__init__()
+        self.name = name
+        self.register_buffer("weight", weight_q.to(torch.int64 if wide else torch.int32))
+        self.register_buffer("bias", bias_q.to(torch.int64 if wide else torch.int32))
+        self.wide = wide
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
+
+    def simulate(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.double(), self.bias.double())
+
+
+class Requantize(nn.Module):
+    """``clamp((z b + 2^(c-1)) >> c, qmin, qmax)``: accumulator -> activation codes."""
+
+    def __init__(self, b: torch.Tensor, c: torch.Tensor, qmin: int, qmax: int):
+        super().__init__()
+        self.register_buffer("b", b)
+        self.register_buffer("c", c)
+        self.qmin, self.qmax = int(qmin), int(qmax)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return _clamp(requantize(z, self.b, self.c), self.qmin, self.qmax).to(torch.int32)
+
+    def simulate(self, z: torch.Tensor) -> torch.Tensor:
+        return _clamp(requantize_float(z, self.b, self.c), self.qmin, self.qmax)
+
+    def extra_repr(self) -> str:
+        return f"range=[{self.qmin}, {self.qmax}]"
+
+
+class IntAdd(nn.Module):
+    """Residual add: each branch times its own dyadic multiplier to the output scale, summed
+    in integers, then clamped (``qmin = 0`` when a ReLU follows)."""
+
+    def __init__(self, ba, ca, bb, cb, qmin: int, qmax: int):
+        super().__init__()
+        for n, t in (("ba", ba), ("ca", ca), ("bb", bb), ("cb", cb)):
+            self.register_buffer(n, t)
+        self.qmin, self.qmax = int(qmin), int(qmax)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        s = requantize(a, self.ba, self.ca) + requantize(b, self.bb, self.cb)
+        return _clamp(s, self.qmin, self.qmax).to(torch.int32)
+
+    def simulate(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        s = requantize_float(a, self.ba, self.ca) + requantize_float(b, self.bb, self.cb)
+        return _clamp(s, self.qmin, self.qmax)
+
+
+class IntGlobalAvgPool(nn.Module):
+    """Global average pool: integer sum over H x W, then a dyadic multiplier
+    ``S_in / (H W S_out)`` applied as multiply + rounding shift (a pure rounding shift when
+    H W is a power of two and the scales agree)."""
+
+    def __init__(self, b: torch.Tensor, c: torch.Tensor, qmin: int, qmax: int):
+        super().__init__()
+        self.register_buffer("b", b)
+        self.register_buffer("c", c)
+        self.qmin, self.qmax = int(qmin), int(qmax)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.sum(dim=(2, 3), keepdim=True, dtype=torch.int64)
+        return _clamp(requantize(s, self.b, self.c), self.qmin, self.qmax).to(torch.int32)
+
+    def simulate(self, x: torch.Tensor) -> torch.Tensor:
+        return _clamp(requantize_float(x.sum(dim=(2, 3), keepdim=True), self.b, self.c), self.qmin, self.qmax)
+
+
+class ClampMin(nn.Module):
+    """ReLU on activation codes (zero point 0): ``max(x, 0)``."""
+
+    def forward(self, x):
+        return x.clamp_min(0)
+
+    simulate = forward
+
+
+class MaxPool(nn.Module):
+    def __init__(self, kernel_size, stride, padding, dilation, ceil_mode):
+        super().__init__()
+        self.args = (kernel_size, stride, padding, dilation, ceil_mode)
+
+    def forward(self, x):
+        return F.max_pool2d(x, *self.args)
+
+    simulate = forward
+
+
+class Slice(nn.Module):
+    """``x[index]`` with a tuple of slices / ints / Ellipsis (e.g. the option-A ``x[:, :, ::2, ::2]``)."""
+
+    def __init__(self, index):
+        super().__init__()
+        self.index = index
+
+    def forward(self, x):
+        return x[self.index]
+
+    simulate = forward
+
+
+class ZeroPad(nn.Module):
+    """``F.pad`` with zeros (the zero point), e.g. the option-A channel padding."""
+
+    def __init__(self, pad):
+        super().__init__()
+        self.pad = tuple(pad)
+
+    def forward(self, x):
+        return F.pad(x, self.pad)
+
+    simulate = forward
+
+
+class Flatten(nn.Module):
+    def __init__(self, start_dim: int = 1, end_dim: int = -1):
+        super().__init__()
+        self.start_dim, self.end_dim = start_dim, end_dim
+
+    def forward(self, x):
+        return torch.flatten(x, self.start_dim, self.end_dim)
+
+    simulate = forward

@@ -1,0 +1,124 @@
+"""Hutchinson estimates of each layer's Hessian trace, and HAWQ-V3 sensitivities."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..calibration import _calls
+
+__all__ = ["TraceEstimate", "hutchinson_traces", "weight_error", "sensitivities"]
+
+
+@dataclass(frozen=True)
+class TraceEstimate:
+    """Tr(H) of one layer's weight: the running mean of ``v^T H v`` over Rademacher ``v``."""
+
+    trace: float
+    stderr: float          # standard error of the mean (the estimate's spread)
+    samples: int
+    history: tuple[float, ...]  # running mean after each sample (convergence)
+
+    @property
+    def relative_spread(self) -> float:
+        return self.stderr / abs(self.trace) if self.trace else math.inf
+
+
+def _batches(calib_data, max_samples: int):
+    """(inputs, targets or None) with at most ``max_samples`` samples in total."""
+    out, n = [], 0
+    items = [calib_data] if isinstance(calib_data, torch.Tensor) else calib_data
+    for item in items:
+        if isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[1], torch.Tensor):
+            x, y = item
+        else:
+            (x,), _ = next(iter(_calls(item)))
+            y = None
+        x = x[: max_samples - n]
+        out.append((x, None if y is None else y[: len(x)]))
+        n += len(x)
+        if n >= max_samples:
+            break
+    if not out:
+        raise ValueError("calib_data is empty; pass a tensor of inputs or (input, target) batches")
+    return out
+
+
+def hutchinson_traces(model: nn.Module, layers: list[str], calib_data, *, tol: float = 0.02,
+                      min_iters: int = 8, max_iters: int = 100, max_samples: int = 256,
+                      seed: int = 0) -> dict[str, TraceEstimate]:
+    """Hutchinson's estimator ``Tr(H_i) = E[v_i^T H_ii v_i]`` of the cross-entropy Hessian for the
+    weight of each layer in ``layers`` (double backward; one Hessian-vector product per iteration
+    serves every layer, as the ``v_i`` are independent). Targets are the labels of
+    ``(input, target)`` batches, else the model's own predictions. Stops once every layer's running
+    mean changes by less than ``tol`` (relative) between iterations, after ``min_iters``."""
+    mods = dict(model.named_modules())
+    missing = [l for l in layers if l not in mods or not hasattr(mods[l], "weight")]
+    if missing:
+        raise ValueError(f"layer {missing[0]!r} is not a module with a weight in the model")
+    params = [mods[l].weight for l in layers]
+    batches = _batches(calib_data, max_samples)
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    sums = [[] for _ in layers]
+    means = [0.0] * len(layers)
+    try:
+        grads_per_batch = []
+        for x, y in batches:
+            logits = model(x)
+            target = y if y is not None else logits.argmax(1).detach()
+            loss = F.cross_entropy(logits, target) * len(x) / sum(len(b[0]) for b in batches)
+            grads_per_batch.append(torch.autograd.grad(loss, params, create_graph=True))
+        for it in range(max_iters):
+            vs = [torch.randint(0, 2, p.shape, generator=gen).to(p.dtype) * 2 - 1 for p in params]
+            hv = [torch.zeros_like(p) for p in params]
+            for grads in grads_per_batch:
+                parts = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=True)
+                hv = [a + b for a, b in zip(hv, parts)]
+            old = list(means)
+            for i, (v, h) in enumerate(zip(vs, hv)):
+                sums[i].append(float((v * h).sum()))
+                means[i] = sum(sums[i]) / len(sums[i])
+            done = all(abs(m - o) <= tol * abs(m) for m, o in zip(means, old))
+            if it + 1 >= min_iters and done:
+                break
+    finally:
+        model.train(was_training)
+    out = {}
+    for layer, s in zip(layers, sums):
+        n = len(s)
+        mean = sum(s) / n
+        std = math.sqrt(sum((v - mean) ** 2 for v in s) / max(n - 1, 1))
+        hist = tuple(sum(s[:k + 1]) / (k + 1) for k in range(n))
+        out[layer] = TraceEstimate(mean, std / math.sqrt(n), n, hist)
+    return out
+
+
+def weight_error(w_folded: torch.Tensor, fold: torch.Tensor, bits: int) -> float:
+    """``||W - Q_b(W)||^2`` in the space of the unfolded weight: the folded weight ``W' = fold W``
+    is quantized as the integer conversion does (symmetric per output channel) and its error
+    divided back by ``fold`` (the BN factor ``gamma / sigma`` per output channel)."""
+    from ..integer.convert import _weight_scale
+
+    s = _weight_scale(w_folded, bits, "auto")
+    qmax = (1 << (bits - 1)) - 1
+    shape = (-1,) + (1,) * (w_folded.ndim - 1)
+    err = (torch.round(w_folded / s.reshape(shape)).clamp(-qmax, qmax) * s.reshape(shape) - w_folded)
+    fold = fold.reshape(shape)
+    # a channel with gamma = 0 outputs a constant whatever its weights: its error does not count
+    scaled = torch.where(fold != 0, err / torch.where(fold != 0, fold, torch.ones_like(fold)), torch.zeros_like(err))
+    return float((scaled ** 2).sum())
+
+
+def sensitivities(traces: dict[str, TraceEstimate], folded: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                  choices=(4, 8)) -> dict[str, dict[int, float]]:
+    """``Omega_i(b) = Tr(H_i) / n_i * ||W_i - Q_b(W_i)||^2`` for each layer and bit width."""
+    out = {}
+    for layer, est in traces.items():
+        w, fold = folded[layer]
+        out[layer] = {b: est.trace / w.numel() * weight_error(w, fold, b) for b in choices}
+    return out

@@ -1,0 +1,109 @@
+"""Joint choice of each 3x3 layer's algorithm and weight bits by the same exact ILP.
+
+Choices per Winograd-eligible conv (square kernel > 1, stride 1): ``(tile, bits)`` with tile in
+``"direct"``, 2, 4, 6 (F(m,3)) and weight bits in (4, 8); activations stay int8. Every choice is the
+project's own quantized layer, built by ``winoq.quantize`` with a uniform recipe (data-free learned
+transform scales for the Winograd tiles), so a plan is assembled from already quantized layers.
+
+* sensitivity: the layer's relative output error ``||y_q - y||^2 / ||y||^2`` on its calibration
+  inputs (the float model's inputs to that layer);
+* costs: ``mults`` = general multiplications per sample times weight bits times 8 activation bits
+  (direct: one per MAC; F(m,3): ``(m+2)^2`` per m x m output tile and channel pair), and
+  ``latency``: measured thread CPU time of the layer on its calibration inputs (Winograd layers on
+  the integer CPU kernel, direct layers on the emulated path).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import time
+import warnings
+
+import torch
+import torch.nn as nn
+
+from ..calibration import capture_layer_inputs
+
+TILES = ("direct", 2, 4, 6)
+BITS = (4, 8)
+
+
+def _label(tile, bits):
+    return ("direct" if tile == "direct" else f"F{tile}", bits)
+
+
+def build_choices(model: nn.Module, tiles=TILES, bits=BITS, learn_steps: int = 20) -> dict:
+    """``{(tile label, bits): quantized model}`` for every uniform choice (winoq.quantize, group 32)."""
+    import winoq
+
+    out = {}
+    for tile in tiles:
+        for b in bits:
+            recipe = winoq.Recipe(weights=f"int{b}", activations="int8", winograd=None if tile == "direct" else tile,
+                                  scales="learned", learn_steps=learn_steps)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out[_label(tile, b)] = winoq.quantize(model, recipe, progress=False)
+    return out
+
+
+def eligible_layers(model: nn.Module) -> list[str]:
+    from ..winograd.conv import winograd_ineligibility
+
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and winograd_ineligibility(m) is None]
+
+
+def _mults(conv: nn.Conv2d, x: torch.Tensor, tile) -> float:
+    h, w = x.shape[-2:]
+    k = conv.kernel_size[0]
+    cin, cout = conv.in_channels // conv.groups, conv.out_channels
+    oh, ow = h + 2 * conv.padding[0] - k + 1, w + 2 * conv.padding[1] - k + 1
+    if tile == "direct":
+        return float(oh * ow * cin * cout * k * k)
+    m = int(tile[1:])
+    return float(math.ceil(oh / m) * math.ceil(ow / m) * (m + k - 1) ** 2 * cin * cout)
+
+
+def _thread_time(fn, repeats=3) -> float:
+    ts = []
+    for _ in range(repeats):
+        t0 = time.thread_time()
+        fn()
+        ts.append(time.thread_time() - t0)
+    return statistics.median(ts)
+
+
+def joint_tables(model: nn.Module, choices: dict, calib, samples: int = 32, latency_batch: int = 8):
+    """Sensitivity and cost tables of the joint ILP: ``(sensitivity, {"mults": ..., "latency": ...})``."""
+    import winoq
+
+    names = eligible_layers(model)
+    inputs = capture_layer_inputs(model, names, calib, max_samples=samples)
+    mods = dict(model.named_modules())
+    sens, mults, lat = {}, {}, {}
+    for label, qm in choices.items():
+        qmods = dict(qm.named_modules())
+        if label[0] != "direct":
+            winoq.set_kernel(qm, "int-cpu")
+        for n in names:
+            x = inputs[n]
+            with torch.no_grad():
+                y = mods[n](x)
+                yq = qmods[n](x)
+                sens.setdefault(n, {})[label] = float(((yq - y) ** 2).sum() / (y ** 2).sum())
+                lat.setdefault(n, {})[label] = _thread_time(lambda: qmods[n](x[:latency_batch])) / latency_batch
+            mults.setdefault(n, {})[label] = _mults(mods[n], x, label[0]) * label[1] * 8
+        if label[0] != "direct":
+            winoq.set_kernel(qm, "emulated")
+    return sens, {"mults": mults, "latency": lat}
+
+
+def assemble(choices: dict, plan: dict, base=("direct", 8)) -> nn.Module:
+    """A model whose eligible layers come from ``choices[plan[layer]]`` and the rest from ``base``."""
+    from ..api import _replace
+
+    model = copy.deepcopy(choices[base])
+    for layer, label in plan.items():
+        _replace(model, layer, copy.deepcopy(choices[label].get_submodule(layer)))
+    return model

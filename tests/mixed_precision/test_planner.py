@@ -1,0 +1,69 @@
+"""Hutchinson traces against the exact Hessian trace, sensitivities and the model-level planner."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from winoq.integer import IntegerConfig, convert
+from winoq.mixed_precision import Plan, PlanConfig, hutchinson_traces, plan_bits
+from winoq.models import fmnist_resnet
+
+
+def _exact_trace(model, x, y, name):
+    w = dict(model.named_modules())[name].weight
+    loss = F.cross_entropy(model(x), y)
+    (g,) = torch.autograd.grad(loss, w, create_graph=True)
+    g = g.flatten()
+    return sum(float(torch.autograd.grad(g[i], w, retain_graph=True)[0].flatten()[i]) for i in range(g.numel()))
+
+
+def test_hutchinson_trace_converges_to_exact_trace():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(32, 6, dtype=torch.float64), torch.randint(0, 3, (32,))
+    est = hutchinson_traces(model, ["0", "2"], [(x, y)], tol=1e-4, min_iters=200, max_iters=400)
+    for name in ("0", "2"):
+        exact = _exact_trace(model, x, y, name)
+        e = est[name]
+        assert abs(e.trace - exact) < 4 * e.stderr + 1e-9, (name, e.trace, exact, e.stderr)
+        assert e.samples == len(e.history) >= 200
+
+
+def _small_model():
+    torch.manual_seed(0)
+    m = fmnist_resnet(widths=(4, 8), blocks=(1, 1))
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            nn.init.uniform_(mod.weight, 0.5, 1.5)
+    return m.eval()
+
+
+@pytest.mark.parametrize("budget", ["size", "bops"])
+def test_planner_meets_budget_ties_downsample_and_keeps_ends_8bit(budget):
+    model = _small_model()
+    x = torch.randn(8, 1, 12, 12)
+    plans = {}
+    for r in (0.75, 0.25):
+        p = plan_bits(model, x, PlanConfig(budget=budget, r=r, max_iters=6, max_samples=8))
+        assert p.totals[budget] <= p.budget * (1 + 1e-9)
+        assert p.bits["conv1"] == 8 and p.bits["fc"] == 8
+        assert p.bits["layer2.0.conv1"] == p.bits["layer2.0.downsample.0"]
+        assert ["layer2.0.conv1", "layer2.0.downsample.0"] in p.ties
+        plans[r] = p
+    assert plans[0.25].totals[budget] <= plans[0.75].totals[budget]
+    assert sum(plans[0.25].sensitivity[l][b] for l, b in plans[0.25].bits.items()) >= \
+        sum(plans[0.75].sensitivity[l][b] for l, b in plans[0.75].bits.items()) - 1e-12
+    again = Plan.from_json(plans[0.25].to_json())
+    assert again.bits == plans[0.25].bits
+    im = convert(model, x, IntegerConfig(layer_bits=again.bits))
+    if budget == "bops":
+        assert im.bops() == pytest.approx(again.totals["bops"])
+
+
+def test_latency_budget_needs_a_table_and_bad_r():
+    with pytest.raises(ValueError, match="latency table"):
+        plan_bits(_small_model(), torch.randn(2, 1, 12, 12), PlanConfig(budget="latency", max_iters=1, max_samples=2))
+    with pytest.raises(ValueError, match="r must be in"):
+        PlanConfig(r=2.0)

@@ -1,0 +1,32 @@
+"""Joint tile + bits tables on a tiny conv net, solved by solve_ilp and assembled."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from winoq.mixed_precision import solve_ilp
+from winoq.mixed_precision.winograd_choice import assemble, build_choices, joint_tables
+from winoq.modules import QuantConv2d
+from winoq.winograd.quantized import QuantWinogradConv2d
+
+
+def test_joint_tables_ilp_and_assembly():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+                          nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2), nn.Flatten()).eval()
+    calib = torch.randn(4, 2, 12, 12)
+    choices = build_choices(model, tiles=("direct", 2, 6), learn_steps=2)
+    sens, costs = joint_tables(model, choices, calib, samples=4, latency_batch=2)
+    assert set(sens) == {"0", "2"}  # the stride-2 conv is not a choice
+    for n in sens:
+        assert sens[n][("direct", 8)] < sens[n][("direct", 4)]
+        assert costs["mults"][n][("F6", 8)] < costs["mults"][n][("F2", 8)] < costs["mults"][n][("direct", 8)]
+        assert all(v > 0 for v in costs["latency"][n].values())
+    cheapest = sum(min(t.values()) for t in costs["mults"].values())
+    plan = solve_ilp(sens, costs, {"mults": cheapest})
+    assert sum(costs["mults"][n][plan[n]] for n in plan) <= cheapest
+    plan = solve_ilp(sens, costs, {"mults": 1e18})
+    assert all(sens[n][plan[n]] == min(sens[n].values()) for n in plan)
+    m = assemble(choices, {"0": ("F6", 4), "2": ("direct", 8)})
+    assert isinstance(m[0], QuantWinogradConv2d) and m[0].m == 6 and isinstance(m[2], QuantConv2d)
+    assert m(calib).shape == model(calib).shape
