@@ -17,6 +17,10 @@ from winoq.quantizers import CLIP_RATIOS, StaticRanges
 from winoq.winograd.quantized import QuantWinogradConv2d
 
 
+# the paper's Winograd-domain scales (shared by the taps, 8-bit M), where static and dynamic ranges compare
+PAPER = dict(winograd_input_scales="shared", winograd_weight_scales="shared", winograd_output_format=None)
+
+
 def tiny_cnn(seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1),
@@ -126,7 +130,7 @@ def test_static_ranges_before_calibration_is_an_error():
 def test_static_recipe_quantizes_close_and_is_batch_independent(winograd, tmp_path):
     model = tiny_cnn()
     cal = [images(8, seed=s) for s in range(3)]
-    qm = q(model, Recipe(winograd_min_channels=None, winograd=winograd, activation_ranges="static", learn_steps=0), calib_data=cal)
+    qm = q(model, Recipe(winograd_min_channels=None, winograd=winograd, activation_ranges="static", learn_steps=0, **PAPER), calib_data=cal)
     layers = [m for m in qm.modules() if isinstance(m, (QuantConv2d, QuantWinogradConv2d))]
     assert all(m.act_ranges is not None and m.act_ranges.mode == "frozen" for m in layers)
     x = images(4, seed=9)
@@ -134,7 +138,7 @@ def test_static_recipe_quantizes_close_and_is_batch_independent(winograd, tmp_pa
         ref, y = model(x), qm(x)
         y_single = torch.cat([qm(x[i:i + 1]) for i in range(4)])
     assert torch.allclose(y, y_single, atol=1e-5)  # static scales: a sample's result ignores its batch-mates
-    dynamic = q(model, Recipe(winograd_min_channels=None, winograd=winograd, learn_steps=0))
+    dynamic = q(model, Recipe(winograd_min_channels=None, winograd=winograd, learn_steps=0, **PAPER))
     with torch.no_grad():
         err_dynamic = (dynamic(x) - ref).pow(2).sum() / ref.pow(2).sum()
     assert ((y - ref).pow(2).sum() / ref.pow(2).sum()) < max(2 * err_dynamic, 0.01)

@@ -213,7 +213,7 @@ def test_int32_report_of_learned_scales_is_the_fixed_point_pipeline():
 
 def test_quantize_stores_the_int32_report_after_learning():
     model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
-    q = winoq.quantize(model, winoq.Recipe(winograd=6, scales="learned", learn_steps=2), progress=False)
+    q = winoq.quantize(model, winoq.Recipe(winograd=6, scales="learned", learn_steps=2, winograd_min_channels=None), progress=False)
     layers = [m for m in q.modules() if isinstance(m, QuantWinogradConv2d)]
     assert not bool((layers[0].log_sb == 0).all())  # the scales were learned
     for rep, layer in zip([r for r in q.winoq_report if r.kind == "winograd"], layers):

