@@ -31,9 +31,12 @@ def _describe_recipe(r) -> str:
     group = "per-channel/per-tensor scales" if r.group_size is None else f"scale groups of {r.group_size} channels"
     if r.winograd is None:
         return f"{r.describe()}: every conv and linear direct, weights {r.weights}, activations {r.activations}, {group}"
-    text = (f"{r.describe()}: 3x3 stride-1 convs as Winograd F({r.winograd},3), stages in/V/U/M "
-            f"{r.activations}/{r.activations}/{r.weights}/{r.activations}, one scale shared by all taps of a tile, "
-            f"{group}; other convs direct; seed {r.seed}")
+    per_tap = [s for s, mode in (("V", r.winograd_input_scales), ("U", r.winograd_weight_scales)) if mode == "tapwise"]
+    taps = ("one scale per tap for " + " and ".join(per_tap) + ", M's shared by the taps of a tile" if per_tap
+            else "one scale shared by all taps of a tile")
+    text = (f"{r.describe()}: 3x3 stride-1 convs with enough channels as Winograd F({r.winograd},3), stages "
+            f"in/V/U/M {r.activations}/{r.activations}/{r.weights}/{r.winograd_output_format or r.activations}, "
+            f"{taps}, {group}; other convs direct; seed {r.seed}")
     if r.scales == "learned":
         text += (f"; data-free S_B/S_G: closed form then {r.learn_steps} Adam steps (lr {r.learn_lr}) on "
                  f"{r.noise} noise")
