@@ -264,11 +264,16 @@ class Recipe:
         data.setdefault("winograd_min_channels", None)
         return cls(**data)
 
+    @property
+    def tapwise_winograd_stages(self) -> tuple[str, ...]:
+        """The Winograd-domain stages ("V", "U") that get one scale per tap on top of the tile's."""
+        return tuple(stage for stage, mode in (("V", self.winograd_input_scales), ("U", self.winograd_weight_scales))
+                     if mode == "tapwise")
+
     def describe(self) -> str:
         tile = "direct" if self.winograd is None else f"F({self.winograd},3) {self.scales}"
         if self.winograd is not None and self.scales != "tapwise":
-            taps = [s for s, mode in (("V", self.winograd_input_scales), ("U", self.winograd_weight_scales))
-                    if mode == "tapwise"]
+            taps = self.tapwise_winograd_stages
             tile += f" tap-wise {'/'.join(taps)}" if taps else ""
             tile += f" M:{self.winograd_output_format or self.activations}"
         group = "per-channel" if self.group_size is None else f"g{self.group_size}"

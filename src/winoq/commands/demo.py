@@ -31,7 +31,7 @@ def _describe_recipe(r) -> str:
     group = "per-channel/per-tensor scales" if r.group_size is None else f"scale groups of {r.group_size} channels"
     if r.winograd is None:
         return f"{r.describe()}: every conv and linear direct, weights {r.weights}, activations {r.activations}, {group}"
-    per_tap = [s for s, mode in (("V", r.winograd_input_scales), ("U", r.winograd_weight_scales)) if mode == "tapwise"]
+    per_tap = r.tapwise_winograd_stages
     taps = ("one scale per tap for " + " and ".join(per_tap) + ", M's shared by the taps of a tile" if per_tap
             else "one scale shared by all taps of a tile")
     text = (f"{r.describe()}: 3x3 stride-1 convs with enough channels as Winograd F({r.winograd},3), stages "
