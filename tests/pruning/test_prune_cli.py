@@ -41,3 +41,14 @@ def test_prune_command_unreachable_ratio(tmp_path, capsys):
                "--ratio", "1000"])
     assert rc != 0
     assert "not reachable" in capsys.readouterr().err
+
+
+def test_prune_command_refuses_to_overwrite_its_input_and_a_bad_ratio(tmp_path, capsys):
+    dense = tmp_path / "d.safetensors"
+    save_unet(UNetSeg(UNetConfig(depth=1, base_width=2)), dense)
+    before = dense.read_bytes()
+    assert main(["prune", "--weights", str(dense), "--out", str(dense), "--ratio", "2"]) == 2
+    assert "is the input file" in capsys.readouterr().err and dense.read_bytes() == before
+    assert main(["prune", "--weights", str(dense), "--out", str(tmp_path / "p.safetensors"), "--ratio", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "target_ratio must be >= 1" in err and "Traceback" not in err

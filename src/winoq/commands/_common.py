@@ -254,3 +254,29 @@ def layer_summary(reports) -> str:
 def add_common_options(p: argparse.ArgumentParser, threads_default: int | None, threads_help: str) -> None:
     p.add_argument("--threads", type=positive_int, default=threads_default, metavar="N", help=threads_help)
     p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and CI)")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Same file after resolving symlinks (and hard links, when both exist)."""
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def check_output(out: Path, inputs: list[Path]) -> None:
+    """Fail before any work when ``--out`` cannot be written or would destroy an input (the
+    ``.tmp`` beside it is where ``winoq quantize`` writes first)."""
+    if out.is_dir():
+        raise CLIError(f"--out {out} is a directory; give a file name such as {out / 'model.safetensors'}")
+    if not out.parent.is_dir():
+        raise CLIError(f"output folder {out.parent} does not exist")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise CLIError(f"output folder {out.parent} is not writable; choose another --out")
+    for src in inputs:
+        if _same_file(out, src):
+            raise CLIError(f"--out {out} is the input file {src}: writing it would overwrite the float weights; "
+                           "choose another --out")
+    tmp = Path(f"{out}.tmp")
+    if tmp.exists() or tmp.is_symlink():
+        raise CLIError(f"{tmp} already exists (left by an interrupted run, or another run is writing {out}); "
+                       "remove it if no run is writing, or choose another --out")

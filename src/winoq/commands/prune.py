@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import json
 
 
@@ -56,13 +57,14 @@ def _example(model, info: dict, dataset: str | None):
 def run(args) -> int:
     import torch
 
-    from ..cli import CLIError
+    from ._common import CLIError, check_output
     from ..data.segmentation import load_segmentation
     from ..pruning import PruneConfig, TrainConfig, evaluate, load_unet, prune_unet, save_unet
 
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    check_output(Path(args.out), [Path(args.weights)])  # before any work: never overwrite the dense U-Net
     model, info = load_unet(args.weights)
     needs_data = args.finetune_steps > 0 or args.criterion == "taylor" or args.eval
     if needs_data and args.dataset is None:
@@ -75,10 +77,10 @@ def run(args) -> int:
         train_data = load_segmentation(args.dataset, "train", args.data_root, **kw)
         test_data = load_segmentation(args.dataset, "test", args.data_root, **kw)
     patch = info.get("args", {}).get("patch", 64) if args.dataset == "chase" else None
-    finetune = TrainConfig(steps=args.finetune_steps, lr=args.lr, patch_size=patch, seed=args.seed)
-    config = PruneConfig(target_ratio=args.ratio, criterion=args.criterion, schedule=args.schedule,
-                         metric=args.metric, stages=args.stages, finetune=finetune, seed=args.seed)
     try:
+        finetune = TrainConfig(steps=args.finetune_steps, lr=args.lr, patch_size=patch, seed=args.seed)
+        config = PruneConfig(target_ratio=args.ratio, criterion=args.criterion, schedule=args.schedule,
+                             metric=args.metric, stages=args.stages, finetune=finetune, seed=args.seed)
         result = prune_unet(model, config, train_data, example=_example(model, info, args.dataset), progress=True)
     except ValueError as e:   # unreachable ratio, bad config: one line, usage exit status
         raise CLIError(str(e)) from e

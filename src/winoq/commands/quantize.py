@@ -7,7 +7,7 @@ import os
 import warnings
 from pathlib import Path
 
-from ._common import (CLIError, EXIT_OK, one_line, set_threads, positive_int, group_size_arg, winograd_tile,
+from ._common import (CLIError, check_output, EXIT_OK, one_line, set_threads, positive_int, group_size_arg, winograd_tile,
                       format_name, progress_enabled, print_warnings, load_float_model, load_eval_data, evaluate,
                       layer_summary, add_common_options)
 
@@ -61,31 +61,6 @@ def _input_files(model: str, weights: str | None) -> list[Path]:
     return files
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    """Same file after resolving symlinks (and hard links, when both exist)."""
-    if a.exists() and b.exists():
-        return os.path.samefile(a, b)
-    return a.resolve() == b.resolve()
-
-
-def _check_output(out: Path, inputs: list[Path]) -> None:
-    """Fail before any work when ``--out`` cannot be written or would destroy an input."""
-    if out.is_dir():
-        raise CLIError(f"--out {out} is a directory; give a file name such as {out / 'model.safetensors'}")
-    if not out.parent.is_dir():
-        raise CLIError(f"output folder {out.parent} does not exist")
-    if not os.access(out.parent, os.W_OK | os.X_OK):
-        raise CLIError(f"output folder {out.parent} is not writable; choose another --out")
-    for src in inputs:
-        if _same_file(out, src):
-            raise CLIError(f"--out {out} is the input file {src}: writing it would overwrite the float weights; "
-                           "choose another --out")
-    tmp = Path(f"{out}.tmp")
-    if tmp.exists() or tmp.is_symlink():
-        raise CLIError(f"{tmp} already exists (left by an interrupted run, or another run is writing {out}); "
-                       "remove it if no run is writing, or choose another --out")
-
-
 def _save(qmodel, out: Path) -> None:
     """``winoq.save`` with a one-line error on a full disk or an unwritable file, and no
     half-written ``<out>.tmp`` left behind."""
@@ -94,7 +69,7 @@ def _save(qmodel, out: Path) -> None:
     try:
         save(qmodel, out)
     except OSError as exc:
-        Path(f"{out}.tmp").unlink(missing_ok=True)  # _check_output made sure it was not there before
+        Path(f"{out}.tmp").unlink(missing_ok=True)  # check_output made sure it was not there before
         fix = "free some space or choose another --out" if exc.errno == errno.ENOSPC else "choose another --out"
         raise CLIError(f"cannot write {out}: {one_line(exc)} ({fix})") from None
 
@@ -106,7 +81,7 @@ def run(args) -> int:
     set_threads(args.threads)
     recipe = _recipe_from_args(args)
     out = Path(args.out)
-    _check_output(out, _input_files(args.model, args.weights))
+    check_output(out, _input_files(args.model, args.weights))
     model, name = load_float_model(args.model, args.weights)
     if args.eval and name.startswith("diffusers:"):
         raise CLIError("--eval measures classifier accuracy; for UNets see benchmarks/diffusion_table.py")
