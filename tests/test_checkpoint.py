@@ -236,3 +236,31 @@ def test_damaged_codes_give_one_line_errors(tmp_path):
         save_file(t, str(bad), metadata=m)
         with pytest.raises(ValueError, match=match):
             winoq.load(bad, net(1))
+
+
+def test_a_file_from_before_the_kernel_size_rule_rebuilds_its_f65_layer(tmp_path):
+    """Regression: files written when every eligible conv took F(m3, r) (a 5x5 conv as F(6,5)) must
+    load as saved, although today's rules keep a 5x5 conv direct (or give it F(4,5))."""
+    def five(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 5, padding=2)).eval()
+
+    recipe = Recipe(winograd=6, group_size=4, learn_steps=1, winograd_min_channels=None)
+    old_rules = {"0": (6, "F(6,3)"), "2": (6, "F(6,5)")}  # what the pre-rule quantize chose
+    qm = winoq.quantize(five(0), recipe, progress=False, _saved_tiles=old_rules)
+    assert qm[2].m == 6 and qm[2].kernel_size == 5
+    path = tmp_path / "old_rules.safetensors"
+    winoq.save(qm, path)
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    data = json.loads(meta["recipe"])
+    for key in ("winograd_kernels", "force_winograd", "winograd_min_channels"):
+        del data[key]  # fields the file's winoq did not have
+    meta["recipe"] = json.dumps(data)
+    save_file(tensors, str(path), metadata=meta)
+    loaded = winoq.load(path, five(7))
+    assert isinstance(loaded[2], QuantWinogradConv2d) and loaded[2].m == 6
+    assert [(r.name, r.detail) for r in loaded.winoq_report] == [("0", "F(6,3)"), ("2", "F(6,5)")]
+    x = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(qm(x), loaded(x))

@@ -19,6 +19,7 @@ import copy
 import fnmatch
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 import torch
@@ -64,7 +65,10 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 # ----------------------------------------------------------------------------- module swap
-def _swap_modules(qmodel: nn.Module, recipe: Recipe) -> list[tuple[LayerReport, nn.Module]]:
+def _swap_modules(qmodel: nn.Module, recipe: Recipe, saved_tiles: dict | None = None) -> list[tuple[LayerReport, nn.Module]]:
+    """Swap every conv / linear for its quantized module. ``saved_tiles`` (``load``): {conv name:
+    output tile, or None for direct} as a checkpoint's report says, taken over the recipe's rules
+    so that a file written under older rules (e.g. a 5x5 conv as F(6,5)) rebuilds as it was saved."""
     fmts = StageFormats(recipe.activations, recipe.activations, recipe.weights,
                         recipe.winograd_output_format or recipe.activations)
     scale_mode = "tapwise" if recipe.scales == "tapwise" else "shared"
@@ -76,6 +80,8 @@ def _swap_modules(qmodel: nn.Module, recipe: Recipe) -> list[tuple[LayerReport, 
             continue  # kept in float on request
         if isinstance(mod, nn.Conv2d):
             m, detail = _winograd_tile(name, mod, recipe)
+            if saved_tiles is not None and name in saved_tiles:
+                m, detail = saved_tiles[name]
             if m is not None:
                 new = QuantWinogradConv2d.from_conv(mod, m, recipe.points, formats=fmts,
                                                     group_size=recipe.group_size, scale_mode=scale_mode)
@@ -120,7 +126,7 @@ def _warn_large_kernels_direct(plan, recipe: Recipe) -> None:
 
 
 def quantize(model: nn.Module, recipe: Recipe | None = None, *, calib_data=None, progress: bool = True,
-             calibrate: bool = True) -> nn.Module:
+             calibrate: bool = True, _saved_tiles: dict | None = None) -> nn.Module:
     """Return a quantized copy of ``model`` (``model`` itself is untouched).
 
     calib_data: only for the steps that learn on data (``scales="paw-fsq"``,
@@ -146,7 +152,7 @@ def quantize(model: nn.Module, recipe: Recipe | None = None, *, calib_data=None,
     folded = fold_batchnorm(qmodel) if recipe.fold_batchnorm else []
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=cuda):  # the new layers' throw-away init must not move the global RNGs
-        plan = _swap_modules(qmodel, recipe)
+        plan = _swap_modules(qmodel, recipe, _saved_tiles)
     qmodel = next((mod for rep, mod in plan if rep.name == ""), qmodel)  # a bare layer is its own root
     apply_granularity(qmodel, recipe)
     qmodel.eval()  # the swapped-in layers are new modules: put them in eval mode too
@@ -434,6 +440,21 @@ def _drop_dead_clip(qmodel: nn.Module, tensors: dict, path) -> None:
         del tensors[key]
 
 
+def _tiles_of_report(report) -> dict | None:
+    """{conv name: (tile or None, detail)} of a saved report: what each conv was when it was saved."""
+    if not report:
+        return None
+    tiles = {}
+    for entry in report:
+        if entry.get("kind") == "winograd":
+            found = re.match(r"F\((\d+),(\d+)\)", entry.get("detail", ""))
+            if found:
+                tiles[entry["name"]] = (int(found.group(1)), entry["detail"])
+        elif entry.get("kind") == "direct":
+            tiles[entry["name"]] = (None, entry.get("detail", "direct"))
+    return tiles
+
+
 def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     """Rebuild a quantized model saved by ``save`` from the file and the float architecture
     ``model`` (its weights are not used: a freshly constructed model gives the same outputs, bit
@@ -454,7 +475,7 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     _check_format(meta, path)
     recipe, report = checked_metadata(path, meta, model)
     recipe = _legacy_recipe(recipe, meta)
-    qmodel = quantize(model, recipe, calibrate=False, progress=False)
+    qmodel = quantize(model, recipe, calibrate=False, progress=False, _saved_tiles=_tiles_of_report(report))
     pending = decode_into(qmodel, tensors, codes_table(meta, path), path)
     _drop_dead_clip(qmodel, tensors, path)
     static_ranges: dict[str, dict] = {}  # layer name -> {buffer name: shape}
