@@ -236,3 +236,26 @@ def test_per_tile_input_scales_plug_in():
     assert not torch.equal(ref, fp.reference_forward(layer, x))
     for isa in compiled_isas():
         assert torch.equal(cpu.forward(layer, x, rx, sx, isa=isa), ref)
+
+
+@pytest.mark.parametrize("m", [2, 4, 6])
+def test_per_tile_input_granularity_runs_compiled(m):
+    """activation_granularity="fine" (the default): one input scale per sample, tile and channel
+    group, the amax over the tile's pixels; the kernel runs it, bit for bit, close to the emulation."""
+    layer = make_layer(24, 16, m, group_size=8)
+    layer.activation_granularity = "fine"
+    assert layer.granularity.input_mode == "tile" and fp.unsupported_reason(layer) is None
+    x = torch.randn(2, 24, 13, 11, generator=torch.Generator().manual_seed(4)).relu() * 2
+    pad, _, th, tw = fp.tile_grid(layer, 13, 11)
+    rx, sx = fp.input_scales(layer, x, th, tw)
+    tiles = fp.padded_tiles(layer, x, pad, th, tw)  # (N, th, tw, C, n, n)
+    want = tiles.abs().amax(dim=(-1, -2)).reshape(2, th, tw, 3, 8).amax(-1)  # per tile and group of 8
+    torch.testing.assert_close(sx[..., ::8], want / 127, rtol=0, atol=0)
+    ref = fp.reference_forward(layer, x)
+    for isa in compiled_isas():
+        assert torch.equal(cpu.forward(layer, x, isa=isa), ref), isa
+    exact = F.conv2d(x.double(), layer.weight.double(), layer.bias.double(), padding=1)
+    with torch.no_grad():
+        emu = layer.forward_emulated(x).double()
+    sq = lambda y: float(10 * torch.log10(exact.pow(2).sum() / (y.double() - exact).pow(2).sum()))  # noqa: E731
+    assert abs(sq(ref) - sq(emu)) < 1.0

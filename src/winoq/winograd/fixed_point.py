@@ -8,8 +8,8 @@ pure-PyTorch twin :func:`reference_forward` compute the same integers and the sa
 values bit for bit (every float step is one IEEE operation in a fixed order, no FMA):
 
 1. input codes ``qx = clamp(rha(x * rx))``, ``rx = Q_in / amax`` per (sample, tile, channel)
-   (a tensor: today one value per sample and input channel group, expanded over the tiles;
-   per-tile input scales plug in unchanged), real scale ``sx = amax / Q_in``;
+   (a tensor: one value per sample, tile and input channel group, the amax over the tile's
+   n x n pixels; or one per sample and group expanded over the tiles), real scale ``sx = amax / Q_in``;
 2. input transform per n x n tile in int32: ``T = rshift(Bq d, s)``, ``V = T Bq^T``
    (real ``V = V_int sx 2^(s - 2k)``; s, the smallest shift after the first pass that keeps
    the second inside int32, is 0 for F(2,3) and F(4,3));
@@ -115,10 +115,9 @@ def unsupported_reason(layer) -> str | None:
     if gr.v.keeps("tap"):
         return ("V scales per tap (Recipe(winograd_input_scales='tapwise'), the default); the fixed-point kernel "
                 "implements V scales shared by the taps: use winograd_input_scales='shared'")
-    if gr.input_mode != "sample":
-        return (f"input scales per {gr.input_mode} (Recipe(activation_granularity='fine'), the default); the "
-                "fixed-point kernel quantizes the input per sample and channel group: use "
-                "activation_granularity='sample'")
+    if gr.input_mode == "block":
+        return ("input scales per m x m pixel block (Recipe(activation_granularity='block')); the fixed-point "
+                "kernel quantizes the input per tile ('fine', the default) or per sample ('sample')")
     if layer.padding_mode != "zeros":
         return f"padding_mode {layer.padding_mode!r} (only 'zeros')"
     if layer.act_ranges is not None:
@@ -217,22 +216,37 @@ def tile_grid(layer, h: int, w: int) -> tuple[tuple[int, int, int, int], tuple[i
     return pad, (oh, ow), math.ceil(oh / m), math.ceil(ow / m)
 
 
+def padded_tiles(layer, x: torch.Tensor, pad, th: int, tw: int) -> torch.Tensor:
+    """The overlapping n x n input tiles, (N, th, tw, C, n, n) float32 (zero padding included)."""
+    h, w = x.shape[2:]
+    m, r = layer.m, layer.kernel_size
+    n = m + r - 1
+    xp = torch.nn.functional.pad(x.float(), (pad[0], pad[1] + tw * m + r - 1 - (w + pad[0] + pad[1]),
+                                             pad[2], pad[3] + th * m + r - 1 - (h + pad[2] + pad[3])))
+    return xp.unfold(2, n, m).unfold(3, n, m).permute(0, 2, 3, 1, 4, 5)
+
+
 def input_scales(layer, x: torch.Tensor, th: int, tw: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Input multipliers ``rx = Q / amax`` and scales ``sx = amax / Q`` as (N, th, tw, C)
-    float32 views, from the layer's input granularity (one scale per sample and channel
-    group over all pixels, expanded over the tiles). A per-tile input granularity returns
-    its (N, th, tw, C) values here; nothing else changes."""
-    nb, c = x.shape[:2]
+    float32 tensors, from the layer's input granularity: one scale per sample, tile and channel
+    group, the amax over the tile's n x n pixels (``activation_granularity="fine"``, the default),
+    or per sample and channel group over all pixels, expanded over the tiles ("sample")."""
+    nb, c, h, w = x.shape
     q = float(layer.formats.input.max_value)
     gs = c if layer.group_size is None else min(layer.group_size, c)
     ng = math.ceil(c / gs)
-    a = x.detach().float().abs().amax(dim=(2, 3))  # (N, C)
-    a = torch.nn.functional.pad(a, (0, ng * gs - c)).reshape(nb, ng, gs).amax(-1)
-    a = a.repeat_interleave(gs, 1)[:, :c]
+    if layer.granularity.input_mode == "tile":
+        pad = tile_grid(layer, h, w)[0]
+        a = padded_tiles(layer, x.detach(), pad, th, tw).abs().amax(dim=(-1, -2))  # (N, th, tw, C)
+    else:
+        a = x.detach().float().abs().amax(dim=(2, 3))[:, None, None, :]  # (N, 1, 1, C)
+    lead = a.shape[:-1]
+    a = torch.nn.functional.pad(a, (0, ng * gs - c)).reshape(*lead, ng, gs).amax(-1)
+    a = a.repeat_interleave(gs, -1)[..., :c]
     qt = torch.full_like(a, q)  # a tensor: `q / a` with a Python q would compute q * (1 / a)
     rx = torch.where(a > 0, qt / a, torch.zeros_like(a))
     sx = a / qt
-    return rx[:, None, None, :].expand(nb, th, tw, c), sx[:, None, None, :].expand(nb, th, tw, c)
+    return rx.expand(nb, th, tw, c), sx.expand(nb, th, tw, c)
 
 
 def check_scale_nesting(layer, sx: torch.Tensor, p: Plan) -> None:
@@ -276,9 +290,7 @@ def reference_forward(layer, x: torch.Tensor, rx: torch.Tensor | None = None,
     cg, K = c // G, layer.out_channels
     kg = K // G
     # 1. input codes, tile by tile (N, th, tw, C, n, n)
-    xp = torch.nn.functional.pad(x.float(), (pad[0], pad[1] + tw * m + r - 1 - (w + pad[0] + pad[1]),
-                                             pad[2], pad[3] + th * m + r - 1 - (h + pad[2] + pad[3])))
-    tiles = xp.unfold(2, n, m).unfold(3, n, m).permute(0, 2, 3, 1, 4, 5)
+    tiles = padded_tiles(layer, x, pad, th, tw)
     qmin_i, qmax_i = fm.input.qmin, fm.input.qmax
     qx = rha(tiles * rx.float()[..., None, None]).clamp_(qmin_i, qmax_i).long()
     # 2. input transform
