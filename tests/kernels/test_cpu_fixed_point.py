@@ -259,3 +259,37 @@ def test_per_tile_input_granularity_runs_compiled(m):
         emu = layer.forward_emulated(x).double()
     sq = lambda y: float(10 * torch.log10(exact.pow(2).sum() / (y.double() - exact).pow(2).sum()))  # noqa: E731
     assert abs(sq(ref) - sq(emu)) < 1.0
+
+
+@pytest.mark.parametrize("case", CASES[:7], ids=[f"c{c[0]}k{c[1]}F{c[2]}g{c[3]}gs{c[4]}" for c in CASES[:7]])
+def test_tapwise_v_and_u_run_compiled_bit_for_bit(case):
+    """V and U with one scale per tap (winograd_input_scales / winograd_weight_scales = "tapwise",
+    the defaults) and per-tile inputs: the compiled kernel equals the twin on every ISA build."""
+    c, k, m, groups, gs, pad, hw, nb, learned, clip, bias = case
+    layer = make_layer(c, k, m, groups, gs, pad, bias, learned=learned)
+    layer.activation_granularity = "fine"
+    layer.input_tapwise = layer.weight_tapwise = True
+    assert layer.granularity.v.keeps("tap") and fp.unsupported_reason(layer) is None
+    x = torch.randn(nb, c, *hw, generator=torch.Generator().manual_seed(1)) * 3
+    ref, codes = fp.reference_forward(layer, x, return_codes=True)
+    n = m + 2
+    assert fp.plan(layer).su.reshape(n * n, -1).unique(dim=0).shape[0] > 1  # U scales differ between taps
+    for isa in compiled_isas():
+        assert torch.equal(cpu.forward(layer, x, isa=isa), ref), isa
+
+
+def test_tapwise_v_is_closer_to_the_exact_conv_than_shared_v():
+    layer = make_layer(32, 32, 6, group_size=16)
+    from winoq.winograd.scales import ScaleLearningConfig, learn_layer_scales
+
+    learn_layer_scales(layer, ScaleLearningConfig(steps=0))
+    layer.activation_granularity = "fine"
+    x = torch.randn(2, 32, 12, 12, generator=torch.Generator().manual_seed(2)).relu()
+    exact = F.conv2d(x.double(), layer.weight.double(), layer.bias.double(), padding=1)
+    sq = lambda y: float(10 * torch.log10(exact.pow(2).sum() / (y.double() - exact).pow(2).sum()))  # noqa: E731
+    shared = sq(fp.reference_forward(layer, x))
+    layer.input_tapwise = True
+    tapwise = sq(fp.reference_forward(layer, x))
+    with torch.no_grad():
+        emu = sq(layer.forward_emulated(x))
+    assert tapwise > shared + 1.0 and abs(tapwise - emu) < 1.0, (shared, tapwise, emu)

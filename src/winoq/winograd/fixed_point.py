@@ -13,8 +13,8 @@ values bit for bit (every float step is one IEEE operation in a fixed order, no 
 2. input transform per n x n tile in int32: ``T = rshift(Bq d, s)``, ``V = T Bq^T``
    (real ``V = V_int sx 2^(s - 2k)``; s, the smallest shift after the first pass that keeps
    the second inside int32, is 0 for F(2,3) and F(4,3));
-3. V codes, one scale per (sample, tile, channel group) shared by the taps:
-   ``amax = max |V_int|``, ``qv = clamp(rha(float(V_int) * (Q_v / (amax * clip_v))))``,
+3. V codes, one scale per (sample, tile, channel group) and per tap
+   (``winograd_input_scales="tapwise"``, the default) or shared by the taps: ``amax = max |V_int|``, ``qv = clamp(rha(float(V_int) * (Q_v / (amax * clip_v))))``,
    real scale ``sv = (amax * clip_v / Q_v) * sx * 2^(s - 2k)``;
 4. per tap and channel group an int8 GEMM over the group's channels, int32 sums;
 5. ``M = sum_j float(acc_j) * (sv_j * su_j)`` (float32, groups in order): the per-group
@@ -112,9 +112,6 @@ def unsupported_reason(layer) -> str | None:
     if layer.scale_mode != "shared":
         return "scale_mode 'tapwise' needs float rescaling inside the transforms"
     gr = layer.granularity
-    if gr.v.keeps("tap"):
-        return ("V scales per tap (Recipe(winograd_input_scales='tapwise'), the default); the fixed-point kernel "
-                "implements V scales shared by the taps: use winograd_input_scales='shared'")
     if gr.input_mode == "block":
         return ("input scales per m x m pixel block (Recipe(activation_granularity='block')); the fixed-point "
                 "kernel quantizes the input per tile ('fine', the default) or per sample ('sample')")
@@ -299,14 +296,16 @@ def reference_forward(layer, x: torch.Tensor, rx: torch.Tensor | None = None,
     # 3. V codes per (sample, tile, V group)
     vg = v.reshape(nb, th, tw, G, cg, n * n)
     vg = torch.nn.functional.pad(vg, (0, 0, 0, p.nj * p.gs - cg)).reshape(nb, th, tw, G, p.nj, p.gs, n * n)
-    amax = vg.abs().amax(dim=(-1, -2)).float()  # (N, th, tw, G, J)
+    amax = vg.abs().amax(dim=-2).float()  # (N, th, tw, G, J, taps)
+    if not layer.granularity.v.keeps("tap"):  # one V scale shared by the taps
+        amax = amax.amax(-1, keepdim=True).expand_as(amax)
     vf = fm.winograd_input
     den = amax.float()  # (the dynamic scales are plain min-max: no clipping)
     qv_t = torch.full_like(den, float(vf.max_value))  # tensors, not Python scalars: `q / t` would be q * (1 / t)
     rv = torch.where(amax > 0, qv_t / den, torch.zeros_like(den))
-    sxg = sx.float().reshape(nb, th, tw, G, cg)[..., :: p.gs][..., : p.nj]
+    sxg = sx.float().reshape(nb, th, tw, G, cg)[..., :: p.gs][..., : p.nj, None]
     sv = torch.where(amax > 0, (den / qv_t) * sxg * 2.0 ** (p.sb - 2 * p.kb), torch.zeros_like(den))
-    qv = rha(vg.float() * rv[..., None, None]).clamp_(vf.qmin, vf.qmax).long()  # (N,th,tw,G,J,gs,taps)
+    qv = rha(vg.float() * rv[..., None, :]).clamp_(vf.qmin, vf.qmax).long()  # (N,th,tw,G,J,gs,taps)
     # 4-5. per tap and group int GEMM, scaled sum over groups
     uq = p.u.long().reshape(n * n, G, kg, cg)
     uq = torch.nn.functional.pad(uq, (0, p.nj * p.gs - cg)).reshape(n * n, G, kg, p.nj, p.gs)
@@ -317,7 +316,7 @@ def reference_forward(layer, x: torch.Tensor, rx: torch.Tensor | None = None,
         acc = torch.einsum("nyxgct,tgkc->nyxtgk", qv[..., j, :, :], uq[..., j, :])
         assert int(acc.abs().max()) <= _INT32
         accs.append(acc)
-        f = sv[:, :, :, None, :, j, None] * su[None, None, None, :, :, :, j]  # (N,th,tw,taps,G,kg)
+        f = sv[..., j, :].transpose(-1, -2)[..., None] * su[None, None, None, :, :, :, j]  # (N,th,tw,taps,G,kg)
         mf = mf + acc.float() * f
     mf = mf.reshape(nb, th, tw, n * n, K)
     # 6. M codes per (sample, tile, output channel group)

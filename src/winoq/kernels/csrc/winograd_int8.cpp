@@ -33,7 +33,7 @@ struct Args {
   const int32_t* aq; int ka; float pow_ka;
   int G, cg, kg, gs, J, gs4, kgp, gsm; int64_t Cp;
   const int8_t* up; const int32_t* corr; const float* su;  // packed U; [taps][G][J][kgp]
-  float Qv, clip_v; int v_min, v_max;
+  float Qv, clip_v; int v_min, v_max, v_tapwise;  // v_tapwise: one V scale per tap
   float Qm, clip_m; int m_min, m_max;
   int in_min, in_max;
   const float* bias;
@@ -110,7 +110,7 @@ torch::Tensor forward(torch::Tensor x, std::vector<int64_t> pad_tl, std::vector<
                       std::vector<int64_t> groups, torch::Tensor packed, torch::Tensor corr, torch::Tensor su,
                       std::vector<double> vq, std::vector<double> mq, std::vector<int64_t> in_range,
                       c10::optional<torch::Tensor> bias, std::string isa) {
-  // geom: m, n, th, tw, OH, OW ; groups: G, gs, gsm, K ; vq/mq: Q, clip, qmin, qmax
+  // geom: m, n, th, tw, OH, OW ; groups: G, gs, gsm, K ; vq/mq: Q, clip, qmin, qmax (vq: then 1 for V per tap)
   TORCH_CHECK(x.dim() == 4 && x.dtype() == torch::kFloat32, "x: (N, C, H, W) float32");
   TORCH_CHECK(rx.dtype() == torch::kFloat32 && sx.dtype() == torch::kFloat32 && rx.dim() == 4 && sx.dim() == 4,
               "rx, sx: (N, th, tw, C) float32");
@@ -135,6 +135,8 @@ torch::Tensor forward(torch::Tensor x, std::vector<int64_t> pad_tl, std::vector<
   auto suc = su.contiguous();
   a.up = packed.data_ptr<int8_t>(); a.corr = corr.data_ptr<int32_t>(); a.su = suc.data_ptr<float>();
   a.Qv = (float)vq[0]; a.clip_v = (float)vq[1]; a.v_min = (int)vq[2]; a.v_max = (int)vq[3];
+  a.v_tapwise = vq.size() > 4 && vq[4] != 0.0;
+  TORCH_CHECK(a.n * a.n <= 256, "at most 256 taps");
   a.Qm = (float)mq[0]; a.clip_m = (float)mq[1]; a.m_min = (int)mq[2]; a.m_max = (int)mq[3];
   a.in_min = (int)in_range[0]; a.in_max = (int)in_range[1];
   torch::Tensor bc;

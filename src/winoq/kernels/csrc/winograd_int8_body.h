@@ -136,21 +136,26 @@ static void input_tile(const Args& a, int64_t p, int32_t* d, int32_t* v, float* 
     }
   // V = rshift(Bq d, kb) Bq^T, 16 channels at a time (rows Cr = C rounded up to 16 apart)
   for (int c = 0; c < C; c += 16) transform16(d + c, v + c, a.bq, n, n, a.kb, Cr);
-  // V codes per channel group (shared by the taps)
+  // V codes per channel group: one scale per tap, or one shared by the taps
   const int taps = n * n;
+  int32_t amax_t[256];
   for (int g = 0; g < a.G; ++g)
     for (int jg = 0; jg < a.J; ++jg) {
       const int c0 = g * a.cg + jg * a.gs, c1 = std::min(c0 + a.gs, (g + 1) * a.cg);
-      int32_t amax = 0;
-      for (int t = 0; t < taps; ++t) amax = amax_i(v + (int64_t)t * Cr + c0, c1 - c0, amax);
-      const float den = (float)amax * a.clip_v;
-      const float r = amax > 0 ? a.Qv / den : 0.0f;
+      int32_t amax_all = 0;
+      for (int t = 0; t < taps; ++t) {
+        amax_t[t] = amax_i(v + (int64_t)t * Cr + c0, c1 - c0, 0);
+        amax_all = std::max(amax_all, amax_t[t]);
+      }
       const float sxg = a.sx[nb * a.ss[0] + ty * a.ss[1] + tx * a.ss[2] + c0 * a.ss[3]];
-      a.sv[(p - a.p_base) * a.G * a.J + g * a.J + jg] = amax > 0 ? ((den / a.Qv) * sxg) * a.pow_kb : 0.0f;
       // V8 layout per tap: blocks of PB tiles, [channel/4][PB tiles][4 channels] (the GEMM's B panel)
       const int64_t col = (int64_t)(g * a.J + jg) * a.gs4;
       const int64_t pb = (p - a.p_base) / PB, pq = (p - a.p_base) % PB;  // buffer position
       for (int t = 0; t < taps; ++t) {
+        const int32_t amax = a.v_tapwise ? amax_t[t] : amax_all;
+        const float den = (float)amax * a.clip_v;
+        const float r = amax > 0 ? a.Qv / den : 0.0f;
+        a.sv[(((p - a.p_base) * taps + t) * a.G + g) * a.J + jg] = amax > 0 ? ((den / a.Qv) * sxg) * a.pow_kb : 0.0f;
         uint8_t* dst = a.v8 + ((int64_t)t * a.Pp + pb * PB) * a.Cp + (col / 4) * PB * 4 + pq * 4;
         quant_iu8(v + (int64_t)t * Cr + c0, r, row, c1 - c0, (float)a.v_min, (float)a.v_max);
         for (int c = c1 - c0; c < a.gs4; ++c) row[c] = 128;
@@ -180,7 +185,7 @@ static void gemm_block(const Args& a, int t, int g, int64_t p0, int kb32) {
   }
 #define WQ_FLUSH(q)                                                                                  \
   {                                                                                                  \
-    const __m512 sv = _mm512_set1_ps(a.sv[(p0 + (q)) * a.G * a.J + g * a.J + jg]);                   \
+    const __m512 sv = _mm512_set1_ps(a.sv[(((p0 + (q)) * taps + t) * a.G + g) * a.J + jg]);                   \
     float* mrow = a.mf + (((p0 + (q)) * taps + t) * a.G + g) * (int64_t)a.kgp + ko;                  \
     __m512 y0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(x0_##q, _mm512_loadu_si512(a.corr + off)));      \
     __m512 y1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(x1_##q, _mm512_loadu_si512(a.corr + off + 16))); \
@@ -228,7 +233,7 @@ static void gemm_block(const Args& a, int t, int g, int64_t p0, int kb32) {
     const float* su = a.su + (((int64_t)t * a.G + g) * a.J + jg) * a.kgp + ko;
     for (int q = 0; q < PB; ++q) {
       const int64_t p = p0 + q;
-      const float svq = a.sv[p * a.G * a.J + g * a.J + jg];
+      const float svq = a.sv[((p * taps + t) * a.G + g) * a.J + jg];
       float* mrow = a.mf + ((p * taps + t) * a.G + g) * (int64_t)a.kgp + ko;
       for (int kk = 0; kk < 32; ++kk) {
         const float f = svq * su[kk];
@@ -306,7 +311,7 @@ static void run(const Args& a) {
     std::vector<int32_t> d(taps * Cr), v(taps * Cr);  // channel tails stay 0
     std::vector<float> rxc(C);
     std::vector<uint8_t> row(a.gs4 + 16), v8((size_t)taps * PB * a.Cp);
-    std::vector<float> sv((size_t)PB * a.G * a.J), mf((size_t)PB * taps * a.G * a.kgp);
+    std::vector<float> sv((size_t)PB * taps * a.G * a.J), mf((size_t)PB * taps * a.G * a.kgp);
     std::vector<int32_t> qm(taps * Kr), t1(taps * Kr);
     std::vector<float> rk(Kr), sk(Kr);
     Args w = a;  // the same problem, with this thread's buffers for one block of tiles
