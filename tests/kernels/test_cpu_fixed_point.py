@@ -293,3 +293,43 @@ def test_tapwise_v_is_closer_to_the_exact_conv_than_shared_v():
     with torch.no_grad():
         emu = sq(layer.forward_emulated(x))
     assert tapwise > shared + 1.0 and abs(tapwise - emu) < 1.0, (shared, tapwise, emu)
+
+
+@pytest.mark.parametrize("case", CASES[:7], ids=[f"c{c[0]}k{c[1]}F{c[2]}g{c[3]}gs{c[4]}" for c in CASES[:7]])
+def test_the_default_pipeline_with_int16_m_runs_compiled_bit_for_bit(case):
+    """The default recipe's Winograd stages: per-tile input, V and U per tap, int16 M (its output
+    transform in int64 at the full 10 bits, no first-pass shift)."""
+    c, k, m, groups, gs, pad, hw, nb, learned, clip, bias = case
+    fm = StageFormats(output=winoq.formats.parse("int16"))
+    layer = make_layer(c, k, m, groups, gs, pad, bias, learned=learned, formats=fm)
+    layer.activation_granularity = "fine"
+    layer.input_tapwise = layer.weight_tapwise = True
+    assert fp.unsupported_reason(layer) is None and fp.wide_m(layer)
+    p = fp.plan(layer)
+    assert (p.ka, p.sa) == (fp.DEFAULT_TRANSFORM_BITS, 0)
+    x = torch.randn(nb, c, *hw, generator=torch.Generator().manual_seed(1)) * 3
+    ref, codes = fp.reference_forward(layer, x, return_codes=True)
+    assert int(codes["qm"].abs().max()) > 127  # really 16-bit M codes
+    for isa in compiled_isas():
+        assert torch.equal(cpu.forward(layer, x, isa=isa), ref), isa
+
+
+def test_int16_m_is_closer_to_the_exact_conv_than_int8_m():
+    from winoq.winograd.scales import ScaleLearningConfig, learn_layer_scales
+
+    out = {}
+    for fmt in ("int8", "int16"):
+        layer = make_layer(32, 32, 6, group_size=16, formats=StageFormats(output=winoq.formats.parse(fmt)))
+        learn_layer_scales(layer, ScaleLearningConfig(steps=0))
+        layer.activation_granularity, layer.input_tapwise, layer.weight_tapwise = "fine", True, True
+        x = torch.randn(2, 32, 12, 12, generator=torch.Generator().manual_seed(2)).relu()
+        exact = F.conv2d(x.double(), layer.weight.double(), layer.bias.double(), padding=1)
+        sq = lambda y: float(10 * torch.log10(exact.pow(2).sum() / (y.double() - exact).pow(2).sum()))  # noqa: E731
+        with torch.no_grad():
+            out[fmt] = sq(fp.reference_forward(layer, x)), sq(layer.forward_emulated(x))
+    assert out["int16"][0] > out["int8"][0] + 1.0 and abs(out["int16"][0] - out["int16"][1]) < 0.5, out
+
+
+def test_tiles_beyond_8x8_fall_back_to_the_emulation():
+    layer = QuantWinogradConv2d(4, 4, 5, 6, padding=2).eval()  # F(6,5): 10x10 tiles, an older files' choice
+    assert "10x10 tiles" in fp.unsupported_reason(layer)

@@ -21,7 +21,8 @@ values bit for bit (every float step is one IEEE operation in a fixed order, no 
    (V x U) scales folded into the one requantization of M;
 6. M codes per (sample, tile, output channel group), shared by the taps:
    ``qm = clamp(rha(M * (Q_m / (amax_M * clip_m))))``;
-7. output transform in int32 like step 2 with ``Aq``; ``y = float(Y_int) * s_out + bias``,
+7. output transform in int32 like step 2 with ``Aq`` (in int64 with no shift when M is wider than
+   8 bits, see :func:`wide_m`); ``y = float(Y_int) * s_out + bias``,
    ``s_out = (amax_M * clip_m / Q_m) * 2^(s - 2k)``.
 
 ``rha`` is round half away from zero, computed exactly in float32 (and ``rshift`` its integer
@@ -95,9 +96,19 @@ def first_pass_shift(mat: torch.Tensor, k: int, in_max: int = 128) -> int:
     raise ValueError("transform too large for int32 arithmetic")
 
 
-def rounded_transforms(at: torch.Tensor, bt: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(AT', BT') rounded to the fixed point the integer kernel uses (same dtype)."""
-    kb, ka = effective_bits(bt, bits), effective_bits(at, bits)
+def wide_m(layer) -> bool:
+    """M codes wider than 8 bits (``winograd_output_format="int16"``, the default): the output
+    transform then runs in int64 at the full ``bits`` with no first-pass shift (a 16-bit M times
+    10-bit coefficients overflows int32 in the first pass of F(6,3))."""
+    f = layer.formats.output
+    return f is not None and not f.is_float and (f.qmax > 127 or f.qmin < -128)
+
+
+def rounded_transforms(at: torch.Tensor, bt: torch.Tensor, bits: int,
+                       wide_output: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(AT', BT') rounded to the fixed point the integer kernel uses (same dtype); ``wide_output``:
+    the layer's M is wider than 8 bits (:func:`wide_m`)."""
+    kb, ka = effective_bits(bt, bits), (bits if wide_output else effective_bits(at, bits))
     return fixed(at, ka).to(at.dtype) / 2.0**ka, fixed(bt, kb).to(bt.dtype) / 2.0**kb
 
 
@@ -107,14 +118,18 @@ def unsupported_reason(layer) -> str | None:
     fm = layer.formats
     for name, f in (("input", fm.input), ("winograd_input", fm.winograd_input), ("weight", fm.weight),
                     ("output", fm.output)):
-        if f is None or f.is_float or not f.signed or f.qmin < -128 or f.qmax > 127:
-            return f"the {name} stage is {getattr(f, 'name', 'float')}; the fixed-point kernel needs signed int2..int8"
+        widest = 2**15 if name == "output" else 2**7  # M: up to int16 (the output transform runs in int64)
+        if f is None or f.is_float or not f.signed or f.qmin < -widest or f.qmax > widest - 1:
+            need = "int2..int16" if name == "output" else "int2..int8"
+            return f"the {name} stage is {getattr(f, 'name', 'float')}; the fixed-point kernel needs signed {need}"
     if layer.scale_mode != "shared":
         return "scale_mode 'tapwise' needs float rescaling inside the transforms"
     gr = layer.granularity
     if gr.input_mode == "block":
         return ("input scales per m x m pixel block (Recipe(activation_granularity='block')); the fixed-point "
                 "kernel quantizes the input per tile ('fine', the default) or per sample ('sample')")
+    if layer.m + layer.kernel_size - 1 > 8:
+        return f"{layer.m + layer.kernel_size - 1}x{layer.m + layer.kernel_size - 1} tiles (the kernel holds at most 8x8)"
     if layer.padding_mode != "zeros":
         return f"padding_mode {layer.padding_mode!r} (only 'zeros')"
     if layer.act_ranges is not None:
@@ -183,8 +198,13 @@ def plan(layer) -> Plan:
     if hit is not None and hit.key == key:
         return hit
     at, g, bt = layer.transforms(torch.float64, "cpu", fixed_point=False)
-    kb, ka = effective_bits(bt, bits), effective_bits(at, bits)
-    sb, sa = first_pass_shift(bt, kb), first_pass_shift(at, ka)
+    kb = effective_bits(bt, bits)
+    sb = first_pass_shift(bt, kb)
+    if wide_m(layer):  # int64 output transform: all the bits, no shift
+        ka, sa = bits, 0
+    else:
+        ka = effective_bits(at, bits)
+        sa = first_pass_shift(at, ka)
     fm = layer.formats
     u = transform_2d(g, layer.weight.detach().double().cpu()) if layer.learned_u is None \
         else layer.learned_u.detach().double().cpu()
@@ -331,8 +351,8 @@ def reference_forward(layer, x: torch.Tensor, rx: torch.Tensor | None = None,
     qm = rha(mf * rm[:, :, :, None, :]).clamp_(mfmt.qmin, mfmt.qmax).long()
     # 7. output transform, scale, bias
     qm = qm.reshape(nb, th, tw, n, n, K).permute(0, 1, 2, 5, 3, 4)  # (N, th, tw, K, n, n)
-    yi = _int_transform(qm, p.aq, p.sa)  # (N, th, tw, K, m, m)
-    assert int(yi.abs().max()) <= _INT32
+    yi = _int_transform(qm, p.aq, p.sa)  # (N, th, tw, K, m, m) int64 (the kernel: int32, or int64 for a wide M)
+    assert int(yi.abs().max()) <= (2**53 if wide_m(layer) else _INT32)
     y = yi.float() * so[..., None, None]
     if layer.bias is not None:
         y = y + layer.bias.detach().float().view(1, 1, 1, K, 1, 1)

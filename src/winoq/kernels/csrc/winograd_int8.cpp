@@ -136,7 +136,7 @@ torch::Tensor forward(torch::Tensor x, std::vector<int64_t> pad_tl, std::vector<
   a.up = packed.data_ptr<int8_t>(); a.corr = corr.data_ptr<int32_t>(); a.su = suc.data_ptr<float>();
   a.Qv = (float)vq[0]; a.clip_v = (float)vq[1]; a.v_min = (int)vq[2]; a.v_max = (int)vq[3];
   a.v_tapwise = vq.size() > 4 && vq[4] != 0.0;
-  TORCH_CHECK(a.n * a.n <= 256, "at most 256 taps");
+  TORCH_CHECK(a.n <= 8, "the kernel's transforms hold tiles of at most 8 x 8 (F(6,3), F(4,5), F(2,7))");
   a.Qm = (float)mq[0]; a.clip_m = (float)mq[1]; a.m_min = (int)mq[2]; a.m_max = (int)mq[3];
   a.in_min = (int)in_range[0]; a.in_max = (int)in_range[1];
   torch::Tensor bc;

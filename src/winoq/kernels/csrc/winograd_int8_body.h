@@ -115,6 +115,45 @@ static inline void transform16(const int32_t* in, int32_t* out, const int32_t* M
     }
 }
 
+// The same transform in int64, 8 channels at a time, for M codes wider than 8 bits (int16 M
+// times 10-bit coefficients overflows int32 in the first pass): out is int64.
+typedef int64_t v8l __attribute__((vector_size(64), aligned(8)));
+typedef int32_t v8i __attribute__((vector_size(32), aligned(4)));
+static inline void transform8l(const int32_t* in, int64_t* out, const int32_t* M, int no, int ni, int k, int64_t ld) {
+  v8l tt[8][8];
+  for (int j = 0; j < ni; ++j) {
+    v8l col[8];
+    for (int i = 0; i < ni; ++i) col[i] = __builtin_convertvector(*(const v8i*)(in + (int64_t)(i * ni + j) * ld), v8l);
+    for (int r = 0; r < no; ++r) {
+      v8l acc = {};
+      for (int i = 0; i < ni; ++i) {
+        const int64_t b = M[r * ni + i];
+        if (b) acc += b * col[i];
+      }
+      if (k) acc = (acc + ((int64_t)1 << (k - 1)) + (acc >> 63)) >> k;  // rshift, see above
+      tt[r][j] = acc;
+    }
+  }
+  for (int r = 0; r < no; ++r)
+    for (int s = 0; s < no; ++s) {
+      v8l acc = {};
+      for (int j = 0; j < ni; ++j) {
+        const int64_t b = M[s * ni + j];
+        if (b) acc += b * tt[r][j];
+      }
+      *(v8l*)(out + (int64_t)(r * no + s) * ld) = acc;
+    }
+}
+
+// dst[i] = float(src[i]) * s[i] (+ bias[i]), src int64 (converted exactly rounded, as torch does)
+static inline void dequant64(const int64_t* __restrict src, const float* __restrict s, const float* __restrict bias,
+                             float* __restrict dst, int cnt) {
+  for (int i = 0; i < cnt; ++i) {
+    const float y = (float)src[i] * s[i];
+    dst[i] = bias ? y + bias[i] : y;
+  }
+}
+
 // ---------------------------------------------------------------------------- phase A
 // One tile: input codes, integer input transform, V codes (u8 = code + 128) and V scales.
 static void input_tile(const Args& a, int64_t p, int32_t* d, int32_t* v, float* rxc, uint8_t* row) {
@@ -246,7 +285,7 @@ static void gemm_block(const Args& a, int t, int g, int64_t p0, int kb32) {
 
 // ---------------------------------------------------------------------------- phase C
 // One tile: M codes per output channel group, integer output transform, scale, bias, store.
-static void output_tile(const Args& a, int64_t p, int32_t* qm, int32_t* t1, float* rk, float* sk) {
+static void output_tile(const Args& a, int64_t p, int32_t* qm, int32_t* t1, int64_t* t64, float* rk, float* sk) {
   const int n = a.n, m = a.m, taps = n * n, K = a.G * a.kg;
   const int64_t Kr = (K + 15) / 16 * 16;
   const int64_t tiles = (int64_t)a.th * a.tw;
@@ -277,14 +316,21 @@ static void output_tile(const Args& a, int64_t p, int32_t* qm, int32_t* t1, floa
     }
   // Y = rshift(Aq qm, ka) Aq^T, 16 channels at a time
   int32_t* yi = t1;  // (m*m) x Kr
-  for (int k = 0; k < K; k += 16) transform16(qm + k, yi + k, a.aq, m, n, a.ka, Kr);
+  const bool wide = a.m_max > 127 || a.m_min < -128;
+  if (wide)
+    for (int k = 0; k < K; k += 8) transform8l(qm + k, t64 + k, a.aq, m, n, a.ka, Kr);
+  else
+    for (int k = 0; k < K; k += 16) transform16(qm + k, yi + k, a.aq, m, n, a.ka, Kr);
   for (int r = 0; r < m; ++r) {
     const int64_t oy = ty * m + r;
     if (oy >= a.OH) break;
     for (int s = 0; s < m; ++s) {
       const int64_t ox = tx * m + s;
       if (ox >= a.OW) break;
-      dequant(yi + (int64_t)(r * m + s) * Kr, sk, a.bias, rk, K);  // rk: free again, a row of K outputs
+      if (wide)  // rk: free again, a row of K outputs
+        dequant64(t64 + (int64_t)(r * m + s) * Kr, sk, a.bias, rk, K);
+      else
+        dequant(yi + (int64_t)(r * m + s) * Kr, sk, a.bias, rk, K);
       float* dst = a.y + (nb * K * a.OH + oy) * a.OW + ox;
       const int64_t plane = a.OH * a.OW;
       for (int k = 0; k < K; ++k) dst[k * plane] = rk[k];
@@ -313,6 +359,7 @@ static void run(const Args& a) {
     std::vector<uint8_t> row(a.gs4 + 16), v8((size_t)taps * PB * a.Cp);
     std::vector<float> sv((size_t)PB * taps * a.G * a.J), mf((size_t)PB * taps * a.G * a.kgp);
     std::vector<int32_t> qm(taps * Kr), t1(taps * Kr);
+    std::vector<int64_t> t64(taps * Kr);
     std::vector<float> rk(Kr), sk(Kr);
     Args w = a;  // the same problem, with this thread's buffers for one block of tiles
     w.Pp = PB; w.v8 = v8.data(); w.sv = sv.data(); w.mf = mf.data();
@@ -330,7 +377,7 @@ static void run(const Args& a) {
         for (int kb32 = 0; kb32 < nkb; ++kb32)
           for (int t = 0; t < taps; ++t) gemm_block(w, t, g, 0, kb32);
       double t2t = profile ? thread_ms() : 0;
-      for (int64_t p = w.p_base; p < pe; ++p) output_tile(w, p, qm.data(), t1.data(), rk.data(), sk.data());
+      for (int64_t p = w.p_base; p < pe; ++p) output_tile(w, p, qm.data(), t1.data(), t64.data(), rk.data(), sk.data());
       if (profile) {
         prof[0] += t1t - t0; prof[1] += t2t - t1t; prof[2] += thread_ms() - t2t;  // racy with threads: a profile aid
       }
