@@ -100,9 +100,14 @@ def forward(layer, x: torch.Tensor, rx: torch.Tensor | None = None, sx: torch.Te
     p = fp.plan(layer)
     nb, c, h, w = x.shape
     pad, out_hw, th, tw = fp.tile_grid(layer, h, w)
-    if rx is None:
-        rx, sx = fp.input_scales(layer, x, th, tw)
-    fp.check_scale_nesting(layer, sx, p)
+    tile_in = [0.0]
+    if rx is None and layer.granularity.input_mode == "tile":  # the kernel computes them (fp.input_scales)
+        tile_in = [1.0, float(layer.formats.input.max_value), float(fp.input_group_size(layer, c))]
+        rx = sx = torch.zeros(1, 1, 1, 1).expand(nb, th, tw, c)
+    else:
+        if rx is None:
+            rx, sx = fp.input_scales(layer, x, th, tw)
+        fp.check_scale_nesting(layer, sx, p)
     u8, corr, su = _packed(layer, p, mod)
     fm = layer.formats
     vf, mf, inf = fm.winograd_input, fm.output, fm.input
@@ -112,4 +117,4 @@ def forward(layer, x: torch.Tensor, rx: torch.Tensor | None = None, sx: torch.Te
                        [layer.groups, p.gs, p.gsm, layer.out_channels], u8, corr, su,
                        [float(vf.max_value), 1.0, vf.qmin, vf.qmax, float(layer.granularity.v.keeps("tap"))],
                        [float(mf.max_value), 1.0, mf.qmin, mf.qmax],
-                       [inf.qmin, inf.qmax], bias, isa)
+                       [inf.qmin, inf.qmax], tile_in, bias, isa)

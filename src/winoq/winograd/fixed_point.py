@@ -243,6 +243,11 @@ def padded_tiles(layer, x: torch.Tensor, pad, th: int, tw: int) -> torch.Tensor:
     return xp.unfold(2, n, m).unfold(3, n, m).permute(0, 2, 3, 1, 4, 5)
 
 
+def input_group_size(layer, c: int) -> int:
+    """Channels per input scale (groups over all ``c`` input channels)."""
+    return c if layer.group_size is None else min(layer.group_size, c)
+
+
 def input_scales(layer, x: torch.Tensor, th: int, tw: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Input multipliers ``rx = Q / amax`` and scales ``sx = amax / Q`` as (N, th, tw, C)
     float32 tensors, from the layer's input granularity: one scale per sample, tile and channel
@@ -250,7 +255,7 @@ def input_scales(layer, x: torch.Tensor, th: int, tw: int) -> tuple[torch.Tensor
     or per sample and channel group over all pixels, expanded over the tiles ("sample")."""
     nb, c, h, w = x.shape
     q = float(layer.formats.input.max_value)
-    gs = c if layer.group_size is None else min(layer.group_size, c)
+    gs = input_group_size(layer, c)
     ng = math.ceil(c / gs)
     if layer.granularity.input_mode == "tile":
         pad = tile_grid(layer, h, w)[0]

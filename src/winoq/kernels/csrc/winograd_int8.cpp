@@ -36,6 +36,7 @@ struct Args {
   float Qv, clip_v; int v_min, v_max, v_tapwise;  // v_tapwise: one V scale per tap
   float Qm, clip_m; int m_min, m_max;
   int in_min, in_max;
+  int tile_scales, in_gs; float Qin;  // input scales computed per tile in the kernel (rx, sx unused), groups of in_gs
   const float* bias;
   uint8_t* v8; float* sv; float* mf; float* y;  // per-thread block buffers (run()), output
   int64_t p_base;                               // first tile of the block in the buffers
@@ -109,6 +110,7 @@ torch::Tensor forward(torch::Tensor x, std::vector<int64_t> pad_tl, std::vector<
                       torch::Tensor rx, torch::Tensor sx, torch::Tensor bq, torch::Tensor aq, std::vector<int64_t> shifts,
                       std::vector<int64_t> groups, torch::Tensor packed, torch::Tensor corr, torch::Tensor su,
                       std::vector<double> vq, std::vector<double> mq, std::vector<int64_t> in_range,
+                      std::vector<double> tile_in,
                       c10::optional<torch::Tensor> bias, std::string isa) {
   // geom: m, n, th, tw, OH, OW ; groups: G, gs, gsm, K ; vq/mq: Q, clip, qmin, qmax (vq: then 1 for V per tap)
   TORCH_CHECK(x.dim() == 4 && x.dtype() == torch::kFloat32, "x: (N, C, H, W) float32");
@@ -139,6 +141,9 @@ torch::Tensor forward(torch::Tensor x, std::vector<int64_t> pad_tl, std::vector<
   TORCH_CHECK(a.n <= 8, "the kernel's transforms hold tiles of at most 8 x 8 (F(6,3), F(4,5), F(2,7))");
   a.Qm = (float)mq[0]; a.clip_m = (float)mq[1]; a.m_min = (int)mq[2]; a.m_max = (int)mq[3];
   a.in_min = (int)in_range[0]; a.in_max = (int)in_range[1];
+  // tile_in: (1 = the kernel computes per-tile input scales, their Q, the input channel-group length)
+  a.tile_scales = tile_in.size() == 3 && tile_in[0] != 0.0;
+  if (a.tile_scales) { a.Qin = (float)tile_in[1]; a.in_gs = (int)tile_in[2]; TORCH_CHECK(a.in_gs > 0, "in_gs"); }
   torch::Tensor bc;
   if (bias.has_value()) { bc = bias->to(torch::kFloat32).contiguous(); a.bias = bc.data_ptr<float>(); }
   auto y = torch::empty({a.N, K, a.OH, a.OW}, torch::kFloat32);

@@ -161,7 +161,29 @@ static void input_tile(const Args& a, int64_t p, int32_t* d, int32_t* v, float* 
   const int64_t Cr = (C + 15) / 16 * 16;
   const int64_t tiles = (int64_t)a.th * a.tw;
   const int64_t nb = p / tiles, ty = (p % tiles) / a.tw, tx = p % a.tw;
-  for (int c = 0; c < C; ++c) rxc[c] = a.rx[nb * a.rs[0] + ty * a.rs[1] + tx * a.rs[2] + c * a.rs[3]];
+  float* sxc = rxc + C;  // this tile's input scales (rxc holds 2C floats)
+  if (a.tile_scales) {  // fixed_point.input_scales for per-tile inputs: amax over the tile's pixels per group
+    for (int c = 0; c < C; ++c) sxc[c] = 0.0f;
+    for (int i = 0; i < n; ++i)
+      for (int j = 0; j < n; ++j) {
+        const int64_t yy = ty * m + i - a.pad_t, xx = tx * m + j - a.pad_l;
+        if (yy < 0 || yy >= a.H || xx < 0 || xx >= a.W) continue;  // padding: zeros
+        const float* src = a.x + ((nb * a.H + yy) * a.W + xx) * a.C;
+        for (int c = 0; c < C; ++c) sxc[c] = std::max(sxc[c], std::fabs(src[c]));
+      }
+    for (int c0 = 0; c0 < C; c0 += a.in_gs) {
+      const int c1 = std::min(c0 + a.in_gs, C);
+      float amax = 0.0f;
+      for (int c = c0; c < c1; ++c) amax = std::max(amax, sxc[c]);
+      const float r = amax > 0 ? a.Qin / amax : 0.0f, sx = amax / a.Qin;
+      for (int c = c0; c < c1; ++c) { rxc[c] = r; sxc[c] = sx; }
+    }
+  } else {
+    for (int c = 0; c < C; ++c) {
+      rxc[c] = a.rx[nb * a.rs[0] + ty * a.rs[1] + tx * a.rs[2] + c * a.rs[3]];
+      sxc[c] = a.sx[nb * a.ss[0] + ty * a.ss[1] + tx * a.ss[2] + c * a.ss[3]];
+    }
+  }
   for (int i = 0; i < n; ++i)
     for (int j = 0; j < n; ++j) {
       int32_t* dst = d + (int64_t)(i * n + j) * Cr;
@@ -186,7 +208,7 @@ static void input_tile(const Args& a, int64_t p, int32_t* d, int32_t* v, float* 
         amax_t[t] = amax_i(v + (int64_t)t * Cr + c0, c1 - c0, 0);
         amax_all = std::max(amax_all, amax_t[t]);
       }
-      const float sxg = a.sx[nb * a.ss[0] + ty * a.ss[1] + tx * a.ss[2] + c0 * a.ss[3]];
+      const float sxg = sxc[c0];
       // V8 layout per tap: blocks of PB tiles, [channel/4][PB tiles][4 channels] (the GEMM's B panel)
       const int64_t col = (int64_t)(g * a.J + jg) * a.gs4;
       const int64_t pb = (p - a.p_base) / PB, pq = (p - a.p_base) % PB;  // buffer position
@@ -355,7 +377,7 @@ static void run(const Args& a) {
   at::parallel_for(0, nblocks, 1, [&](int64_t b, int64_t e) {
     const size_t Cr = (C + 15) / 16 * 16, Kr = (K + 15) / 16 * 16;
     std::vector<int32_t> d(taps * Cr), v(taps * Cr);  // channel tails stay 0
-    std::vector<float> rxc(C);
+    std::vector<float> rxc(2 * C);  // input multipliers and scales of one tile
     std::vector<uint8_t> row(a.gs4 + 16), v8((size_t)taps * PB * a.Cp);
     std::vector<float> sv((size_t)PB * taps * a.G * a.J), mf((size_t)PB * taps * a.G * a.kgp);
     std::vector<int32_t> qm(taps * Kr), t1(taps * Kr);
