@@ -1,6 +1,6 @@
 // Fixed-point int8 Winograd convolution for CPUs (the "cpu" kernel of winoq).
 //
-// Layout: input NHWC float; phase A writes V per tap in panels of 8 tiles, [channels/4][8][4]
+// Layout: input and output NHWC float (channels-last tensors); phase A writes V per tap in panels of 8 tiles, [channels/4][8][4]
 // (u8 = code + 128, each channel group padded to a multiple of 4); phase B runs,
 // per tap, the int8 GEMM [tiles x channels] x [channels x K] with U pre-packed as
 // [tap][conv group][32 output channels][group][channels/4][32][4] so that one vpdpbusd
@@ -146,7 +146,8 @@ torch::Tensor forward(torch::Tensor x, std::vector<int64_t> pad_tl, std::vector<
   if (a.tile_scales) { a.Qin = (float)tile_in[1]; a.in_gs = (int)tile_in[2]; TORCH_CHECK(a.in_gs > 0, "in_gs"); }
   torch::Tensor bc;
   if (bias.has_value()) { bc = bias->to(torch::kFloat32).contiguous(); a.bias = bc.data_ptr<float>(); }
-  auto y = torch::empty({a.N, K, a.OH, a.OW}, torch::kFloat32);
+  // channels-last output: contiguous stores, and the next Winograd layer's input layout as it is
+  auto y = torch::empty({a.N, K, a.OH, a.OW}, torch::TensorOptions().dtype(torch::kFloat32).memory_format(at::MemoryFormat::ChannelsLast));
   a.y = y.data_ptr<float>();
   if (isa.empty()) isa = best_isa();
   if (isa == "avx512-vnni") isa_vnni::run(a);

@@ -349,13 +349,11 @@ static void output_tile(const Args& a, int64_t p, int32_t* qm, int32_t* t1, int6
     for (int s = 0; s < m; ++s) {
       const int64_t ox = tx * m + s;
       if (ox >= a.OW) break;
-      if (wide)  // rk: free again, a row of K outputs
-        dequant64(t64 + (int64_t)(r * m + s) * Kr, sk, a.bias, rk, K);
+      float* dst = a.y + ((nb * a.OH + oy) * a.OW + ox) * K;  // NHWC: the K outputs of a pixel are contiguous
+      if (wide)
+        dequant64(t64 + (int64_t)(r * m + s) * Kr, sk, a.bias, dst, K);
       else
-        dequant(yi + (int64_t)(r * m + s) * Kr, sk, a.bias, rk, K);
-      float* dst = a.y + (nb * K * a.OH + oy) * a.OW + ox;
-      const int64_t plane = a.OH * a.OW;
-      for (int k = 0; k < K; ++k) dst[k * plane] = rk[k];
+        dequant(yi + (int64_t)(r * m + s) * Kr, sk, a.bias, dst, K);
     }
   }
 }
