@@ -173,6 +173,22 @@ def _ao_conv(conv: torch.nn.Conv2d, engine: str, x: torch.Tensor):
     return q, xq.contiguous(memory_format=torch.channels_last)
 
 
+def peer_layer(conv: torch.nn.Conv2d, m: int, group_size: int, pipeline: str) -> QuantWinogradConv2d:
+    """The Winograd layer the kernel runs: the default recipe's stages (per-tile input, V and U per
+    tap, int16 M) or the paper's (per-sample input, V shared by the taps, int8 M)."""
+    from winoq.formats import parse
+    from winoq.winograd.quantized import StageFormats
+
+    default = pipeline == "default"
+    fmts = StageFormats(output=parse("int16" if default else "int8"))
+    layer = QuantWinogradConv2d.from_conv(conv, m, group_size=group_size, formats=fmts).eval()
+    layer.activation_granularity = "fine" if default else "sample"
+    layer.input_tapwise = layer.weight_tapwise = default
+    learn_layer_scales(layer, ScaleLearningConfig(steps=0))
+    layer.kernel = "cpu"
+    return layer
+
+
 def run_peers(args) -> dict:
     import warnings
 
@@ -203,9 +219,7 @@ def run_peers(args) -> dict:
                                                                       q(xq)))
             layers = {}
             for m in args.tiles_peers:
-                layer = QuantWinogradConv2d.from_conv(conv, m, group_size=args.group_size).eval()
-                learn_layer_scales(layer, ScaleLearningConfig(steps=0))
-                layer.kernel = "cpu"
+                layer = peer_layer(conv, m, args.group_size, args.pipeline)
                 layers[m] = layer
                 with torch.no_grad():
                     cpu.forward(layer, x)  # packs U once (cached on the layer)
@@ -229,6 +243,7 @@ def run_peers(args) -> dict:
             rows.append(row)
             print_peer_row(row, args.tiles_peers)
     return {"machine": {**machine(), "isa": cpu.isa(), "clock_hz": hz}, "group_size": args.group_size,
+            "pipeline": args.pipeline,
             "load_average": os.getloadavg(), "timing": "median thread CPU time (ms) of round-robin calls; with 2 "
             "threads the pool's second thread is not counted, see *_wall_ms", "rows": rows,
             "floor": f"int8 MACs / ({VNNI_MACS_PER_CYCLE} MAC/cycle x {hz / 1e9:.2f} GHz)"}
@@ -300,6 +315,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads-list", dest="threads_list", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--tiles-peers", dest="tiles_peers", type=int, nargs="+", default=[2, 4, 6])
     ap.add_argument("--shapes", nargs="*", default=None, help="--peers: only these shape names")
+    ap.add_argument("--pipeline", choices=("default", "paper"), default="default",
+                    help="--peers: the default recipe's Winograd stages or the paper's")
     ap.add_argument("--budget", type=float, default=60.0, help="--peers: seconds per shape before fewer reps")
     args = ap.parse_args(argv)
     if args.peers or args.accuracy:
