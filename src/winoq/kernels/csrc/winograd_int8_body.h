@@ -85,11 +85,43 @@ static inline void dequant(const int32_t* __restrict src, const float* __restric
     for (; i < cnt; ++i) dst[i] = (float)src[i] * s[i];
 }
 
+typedef int32_t v16i __attribute__((vector_size(64), aligned(4)));
+
+template <int NO, int NI>
+static inline void transform16_t(const int32_t* in, int32_t* out, const int32_t* M, int k, int64_t ld) {
+  v16i tt[NO][NI];
+  for (int j = 0; j < NI; ++j) {
+    v16i col[NI];
+    for (int i = 0; i < NI; ++i) col[i] = *(const v16i*)(in + (int64_t)(i * NI + j) * ld);
+    for (int r = 0; r < NO; ++r) {
+      v16i acc = {};
+      for (int i = 0; i < NI; ++i) {
+        const int32_t b = M[r * NI + i];
+        if (b) acc += b * col[i];
+      }
+      if (k) acc = (acc + (1 << (k - 1)) + (acc >> 31)) >> k;  // rshift, see above
+      tt[r][j] = acc;
+    }
+  }
+  for (int r = 0; r < NO; ++r)
+    for (int s = 0; s < NO; ++s) {
+      v16i acc = {};
+      for (int j = 0; j < NI; ++j) {
+        const int32_t b = M[s * NI + j];
+        if (b) acc += b * tt[r][j];
+      }
+      *(v16i*)(out + (int64_t)(r * NO + s) * ld) = acc;
+    }
+}
+
 // The two-pass integer transform of 16 channels at once: for every r, s < no
 //   out[r*no + s] = sum_j M[s][j] * rshift(sum_i M[r][i] * in[i*ni + j], k)
-// (rows ld apart, M: no x ni). The tile stays in registers / L1 between the passes.
-typedef int32_t v16i __attribute__((vector_size(64), aligned(4)));
+// (rows ld apart, M: no x ni). The tile stays in registers / L1 between the passes; the
+// common shapes are unrolled at compile time.
 static inline void transform16(const int32_t* in, int32_t* out, const int32_t* M, int no, int ni, int k, int64_t ld) {
+#define WQ_T(o, i) if (no == o && ni == i) return transform16_t<o, i>(in, out, M, k, ld);
+  WQ_T(4, 4) WQ_T(6, 6) WQ_T(8, 8) WQ_T(2, 4) WQ_T(4, 6) WQ_T(6, 8) WQ_T(2, 6) WQ_T(4, 8) WQ_T(2, 8)
+#undef WQ_T
   v16i tt[8][8];
   for (int j = 0; j < ni; ++j) {
     v16i col[8];
@@ -100,7 +132,7 @@ static inline void transform16(const int32_t* in, int32_t* out, const int32_t* M
         const int32_t b = M[r * ni + i];
         if (b) acc += b * col[i];
       }
-      if (k) acc = (acc + (1 << (k - 1)) + (acc >> 31)) >> k;  // rshift, see above
+      if (k) acc = (acc + (1 << (k - 1)) + (acc >> 31)) >> k;
       tt[r][j] = acc;
     }
   }
@@ -119,10 +151,11 @@ static inline void transform16(const int32_t* in, int32_t* out, const int32_t* M
 // times 10-bit coefficients overflows int32 in the first pass): out is int64.
 typedef int64_t v8l __attribute__((vector_size(64), aligned(8)));
 typedef int32_t v8i __attribute__((vector_size(32), aligned(4)));
-static inline void transform8l(const int32_t* in, int64_t* out, const int32_t* M, int no, int ni, int k, int64_t ld) {
-  v8l tt[8][8];
+template <int no, int ni>
+static inline void transform8l_t(const int32_t* in, int64_t* out, const int32_t* M, int k, int64_t ld) {
+  v8l tt[no][ni];
   for (int j = 0; j < ni; ++j) {
-    v8l col[8];
+    v8l col[ni];
     for (int i = 0; i < ni; ++i) col[i] = __builtin_convertvector(*(const v8i*)(in + (int64_t)(i * ni + j) * ld), v8l);
     for (int r = 0; r < no; ++r) {
       v8l acc = {};
@@ -143,6 +176,13 @@ static inline void transform8l(const int32_t* in, int64_t* out, const int32_t* M
       }
       *(v8l*)(out + (int64_t)(r * no + s) * ld) = acc;
     }
+}
+
+static inline void transform8l(const int32_t* in, int64_t* out, const int32_t* M, int no, int ni, int k, int64_t ld) {
+#define WQ_T(o, i) if (no == o && ni == i) return transform8l_t<o, i>(in, out, M, k, ld);
+  WQ_T(2, 4) WQ_T(4, 6) WQ_T(6, 8) WQ_T(4, 4) WQ_T(6, 6) WQ_T(8, 8) WQ_T(2, 6) WQ_T(4, 8) WQ_T(2, 8)
+#undef WQ_T
+  TORCH_CHECK(false, "transform8l: unsupported tile ", no, "x", ni);
 }
 
 // dst[i] = float(src[i]) * s[i] (+ bias[i]), src int64 (converted exactly rounded, as torch does)
