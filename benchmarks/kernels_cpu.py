@@ -173,6 +173,24 @@ def _ao_conv(conv: torch.nn.Conv2d, engine: str, x: torch.Tensor):
     return q, xq.contiguous(memory_format=torch.channels_last)
 
 
+def peer_problem(nb: int, c: int, hw: int) -> tuple[torch.Tensor, torch.nn.Conv2d]:
+    """The input (ReLU'd noise, seed 1) and the C -> C 3x3 conv (kaiming, seed 0) of one peer shape."""
+    x = torch.randn(nb, c, hw, hw, generator=torch.Generator().manual_seed(1)).relu()
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(c, c, 3, padding=1)
+    torch.nn.init.kaiming_normal_(conv.weight)
+    return x, conv
+
+
+def ao_int8_fns(conv: torch.nn.Conv2d, x: torch.Tensor) -> dict:
+    """{"int8_fbgemm": fn, "int8_onednn": fn}: the torch.ao int8 conv of ``conv`` on ``x`` per engine."""
+    fns = {}
+    for engine in ("fbgemm", "onednn"):
+        q, xq = _ao_conv(conv, engine, x)
+        fns[f"int8_{engine}"] = (lambda q=q, xq=xq, e=engine: (setattr(torch.backends.quantized, "engine", e), q(xq)))
+    return fns
+
+
 def peer_layer(conv: torch.nn.Conv2d, m: int, group_size: int, pipeline: str) -> QuantWinogradConv2d:
     """The Winograd layer the kernel runs: the default recipe's stages (per-tile input, V and U per
     tap, int16 M) or the paper's (per-sample input, V shared by the taps, int8 M)."""
@@ -204,19 +222,13 @@ def run_peers(args) -> dict:
     for threads in args.threads_list:
         torch.set_num_threads(threads)
         for name, nb, c, hw in shapes:
-            x = torch.randn(nb, c, hw, hw, generator=torch.Generator().manual_seed(1)).relu()
-            torch.manual_seed(0)
-            conv = torch.nn.Conv2d(c, c, 3, padding=1)
-            torch.nn.init.kaiming_normal_(conv.weight)
+            x, conv = peer_problem(nb, c, hw)
             w, b = conv.weight.detach(), conv.bias.detach()
             direct_macs = nb * c * c * 9 * hw * hw
             row = {"shape": name, "batch": nb, "channels": c, "hw": hw, "threads": threads,
                    "direct_gmac": direct_macs / 1e9}
             fns = {"fp32_onednn": lambda: F.conv2d(x, w, b, padding=1)}
-            for engine in ("fbgemm", "onednn"):
-                q, xq = _ao_conv(conv, engine, x)
-                fns[f"int8_{engine}"] = (lambda q=q, xq=xq, e=engine: (setattr(torch.backends.quantized, "engine", e),
-                                                                      q(xq)))
+            fns.update(ao_int8_fns(conv, x))
             layers = {}
             for m in args.tiles_peers:
                 layer = peer_layer(conv, m, args.group_size, args.pipeline)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import dump_json, machine  # noqa: E402
-from kernels_cpu import PEER_SHAPES, _ao_conv  # noqa: E402
+from kernels_cpu import PEER_SHAPES, ao_int8_fns, peer_problem  # noqa: E402
 
 
 def write_ncnn_conv(folder: Path, conv: torch.nn.Conv2d, hw: int, input_scale: float) -> tuple[Path, Path]:
@@ -102,18 +102,12 @@ def run(args) -> dict:
         for threads in args.threads:
             torch.set_num_threads(threads)
             for name, nb, c, hw in shapes:
-                x = torch.randn(nb, c, hw, hw, generator=torch.Generator().manual_seed(1)).relu()
-                torch.manual_seed(0)
-                conv = torch.nn.Conv2d(c, c, 3, padding=1)
-                torch.nn.init.kaiming_normal_(conv.weight)
+                x, conv = peer_problem(nb, c, hw)
                 param, weights = write_ncnn_conv(Path(tmp), conv, hw, 127.0 / float(x.abs().max()))
                 nets = {on: ncnn_net(param, weights, on, threads) for on in (False, True)}
                 fns = {"ncnn_direct": lambda: ncnn_forward(nets[False], x),
                        "ncnn_winograd": lambda: ncnn_forward(nets[True], x)}
-                for engine in ("fbgemm", "onednn"):
-                    q, xq = _ao_conv(conv, engine, x)
-                    fns[f"int8_{engine}"] = (lambda q=q, xq=xq, e=engine:
-                                             (setattr(torch.backends.quantized, "engine", e), q(xq)))
+                fns.update(ao_int8_fns(conv, x))
                 with torch.no_grad():
                     ms = median_ms(fns, args.reps, wall=threads > 1)
                     y_direct, y_wino = ncnn_forward(nets[False], x), ncnn_forward(nets[True], x)

@@ -85,104 +85,75 @@ static inline void dequant(const int32_t* __restrict src, const float* __restric
     for (; i < cnt; ++i) dst[i] = (float)src[i] * s[i];
 }
 
+// Lanes of one transform step: 16 int32 channels, or 8 channels widened to int64 for M codes
+// wider than 8 bits (an int16 M times 10-bit coefficients overflows int32 in the first pass).
 typedef int32_t v16i __attribute__((vector_size(64), aligned(4)));
-
-template <int NO, int NI>
-static inline void transform16_t(const int32_t* in, int32_t* out, const int32_t* M, int k, int64_t ld) {
-  v16i tt[NO][NI];
-  for (int j = 0; j < NI; ++j) {
-    v16i col[NI];
-    for (int i = 0; i < NI; ++i) col[i] = *(const v16i*)(in + (int64_t)(i * NI + j) * ld);
-    for (int r = 0; r < NO; ++r) {
-      v16i acc = {};
-      for (int i = 0; i < NI; ++i) {
-        const int32_t b = M[r * NI + i];
-        if (b) acc += b * col[i];
-      }
-      if (k) acc = (acc + (1 << (k - 1)) + (acc >> 31)) >> k;  // rshift, see above
-      tt[r][j] = acc;
-    }
-  }
-  for (int r = 0; r < NO; ++r)
-    for (int s = 0; s < NO; ++s) {
-      v16i acc = {};
-      for (int j = 0; j < NI; ++j) {
-        const int32_t b = M[s * NI + j];
-        if (b) acc += b * tt[r][j];
-      }
-      *(v16i*)(out + (int64_t)(r * NO + s) * ld) = acc;
-    }
-}
-
-// The two-pass integer transform of 16 channels at once: for every r, s < no
-//   out[r*no + s] = sum_j M[s][j] * rshift(sum_i M[r][i] * in[i*ni + j], k)
-// (rows ld apart, M: no x ni). The tile stays in registers / L1 between the passes; the
-// common shapes are unrolled at compile time.
-static inline void transform16(const int32_t* in, int32_t* out, const int32_t* M, int no, int ni, int k, int64_t ld) {
-#define WQ_T(o, i) if (no == o && ni == i) return transform16_t<o, i>(in, out, M, k, ld);
-  WQ_T(4, 4) WQ_T(6, 6) WQ_T(8, 8) WQ_T(2, 4) WQ_T(4, 6) WQ_T(6, 8) WQ_T(2, 6) WQ_T(4, 8) WQ_T(2, 8)
-#undef WQ_T
-  v16i tt[8][8];
-  for (int j = 0; j < ni; ++j) {
-    v16i col[8];
-    for (int i = 0; i < ni; ++i) col[i] = *(const v16i*)(in + (int64_t)(i * ni + j) * ld);
-    for (int r = 0; r < no; ++r) {
-      v16i acc = {};
-      for (int i = 0; i < ni; ++i) {
-        const int32_t b = M[r * ni + i];
-        if (b) acc += b * col[i];
-      }
-      if (k) acc = (acc + (1 << (k - 1)) + (acc >> 31)) >> k;
-      tt[r][j] = acc;
-    }
-  }
-  for (int r = 0; r < no; ++r)
-    for (int s = 0; s < no; ++s) {
-      v16i acc = {};
-      for (int j = 0; j < ni; ++j) {
-        const int32_t b = M[s * ni + j];
-        if (b) acc += b * tt[r][j];
-      }
-      *(v16i*)(out + (int64_t)(r * no + s) * ld) = acc;
-    }
-}
-
-// The same transform in int64, 8 channels at a time, for M codes wider than 8 bits (int16 M
-// times 10-bit coefficients overflows int32 in the first pass): out is int64.
 typedef int64_t v8l __attribute__((vector_size(64), aligned(8)));
 typedef int32_t v8i __attribute__((vector_size(32), aligned(4)));
-template <int no, int ni>
-static inline void transform8l_t(const int32_t* in, int64_t* out, const int32_t* M, int k, int64_t ld) {
-  v8l tt[no][ni];
+// Loads and stores go through these (the typedefs' unaligned attribute is lost on a template
+// argument, so `*(V*)p` inside a template would be an aligned access).
+template <typename V> struct Lanes;
+template <> struct Lanes<v16i> {
+  static inline v16i load(const int32_t* p) { return *(const v16i*)p; }
+  static inline void store(int32_t* p, v16i v) { *(v16i*)p = v; }
+};
+template <> struct Lanes<v8l> {
+  static inline v8l load(const int32_t* p) { return __builtin_convertvector(*(const v8i*)p, v8l); }
+  static inline void store(int64_t* p, v8l v) { *(v8l*)p = v; }
+};
+
+// The two-pass integer transform of one lane vector of channels: for every r, s < no
+//   out[r*no + s] = sum_j M[s][j] * rshift(sum_i M[r][i] * in[i*ni + j], k)
+// (rows ld apart, M: no x ni; Out: int32 or int64 like the lanes V). The tile stays in
+// registers / L1 between the passes. NO, NI: the sizes at compile time (unrolled), or 0 for the
+// run-time sizes no_, ni_ (at most 8).
+template <typename V, typename Out, int NO, int NI>
+static inline void transform_t(const int32_t* in, Out* out, const int32_t* M, int k, int64_t ld, int no_ = 0,
+                               int ni_ = 0) {
+  const int no = NO ? NO : no_, ni = NI ? NI : ni_;
+  constexpr int sign = 8 * sizeof(Out) - 1;
+  V tt[NO ? NO : 8][NI ? NI : 8];
   for (int j = 0; j < ni; ++j) {
-    v8l col[ni];
-    for (int i = 0; i < ni; ++i) col[i] = __builtin_convertvector(*(const v8i*)(in + (int64_t)(i * ni + j) * ld), v8l);
+    V col[NI ? NI : 8];
+    for (int i = 0; i < ni; ++i) col[i] = Lanes<V>::load(in + (int64_t)(i * ni + j) * ld);
     for (int r = 0; r < no; ++r) {
-      v8l acc = {};
+      V acc = {};
       for (int i = 0; i < ni; ++i) {
-        const int64_t b = M[r * ni + i];
+        const Out b = M[r * ni + i];
         if (b) acc += b * col[i];
       }
-      if (k) acc = (acc + ((int64_t)1 << (k - 1)) + (acc >> 63)) >> k;  // rshift, see above
+      if (k) acc = (acc + ((Out)1 << (k - 1)) + (acc >> sign)) >> k;  // rshift, see above
       tt[r][j] = acc;
     }
   }
   for (int r = 0; r < no; ++r)
     for (int s = 0; s < no; ++s) {
-      v8l acc = {};
+      V acc = {};
       for (int j = 0; j < ni; ++j) {
-        const int64_t b = M[s * ni + j];
+        const Out b = M[s * ni + j];
         if (b) acc += b * tt[r][j];
       }
-      *(v8l*)(out + (int64_t)(r * no + s) * ld) = acc;
+      Lanes<V>::store(out + (int64_t)(r * no + s) * ld, acc);
     }
 }
 
-static inline void transform8l(const int32_t* in, int64_t* out, const int32_t* M, int no, int ni, int k, int64_t ld) {
-#define WQ_T(o, i) if (no == o && ni == i) return transform8l_t<o, i>(in, out, M, k, ld);
-  WQ_T(2, 4) WQ_T(4, 6) WQ_T(6, 8) WQ_T(4, 4) WQ_T(6, 6) WQ_T(8, 8) WQ_T(2, 6) WQ_T(4, 8) WQ_T(2, 8)
+// the tile shapes in use (F(2,3), F(4,3), F(6,3) and the same-size F(m,5), F(2,7)) unrolled
+#define WQ_TILE_SHAPES(T) T(4, 4) T(6, 6) T(8, 8) T(2, 4) T(4, 6) T(6, 8) T(2, 6) T(4, 8) T(2, 8)
+
+template <typename V, typename Out>
+static inline void transform(const int32_t* in, Out* out, const int32_t* M, int no, int ni, int k, int64_t ld) {
+#define WQ_T(o, i) if (no == o && ni == i) return transform_t<V, Out, o, i>(in, out, M, k, ld);
+  WQ_TILE_SHAPES(WQ_T)
 #undef WQ_T
-  TORCH_CHECK(false, "transform8l: unsupported tile ", no, "x", ni);
+  transform_t<V, Out, 0, 0>(in, out, M, k, ld, no, ni);
+}
+
+// 16 channels in int32 / 8 channels in int64
+static inline void transform16(const int32_t* in, int32_t* out, const int32_t* M, int no, int ni, int k, int64_t ld) {
+  transform<v16i, int32_t>(in, out, M, no, ni, k, ld);
+}
+static inline void transform8l(const int32_t* in, int64_t* out, const int32_t* M, int no, int ni, int k, int64_t ld) {
+  transform<v8l, int64_t>(in, out, M, no, ni, k, ld);
 }
 
 // dst[i] = float(src[i]) * s[i] (+ bias[i]), src int64 (converted exactly rounded, as torch does)
