@@ -4,10 +4,13 @@
 
 Choices {direct, F(2,3), F(4,3), F(6,3)} x {int4, int8 weights} (activations int8, group 32, data-free
 learned transform scales, emulated kernel for accuracy) for each 3x3 stride-1 conv; other layers
-int8 direct. Sensitivity: relative layer output error on ``--calib-images`` calibration images;
+int8 direct. Sensitivity (``--sensitivity``): relative error of the network's output with only that
+layer quantized as the choice (default), or of the layer's own output, on ``--calib-images`` images;
 costs: multiplications x bits (``mults``) and measured layer latency (``latency``, thread CPU
 time; Winograd on the integer CPU kernel). The ILP is solved for budgets from the cheapest to the
-dearest plan; each plan and each uniform choice is evaluated on the same images.
+dearest plan (``--rs``) and at each uniform choice's own cost (``--match-uniform``: the ILP plan at
+that cost should be at least as accurate); each plan and each uniform choice is evaluated on the
+same images.
 """
 from __future__ import annotations
 
@@ -29,6 +32,10 @@ def main(argv=None):
     ap.add_argument("--depth", type=int, default=20)
     ap.add_argument("--kind", default="mults", choices=("mults", "latency"))
     ap.add_argument("--rs", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.35, 0.5])
+    ap.add_argument("--sensitivity", default="output", choices=("output", "layer"),
+                    help="output: network output error with one layer quantized; layer: that layer's own error")
+    ap.add_argument("--match-uniform", action=argparse.BooleanOptionalAction, default=True,
+                    help="also solve the ILP at each uniform choice's cost (the dominance check)")
     add_cifar_args(ap, n_images=500, calib_images=32, out="benchmarks/out/hawq_winograd.json")
     args = ap.parse_args(argv)
     x, y, calib = cifar_setup(args)
@@ -37,7 +44,7 @@ def main(argv=None):
            "n_images": args.n_images, "fp_top1": top1(model, x, y), "uniform": {}, "ilp": []}
     t0 = time.perf_counter()
     choices = build_choices(model)
-    sens, costs = joint_tables(model, choices, calib, samples=args.calib_images)
+    sens, costs = joint_tables(model, choices, calib, samples=args.calib_images, sensitivity=args.sensitivity)
     res["build_s"] = time.perf_counter() - t0
     res["sensitivity"] = {n: {f"{t}/{b}": v for (t, b), v in s.items()} for n, s in sens.items()}
     res["costs"] = {k: {n: {f"{t}/{b}": v for (t, b), v in s.items()} for n, s in c.items()} for k, c in costs.items()}
@@ -51,12 +58,15 @@ def main(argv=None):
         dump_json(args.out, res)
     lo = sum(min(t.values()) for t in costs[args.kind].values())
     hi = sum(max(t.values()) for t in costs[args.kind].values())
-    for r in args.rs:
+    budgets = [("r", r, lo + r * (hi - lo)) for r in args.rs]
+    if args.match_uniform:
+        budgets += [("uniform", k, row[args.kind]) for k, row in res["uniform"].items()]
+    for how, key, budget in budgets:
         t1 = time.thread_time()
-        plan = solve_ilp(sens, costs, {args.kind: lo + r * (hi - lo)})
+        plan = solve_ilp(sens, costs, {args.kind: budget * (1 + 1e-12)})
         solve_s = time.thread_time() - t1
         m = assemble(choices, plan)
-        row = {"r": r, "top1": top1(m, x, y), **{k: sum(costs[k][n][plan[n]] for n in names) for k in costs},
+        row = {how: key, "top1": top1(m, x, y), **{k: sum(costs[k][n][plan[n]] for n in names) for k in costs},
                "sum_sensitivity": sum(sens[n][plan[n]] for n in names), "solve_s": solve_s,
                "plan": {n: f"{t}/{b}" for n, (t, b) in plan.items()}}
         res["ilp"].append(row)

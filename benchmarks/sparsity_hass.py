@@ -11,7 +11,11 @@ other images. Designs per platform (ZCU102, U250):
 * uniform: one (tau_w, tau_a) for all layers, grid; resources allocated afterwards;
 * unaware: per-layer thresholds by TPE for accuracy and product sparsity; allocated afterwards;
 * greedy: the HASS paper's greedy steps (all layers together), throughput in the loop;
-* hass: per-layer thresholds and the DSP budget by TPE for accuracy and images/s per DSP.
+* hass: per-layer thresholds and the DSP budget by TPE for accuracy and images/s per DSP, then
+  ``--refine-steps`` per-layer steps on the layers holding the most DSPs (``refine``, hardware score);
+* the unaware search gets the same number of refinement steps with its own score (MAC-weighted
+  product sparsity, on the layers with the most non-zero MACs left), so both searches evaluate
+  about as many designs.
 
 "Allocated afterwards" = the greedy allocator at the best of a grid of DSP budgets for images/s
 per DSP, so the baselines get the same allocation freedom the hardware-aware search has. At
@@ -32,7 +36,7 @@ import torch  # noqa: E402
 
 from winoq.models import load_cifar_resnet  # noqa: E402
 from winoq.sparsity import (Evaluator, Problem, StudyConfig, allocate_best, best_under_drop, greedy_search,  # noqa: E402
-                            hass_search, map_model, uniform_search, unaware_search)
+                            hass_search, map_model, refine, uniform_search, unaware_search)
 from winoq.sparsity.plots import plot_layers, plot_pareto  # noqa: E402
 from winoq.sparsity.search import make_record  # noqa: E402
 
@@ -49,6 +53,10 @@ def main(argv=None):
     ap.add_argument("--hass-trials", type=int, default=50)
     ap.add_argument("--unaware-trials", type=int, default=50)
     ap.add_argument("--greedy-steps", type=int, default=12)
+    ap.add_argument("--refine-steps", type=int, default=12,
+                    help="per-layer refinement steps after TPE, for HASS (hardware score) and the unaware "
+                         "search (sparsity score) alike; 0: none")
+    ap.add_argument("--refine-layers", type=int, default=4, help="layers tried per refinement step")
     ap.add_argument("--storage-dir", type=Path, default=Path("benchmarks/out/sparsity_hass_studies"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out/sparsity_hass.json"))
@@ -84,6 +92,16 @@ def main(argv=None):
                                                                 args.unaware_trials, progress=False))
     res["search"] = {"uniform": {"trials": len(uniform), "seconds": t_uni, "cpu_seconds": cpu[0]},
                      "unaware": {"trials": len(unaware), "seconds": t_un, "cpu_seconds": cpu[1]}}
+    refine_kw = dict(reference_accuracy=ref, max_steps=args.refine_steps, layers_per_step=args.refine_layers,
+                     progress=False)
+    if args.refine_steps:  # the unaware refinement: from its best design by sparsity at each drop
+        for drop in (1.0, 2.0):
+            start = best_under_drop(unaware, ref, drop, key=lambda r: r.product_sparsity)
+            more, t_r = timed(refine, problem, start, "sparsity", max_drop=drop, **refine_kw)
+            res["search"][f"unaware-refine@{drop:g}"] = {"trials": 1 + 2 * args.refine_layers * (len(more) - 1),
+                                                         "steps": len(more) - 1, "seconds": t_r,
+                                                         "cpu_seconds": cpu[len(cpu) - 1]}
+            unaware = unaware + more
     heldout_cache: dict = {}
 
     def heldout(rec):
@@ -100,10 +118,21 @@ def main(argv=None):
         res["search"][f"hass-{plat}"] = {"trials": len(hass), "seconds": t_h, "cpu_seconds": cpu[len(cpu) - 2]}
         res["search"][f"greedy-{plat}"] = {"trials": 1 + 2 * (len(greedy) - 1), "steps": len(greedy) - 1,
                                            "seconds": t_g, "cpu_seconds": cpu[len(cpu) - 1]}
+        if args.refine_steps:  # HASS's refinement: from its best design by images/s per DSP at each drop
+            for drop in (1.0, 2.0):
+                start = best_under_drop(hass, ref, drop, key=lambda r: r.design[OBJ])
+                more, t_r = timed(refine, problem, start, "hardware", plat, max_drop=drop, **refine_kw)
+                res["search"][f"hass-refine-{plat}@{drop:g}"] = {
+                    "trials": 1 + 2 * args.refine_layers * (len(more) - 1), "steps": len(more) - 1, "seconds": t_r,
+                    "cpu_seconds": cpu[len(cpu) - 1]}
+                hass = hass + more
         dense_d = make_record("dense", dense_cfg, ev.evaluate(dense_cfg))
         dense_d.design = allocate_best(dense_d, specs, plat, OBJ, sparse=False).summary()
         for rec in uniform + unaware:
             rec.design = allocate_best(rec, specs, plat, OBJ).summary()
+        for rec in hass:  # refined designs were allocated on the full board: re-allocate at their best per DSP
+            if rec.method == "hass-refine":
+                rec.design = allocate_best(rec, specs, plat, OBJ).summary()
         for rec in greedy:  # greedy steps on full budget; its allocation afterwards like the others
             rec.design = allocate_best(rec, specs, plat, OBJ).summary()
         by_method = {"dense": [dense_d], "uniform": [r for r in uniform], "unaware": [r for r in unaware],

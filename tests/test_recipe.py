@@ -5,6 +5,7 @@ import dataclasses
 import math
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -65,3 +66,47 @@ def test_learn_lr_accepts_exactly_the_positive_finite_numbers(value):
     else:
         with pytest.raises(ValueError):
             Recipe(learn_lr=value)
+
+
+def test_layer_plan_is_validated_normalized_and_survives_json():
+    r = Recipe(layer_plan={"b": {"winograd": None}, "a": {"weights": "int4", "winograd": 2}})
+    assert r.layer_plan == (("a", (("weights", "int4"), ("winograd", 2))), ("b", (("winograd", None),)))
+    assert r.plan_for("a") == {"weights": "int4", "winograd": 2} and r.plan_for("zzz") == {}
+    assert Recipe.from_json(r.to_json()) == r
+    assert hash(r) == hash(Recipe.from_json(r.to_json()))
+    assert "layer-plan(2 layers)" in r.describe()
+    for bad, msg in (({"a": {"bits": 4}}, "unknown keys"), ({"a": {"weights": "int99"}}, "int99"),
+                     ({"a": {"winograd": 1}}, "output tile"), ({"a": {"winograd": True}}, "output tile"),
+                     ({"a": 4}, "dicts of choices")):
+        with pytest.raises(ValueError, match=msg):
+            Recipe(layer_plan=bad)
+
+
+def test_quantize_applies_the_layer_plan_and_load_rebuilds_it(tmp_path):
+    import winoq
+    from winoq.algorithms.adaround import layer_weight_format
+    from winoq.models import cifar_resnet20
+
+    torch.manual_seed(0)
+    model = cifar_resnet20().eval()
+    plan = {"layer1.0.conv1": {"weights": "int4", "winograd": 2}, "layer1.0.conv2": {"winograd": None},
+            "linear": {"weights": "int4", "activations": "int4"}}
+    recipe = Recipe(winograd=6, layer_plan=plan, learn_steps=1)
+    q = winoq.quantize(model, recipe, progress=False)
+    rep = {r.name: (r.kind, r.detail) for r in q.winoq_report}
+    assert rep["layer1.0.conv1"] == ("winograd", "F(2,3) (layer_plan)")
+    assert rep["layer1.0.conv2"] == ("direct", "direct (layer_plan)")
+    assert rep["layer1.1.conv1"] == ("direct", "16 input channels < group size 32")  # the plan overrides the rule
+    assert rep["layer3.1.conv1"] == ("winograd", "F(6,3)")
+    assert layer_weight_format(q.layer1[0].conv1).name == "int4"
+    assert layer_weight_format(q.layer1[1].conv1).name == "int8"
+    assert q.linear.act_format.name == "int4"
+    winoq.save(q, tmp_path / "q.safetensors")
+    back = winoq.load(tmp_path / "q.safetensors", cifar_resnet20())
+    x = torch.randn(2, 3, 32, 32)
+    assert back.winoq_recipe.layer_plan == recipe.layer_plan
+    assert torch.equal(back(x), q(x))
+    with pytest.raises(ValueError, match="not a conv or linear"):
+        winoq.quantize(model, Recipe(layer_plan={"layer1.0": {"weights": "int4"}}), progress=False)
+    with pytest.raises(ValueError, match="layer2.0.conv1.*stride"):
+        winoq.quantize(model, Recipe(layer_plan={"layer2.0.conv1": {"winograd": 4}}), progress=False)

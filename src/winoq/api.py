@@ -32,7 +32,7 @@ from .checkpoint_checks import checked_metadata
 from .quantize_checks import check_kernel_here, check_unsigned_formats, emulated_kernels
 from .modules import QuantConv2d, QuantLinear
 from .recipe import Recipe
-from .winograd.conv import winograd_choice
+from .winograd.conv import winograd_choice, winograd_ineligibility
 from .granularity import apply_recipe as apply_granularity
 from .distributed import assign_layers, layer_cost, shard, share_learned_scales
 from .winograd.quantized import QuantWinogradConv2d, StageFormats
@@ -69,15 +69,17 @@ def _swap_modules(qmodel: nn.Module, recipe: Recipe, saved_tiles: dict | None = 
     """Swap every conv / linear for its quantized module. ``saved_tiles`` (``load``): {conv name:
     output tile, or None for direct} as a checkpoint's report says, taken over the recipe's rules
     so that a file written under older rules (e.g. a 5x5 conv as F(6,5)) rebuilds as it was saved."""
-    fmts = StageFormats(recipe.activations, recipe.activations, recipe.weights,
-                        recipe.winograd_output_format or recipe.activations)
     scale_mode = "tapwise" if recipe.scales == "tapwise" else "shared"
     plan = []
+    _check_plan_names(qmodel, recipe)
     for name, mod in list(qmodel.named_modules()):
         if isinstance(mod, (QuantWinogradConv2d, QuantConv2d, QuantLinear)):
             raise ValueError(f"module {name!r} is already quantized; pass the float model to winoq.quantize")
         if isinstance(mod, (nn.Conv2d, nn.Linear)) and any(fnmatch.fnmatchcase(name, p) for p in recipe.skip):
             continue  # kept in float on request
+        choice = recipe.plan_for(name)
+        w_fmt, a_fmt = choice.get("weights", recipe.weights), choice.get("activations", recipe.activations)
+        fmts = StageFormats(a_fmt, a_fmt, w_fmt, recipe.winograd_output_format or a_fmt)
         if isinstance(mod, nn.Conv2d):
             m, detail = _winograd_tile(name, mod, recipe)
             if saved_tiles is not None and name in saved_tiles:
@@ -90,10 +92,10 @@ def _swap_modules(qmodel: nn.Module, recipe: Recipe, saved_tiles: dict | None = 
                 new.kernel = recipe.kernel
                 rep = LayerReport(name, "winograd", detail, int32=new.int32_report())
             else:
-                new = QuantConv2d.from_conv(mod, recipe.weights, recipe.activations, recipe.group_size)
+                new = QuantConv2d.from_conv(mod, w_fmt, a_fmt, recipe.group_size)
                 rep = LayerReport(name, "direct", detail)
         elif isinstance(mod, nn.Linear):
-            new = QuantLinear.from_linear(mod, recipe.weights, recipe.activations, recipe.group_size)
+            new = QuantLinear.from_linear(mod, w_fmt, a_fmt, recipe.group_size)
             rep = LayerReport(name, "linear", "direct")
         else:
             continue
@@ -103,8 +105,30 @@ def _swap_modules(qmodel: nn.Module, recipe: Recipe, saved_tiles: dict | None = 
     return plan
 
 
+def _check_plan_names(model: nn.Module, recipe: Recipe) -> None:
+    """Every layer a ``layer_plan`` names is a conv / linear of the model, and a planned tile fits it."""
+    mods = dict(model.named_modules())
+    for name, choices in recipe.layer_plan:
+        mod = mods.get(name)
+        if not isinstance(mod, (nn.Conv2d, nn.Linear)):
+            layers = [n for n, m in mods.items() if isinstance(m, (nn.Conv2d, nn.Linear))]
+            raise ValueError(f"layer_plan names {name!r}, which is not a conv or linear of this model "
+                             f"(its layers: {', '.join(layers[:8])}{' ...' if len(layers) > 8 else ''})")
+        tile = dict(choices).get("winograd")
+        if tile is not None:
+            why = winograd_ineligibility(mod)
+            if why is not None:
+                raise ValueError(f"layer_plan[{name!r}] asks for Winograd F({tile},k) but this layer cannot run as "
+                                 f"Winograd: {why}")
+
+
 def _winograd_tile(name: str, conv: nn.Conv2d, recipe: Recipe) -> tuple[int | None, str]:
-    """(output tile or None, report detail) of one conv under the recipe's Winograd rules."""
+    """(output tile or None, report detail) of one conv under the recipe's Winograd rules (a
+    ``layer_plan`` tile first)."""
+    choice = recipe.plan_for(name)
+    if "winograd" in choice:
+        m = choice["winograd"]
+        return (None, "direct (layer_plan)") if m is None else (m, f"F({m},{conv.kernel_size[0]}) (layer_plan)")
     if recipe.winograd is None:
         return None, "winograd off"
     min_channels, label = recipe.min_winograd_channels

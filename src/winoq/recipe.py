@@ -108,6 +108,11 @@ class Recipe:
         warning.
     force_winograd: module-name patterns (``fnmatch``) of eligible convs that run as Winograd
         despite ``winograd_min_channels`` and ``winograd_kernels``.
+    layer_plan: per-layer choices over the fields above, e.g. a mixed-precision plan
+        (``winoq.mixed_precision``): ``{"layer1.0.conv1": {"weights": "int4", "winograd": 2},
+        "fc": {"activations": "int4"}}``; keys "weights", "activations" (format names) and
+        "winograd" (output tile, or None for direct; an ineligible conv is refused). Saved in the
+        checkpoint with the rest of the recipe.
     """
 
     weights: str = "int8"
@@ -140,6 +145,7 @@ class Recipe:
     winograd_min_channels: int | str | None = "group"
     winograd_kernels: tuple[int, ...] = (3,)
     force_winograd: tuple[str, ...] = ()
+    layer_plan: tuple = ()
 
     def __post_init__(self):
         _check_field_types(self)
@@ -185,6 +191,7 @@ class Recipe:
         if not isinstance(self.fold_batchnorm, bool):
             raise ValueError(f"fold_batchnorm must be True or False, got {self.fold_batchnorm!r}")
         self._check_winograd_rules()
+        object.__setattr__(self, "layer_plan", _normalize_plan(self.layer_plan))
         if self.points is not None:
             pts = tuple(str(Fraction(p)) for p in self.points)
             object.__setattr__(self, "points", pts)
@@ -202,6 +209,13 @@ class Recipe:
             raise ValueError(f"force_winograd must be a tuple of module-name patterns (fnmatch, e.g. 'conv_in'), "
                              f"got {self.force_winograd!r}")
         object.__setattr__(self, "force_winograd", tuple(self.force_winograd))
+
+    def plan_for(self, name: str) -> dict:
+        """The ``layer_plan`` entry of layer ``name`` as a dict ({} when the plan does not name it)."""
+        for layer, choices in self.layer_plan:
+            if layer == name:
+                return dict(choices)
+        return {}
 
     @property
     def min_winograd_channels(self) -> tuple[int | None, str | None]:
@@ -257,6 +271,8 @@ class Recipe:
         for key in ("skip", "winograd_kernels", "force_winograd"):
             if key in data:
                 data[key] = tuple(data[key])
+        if "layer_plan" in data:  # JSON lists of [name, [[key, value], ...]]
+            data["layer_plan"] = {name: dict(choices) for name, choices in data["layer_plan"]}
         data.setdefault("activation_granularity", "sample")  # files from before the field ran per sample
         data.setdefault("winograd_input_scales", "shared")  # ... and V, M as the paper: shared, 8-bit M
         data.setdefault("winograd_output_format", None)
@@ -281,7 +297,40 @@ class Recipe:
                          (f" learned-rounding({self.reconstruction})" if self.rounding == "learned" else ""),
                          "" if self.fold_batchnorm else " bn-unfolded"])
         rule = "" if self.winograd is None else f" [{self.winograd_rule()}]"
-        return f"W:{self.weights} A:{self.activations} {group} {tile}{extra}{rule}"
+        plan = f" layer-plan({len(self.layer_plan)} layers)" if self.layer_plan else ""
+        return f"W:{self.weights} A:{self.activations} {group} {tile}{extra}{rule}{plan}"
+
+
+PLAN_KEYS = ("weights", "activations", "winograd")
+
+
+def _normalize_plan(plan) -> tuple:
+    """``layer_plan`` as a sorted tuple ``((name, ((key, value), ...)), ...)`` (hashable, frozen),
+    from a dict ``{name: {key: value}}`` or that tuple form; every entry validated."""
+    items = plan.items() if isinstance(plan, dict) else plan
+    try:
+        entries = [(name, dict(choices)) for name, choices in items]
+    except (TypeError, ValueError):
+        raise ValueError(f"layer_plan must map layer names to dicts of choices, e.g. "
+                         f"{{'layer1.0.conv1': {{'weights': 'int4', 'winograd': 2}}}}, got {plan!r}") from None
+    out = []
+    for name, choices in entries:
+        if not isinstance(name, str):
+            raise ValueError(f"layer_plan: layer names must be str, got {name!r}")
+        unknown = set(choices) - set(PLAN_KEYS)
+        if unknown:
+            raise ValueError(f"layer_plan[{name!r}] has unknown keys {sorted(unknown)}; known: {list(PLAN_KEYS)}")
+        for key in ("weights", "activations"):
+            if key in choices:
+                if not isinstance(choices[key], str):
+                    raise ValueError(f"layer_plan[{name!r}][{key!r}] must be a format name, got {choices[key]!r}")
+                parse(choices[key])
+        m = choices.get("winograd")
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or not 2 <= m <= MAX_TILE):
+            raise ValueError(f"layer_plan[{name!r}]['winograd'] must be an output tile in 2..{MAX_TILE} or None "
+                             f"(direct), got {m!r}")
+        out.append((name, tuple(sorted(choices.items()))))
+    return tuple(sorted(out))
 
 
 def _one_of(name, value, allowed):

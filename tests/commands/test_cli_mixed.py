@@ -10,13 +10,17 @@ from PIL import Image
 from winoq.cli import main
 
 
-def test_mixed_command_writes_plan_plot_and_onnx(tmp_path, capsys):
-    pytest.importorskip("onnx")
+def _images(tmp_path):
     rng = np.random.default_rng(0)
     for cls in ("a", "b"):
         (tmp_path / "imgs" / cls).mkdir(parents=True)
         for i in range(2):
             Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "imgs" / cls / f"{i}.png")
+
+
+def test_mixed_command_writes_plan_plot_and_onnx(tmp_path, capsys):
+    pytest.importorskip("onnx")
+    _images(tmp_path)
     rc = main(["mixed", "--model", "cifar-resnet20", "--calib-data", str(tmp_path / "imgs"), "--calib-images", "4",
                "--trace-iters", "2", "--budget", "size", "--r", "0.25", "--out", str(tmp_path / "plan.json"),
                "--plot", str(tmp_path / "plan.png"), "--onnx", str(tmp_path / "m.onnx")])
@@ -26,3 +30,25 @@ def test_mixed_command_writes_plan_plot_and_onnx(tmp_path, capsys):
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["bits"]["conv1"] == 8 and plan["totals"]["size"] <= plan["budget"] * (1 + 1e-9)
     assert (tmp_path / "plan.png").stat().st_size > 1000 and (tmp_path / "m.onnx").stat().st_size > 1000
+
+
+def test_mixed_command_saves_the_plan_in_a_checkpoint(tmp_path, capsys):
+    import winoq
+    from winoq.algorithms.adaround import layer_weight_format
+    from winoq.models import cifar_resnet20
+
+    _images(tmp_path)
+    out = tmp_path / "mixed.safetensors"
+    rc = main(["mixed", "--model", "cifar-resnet20", "--calib-data", str(tmp_path / "imgs"), "--calib-images", "4",
+               "--trace-iters", "2", "--budget", "bops", "--r", "0.25", "--out", str(tmp_path / "plan.json"),
+               "--save", str(out)])
+    assert rc in (0, None)
+    bits = json.loads((tmp_path / "plan.json").read_text())["bits"]
+    q = winoq.load(out, cifar_resnet20())
+    plan = dict(q.winoq_recipe.layer_plan)
+    assert {n: dict(c)["weights"] for n, c in plan.items()} == {n: f"int{b}" for n, b in bits.items()}
+    four = [n for n, b in bits.items() if b == 4]
+    assert four and all(layer_weight_format(q.get_submodule(n)).name == "int4" for n in four)
+    assert "layer-plan" in capsys.readouterr().out
+    assert main(["mixed", "--model", "cifar-resnet20", "--calib-data", str(tmp_path / "imgs"), "--save", str(tmp_path)]) != 0
+    assert "is a directory" in capsys.readouterr().err

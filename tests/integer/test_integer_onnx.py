@@ -27,7 +27,7 @@ def test_onnxruntime_matches_integer_model_bit_for_bit(tmp_path, build, bits):
     torch.manual_seed(0)
     model = _bn(build())
     x = torch.randn(4, 3, 32, 32)
-    im = convert(model, x, IntegerConfig(weight_bits=bits[0], act_bits=bits[1], calib_samples=4))
+    im = convert(model, x, IntegerConfig(weight_bits=bits[0], act_bits=bits[1], calib_samples=4, rounding_iters=5))
     proto = export_onnx(im, tmp_path / "m.onnx", x)
     ops = {n.op_type for n in proto.graph.node}
     assert {"ConvInteger", "MatMulInteger", "BitShift"} <= ops and "Conv" not in ops

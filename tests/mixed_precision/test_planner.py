@@ -67,3 +67,27 @@ def test_latency_budget_needs_a_table_and_bad_r():
         plan_bits(_small_model(), torch.randn(2, 1, 12, 12), PlanConfig(budget="latency", max_iters=1, max_samples=2))
     with pytest.raises(ValueError, match="r must be in"):
         PlanConfig(r=2.0)
+
+
+def test_plan_becomes_a_recipe_that_quantize_applies():
+    import winoq
+    from winoq.algorithms.adaround import layer_weight_format
+
+    model = _small_model()
+    x = torch.randn(4, 1, 12, 12)
+    p = plan_bits(model, x, PlanConfig(budget="size", r=0.0, max_iters=2, max_samples=4))
+    assert 4 in p.bits.values()
+    recipe = p.recipe()
+    assert recipe.winograd is None
+    q = winoq.quantize(model, recipe, progress=False)
+    for name, bits in p.bits.items():
+        layer = q.get_submodule(name)
+        assert layer_weight_format(layer).name == f"int{bits}" and layer.act_format.name == f"int{bits}"
+
+
+def test_joint_plan_becomes_a_recipe():
+    from winoq.mixed_precision.winograd_choice import plan_recipe
+
+    r = plan_recipe({"a": ("F4", 8), "b": ("direct", 4)})
+    assert r.plan_for("a") == {"weights": "int8", "winograd": 4}
+    assert r.plan_for("b") == {"weights": "int4", "winograd": None}

@@ -30,3 +30,26 @@ def test_joint_tables_ilp_and_assembly():
     m = assemble(choices, {"0": ("F6", 4), "2": ("direct", 8)})
     assert isinstance(m[0], QuantWinogradConv2d) and m[0].m == 6 and isinstance(m[2], QuantConv2d)
     assert m(calib).shape == model(calib).shape
+
+
+def test_output_sensitivity_is_zero_for_the_float_layer_and_ranks_bits():
+    import copy
+
+    from winoq.batchnorm import fold_batchnorm
+    from winoq.mixed_precision.winograd_choice import output_sensitivity
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+                          nn.Flatten()).eval()
+    model[1].running_mean.uniform_(-0.5, 0.5)
+    model[1].running_var.uniform_(0.5, 2.0)
+    x = torch.randn(4, 2, 8, 8)
+    folded = copy.deepcopy(model)
+    fold_batchnorm(folded)
+    choices = build_choices(model, tiles=("direct",), learn_steps=1)
+    choices["float"] = folded
+    sens = output_sensitivity(model, choices, ["0", "3"], x)
+    for n in ("0", "3"):
+        assert sens[n]["float"] < 1e-12
+        assert 0 < sens[n][("direct", 8)] < sens[n][("direct", 4)]
+    assert torch.equal(model(x), folded(x)) or torch.allclose(model(x), folded(x), atol=1e-5)

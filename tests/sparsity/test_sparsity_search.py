@@ -143,3 +143,27 @@ def test_a_killed_search_resumes_without_losing_trials(tmp_path):
     assert {t.number: t.params for t in done if t.number in before} == before      # finished trials kept
     assert trials[3].state == optuna.trial.TrialState.FAIL                          # the killed one
     assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+
+
+def test_refine_climbs_its_score_within_the_drop(problem):
+    from winoq.sparsity import refine
+
+    start = uniform_search(problem, (0.0,), (0.0,), progress=False)[0]
+    hw = refine(problem, start, "hardware", "zcu102", reference_accuracy=start.accuracy, max_drop=10.0,
+                step_w=0.01, step_a=0.1, layers_per_step=2, max_steps=3, progress=False)
+    un = refine(problem, start, "sparsity", reference_accuracy=start.accuracy, max_drop=10.0,
+                step_w=0.01, step_a=0.1, layers_per_step=2, max_steps=3, progress=False)
+    assert len(hw) >= 2 and len(un) >= 2  # both took at least one step from the dense start
+    per_dsp = [r.design["throughput_per_dsp"] for r in hw]
+    assert all(b > a for a, b in zip(per_dsp, per_dsp[1:]))
+    sparsity = [r.product_sparsity for r in un]
+    assert all(b > a for a, b in zip(sparsity, sparsity[1:]))
+    assert all(r.accuracy >= start.accuracy - 10.0 for r in hw + un)
+    assert all(r.method == "hass-refine" for r in hw) and un[0].design is None
+    strict = refine(problem, start, "hardware", "zcu102", reference_accuracy=start.accuracy, max_drop=0.0,
+                    step_w=0.04, step_a=0.5, max_steps=2, progress=False)
+    assert all(r.accuracy >= start.accuracy for r in strict)
+    with pytest.raises(ValueError, match="score must be"):
+        refine(problem, start, "speed", reference_accuracy=100.0)
+    with pytest.raises(ValueError, match="unknown|platform"):
+        refine(problem, start, "hardware", "nope", reference_accuracy=100.0)

@@ -22,6 +22,9 @@ def register(subparsers) -> None:
     p.add_argument("--out", type=Path, help="write the plan as JSON")
     p.add_argument("--plot", type=Path, help="write a PNG: per-layer bits and the Pareto curve")
     p.add_argument("--onnx", type=Path, help="convert to integer-only with the plan and export to ONNX")
+    p.add_argument("--save", type=Path, metavar="OUT.safetensors",
+                   help="quantize with the plan (winoq.quantize, the plan as the recipe's layer_plan) and save the "
+                        "checkpoint: `winoq eval --checkpoint` and winoq.load rebuild it with each layer's bits")
     p.set_defaults(func=run)
 
 
@@ -77,13 +80,28 @@ def plot_plan(plan, layers, tables, path) -> str:
     return str(path)
 
 
+def _save_quantized(model, plan, args) -> None:
+    import warnings
+
+    import winoq
+
+    recipe = plan.recipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qmodel = winoq.quantize(model, recipe, progress=True)
+    winoq.save(qmodel, args.save)
+    print(f"quantized with the plan ({recipe.describe()}) -> {args.save}")
+
+
 def run(args) -> int:
-    from ._common import CLIError, load_float_model
+    from ._common import CLIError, check_output, load_float_model
     from .quantize import _calibration_images
     from ..mixed_precision import PlanConfig, cost_tables, model_layers, plan_bits
 
     if not 0 <= args.r <= 1:
         raise CLIError(f"--r must be in [0, 1], got {args.r}")
+    if args.save:
+        check_output(args.save, [Path(p) for p in (args.model, args.weights) if p])
     model, name = load_float_model(args.model, args.weights)
     calib = _calibration_images(name, args.calib_data, args.calib_images)
     if calib is None:
@@ -101,6 +119,8 @@ def run(args) -> int:
         print(f"plan -> {args.out}")
     if args.plot:
         print(f"plot -> {plot_plan(plan, layers, tables, args.plot)}")
+    if args.save:
+        _save_quantized(model, plan, args)
     if args.onnx:
         from ..integer import IntegerConfig, convert
         from ..integer.onnx_export import export_onnx

@@ -15,8 +15,10 @@ Activations: symmetric, ``[-(2^(b-1)-1), 2^(b-1)-1]``; post-ReLU activations of 
 ``config.unsigned_max_bits`` bits are unsigned ``[0, 2^b - 1]`` with zero point 0 (4-bit, as in
 HAWQ-V3); an activation's bits are the largest input bits of the layers reading it.
 
-3x3 convs stay direct integer convs here; the per-layer conversion is one function
-(:func:`convert_conv`) so an integer Winograd layer with fixed-point transforms can replace it.
+3x3 stride-1 convs run as integer Winograd F(m, 3) (:mod:`winoq.integer.winograd`: fixed-point
+transforms with data-free learned scales, static per-tap V scales, int16 M) when
+``config.winograd`` or ``config.winograd_layers`` asks for it; every other conv is a direct
+integer conv (:func:`convert_conv`).
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from ..calibration import _calls
 from . import layers as L
 from .dyadic import dyadic_tensor
 from .model import IntegerModel, LayerInfo
+from .winograd import build_int_winograd, winograd_multiplications
 
 __all__ = ["IntegerConfig", "IntegerConversionError", "convert", "trace", "layer_names"]
 
@@ -57,6 +60,28 @@ class IntegerConfig:
         calibration values); "auto": minmax at 8 bit and above, mse below.
     weight_clip: the same choice for each output channel's weight scale.
     calib_samples: at most this many calibration samples are run.
+    winograd: output tile m of integer Winograd F(m, 3) for every eligible conv (3x3, stride 1,
+        dilation 1, one group, at least ``winograd_min_channels`` input and output channels);
+        None (default): every conv direct.
+    winograd_layers: per-layer overrides ``{name: m or None}`` (None: direct), e.g. a joint
+        tile + bits plan; a named layer skips the channel rule but must be eligible.
+    winograd_min_channels: convs with fewer input or output channels stay direct (the 3-channel
+        image conv: little compute, most of the error).
+    winograd_v_scales: "tile" (default): V codes with a power-of-two scale per sample, tile, tap and
+        group of ``winograd_group_size`` input channels, the exponent from the integer bit length
+        of the group's largest |V| (block floating point: integer ops only); "static": one
+        calibrated scale per tap (dyadic requantization).
+    winograd_group_size: input channels per V exponent ("tile").
+    winograd_v_clip: clipping of the static per-tap V scales, "mse" or "minmax".
+    winograd_m_bits: bits of M before the output transform (int16 by default).
+    winograd_scales: the transforms' diagonal scales, "learned" (data-free) or "standard".
+    transform_bits: fractional bits of the fixed-point transforms.
+    layer_calib_samples: calibration samples whose full layer inputs are kept, for V and M's static
+        scales and for learned rounding.
+    weight_rounding: "nearest", "learned" (AdaRound: each weight rounded up or down to reproduce the
+        layer's float output on the calibration inputs, ``winoq.algorithms.adaround``), or "auto"
+        (default): learned below 8 bits, nearest at 8 bits and above.
+    rounding_iters: optimisation steps of the learned rounding per layer.
     """
 
     weight_bits: int = 8
@@ -67,6 +92,20 @@ class IntegerConfig:
     act_clip: str = "auto"
     weight_clip: str = "auto"
     calib_samples: int = 256
+    winograd: int | None = None
+    winograd_layers: Mapping[str, int | None] = field(default_factory=dict)
+    winograd_min_channels: int = 16
+    winograd_v_scales: str = "tile"
+    winograd_group_size: int = 32
+    winograd_v_clip: str = "minmax"
+    winograd_m_bits: int = 16
+    winograd_scales: str = "learned"
+    transform_bits: int = 10
+    layer_calib_samples: int = 64
+    weight_rounding: str = "auto"
+    rounding_iters: int = 300
+    learn_steps: int = 20
+    seed: int = 0
 
     def __post_init__(self):
         for name, b in (("weight_bits", self.weight_bits), ("act_bits", self.act_bits)):
@@ -81,6 +120,49 @@ class IntegerConfig:
                 raise ValueError(f"{name} must be 'auto', 'minmax' or 'mse', got {v!r}")
         if self.calib_samples < 1:
             raise ValueError(f"calib_samples must be >= 1, got {self.calib_samples}")
+        tiles = [self.winograd] + list(dict(self.winograd_layers).values())
+        if any(t is not None and not (isinstance(t, int) and not isinstance(t, bool) and 2 <= t <= 6) for t in tiles):
+            raise ValueError(f"Winograd tiles must be None or an int m in [2, 6] (F(m,3) uses (m+2)x(m+2) tiles of at "
+                             f"most 8x8), got winograd={self.winograd!r}, winograd_layers={dict(self.winograd_layers)!r}")
+        if self.winograd_v_scales not in ("tile", "static"):
+            raise ValueError(f"winograd_v_scales must be 'tile' or 'static', got {self.winograd_v_scales!r}")
+        if self.winograd_v_clip not in ("mse", "minmax"):
+            raise ValueError(f"winograd_v_clip must be 'mse' or 'minmax', got {self.winograd_v_clip!r}")
+        if self.weight_rounding not in ("auto", "nearest", "learned"):
+            raise ValueError(f"weight_rounding must be 'auto', 'nearest' or 'learned', got {self.weight_rounding!r}")
+        if self.winograd_scales not in ("learned", "standard"):
+            raise ValueError(f"winograd_scales must be 'learned' or 'standard', got {self.winograd_scales!r}")
+        for name, v, lo, hi in (("winograd_m_bits", self.winograd_m_bits, 8, 16), ("transform_bits", self.transform_bits, 4, 12),
+                                ("winograd_min_channels", self.winograd_min_channels, 1, 1 << 20),
+                                ("winograd_group_size", self.winograd_group_size, 1, 1 << 20),
+                                ("layer_calib_samples", self.layer_calib_samples, 1, 1 << 20),
+                                ("learn_steps", self.learn_steps, 0, 1 << 20),
+                                ("rounding_iters", self.rounding_iters, 1, 1 << 20)):
+            if not (isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi):
+                raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {v!r}")
+
+    def learned_rounding(self, weight_bits: int) -> bool:
+        return self.weight_rounding == "learned" or (self.weight_rounding == "auto" and weight_bits < 8)
+
+    def tile_of(self, name: str, conv: nn.Module) -> int | None:
+        """The Winograd tile of layer ``name`` (None: direct); raises for a named ineligible layer."""
+        from ..winograd.conv import winograd_ineligibility
+
+        why = winograd_ineligibility(conv)
+        if why is None and getattr(conv, "groups", 1) != 1:
+            why = f"groups={conv.groups} (the integer Winograd layer takes ungrouped convs)"
+        if why is None and conv.kernel_size[0] != 3:
+            why = f"{conv.kernel_size[0]}x{conv.kernel_size[0]} kernel (integer Winograd is F(m, 3))"
+        overrides = dict(self.winograd_layers)
+        if name in overrides:
+            if overrides[name] is not None and why is not None:
+                raise ValueError(f"winograd_layers[{name!r}]: this layer cannot run as Winograd: {why}")
+            return overrides[name]
+        if self.winograd is None or why is not None:
+            return None
+        if min(conv.in_channels, conv.out_channels) < self.winograd_min_channels:
+            return None
+        return self.winograd
 
     def bits_of(self, name: str, first_or_last: bool) -> tuple[int, int]:
         v = dict(self.layer_bits).get(name)
@@ -179,12 +261,35 @@ def layer_names(model: nn.Module, leaf_modules=()) -> list[str]:
             if n.op == "call_module" and isinstance(mods[n.target], (nn.Conv2d, nn.Linear))]
 
 
+def winograd_tiles(gm: fx.GraphModule, config: IntegerConfig) -> dict[str, int]:
+    """``{conv name: m}`` of the convs that run as integer Winograd F(m, 3)."""
+    mods = dict(gm.named_modules())
+    convs = {n.target: mods[n.target] for n in gm.graph.nodes
+             if n.op == "call_module" and isinstance(mods[n.target], nn.Conv2d)}
+    unknown = sorted(set(dict(config.winograd_layers)) - set(convs))
+    if unknown:
+        raise ValueError(f"winograd_layers names {unknown}, which are not convs of this model; its convs: {sorted(convs)}")
+    tiles = {name: config.tile_of(name, conv) for name, conv in convs.items()}
+    return {k: v for k, v in tiles.items() if v is not None}
+
+
+def rounding_inputs(gm: fx.GraphModule, config: IntegerConfig, tiles: Mapping[str, int]) -> set[str]:
+    """Names of the nodes whose values feed a direct layer with learned rounding (kept in full)."""
+    mods = dict(gm.named_modules())
+    layers = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(mods[n.target], (nn.Conv2d, nn.Linear))]
+    ends = {layers[0], layers[-1]} if layers else set()
+    return {n.args[0].name for n in layers
+            if n.target not in tiles and config.learned_rounding(config.bits_of(n.target, n in ends)[0])}
+
+
 # ----------------------------------------------------------------------------- calibration
 class _Recorder(fx.Interpreter):
     """Runs the float graph and keeps, per node, the largest |value| and a random sample of values."""
 
-    def __init__(self, gm, sample: int = 1 << 15):
+    def __init__(self, gm, sample: int = 1 << 15, keep=(), keep_samples: int = 64):
         super().__init__(gm)
+        self.keep, self.keep_samples = set(keep), keep_samples
+        self.full: dict[str, list[torch.Tensor]] = {}
         self.amax: dict[str, float] = {}
         self.vmin: dict[str, float] = {}
         self.samples: dict[str, list[torch.Tensor]] = {}
@@ -200,11 +305,15 @@ class _Recorder(fx.Interpreter):
             flat = d.flatten()
             idx = torch.randint(0, flat.numel(), (min(self.sample, flat.numel()),), generator=self.gen)
             self.samples.setdefault(n.name, []).append(flat[idx].float())
+            if n.name in self.keep:  # the whole value: the float inputs of an integer Winograd layer
+                have = sum(len(t) for t in self.full.get(n.name, []))
+                if have < self.keep_samples:
+                    self.full.setdefault(n.name, []).append(d[: self.keep_samples - have].clone())
         return out
 
 
-def _calibrate(gm: fx.GraphModule, calib_data, max_samples: int) -> _Recorder:
-    rec = _Recorder(gm)
+def _calibrate(gm: fx.GraphModule, calib_data, max_samples: int, keep=(), keep_samples: int = 64) -> _Recorder:
+    rec = _Recorder(gm, keep=keep, keep_samples=keep_samples)
     seen = 0
     with torch.no_grad():
         for args, kwargs in _calls(calib_data):
@@ -282,14 +391,43 @@ def _weight_scale(w: torch.Tensor, bits: int, clip: str) -> torch.Tensor:
     return torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
 
 
+def _learned_codes(module: nn.Module, w: torch.Tensor, b: torch.Tensor, s_w: torch.Tensor, bits: int,
+                   inputs: torch.Tensor, x: _QVal, iters: int) -> torch.Tensor:
+    """Weight codes by learned rounding (AdaRound) on the layer's calibration inputs, as the integer
+    layer sees them (quantized at ``x``'s scale), against the float layer's output."""
+    from ..algorithms.adaround import learn_rounding
+    from ..formats import parse
+
+    if isinstance(module, nn.Conv2d):
+        def fn(inp, weight):
+            return F.conv2d(inp, weight, b.float(), module.stride, module.padding, module.dilation, module.groups)
+    else:
+        def fn(inp, weight):
+            return F.linear(inp, weight, b.float())
+    scale = float(x.scale)
+    seen = (torch.round(inputs.double() / scale).clamp(x.qmin, x.qmax) * scale).float()
+    wf = w.float()
+    with torch.no_grad():
+        target = fn(inputs.float(), wf)
+    shape = (-1,) + (1,) * (w.ndim - 1)
+    w_q = learn_rounding(wf, parse(f"int{bits}"), s_w.float().reshape(shape), fn, seen, target, iters=iters)
+    qmax = (1 << (bits - 1)) - 1
+    return torch.round(w_q.double() / s_w.reshape(shape)).clamp(-qmax, qmax)
+
+
 def convert_conv(name: str, module: nn.Module, w: torch.Tensor, b: torch.Tensor, x: _QVal, bits: int,
-                 clip: str) -> tuple[nn.Module, torch.Tensor, float]:
+                 clip: str, inputs: torch.Tensor | None = None, rounding_iters: int = 300
+                 ) -> tuple[nn.Module, torch.Tensor, float]:
     """One conv / linear with folded float64 ``w, b`` reading codes ``x``: returns the integer
-    step, its accumulator scale (per output channel) and the accumulator's worst-case |code|."""
+    step, its accumulator scale (per output channel) and the accumulator's worst-case |code|.
+    ``inputs``: the layer's float calibration inputs, to learn the weights' rounding (else nearest)."""
     s_w = _weight_scale(w, bits, clip)
     qmax = (1 << (bits - 1)) - 1
     shape = (-1,) + (1,) * (w.ndim - 1)
-    w_q = torch.round(w / s_w.reshape(shape)).clamp(-qmax, qmax)
+    if inputs is None:
+        w_q = torch.round(w / s_w.reshape(shape)).clamp(-qmax, qmax)
+    else:
+        w_q = _learned_codes(module, w, b, s_w, bits, inputs, x, rounding_iters)
     s_acc = s_w * float(x.scale)
     b_q = torch.round(b / s_acc)
     if float(b_q.abs().max()) > L.INT32_MAX:
@@ -321,6 +459,7 @@ class _Builder:
             raise IntegerConversionError("the model has no conv or linear layer to convert")
         ends = {layer_nodes[0], layer_nodes[-1]}
         self.layer_bits = {n: config.bits_of(n.target, n in ends) for n in layer_nodes}
+        self.tiles = winograd_tiles(gm, config)
         self.steps: list[nn.Module] = []
         self.program: list[tuple[tuple[int, ...], int]] = []
         self.env: dict[fx.Node, _QVal] = {}
@@ -411,18 +550,43 @@ class _Builder:
         w, b = _fold_bn(mod, bn)
         x = self.act(node.args[0])
         wb, ab = self.layer_bits[node]
-        step, s_acc, bound = convert_conv(node.target, mod, w, b, x, wb, self.cfg.weight_clip)
-        v = self._emit(step, (x,), s_acc, True, bound=bound)
+        tile = self.tiles.get(node.target)
         out_numel = self.rec_shape_numel(users[0] if bn is not None else node)
-        macs = out_numel * (w[0].numel())
+        if tile is None:
+            inputs = None
+            if self.cfg.learned_rounding(wb):
+                inputs = torch.cat(self.rec.full[node.args[0].name])
+            step, s_acc, bound = convert_conv(node.target, mod, w, b, x, wb, self.cfg.weight_clip, inputs,
+                                              self.cfg.rounding_iters)
+            macs, algorithm = out_numel * w[0].numel(), "direct"
+        else:
+            step, s_acc, bound = self._winograd(node, mod, w, b, x, wb, ab, tile)
+            out_hw = self.out_hw[(users[0] if bn is not None else node).name]
+            macs, algorithm = winograd_multiplications(w.shape[1], w.shape[0], out_hw, tile), f"F({tile},3)"
+        v = self._emit(step, (x,), s_acc, True, bound=bound)
         self.infos.append(LayerInfo(node.target, "conv" if isinstance(mod, nn.Conv2d) else "linear", wb,
                                     self.value_bits(node.args[0]), int(macs), int(w.numel()), bn is not None,
-                                    step.wide))
+                                    step.wide, algorithm))
         self.env[node] = v
         self.unsigned[node] = False
         if bn is not None:
             self.env[users[0]] = v
             self.unsigned[users[0]] = False
+
+    def _winograd(self, node, mod, w, b, x: _QVal, wb: int, ab: int, tile: int):
+        cfg = self.cfg
+        inputs = torch.cat(self.rec.full[node.args[0].name])
+        step, s_acc, bound = build_int_winograd(
+            node.target, mod, w, b, float(x.scale), max(abs(x.qmin), abs(x.qmax)), inputs, m=tile, weight_bits=wb,
+            v_bits=ab, m_bits=cfg.winograd_m_bits, transform_bits=cfg.transform_bits, scales=cfg.winograd_scales,
+            v_clip=cfg.winograd_v_clip, learn_steps=cfg.learn_steps, seed=cfg.seed,
+            v_group=cfg.winograd_group_size if cfg.winograd_v_scales == "tile" else 0)
+        # the direct integer conv of the same layer, rescaled to the Winograd accumulator's scale: what
+        # an export to a format without a Winograd operator (ONNX) runs in its place
+        direct, s_direct, _ = convert_conv(node.target, mod, w, b, x, wb, cfg.weight_clip)
+        rb, rc = dyadic_tensor(s_direct / s_acc, f"layer {node.target!r} (direct twin rescale)")
+        step.set_direct_twin(direct, rb, rc)
+        return step, s_acc, bound
 
     def rec_shape_numel(self, node: fx.Node) -> int:
         """Output elements per sample (channels x spatial), from the recorded shape."""
@@ -528,7 +692,7 @@ class _Shapes(fx.Interpreter):
 
     def __init__(self, gm):
         super().__init__(gm)
-        self.numel, self.spatial = {}, {}
+        self.numel, self.spatial, self.hw = {}, {}, {}
 
     def run_node(self, n):
         out = super().run_node(n)
@@ -536,6 +700,7 @@ class _Shapes(fx.Interpreter):
             self.numel[n.name] = out[0].numel() if out.ndim else 1
             if out.ndim == 4:
                 self.spatial[n.name] = out.shape[2] * out.shape[3]
+                self.hw[n.name] = (out.shape[2], out.shape[3])
         return out
 
 
@@ -551,12 +716,17 @@ def convert(model: nn.Module, calib_data, config: IntegerConfig | None = None, *
     model.eval()
     try:
         gm = trace(model, leaf_modules)
-        b = _Builder(gm, _calibrate(gm, calib_data, config.calib_samples), config)
+        tiles = winograd_tiles(gm, config)
+        mods = dict(gm.named_modules())
+        keep = {n.args[0].name for n in gm.graph.nodes if n.op == "call_module" and n.target in tiles}
+        keep |= rounding_inputs(gm, config, tiles)
+        rec = _calibrate(gm, calib_data, config.calib_samples, keep, config.layer_calib_samples)
+        b = _Builder(gm, rec, config)
         first = next(iter(_calls(calib_data)))[0][0][:1]
         shapes = _Shapes(gm)
         with torch.no_grad():
             shapes.run(first)
-        b.shapes, b.spatial = shapes.numel, shapes.spatial
+        b.shapes, b.spatial, b.out_hw = shapes.numel, shapes.spatial, shapes.hw
         return b.build().eval()
     finally:
         model.train(was_training)

@@ -62,19 +62,28 @@ def requantize(z: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tenso
 def requantize_float(z: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """The same result as :func:`requantize`, computed in float64 only (the float simulation).
 
-    ``z b`` can need 62 bits, more than float64 holds, so ``b`` is split into 16-bit halves
-    ``b = bh 2^16 + bl``; each partial product is exact, and each is divided by ``2^c`` into an
-    exact floor and remainder. Exact for integer ``|z| < 2^31`` and ``c <= 51``."""
-    if int(c.max()) > 51:
-        raise ValueError(f"the float simulation of a dyadic shift is exact only up to 2^51, got c={int(c.max())}")
+    ``z b`` can need 62 bits, more than float64 holds, so it is formed exactly as
+    ``H 2^32 + L`` (``0 <= L < 2^32``) from 16-bit halves of ``z`` and ``b``, every partial
+    product and sum below 2^53. Then ``floor((H 2^32 + L + 2^(c-1)) / 2^c)`` is
+    ``H 2^(32-c) + floor((L + 2^(c-1)) / 2^c)`` for ``c <= 32`` and
+    ``floor((H + 2^(c-33)) / 2^(c-32))`` for ``c >= 33`` (L / 2^32 < 1 cannot carry past a
+    multiple of the integer ``2^(c-32)``). Exact for integer ``|z| < 2^32``, ``0 < b < 2^31`` and
+    ``1 <= c <= 62``."""
+    if int(c.max()) > MAX_SHIFT or int(c.min()) < MIN_SHIFT:
+        raise ValueError(f"dyadic shifts must lie in [{MIN_SHIFT}, {MAX_SHIFT}], got [{int(c.min())}, {int(c.max())}]")
+    two16, two32 = 65536.0, 4294967296.0
     z = z.to(torch.float64)
-    s = torch.exp2(c.to(torch.float64))
-    bh = torch.floor(b.to(torch.float64) / 65536.0)
-    bl = b.to(torch.float64) - bh * 65536.0
-    a = z * bh * 65536.0            # exact: |z bh| < 2^47, times a power of two
-    qa = torch.floor(a / s)
-    ra = a - qa * s                 # exact remainder in [0, 2^c)
-    bb = z * bl                     # exact: < 2^47
-    qb = torch.floor(bb / s)
-    rb = bb - qb * s
-    return qa + qb + torch.floor((ra + rb + s / 2) / s)
+    bf, cf = b.to(torch.float64), c.to(torch.float64)
+    zh = torch.floor(z / two16)
+    zl = z - zh * two16                              # [0, 2^16)
+    bh = torch.floor(bf / two16)
+    bl = bf - bh * two16
+    t1 = (zh * bl + zl * bh) * two16 + zl * bl       # |.| < 2^50: exact
+    h1 = torch.floor(t1 / two32)
+    low = t1 - h1 * two32                            # [0, 2^32)
+    high = zh * bh + h1                              # |.| < 2^32
+    small = torch.exp2(cf.clamp(max=32))
+    res_small = high * torch.exp2(32 - cf.clamp(max=32)) + torch.floor((low + small / 2) / small)
+    big = torch.exp2((cf - 32).clamp(min=0))
+    res_big = torch.floor((high + torch.exp2((cf - 33).clamp(min=0))) / big)
+    return torch.where(cf <= 32, res_small, res_big)

@@ -20,6 +20,7 @@ class LayerInfo:
     params: int
     bn_folded: bool
     wide_accumulator: bool
+    algorithm: str = "direct"   # or "F(m,3)": integer Winograd (macs then counts its multiplications)
 
 
 class IntegerModel(nn.Module):

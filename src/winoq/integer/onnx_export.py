@@ -6,8 +6,12 @@ so the padded value is the real zero); the int32 bias is an ``Add``; every requa
 explicit: ``Mul`` by b, ``Add`` 2^(c-1) and an arithmetic shift by c in int64. ONNX's
 ``BitShift`` is logical (unsigned only), so the shift adds 2^62 first (a multiple of 2^c), shifts
 as uint64 and subtracts 2^(62-c), which is the floor division exactly. Input quantization and
-output dequantization are the only floating-point nodes. A Winograd integer layer would export
-as the equivalent direct ``ConvInteger`` (ONNX has no Winograd op).
+output dequantization are the only floating-point nodes. ONNX has no Winograd operator: an
+integer Winograd layer exports as its direct twin (``IntWinogradConv2d.direct_twin``: the same
+layer as a direct ``ConvInteger`` with per-channel int8 weights, its accumulator rescaled by a
+dyadic multiplier to the Winograd accumulator's scale), with a warning. That graph computes the
+model with those layers direct, so its logits differ from the integer Winograd model's by the
+two algorithms' different rounding (measured in docs/results.md); ``winograd="refuse"`` refuses.
 """
 from __future__ import annotations
 
@@ -78,6 +82,11 @@ def _pads(padding) -> list[int]:
 
 
 def _export_step(g: _Graph, step, ins: list[str]) -> str:
+    from .winograd import IntWinogradConv2d
+
+    if isinstance(step, IntWinogradConv2d):
+        acc = _export_step(g, step.direct, ins)
+        return g.clip_int32(g.requant(acc, step.direct_b, step.direct_c), -L.INT32_MAX, L.INT32_MAX)
     if isinstance(step, L.IntConv2d):
         if step.wide:
             raise ValueError(f"layer {step.name!r} accumulates in int64; ONNX ConvInteger has int32 accumulators only")
@@ -146,10 +155,27 @@ def _export_step(g: _Graph, step, ins: list[str]) -> str:
     raise ValueError(f"step {type(step).__name__} has no ONNX export")
 
 
-def export_onnx(model: IntegerModel, path, example: torch.Tensor):
-    """Write ``model`` as an ONNX graph (opset 13) with float input ``x`` and float output ``logits``."""
+def export_onnx(model: IntegerModel, path, example: torch.Tensor, winograd: str = "direct"):
+    """Write ``model`` as an ONNX graph (opset 13) with float input ``x`` and float output ``logits``.
+    ``winograd``: "direct" exports integer Winograd layers as their direct twins (with a warning),
+    "refuse" raises for them."""
+    import warnings
+
     import onnx
     from onnx import TensorProto
+
+    from .winograd import IntWinogradConv2d
+
+    wino = [s.name for s in model.steps if isinstance(s, IntWinogradConv2d)]
+    if wino and winograd == "refuse":
+        raise ValueError(f"layers {wino} are integer Winograd steps and ONNX has no Winograd operator; export with "
+                         f"winograd='direct' (their direct integer twins) or convert with IntegerConfig(winograd=None)")
+    if winograd not in ("direct", "refuse"):
+        raise ValueError(f"winograd must be 'direct' or 'refuse', got {winograd!r}")
+    if wino:
+        warnings.warn(f"ONNX has no Winograd operator: {len(wino)} integer Winograd layer(s) (e.g. {wino[0]!r}) are "
+                      f"exported as direct ConvInteger twins; the exported logits differ from this model's by the "
+                      f"two algorithms' rounding", stacklevel=2)
 
     g = _Graph()
     xd = g.cast("x", "DOUBLE")

@@ -65,6 +65,15 @@ class Plan:
         d["sensitivity"] = {l: {str(b): v for b, v in t.items()} for l, t in self.sensitivity.items()}
         return json.dumps(d, indent=1)
 
+    def recipe(self, base=None):
+        """A :class:`winoq.Recipe` that applies this plan with ``winoq.quantize`` (and is saved with
+        the checkpoint): each planned layer's weights and input activations at its bits; the other
+        fields from ``base`` (default: every conv direct, as HAWQ-V3)."""
+        from ..recipe import Recipe
+
+        base = base or Recipe(winograd=None)
+        return base.replace(layer_plan={n: {"weights": f"int{b}", "activations": f"int{b}"} for n, b in self.bits.items()})
+
     @classmethod
     def from_json(cls, text: str) -> "Plan":
         d = json.loads(text)

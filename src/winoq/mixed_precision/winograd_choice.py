@@ -5,12 +5,17 @@ Choices per Winograd-eligible conv (square kernel > 1, stride 1): ``(tile, bits)
 project's own quantized layer, built by ``winoq.quantize`` with a uniform recipe (data-free learned
 transform scales for the Winograd tiles), so a plan is assembled from already quantized layers.
 
-* sensitivity: the layer's relative output error ``||y_q - y||^2 / ||y||^2`` on its calibration
-  inputs (the float model's inputs to that layer);
+* sensitivity (``sensitivity="layer"``): the layer's relative output error ``||y_q - y||^2 / ||y||^2``
+  on its calibration inputs (the float model's inputs to that layer); or (``"output"``, the
+  default) the relative error of the *network's* output when only that layer takes the choice
+  (the float model with BatchNorm folded, that one layer swapped): it weighs each layer's error
+  by how much of it reaches the logits, which the summed layer errors do not (measured:
+  docs/results.md section 17);
 * costs: ``mults`` = general multiplications per sample times weight bits times 8 activation bits
   (direct: one per MAC; F(m,3): ``(m+2)^2`` per m x m output tile and channel pair), and
   ``latency``: measured thread CPU time of the layer on its calibration inputs (Winograd layers on
-  the integer CPU kernel, direct layers on the emulated path).
+  the compiled fixed-point CPU kernel when built, else the PyTorch integer kernel; direct layers on
+  the emulated path).
 """
 from __future__ import annotations
 
@@ -75,10 +80,46 @@ def _thread_time(fn, repeats=3) -> float:
     return statistics.median(ts)
 
 
-def joint_tables(model: nn.Module, choices: dict, calib, samples: int = 32, latency_batch: int = 8):
+def _fastest_cpu_kernel() -> str:
+    """The compiled fixed-point kernel when it is built here, else the PyTorch integer kernel."""
+    from ..kernels import cpu
+
+    return "cpu" if cpu.available() else "int-cpu"
+
+
+def _relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float(((y - ref) ** 2).sum() / (ref ** 2).sum().clamp_min(1e-30))
+
+
+def output_sensitivity(model: nn.Module, choices: dict, names: list[str], x: torch.Tensor) -> dict:
+    """``{layer: {label: relative network output error}}`` with only ``layer`` quantized as ``label``
+    (in the BatchNorm-folded float model, the layout of every choice's quantized model)."""
+    from ..api import _replace
+    from ..batchnorm import fold_batchnorm
+
+    folded = copy.deepcopy(model).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fold_batchnorm(folded)
+    out = {}
+    with torch.no_grad():
+        ref = folded(x)
+        for n in names:
+            original = folded.get_submodule(n)
+            for label, qm in choices.items():
+                _replace(folded, n, qm.get_submodule(n))
+                out.setdefault(n, {})[label] = _relative_error(folded(x), ref)
+            _replace(folded, n, original)
+    return out
+
+
+def joint_tables(model: nn.Module, choices: dict, calib, samples: int = 32, latency_batch: int = 8,
+                 sensitivity: str = "output"):
     """Sensitivity and cost tables of the joint ILP: ``(sensitivity, {"mults": ..., "latency": ...})``."""
     import winoq
 
+    if sensitivity not in ("output", "layer"):
+        raise ValueError(f"sensitivity must be 'output' or 'layer', got {sensitivity!r}")
     names = eligible_layers(model)
     inputs = capture_layer_inputs(model, names, calib, max_samples=samples)
     mods = dict(model.named_modules())
@@ -86,7 +127,9 @@ def joint_tables(model: nn.Module, choices: dict, calib, samples: int = 32, late
     for label, qm in choices.items():
         qmods = dict(qm.named_modules())
         if label[0] != "direct":
-            winoq.set_kernel(qm, "int-cpu")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                winoq.set_kernel(qm, _fastest_cpu_kernel())
         for n in names:
             x = inputs[n]
             with torch.no_grad():
@@ -97,7 +140,22 @@ def joint_tables(model: nn.Module, choices: dict, calib, samples: int = 32, late
             mults.setdefault(n, {})[label] = _mults(mods[n], x, label[0]) * label[1] * 8
         if label[0] != "direct":
             winoq.set_kernel(qm, "emulated")
+    if sensitivity == "output":
+        x = calib if isinstance(calib, torch.Tensor) else next(iter(calib))
+        x = (x[0] if isinstance(x, (tuple, list)) else x)[:samples]
+        sens = output_sensitivity(model, choices, names, x)
     return sens, {"mults": mults, "latency": lat}
+
+
+def plan_recipe(plan: dict, base=None):
+    """A :class:`winoq.Recipe` whose ``layer_plan`` gives each planned layer its tile and weight bits
+    (``plan``: ``{layer: (tile label, bits)}`` from the joint ILP); ``winoq.quantize`` applies it and
+    the checkpoint keeps it."""
+    import winoq
+
+    base = base or winoq.Recipe(winograd=None, winograd_min_channels=None)
+    return base.replace(layer_plan={n: {"weights": f"int{b}", "winograd": None if t == "direct" else int(str(t).lstrip("F"))}
+                                    for n, (t, b) in plan.items()})
 
 
 def assemble(choices: dict, plan: dict, base=("direct", 8)) -> nn.Module:

@@ -7,10 +7,10 @@ and its baselines; ``plots`` draws Pareto fronts and per-layer bars.
 """
 from .accelerator import PLATFORMS, Design, Folding, LayerSpec, Platform, allocate, get_platform, map_model
 from .search import (Problem, Record, SearchSpace, StudyConfig, allocate_best, best_under_drop, greedy_search,
-                     hass_search, pareto, run_study, uniform_search, unaware_search)
+                     hass_search, pareto, refine, run_study, uniform_search, unaware_search)
 from .thresholds import Evaluation, Evaluator, LayerStats, SparsityConfig
 
 __all__ = ["PLATFORMS", "Design", "Folding", "LayerSpec", "Platform", "allocate", "get_platform", "map_model",
            "Problem", "Record", "SearchSpace", "StudyConfig", "allocate_best", "best_under_drop", "greedy_search",
-           "hass_search", "pareto", "run_study", "uniform_search", "unaware_search",
+           "hass_search", "pareto", "refine", "run_study", "uniform_search", "unaware_search",
            "Evaluation", "Evaluator", "LayerStats", "SparsityConfig"]

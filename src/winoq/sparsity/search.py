@@ -10,6 +10,11 @@
 * :func:`greedy_search` -- the HASS paper's greedy baseline: from zero thresholds, step every
   layer's ``tau_w`` by ``step_w`` or every ``tau_a`` by ``step_a``, keep the step with the
   smaller accuracy loss per throughput gain, stop past a ``max_drop``-point accuracy drop.
+* :func:`refine` -- per-layer coordinate steps from a found design (e.g. the best TPE trial),
+  with the same number of evaluations for either objective: hardware-aware (``"hardware"``:
+  steps on the layers whose engines hold the most DSPs, scored by the allocated design's
+  images/s per DSP) or hardware-unaware (``"sparsity"``: steps on the layers with the most
+  non-zero MACs left, scored by MAC-weighted product sparsity; resources allocated afterwards).
 
 Every evaluated design is a :class:`Record` (thresholds, accuracy, sparsity, per-conv window
 histograms), so any platform can be allocated afterwards. Optuna studies live in an RDB storage:
@@ -359,6 +364,79 @@ def greedy_search(problem: Problem, platform: str, step_w: float = 0.001, step_a
             break
         cur, cur_metric = rec, m
         out.append(rec)
+    return out
+
+
+REFINE_SCORES = ("hardware", "sparsity")
+
+
+def refine(problem: Problem, start: Record, score: str, platform: str | None = None, *, reference_accuracy: float,
+           max_drop: float = 1.0, step_w: float = 0.0025, step_a: float = 0.025, layers_per_step: int = 4,
+           max_steps: int = 15, objective: str = "throughput_per_dsp", progress: bool = True) -> list[Record]:
+    """Per-layer coordinate ascent from ``start`` (see the module docstring); every accepted step's
+    record, ``start`` first. A step raises one layer's ``tau_w`` by ``step_w`` or ``tau_a`` by
+    ``step_a``; the candidates are ``2 * layers_per_step`` such steps on the layers chosen by
+    ``score``; the step with the largest score gain per point of accuracy lost (gain alone when
+    nothing is lost) is taken if it stays within ``max_drop`` of ``reference_accuracy``; stops when
+    no candidate gains. ``score="hardware"`` needs ``platform``."""
+    from tqdm.auto import tqdm
+
+    if score not in REFINE_SCORES:
+        raise ValueError(f"score must be one of {REFINE_SCORES}, got {score!r}")
+    if score == "hardware":
+        get_platform(platform)
+    if step_w <= 0 or step_a <= 0 or max_drop < 0 or max_steps < 1 or layers_per_step < 1:
+        raise ValueError("step_w, step_a must be > 0, max_drop >= 0, max_steps and layers_per_step >= 1")
+    ev, specs = problem.evaluator, problem.specs
+    method = "hass-refine" if score == "hardware" else "unaware-refine"
+
+    def assess(tau_w: dict, tau_a: dict) -> tuple[Record, float]:
+        cfg = ev.config(tau_w, tau_a)
+        rec = make_record(method, cfg, ev.evaluate(cfg))
+        if score == "sparsity":
+            return rec, rec.product_sparsity
+        design = allocate(specs, platform, rec.histograms, 1.0, best_per_dsp=objective == "throughput_per_dsp")
+        rec.design = design.summary()
+        return rec, metric_of(design, objective)
+
+    def targets(rec: Record) -> list[str]:
+        if score == "hardware":
+            dsp = {l["name"]: l["dsp"] for l in rec.design["layers"]}
+            order = sorted(ev.names, key=lambda n: -dsp.get(n, 0))
+        else:
+            left = {l["name"]: l["macs"] * (1 - l["product_sparsity"]) for l in rec.layers}
+            order = sorted(ev.names, key=lambda n: -left.get(n, 0))
+        return order[:layers_per_step]
+
+    cur, cur_score = assess(dict(start.tau_w), dict(start.tau_a))
+    out = [cur]
+    for _ in tqdm(range(max_steps), desc=method, disable=not progress, unit="step"):
+        best = None
+        for name in targets(cur):
+            moves = []
+            cap_w = min(problem.space.tau_w_max, 0.5 * ev.max_abs_weight[name])
+            if cur.tau_w.get(name, 0.0) + step_w <= cap_w:
+                moves.append(("w", name))
+            if ev.relu_fed[name] and cur.tau_a.get(name, 0.0) + step_a <= problem.space.tau_a_max:
+                moves.append(("a", name))
+            for kind, n in moves:
+                tw, ta = dict(cur.tau_w), dict(cur.tau_a)
+                if kind == "w":
+                    tw[n] = tw.get(n, 0.0) + step_w
+                else:
+                    ta[n] = ta.get(n, 0.0) + step_a
+                rec, sc = assess(tw, ta)
+                gain, loss = sc - cur_score, cur.accuracy - rec.accuracy
+                if gain <= 0 or rec.accuracy < reference_accuracy - max_drop - 1e-9:
+                    continue
+                rank = gain / loss if loss > 0 else math.inf
+                key = (rank, gain)
+                if best is None or key > best[0]:
+                    best = (key, rec, sc)
+        if best is None:
+            break
+        _, cur, cur_score = best
+        out.append(cur)
     return out
 
 
