@@ -5,7 +5,8 @@ Hutchinson trace convergence, ILP solve time.
 
 Rows: FP; integer-only W8A8, W4A8, W4A4 (``winoq.integer.convert``; static ranges calibrated on
 ``--calib-images`` images from the other end of the fixed shuffle; 4-bit weights and activations
-use an MSE-searched clipping, nearest rounding); mixed 4/8 bit planned by
+use an MSE-searched clipping, 4-bit weights learned rounding (``IntegerConfig.weight_rounding="auto"``,
+AdaRound on 64 calibration images per layer)); mixed 4/8 bit planned by
 ``winoq.mixed_precision.plan_bits`` for budget kind size / BOPs / latency and r = 0.75 / 0.5 /
 0.25. Latency: thread CPU time of the integer model per image (median of batches of 50), and
 per layer for the latency budget. ILP: 100 layers x 8 choices, one budget, random tables.

@@ -115,6 +115,6 @@ def forward(layer, x: torch.Tensor, rx: torch.Tensor | None = None, sx: torch.Te
     return mod.forward(x.detach().float(), [pad[2], pad[0]], [layer.m, layer.m + layer.kernel_size - 1, th, tw, *out_hw],
                        rx.float(), sx.float(), p.bq, p.aq, [p.sb, p.sb - 2 * p.kb, p.sa, p.sa - 2 * p.ka],
                        [layer.groups, p.gs, p.gsm, layer.out_channels], u8, corr, su,
-                       [float(vf.max_value), 1.0, vf.qmin, vf.qmax, float(layer.granularity.v.keeps("tap"))],
-                       [float(mf.max_value), 1.0, mf.qmin, mf.qmax],
+                       [float(vf.max_value), vf.qmin, vf.qmax, float(layer.granularity.v.keeps("tap"))],
+                       [float(mf.max_value), mf.qmin, mf.qmax],
                        [inf.qmin, inf.qmax], tile_in, bias, isa)

@@ -14,16 +14,16 @@ values bit for bit (every float step is one IEEE operation in a fixed order, no 
    (real ``V = V_int sx 2^(s - 2k)``; s, the smallest shift after the first pass that keeps
    the second inside int32, is 0 for F(2,3) and F(4,3));
 3. V codes, one scale per (sample, tile, channel group) and per tap
-   (``winograd_input_scales="tapwise"``, the default) or shared by the taps: ``amax = max |V_int|``, ``qv = clamp(rha(float(V_int) * (Q_v / (amax * clip_v))))``,
-   real scale ``sv = (amax * clip_v / Q_v) * sx * 2^(s - 2k)``;
+   (``winograd_input_scales="tapwise"``, the default) or shared by the taps: ``amax = max |V_int|``, ``qv = clamp(rha(float(V_int) * (Q_v / amax)))``,
+   real scale ``sv = (amax / Q_v) * sx * 2^(s - 2k)``;
 4. per tap and channel group an int8 GEMM over the group's channels, int32 sums;
 5. ``M = sum_j float(acc_j) * (sv_j * su_j)`` (float32, groups in order): the per-group
    (V x U) scales folded into the one requantization of M;
 6. M codes per (sample, tile, output channel group), shared by the taps:
-   ``qm = clamp(rha(M * (Q_m / (amax_M * clip_m))))``;
+   ``qm = clamp(rha(M * (Q_m / amax_M)))``;
 7. output transform in int32 like step 2 with ``Aq`` (in int64 with no shift when M is wider than
    8 bits, see :func:`wide_m`); ``y = float(Y_int) * s_out + bias``,
-   ``s_out = (amax_M * clip_m / Q_m) * 2^(s - 2k)``.
+   ``s_out = (amax_M / Q_m) * 2^(s - 2k)``.
 
 ``rha`` is round half away from zero, computed exactly in float32 (and ``rshift`` its integer
 counterpart). The transformed weights U are quantized once, in

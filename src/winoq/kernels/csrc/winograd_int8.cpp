@@ -33,8 +33,8 @@ struct Args {
   const int32_t* aq; int ka; float pow_ka;
   int G, cg, kg, gs, J, gs4, kgp, gsm; int64_t Cp;
   const int8_t* up; const int32_t* corr; const float* su;  // packed U; [taps][G][J][kgp]
-  float Qv, clip_v; int v_min, v_max, v_tapwise;  // v_tapwise: one V scale per tap
-  float Qm, clip_m; int m_min, m_max;
+  float Qv; int v_min, v_max, v_tapwise;  // v_tapwise: one V scale per tap
+  float Qm; int m_min, m_max;
   int in_min, in_max;
   int tile_scales, in_gs; float Qin;  // input scales computed per tile in the kernel (rx, sx unused), groups of in_gs
   const float* bias;
@@ -112,7 +112,7 @@ torch::Tensor forward(torch::Tensor x, std::vector<int64_t> pad_tl, std::vector<
                       std::vector<double> vq, std::vector<double> mq, std::vector<int64_t> in_range,
                       std::vector<double> tile_in,
                       c10::optional<torch::Tensor> bias, std::string isa) {
-  // geom: m, n, th, tw, OH, OW ; groups: G, gs, gsm, K ; vq/mq: Q, clip, qmin, qmax (vq: then 1 for V per tap)
+  // geom: m, n, th, tw, OH, OW ; groups: G, gs, gsm, K ; vq/mq: Q, qmin, qmax (vq: then 1 for V per tap)
   TORCH_CHECK(x.dim() == 4 && x.dtype() == torch::kFloat32, "x: (N, C, H, W) float32");
   TORCH_CHECK(rx.dtype() == torch::kFloat32 && sx.dtype() == torch::kFloat32 && rx.dim() == 4 && sx.dim() == 4,
               "rx, sx: (N, th, tw, C) float32");
@@ -136,10 +136,11 @@ torch::Tensor forward(torch::Tensor x, std::vector<int64_t> pad_tl, std::vector<
   TORCH_CHECK(su.numel() == (int64_t)a.n * a.n * a.G * a.J * a.kgp && corr.numel() == su.numel(), "su / corr shape");
   auto suc = su.contiguous();
   a.up = packed.data_ptr<int8_t>(); a.corr = corr.data_ptr<int32_t>(); a.su = suc.data_ptr<float>();
-  a.Qv = (float)vq[0]; a.clip_v = (float)vq[1]; a.v_min = (int)vq[2]; a.v_max = (int)vq[3];
-  a.v_tapwise = vq.size() > 4 && vq[4] != 0.0;
+  TORCH_CHECK(vq.size() == 4 && mq.size() == 3, "vq: (Q, qmin, qmax, V per tap), mq: (Q, qmin, qmax)");
+  a.Qv = (float)vq[0]; a.v_min = (int)vq[1]; a.v_max = (int)vq[2];
+  a.v_tapwise = vq[3] != 0.0;
   TORCH_CHECK(a.n <= 8, "the kernel's transforms hold tiles of at most 8 x 8 (F(6,3), F(4,5), F(2,7))");
-  a.Qm = (float)mq[0]; a.clip_m = (float)mq[1]; a.m_min = (int)mq[2]; a.m_max = (int)mq[3];
+  a.Qm = (float)mq[0]; a.m_min = (int)mq[1]; a.m_max = (int)mq[2];
   a.in_min = (int)in_range[0]; a.in_max = (int)in_range[1];
   // tile_in: (1 = the kernel computes per-tile input scales, their Q, the input channel-group length)
   a.tile_scales = tile_in.size() == 3 && tile_in[0] != 0.0;

@@ -225,7 +225,7 @@ static void input_tile(const Args& a, int64_t p, int32_t* d, int32_t* v, float* 
       const int64_t pb = (p - a.p_base) / PB, pq = (p - a.p_base) % PB;  // buffer position
       for (int t = 0; t < taps; ++t) {
         const int32_t amax = a.v_tapwise ? amax_t[t] : amax_all;
-        const float den = (float)amax * a.clip_v;
+        const float den = (float)amax;
         const float r = amax > 0 ? a.Qv / den : 0.0f;
         a.sv[(((p - a.p_base) * taps + t) * a.G + g) * a.J + jg] = amax > 0 ? ((den / a.Qv) * sxg) * a.pow_kb : 0.0f;
         uint8_t* dst = a.v8 + ((int64_t)t * a.Pp + pb * PB) * a.Cp + (col / 4) * PB * 4 + pq * 4;
@@ -335,7 +335,7 @@ static void output_tile(const Args& a, int64_t p, int32_t* qm, int32_t* t1, int6
     const int k1 = std::min(k0 + a.gsm, K);
     float amax = 0.0f;
     for (int k = k0; k < k1; ++k) amax = std::max(amax, rk[k]);
-    const float den = amax * a.clip_m;
+    const float den = amax;
     const float r = amax > 0 ? a.Qm / den : 0.0f;
     const float s = amax > 0 ? (den / a.Qm) * a.pow_ka : 0.0f;
     for (int k = k0; k < k1; ++k) { rk[k] = r; sk[k] = s; }
