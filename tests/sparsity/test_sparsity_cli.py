@@ -38,6 +38,20 @@ def test_uniform_search_writes_records_and_plots(folder, capsys):
     assert "best within 100.0 pt" in capsys.readouterr().out
 
 
+def test_hass_search_with_refinement(folder, capsys):
+    out = folder / "hass"
+    rc = main(["sparsity", "search", "--model", "cifar-resnet20", "--data", str(folder / "data"), "--n-images", "8",
+               "--stats-images", "2", "--method", "hass", "--trials", "2", "--refine-steps", "1", "--max-drop", "100",
+               "--storage", f"sqlite:///{folder / 'h.db'}", "--out", str(out), "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    recs = json.loads((out / "records.json").read_text())["records"]
+    refined = [r for r in recs if r["method"] == "hass-refine"]
+    assert len(recs) == 2 + len(refined) and len(refined) <= 1
+    assert all(r["design"]["throughput_per_dsp"] > 0 for r in recs)
+    assert main(["sparsity", "search", "--model", "cifar-resnet20", "--data", str(folder / "data"), "--n-images", "8",
+                 "--refine-steps", "-1", "--out", str(out), "--no-progress"]) != 0
+
+
 @pytest.mark.parametrize("args, message", [
     (["--platform", "vu9p"], "unknown platform 'vu9p'; known platforms: zcu102, u250"),
     (["--tau-w-max", "-0.1"], "out of range"),

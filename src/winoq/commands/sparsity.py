@@ -79,6 +79,10 @@ def register(subparsers) -> None:
     s.add_argument("--tau-a", type=_threshold, nargs="+", default=[0.0, 0.05, 0.1, 0.2, 0.3],
                    help="uniform method: activation thresholds of the grid")
     s.add_argument("--max-drop", type=float, default=2.0, help="accuracy drop (points) of the reported design (default 2)")
+    s.add_argument("--refine-steps", type=int, default=0, metavar="N",
+                   help="hass / unaware: N per-layer refinement steps from the best TPE design within --max-drop "
+                        "(hass: on the layers holding the most DSPs, by the hardware metric; unaware: by product "
+                        "sparsity). Default 0")
     s.add_argument("--out", required=True, metavar="DIR", help="output folder")
     _common(s, 1, "torch threads (default 1)")
     s.set_defaults(func=run_search)
@@ -97,7 +101,7 @@ def run_search(args) -> int:
     from ._common import CLIError, load_eval_data, load_float_model
     from ._common import progress_enabled as _progress_enabled, set_threads as _set_threads
     from ..sparsity import (Evaluator, Problem, SearchSpace, StudyConfig, allocate_best, best_under_drop,
-                            greedy_search, hass_search, map_model, uniform_search, unaware_search)
+                            greedy_search, hass_search, map_model, refine, uniform_search, unaware_search)
     from ..sparsity.plots import plot_layers, plot_pareto
     from ..sparsity.search import make_record
 
@@ -128,9 +132,19 @@ def run_search(args) -> int:
         else:
             recs = greedy_search(problem, args.platform, max_drop=args.max_drop, objective=args.objective,
                                  progress=progress)
+        if args.refine_steps < 0:
+            raise ValueError(f"--refine-steps must be >= 0, got {args.refine_steps}")
+        if args.refine_steps and args.method in ("hass", "unaware"):
+            hw = args.method == "hass"
+            key = (lambda r: r.design[args.objective]) if hw else (lambda r: r.product_sparsity)
+            start = best_under_drop(recs, dense.accuracy, args.max_drop, key=key)
+            if start is not None:
+                recs = recs + refine(problem, start, "hardware" if hw else "sparsity", args.platform,
+                                     reference_accuracy=dense.accuracy, max_drop=args.max_drop,
+                                     max_steps=args.refine_steps, objective=args.objective, progress=progress)[1:]
         seconds = time.perf_counter() - t0
         for r in recs:
-            if r.design is None or args.method != "hass":
+            if r.design is None or r.method != "hass":
                 r.design = allocate_best(r, specs, args.platform, args.objective).summary()
     except ValueError as exc:
         raise CLIError(" ".join(str(exc).split())) from None
