@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import platform
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -64,6 +65,12 @@ def add_cifar_args(ap: argparse.ArgumentParser, n_images: int, calib_images: int
     ap.add_argument("--calib-images", type=int, default=calib_images)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path(out))
+
+
+def cifar_result(script: str, args, argv) -> dict:
+    """The result header of a CIFAR benchmark: machine, command line, image counts, empty rows."""
+    return {"machine": machine(), "command": f"python benchmarks/{script} " + " ".join(argv or sys.argv[1:]),
+            "n_images": args.n_images, "calib_images": args.calib_images, "rows": {}}
 
 
 def cifar_setup(args):

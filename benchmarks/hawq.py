@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_cifar_args, cifar_setup, dump_json, machine, top1  # noqa: E402
+from common import add_cifar_args, cifar_result, cifar_setup, dump_json, top1  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -92,8 +92,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     x, y, calib = cifar_setup(args)
     model = load_cifar_resnet(args.depth)
-    res = {"machine": machine(), "command": "python benchmarks/hawq.py " + " ".join(argv or sys.argv[1:]),
-           "n_images": args.n_images, "calib_images": args.calib_images, "rows": {}}
+    res = cifar_result("hawq.py", args, argv)
     res["ilp_100x8_s"] = ilp_timing()
     print(f"ILP 100 layers x 8 choices: {res['ilp_100x8_s']:.3f} s", flush=True)
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_cifar_args, cifar_setup, dump_json, machine, top1  # noqa: E402
+from common import add_cifar_args, cifar_result, cifar_setup, dump_json, top1  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -65,8 +65,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     x, y, calib = cifar_setup(args)
     model = load_cifar_resnet(args.depth)
-    res = {"machine": machine(), "command": "python benchmarks/integer_winograd.py " + " ".join(argv or sys.argv[1:]),
-           "n_images": args.n_images, "calib_images": args.calib_images, "rows": {}}
+    res = cifar_result("integer_winograd.py", args, argv)
     res["rows"]["FP32"] = {"top1": top1(model, x, y)}
     print("FP32", res["rows"]["FP32"], flush=True)
     configs = {"int W8A8 direct": IntegerConfig()} if args.direct else {}

@@ -35,22 +35,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..winograd.conv import transform_2d
-from ..winograd.fixed_point import effective_bits, first_pass_shift, fixed
+from ..winograd.fixed_point import effective_bits, first_pass_shift, fixed, rshift
 from .dyadic import dyadic_tensor, requantize, requantize_float
 
 INT32_MAX = (1 << 31) - 1
 
 
-def _rshift_int(t: torch.Tensor, k: int) -> torch.Tensor:
-    """``t / 2^k`` rounded half away from zero, integer tensors (as ``fixed_point.rshift``)."""
-    if k == 0:
-        return t
-    half = 1 << (k - 1)
-    return torch.where(t >= 0, (t + half) >> k, -((half - t) >> k))
+_rshift_int = rshift  # t / 2^k rounded half away from zero on integer tensors (the kernel's rounding)
 
 
 def _rshift_float(t: torch.Tensor, k: int) -> torch.Tensor:
-    """The same in float64 (exact for integer values below 2^53: a power-of-two division is exact)."""
+    """:func:`~winoq.winograd.fixed_point.rshift` in float64 (exact for integer values below 2^53: a power-of-two division is exact)."""
     if k == 0:
         return t
     half, s = float(1 << (k - 1)), float(1 << k)
