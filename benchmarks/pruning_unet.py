@@ -73,14 +73,18 @@ def main(argv=None):
     ap.add_argument("--runs", default="l1/oneshot,l2/oneshot,taylor/oneshot,random/oneshot,l1/iterative",
                     help="criterion/schedule pairs")
     ap.add_argument("--side-ratios", default="256,1000", help="target ratios of the runs after the first")
-    ap.add_argument("--finetune-steps", type=int, default=100, help="fine-tuning steps per pruned model")
+    ap.add_argument("--finetune-steps", type=int, default=600,
+                    help="fine-tuning budget per pruned model (steps; the iterative schedule splits it over its stages)")
     ap.add_argument("--control-steps", type=int, default=None,
                     help="fine-tune the dense model this many steps as a control (default: --finetune-steps; 0: skip)")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--stages", type=int, default=3, help="stages of the iterative schedule")
+    ap.add_argument("--min-filters", type=int, default=1, help="filters every conv keeps at least")
     ap.add_argument("--repeats", type=int, default=5, help="latency repeats")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for pruning / fine-tuning")
+    ap.add_argument("--deadline-minutes", type=float, default=None,
+                    help="start no further pruning row after this wall time; skipped rows are listed in the JSON")
     ap.add_argument("--deploy-only", type=float, default=None, metavar="RATIO",
                     help="only prune l1/oneshot to RATIO (with the fine-tuning budget), then W8A8, latency and "
                          "overlays of that model; writes pruning_unet_<dataset>_deploy.json")
@@ -122,18 +126,25 @@ def main(argv=None):
         result["dense_finetuned"] = {k: v for k, v in evaluate(control, test_data).items() if not k.endswith("image")}
     print(f"{tag}: dense Dice {dense_scores['dice']:.4f}, fine-tuned control {result['dense_finetuned']}", flush=True)
 
-    rows, keep = [], {}
+    rows, keep, skipped = [], {}, []
     json_path = OUT / f"pruning_unet_{tag}.json"
+    result["finetune_steps"] = args.finetune_steps
     for k, (criterion, schedule) in enumerate(parse_runs(args.runs)):
         for ratio in [float(r) for r in (args.ratios if k == 0 else args.side_ratios).split(",")]:
+            if args.deadline_minutes is not None and time.time() - t_start > 60 * args.deadline_minutes:
+                skipped.append({"criterion": criterion, "schedule": schedule, "target": ratio})
+                print(f"  {criterion:6s} {schedule:9s} {ratio:7g}x: skipped (deadline)", flush=True)
+                result["skipped"] = skipped
+                continue
             cfg = PruneConfig(target_ratio=ratio, criterion=criterion, schedule=schedule, stages=args.stages,
-                              finetune=ft)
+                              finetune=ft, min_filters=args.min_filters)
             t0 = time.time()
             res = prune_unet(dense, cfg, train_data, example=example, progress=False)
             s = evaluate(res.model, test_data)
             row = {"criterion": criterion, "schedule": schedule, "target": ratio, "ratio_params": res.ratio_params,
                    "ratio_macs": res.ratio_macs, "params": res.params, "macs": res.macs, "dice": s["dice"],
-                   "iou": s["iou"], "widths": list(res.model.config.widths), "seconds": time.time() - t0}
+                   "iou": s["iou"], "widths": list(res.model.config.widths), "seconds": time.time() - t0,
+                   "finetune_steps": sum(h.get("finetune", {}).get("steps", 0) for h in res.history)}
             rows.append(row)
             keep[(criterion, schedule, ratio)] = res.model
             print(f"  {criterion:6s} {schedule:9s} {ratio:7g}x: params {res.ratio_params:8.1f}x MACs "
@@ -216,7 +227,8 @@ def deploy_only(args) -> None:
     example = pad_to_multiple(test_data.images[:1], m)[0].contiguous()
     patch = targs.get("patch", 64) if tag == "chase" else None
     ft = TrainConfig(steps=args.finetune_steps, batch_size=args.batch_size, lr=args.lr, patch_size=patch)
-    res = prune_unet(dense, PruneConfig(target_ratio=args.deploy_only, finetune=ft), train_data, example=example,
+    res = prune_unet(dense, PruneConfig(target_ratio=args.deploy_only, finetune=ft, min_filters=args.min_filters),
+                     train_data, example=example,
                      progress=False)
     model = res.model
     save_unet(model, OUT / f"pruning_unet_{tag}_{args.deploy_only:g}x.safetensors", {"dataset": tag, "args": targs})
@@ -244,10 +256,14 @@ def print_tables(r: dict) -> None:
           f"{r['dense']['params']:,} params, {r['dense']['macs'] / 1e6:.1f} MMAC; dense + same fine-tuning "
           f"{(r['dense_finetuned'] or {}).get('dice', float('nan')):.4f}" + (f"; second observer Dice {r['second_observer']['dice']:.4f}"
                                                     if "second_observer" in r else ""))
-    print("\n| criterion | schedule | target | params x | MACs x | params | Dice | IoU |\n|---|---|---|---|---|---|---|---|")
+    print("\n| criterion | schedule | target | params x | MACs x | params | fine-tune steps | Dice | IoU | Dice / dense |"
+          "\n|---|---|---|---|---|---|---|---|---|---|")
     for x in r["rows"]:
         print(f"| {x['criterion']} | {x['schedule']} | {x['target']:g} | {x['ratio_params']:.1f} | "
-              f"{x['ratio_macs']:.1f} | {x['params']:,} | {x['dice']:.4f} | {x['iou']:.4f} |")
+              f"{x['ratio_macs']:.1f} | {x['params']:,} | {x.get('finetune_steps', '-')} | {x['dice']:.4f} | "
+              f"{x['iou']:.4f} | {x['dice'] / r['dense']['dice']:.3f} |")
+    for x in r.get("skipped", []):
+        print(f"| {x['criterion']} | {x['schedule']} | {x['target']:g} | skipped (deadline) |")
     for k in ("within_4pct", "within_1pct"):
         print(f"\nlargest ratio {k}: {json.dumps(r[k])}")
     dense = r["latency"][0]
