@@ -37,9 +37,16 @@ from winoq.pruning.plots import plot_dice_vs_ratio, plot_latency_vs_ratio, plot_
 OUT = REPO / "benchmarks" / "out"
 
 
-def parse_runs(text: str) -> list[tuple[str, str]]:
-    """"l1/oneshot,taylor/iterative" -> [("l1", "oneshot"), ("taylor", "iterative")]."""
-    return [tuple(item.split("/")) for item in text.split(",") if item]
+def parse_runs(text: str, allocation: str = "global") -> list[tuple[str, str, str]]:
+    """"l1/oneshot,taylor/iterative/uniform" -> [("l1", "oneshot", allocation), ("taylor", "iterative", "uniform")]."""
+    runs = []
+    for item in text.split(","):
+        if item:
+            parts = item.split("/")
+            if len(parts) not in (2, 3):
+                raise SystemExit(f"--runs: {item!r} is not criterion/schedule[/allocation]")
+            runs.append((parts[0], parts[1], parts[2] if len(parts) == 3 else allocation))
+    return runs
 
 
 def latency_row(model, example, onnx_path, repeats: int) -> dict:
@@ -81,6 +88,8 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--stages", type=int, default=3, help="stages of the iterative schedule")
     ap.add_argument("--min-filters", type=int, default=1, help="filters every conv keeps at least")
+    ap.add_argument("--allocation", choices=["global", "uniform"], default="global",
+                    help="filters per layer: global cost-aware ranking, or the same fraction of every layer")
     ap.add_argument("--repeats", type=int, default=5, help="latency repeats")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for pruning / fine-tuning")
     ap.add_argument("--deadline-minutes", type=float, default=None,
@@ -129,25 +138,25 @@ def main(argv=None):
     rows, keep, skipped = [], {}, []
     json_path = OUT / f"pruning_unet_{tag}.json"
     result["finetune_steps"] = args.finetune_steps
-    for k, (criterion, schedule) in enumerate(parse_runs(args.runs)):
+    for k, (criterion, schedule, allocation) in enumerate(parse_runs(args.runs, args.allocation)):
         for ratio in [float(r) for r in (args.ratios if k == 0 else args.side_ratios).split(",")]:
             if args.deadline_minutes is not None and time.time() - t_start > 60 * args.deadline_minutes:
-                skipped.append({"criterion": criterion, "schedule": schedule, "target": ratio})
+                skipped.append({"criterion": criterion, "schedule": schedule, "allocation": allocation, "target": ratio})
                 print(f"  {criterion:6s} {schedule:9s} {ratio:7g}x: skipped (deadline)", flush=True)
                 result["skipped"] = skipped
                 continue
             cfg = PruneConfig(target_ratio=ratio, criterion=criterion, schedule=schedule, stages=args.stages,
-                              finetune=ft, min_filters=args.min_filters)
+                              finetune=ft, min_filters=args.min_filters, allocation=allocation)
             t0 = time.time()
             res = prune_unet(dense, cfg, train_data, example=example, progress=False)
             s = evaluate(res.model, test_data)
-            row = {"criterion": criterion, "schedule": schedule, "target": ratio, "ratio_params": res.ratio_params,
+            row = {"criterion": criterion, "schedule": schedule, "allocation": allocation, "target": ratio, "ratio_params": res.ratio_params,
                    "ratio_macs": res.ratio_macs, "params": res.params, "macs": res.macs, "dice": s["dice"],
                    "iou": s["iou"], "widths": list(res.model.config.widths), "seconds": time.time() - t0,
                    "finetune_steps": sum(h.get("finetune", {}).get("steps", 0) for h in res.history)}
             rows.append(row)
-            keep[(criterion, schedule, ratio)] = res.model
-            print(f"  {criterion:6s} {schedule:9s} {ratio:7g}x: params {res.ratio_params:8.1f}x MACs "
+            keep[(criterion, schedule, allocation, ratio)] = res.model
+            print(f"  {criterion:6s} {schedule:9s} {allocation:7s} {ratio:7g}x: params {res.ratio_params:8.1f}x MACs "
                   f"{res.ratio_macs:8.1f}x Dice {s['dice']:.4f} ({row['seconds']:.0f} s)", flush=True)
             result["rows"] = rows
             dump_json(json_path, result)
@@ -155,25 +164,26 @@ def main(argv=None):
     dd = dense_scores["dice"]
     for name, loss in (("within_4pct", 0.04), ("within_1pct", 0.01)):
         best = largest_within(rows, dd, loss)
-        result[name] = None if best is None else {k: best[k] for k in ("criterion", "schedule", "target",
+        result[name] = None if best is None else {k: best[k] for k in ("criterion", "schedule", "allocation", "target",
                                                                       "ratio_params", "ratio_macs", "dice")}
 
     # latency: dense, every l1/oneshot model, and the 4%-point model (+ W8A8)
     onnx_dir = OUT / f"pruning_unet_{tag}_onnx"
     onnx_dir.mkdir(exist_ok=True)
     lat = [{"model": "dense", "ratio_params": 1.0, **latency_row(dense, example, onnx_dir / "dense.onnx", args.repeats)}]
-    curve = [r for r in rows if (r["criterion"], r["schedule"]) == ("l1", "oneshot")]
+    first = parse_runs(args.runs, args.allocation)[0]   # the main curve: every ratio of the first run
+    curve = [r for r in rows if (r["criterion"], r["schedule"], r["allocation"]) == first]
     for r in curve:
-        model = keep[("l1", "oneshot", r["target"])]
-        lat.append({"model": f"l1/oneshot {r['target']:g}x", "ratio_params": r["ratio_params"],
-                    **latency_row(model, example, onnx_dir / f"l1_{r['target']:g}.onnx", args.repeats)})
+        model = keep[(*first, r["target"])]
+        lat.append({"model": f"{'/'.join(first)} {r['target']:g}x", "ratio_params": r["ratio_params"],
+                    **latency_row(model, example, onnx_dir / f"curve_{r['target']:g}.onnx", args.repeats)})
     quant = []
     best = largest_within(rows, dd, 0.04)
     if best is not None:
-        model = keep[(best["criterion"], best["schedule"], best["target"])]
+        model = keep[(best["criterion"], best["schedule"], best["allocation"], best["target"])]
         save_unet(model, OUT / f"pruning_unet_{tag}_4pct.safetensors", {"dataset": tag, "args": targs, **{
-            k: best[k] for k in ("criterion", "schedule", "target", "ratio_params", "dice")}})
-        lat.append({"model": f"4% point {best['criterion']}/{best['schedule']} {best['target']:g}x",
+            k: best[k] for k in ("criterion", "schedule", "allocation", "target", "ratio_params", "dice")}})
+        lat.append({"model": f"4% point {best['criterion']}/{best['schedule']}/{best['allocation']} {best['target']:g}x",
                     "ratio_params": best["ratio_params"],
                     **latency_row(model, example, onnx_dir / "best.onnx", args.repeats)})
         for wino in (None, 4):
@@ -259,11 +269,11 @@ def print_tables(r: dict) -> None:
     print("\n| criterion | schedule | target | params x | MACs x | params | fine-tune steps | Dice | IoU | Dice / dense |"
           "\n|---|---|---|---|---|---|---|---|---|---|")
     for x in r["rows"]:
-        print(f"| {x['criterion']} | {x['schedule']} | {x['target']:g} | {x['ratio_params']:.1f} | "
+        print(f"| {x['criterion']} | {x['schedule']}/{x.get('allocation', 'global')} | {x['target']:g} | {x['ratio_params']:.1f} | "
               f"{x['ratio_macs']:.1f} | {x['params']:,} | {x.get('finetune_steps', '-')} | {x['dice']:.4f} | "
               f"{x['iou']:.4f} | {x['dice'] / r['dense']['dice']:.3f} |")
     for x in r.get("skipped", []):
-        print(f"| {x['criterion']} | {x['schedule']} | {x['target']:g} | skipped (deadline) |")
+        print(f"| {x['criterion']} | {x['schedule']}/{x['allocation']} | {x['target']:g} | skipped (deadline) |")
     for k in ("within_4pct", "within_1pct"):
         print(f"\nlargest ratio {k}: {json.dumps(r[k])}")
     dense = r["latency"][0]
