@@ -99,7 +99,14 @@ def main(argv=None):
                          "overlays of that model; writes pruning_unet_<dataset>_deploy.json")
     ap.add_argument("--dense-latency", action="store_true",
                     help="only time the dense model (torch / onnxruntime); writes pruning_unet_<dataset>_dense_latency.json")
+    ap.add_argument("--name", default=None, help="output file stem (default pruning_unet_<dataset>)")
+    ap.add_argument("--no-latency", action="store_true", help="skip latency, W8A8 and overlays (Dice rows only)")
+    ap.add_argument("--plot-only", nargs="+", metavar="JSON", default=None,
+                    help="only redraw the Dice-vs-compression plot from the rows of these result files "
+                         "(one dataset) into <name>_dice.png")
     args = ap.parse_args(argv)
+    if args.plot_only:
+        return plot_only(args)
     if args.dense_latency:
         return dense_latency(args)
     if args.deploy_only is not None:
@@ -136,7 +143,8 @@ def main(argv=None):
     print(f"{tag}: dense Dice {dense_scores['dice']:.4f}, fine-tuned control {result['dense_finetuned']}", flush=True)
 
     rows, keep, skipped = [], {}, []
-    json_path = OUT / f"pruning_unet_{tag}.json"
+    stem = args.name or f"pruning_unet_{tag}"
+    json_path = OUT / f"{stem}.json"
     result["finetune_steps"] = args.finetune_steps
     for k, (criterion, schedule, allocation) in enumerate(parse_runs(args.runs, args.allocation)):
         for ratio in [float(r) for r in (args.ratios if k == 0 else args.side_ratios).split(",")]:
@@ -167,8 +175,14 @@ def main(argv=None):
         result[name] = None if best is None else {k: best[k] for k in ("criterion", "schedule", "allocation", "target",
                                                                       "ratio_params", "ratio_macs", "dice")}
 
-    # latency: dense, every l1/oneshot model, and the 4%-point model (+ W8A8)
-    onnx_dir = OUT / f"pruning_unet_{tag}_onnx"
+    if args.no_latency:
+        result["latency"], result["quantized"], result["seconds"] = [], [], time.time() - t_start
+        result["plots"] = [plot_dice_vs_ratio(rows, dd, OUT / f"{stem}_dice.png", f"{tag}: Dice vs compression")]
+        dump_json(json_path, result)
+        return print_tables(result)
+
+    # latency: dense, every model of the first run, and the 4%-point model (+ W8A8)
+    onnx_dir = OUT / f"{stem}_onnx"
     onnx_dir.mkdir(exist_ok=True)
     lat = [{"model": "dense", "ratio_params": 1.0, **latency_row(dense, example, onnx_dir / "dense.onnx", args.repeats)}]
     first = parse_runs(args.runs, args.allocation)[0]   # the main curve: every ratio of the first run
@@ -181,7 +195,7 @@ def main(argv=None):
     best = largest_within(rows, dd, 0.04)
     if best is not None:
         model = keep[(best["criterion"], best["schedule"], best["allocation"], best["target"])]
-        save_unet(model, OUT / f"pruning_unet_{tag}_4pct.safetensors", {"dataset": tag, "args": targs, **{
+        save_unet(model, OUT / f"{stem}_4pct.safetensors", {"dataset": tag, "args": targs, **{
             k: best[k] for k in ("criterion", "schedule", "allocation", "target", "ratio_params", "dice")}})
         lat.append({"model": f"4% point {best['criterion']}/{best['schedule']}/{best['allocation']} {best['target']:g}x",
                     "ratio_params": best["ratio_params"],
@@ -196,16 +210,28 @@ def main(argv=None):
             preds = {"dense": (predict_logits(dense, test_data.images[:1], m) > 0).float()[0],
                      f"pruned {best['ratio_params']:.0f}x": (predict_logits(model, test_data.images[:1], m) > 0).float()[0]}
         result["plots"] = [plot_overlays(test_data.images[0], test_data.masks[0], preds,
-                                         OUT / f"pruning_unet_{tag}_overlay.png", f"{tag}: {test_data.names[0]}")]
+                                         OUT / f"{stem}_overlay.png", f"{tag}: {test_data.names[0]}")]
     result["latency"], result["quantized"] = lat, quant
     result.setdefault("plots", [])
     result["plots"] += [
-        plot_dice_vs_ratio(rows, dd, OUT / f"pruning_unet_{tag}_dice.png", f"{tag}: Dice vs compression"),
-        plot_latency_vs_ratio(lat[:len(curve) + 1], OUT / f"pruning_unet_{tag}_latency.png",
+        plot_dice_vs_ratio(rows, dd, OUT / f"{stem}_dice.png", f"{tag}: Dice vs compression"),
+        plot_latency_vs_ratio(lat[:len(curve) + 1], OUT / f"{stem}_latency.png",
                               f"{tag}: CPU latency (batch 1, {tuple(example.shape[-2:])})")]
     result["seconds"] = time.time() - t_start
     dump_json(json_path, result)
     print_tables(result)
+
+
+def plot_only(args) -> None:
+    results = [json.loads(Path(p).read_text()) for p in args.plot_only]
+    tags = {r["dataset"] for r in results}
+    denses = {round(r["dense"]["dice"], 6) for r in results}
+    if len(tags) != 1 or len(denses) != 1:
+        raise SystemExit(f"--plot-only: the files must share one dataset and dense model, got {tags}, {denses}")
+    rows = [row for r in results for row in r["rows"]]
+    stem = args.name or f"pruning_unet_{args.dataset}"
+    print(plot_dice_vs_ratio(rows, results[0]["dense"]["dice"], OUT / f"{stem}_dice.png",
+                             f"{args.dataset}: Dice vs compression ({len(rows)} runs)"))
 
 
 def dense_latency(args) -> None:
@@ -276,6 +302,8 @@ def print_tables(r: dict) -> None:
         print(f"| {x['criterion']} | {x['schedule']}/{x['allocation']} | {x['target']:g} | skipped (deadline) |")
     for k in ("within_4pct", "within_1pct"):
         print(f"\nlargest ratio {k}: {json.dumps(r[k])}")
+    if not r["latency"]:
+        return
     dense = r["latency"][0]
     print("\n| model | params x | torch 1t CPU ms | speed-up | ORT 1t CPU ms | speed-up | torch 1t / 2t wall ms "
           "| ORT 1t / 2t wall ms |\n|---|---|---|---|---|---|---|---|")
