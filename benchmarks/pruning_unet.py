@@ -37,9 +37,16 @@ from winoq.pruning.plots import plot_dice_vs_ratio, plot_latency_vs_ratio, plot_
 OUT = REPO / "benchmarks" / "out"
 
 
-def parse_runs(text: str) -> list[tuple[str, str]]:
-    """"l1/oneshot,taylor/iterative" -> [("l1", "oneshot"), ("taylor", "iterative")]."""
-    return [tuple(item.split("/")) for item in text.split(",") if item]
+def parse_runs(text: str, allocation: str = "global") -> list[tuple[str, str, str]]:
+    """"l1/oneshot,taylor/iterative/uniform" -> [("l1", "oneshot", allocation), ("taylor", "iterative", "uniform")]."""
+    runs = []
+    for item in text.split(","):
+        if item:
+            parts = item.split("/")
+            if len(parts) not in (2, 3):
+                raise SystemExit(f"--runs: {item!r} is not criterion/schedule[/allocation]")
+            runs.append((parts[0], parts[1], parts[2] if len(parts) == 3 else allocation))
+    return runs
 
 
 def latency_row(model, example, onnx_path, repeats: int) -> dict:
@@ -73,20 +80,33 @@ def main(argv=None):
     ap.add_argument("--runs", default="l1/oneshot,l2/oneshot,taylor/oneshot,random/oneshot,l1/iterative",
                     help="criterion/schedule pairs")
     ap.add_argument("--side-ratios", default="256,1000", help="target ratios of the runs after the first")
-    ap.add_argument("--finetune-steps", type=int, default=100, help="fine-tuning steps per pruned model")
+    ap.add_argument("--finetune-steps", type=int, default=600,
+                    help="fine-tuning budget per pruned model (steps; the iterative schedule splits it over its stages)")
     ap.add_argument("--control-steps", type=int, default=None,
                     help="fine-tune the dense model this many steps as a control (default: --finetune-steps; 0: skip)")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--stages", type=int, default=3, help="stages of the iterative schedule")
+    ap.add_argument("--min-filters", type=int, default=1, help="filters every conv keeps at least")
+    ap.add_argument("--allocation", choices=["global", "uniform"], default="global",
+                    help="filters per layer: global cost-aware ranking, or the same fraction of every layer")
     ap.add_argument("--repeats", type=int, default=5, help="latency repeats")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for pruning / fine-tuning")
+    ap.add_argument("--deadline-minutes", type=float, default=None,
+                    help="start no further pruning row after this wall time; skipped rows are listed in the JSON")
     ap.add_argument("--deploy-only", type=float, default=None, metavar="RATIO",
                     help="only prune l1/oneshot to RATIO (with the fine-tuning budget), then W8A8, latency and "
                          "overlays of that model; writes pruning_unet_<dataset>_deploy.json")
     ap.add_argument("--dense-latency", action="store_true",
                     help="only time the dense model (torch / onnxruntime); writes pruning_unet_<dataset>_dense_latency.json")
+    ap.add_argument("--name", default=None, help="output file stem (default pruning_unet_<dataset>)")
+    ap.add_argument("--no-latency", action="store_true", help="skip latency, W8A8 and overlays (Dice rows only)")
+    ap.add_argument("--plot-only", nargs="+", metavar="JSON", default=None,
+                    help="only redraw the Dice-vs-compression plot from the rows of these result files "
+                         "(one dataset) into <name>_dice.png")
     args = ap.parse_args(argv)
+    if args.plot_only:
+        return plot_only(args)
     if args.dense_latency:
         return dense_latency(args)
     if args.deploy_only is not None:
@@ -122,21 +142,29 @@ def main(argv=None):
         result["dense_finetuned"] = {k: v for k, v in evaluate(control, test_data).items() if not k.endswith("image")}
     print(f"{tag}: dense Dice {dense_scores['dice']:.4f}, fine-tuned control {result['dense_finetuned']}", flush=True)
 
-    rows, keep = [], {}
-    json_path = OUT / f"pruning_unet_{tag}.json"
-    for k, (criterion, schedule) in enumerate(parse_runs(args.runs)):
+    rows, keep, skipped = [], {}, []
+    stem = args.name or f"pruning_unet_{tag}"
+    json_path = OUT / f"{stem}.json"
+    result["finetune_steps"] = args.finetune_steps
+    for k, (criterion, schedule, allocation) in enumerate(parse_runs(args.runs, args.allocation)):
         for ratio in [float(r) for r in (args.ratios if k == 0 else args.side_ratios).split(",")]:
+            if args.deadline_minutes is not None and time.time() - t_start > 60 * args.deadline_minutes:
+                skipped.append({"criterion": criterion, "schedule": schedule, "allocation": allocation, "target": ratio})
+                print(f"  {criterion:6s} {schedule:9s} {ratio:7g}x: skipped (deadline)", flush=True)
+                result["skipped"] = skipped
+                continue
             cfg = PruneConfig(target_ratio=ratio, criterion=criterion, schedule=schedule, stages=args.stages,
-                              finetune=ft)
+                              finetune=ft, min_filters=args.min_filters, allocation=allocation)
             t0 = time.time()
             res = prune_unet(dense, cfg, train_data, example=example, progress=False)
             s = evaluate(res.model, test_data)
-            row = {"criterion": criterion, "schedule": schedule, "target": ratio, "ratio_params": res.ratio_params,
+            row = {"criterion": criterion, "schedule": schedule, "allocation": allocation, "target": ratio, "ratio_params": res.ratio_params,
                    "ratio_macs": res.ratio_macs, "params": res.params, "macs": res.macs, "dice": s["dice"],
-                   "iou": s["iou"], "widths": list(res.model.config.widths), "seconds": time.time() - t0}
+                   "iou": s["iou"], "widths": list(res.model.config.widths), "seconds": time.time() - t0,
+                   "finetune_steps": sum(h.get("finetune", {}).get("steps", 0) for h in res.history)}
             rows.append(row)
-            keep[(criterion, schedule, ratio)] = res.model
-            print(f"  {criterion:6s} {schedule:9s} {ratio:7g}x: params {res.ratio_params:8.1f}x MACs "
+            keep[(criterion, schedule, allocation, ratio)] = res.model
+            print(f"  {criterion:6s} {schedule:9s} {allocation:7s} {ratio:7g}x: params {res.ratio_params:8.1f}x MACs "
                   f"{res.ratio_macs:8.1f}x Dice {s['dice']:.4f} ({row['seconds']:.0f} s)", flush=True)
             result["rows"] = rows
             dump_json(json_path, result)
@@ -144,25 +172,32 @@ def main(argv=None):
     dd = dense_scores["dice"]
     for name, loss in (("within_4pct", 0.04), ("within_1pct", 0.01)):
         best = largest_within(rows, dd, loss)
-        result[name] = None if best is None else {k: best[k] for k in ("criterion", "schedule", "target",
+        result[name] = None if best is None else {k: best[k] for k in ("criterion", "schedule", "allocation", "target",
                                                                       "ratio_params", "ratio_macs", "dice")}
 
-    # latency: dense, every l1/oneshot model, and the 4%-point model (+ W8A8)
-    onnx_dir = OUT / f"pruning_unet_{tag}_onnx"
+    if args.no_latency:
+        result["latency"], result["quantized"], result["seconds"] = [], [], time.time() - t_start
+        result["plots"] = [plot_dice_vs_ratio(rows, dd, OUT / f"{stem}_dice.png", f"{tag}: Dice vs compression")]
+        dump_json(json_path, result)
+        return print_tables(result)
+
+    # latency: dense, every model of the first run, and the 4%-point model (+ W8A8)
+    onnx_dir = OUT / f"{stem}_onnx"
     onnx_dir.mkdir(exist_ok=True)
     lat = [{"model": "dense", "ratio_params": 1.0, **latency_row(dense, example, onnx_dir / "dense.onnx", args.repeats)}]
-    curve = [r for r in rows if (r["criterion"], r["schedule"]) == ("l1", "oneshot")]
+    first = parse_runs(args.runs, args.allocation)[0]   # the main curve: every ratio of the first run
+    curve = [r for r in rows if (r["criterion"], r["schedule"], r["allocation"]) == first]
     for r in curve:
-        model = keep[("l1", "oneshot", r["target"])]
-        lat.append({"model": f"l1/oneshot {r['target']:g}x", "ratio_params": r["ratio_params"],
-                    **latency_row(model, example, onnx_dir / f"l1_{r['target']:g}.onnx", args.repeats)})
+        model = keep[(*first, r["target"])]
+        lat.append({"model": f"{'/'.join(first)} {r['target']:g}x", "ratio_params": r["ratio_params"],
+                    **latency_row(model, example, onnx_dir / f"curve_{r['target']:g}.onnx", args.repeats)})
     quant = []
     best = largest_within(rows, dd, 0.04)
     if best is not None:
-        model = keep[(best["criterion"], best["schedule"], best["target"])]
-        save_unet(model, OUT / f"pruning_unet_{tag}_4pct.safetensors", {"dataset": tag, "args": targs, **{
-            k: best[k] for k in ("criterion", "schedule", "target", "ratio_params", "dice")}})
-        lat.append({"model": f"4% point {best['criterion']}/{best['schedule']} {best['target']:g}x",
+        model = keep[(best["criterion"], best["schedule"], best["allocation"], best["target"])]
+        save_unet(model, OUT / f"{stem}_4pct.safetensors", {"dataset": tag, "args": targs, **{
+            k: best[k] for k in ("criterion", "schedule", "allocation", "target", "ratio_params", "dice")}})
+        lat.append({"model": f"4% point {best['criterion']}/{best['schedule']}/{best['allocation']} {best['target']:g}x",
                     "ratio_params": best["ratio_params"],
                     **latency_row(model, example, onnx_dir / "best.onnx", args.repeats)})
         for wino in (None, 4):
@@ -175,16 +210,28 @@ def main(argv=None):
             preds = {"dense": (predict_logits(dense, test_data.images[:1], m) > 0).float()[0],
                      f"pruned {best['ratio_params']:.0f}x": (predict_logits(model, test_data.images[:1], m) > 0).float()[0]}
         result["plots"] = [plot_overlays(test_data.images[0], test_data.masks[0], preds,
-                                         OUT / f"pruning_unet_{tag}_overlay.png", f"{tag}: {test_data.names[0]}")]
+                                         OUT / f"{stem}_overlay.png", f"{tag}: {test_data.names[0]}")]
     result["latency"], result["quantized"] = lat, quant
     result.setdefault("plots", [])
     result["plots"] += [
-        plot_dice_vs_ratio(rows, dd, OUT / f"pruning_unet_{tag}_dice.png", f"{tag}: Dice vs compression"),
-        plot_latency_vs_ratio(lat[:len(curve) + 1], OUT / f"pruning_unet_{tag}_latency.png",
+        plot_dice_vs_ratio(rows, dd, OUT / f"{stem}_dice.png", f"{tag}: Dice vs compression"),
+        plot_latency_vs_ratio(lat[:len(curve) + 1], OUT / f"{stem}_latency.png",
                               f"{tag}: CPU latency (batch 1, {tuple(example.shape[-2:])})")]
     result["seconds"] = time.time() - t_start
     dump_json(json_path, result)
     print_tables(result)
+
+
+def plot_only(args) -> None:
+    results = [json.loads(Path(p).read_text()) for p in args.plot_only]
+    tags = {r["dataset"] for r in results}
+    denses = {round(r["dense"]["dice"], 6) for r in results}
+    if len(tags) != 1 or len(denses) != 1:
+        raise SystemExit(f"--plot-only: the files must share one dataset and dense model, got {tags}, {denses}")
+    rows = [row for r in results for row in r["rows"]]
+    stem = args.name or f"pruning_unet_{args.dataset}"
+    print(plot_dice_vs_ratio(rows, results[0]["dense"]["dice"], OUT / f"{stem}_dice.png",
+                             f"{args.dataset}: Dice vs compression ({len(rows)} runs)"))
 
 
 def dense_latency(args) -> None:
@@ -216,7 +263,8 @@ def deploy_only(args) -> None:
     example = pad_to_multiple(test_data.images[:1], m)[0].contiguous()
     patch = targs.get("patch", 64) if tag == "chase" else None
     ft = TrainConfig(steps=args.finetune_steps, batch_size=args.batch_size, lr=args.lr, patch_size=patch)
-    res = prune_unet(dense, PruneConfig(target_ratio=args.deploy_only, finetune=ft), train_data, example=example,
+    res = prune_unet(dense, PruneConfig(target_ratio=args.deploy_only, finetune=ft, min_filters=args.min_filters),
+                     train_data, example=example,
                      progress=False)
     model = res.model
     save_unet(model, OUT / f"pruning_unet_{tag}_{args.deploy_only:g}x.safetensors", {"dataset": tag, "args": targs})
@@ -244,12 +292,18 @@ def print_tables(r: dict) -> None:
           f"{r['dense']['params']:,} params, {r['dense']['macs'] / 1e6:.1f} MMAC; dense + same fine-tuning "
           f"{(r['dense_finetuned'] or {}).get('dice', float('nan')):.4f}" + (f"; second observer Dice {r['second_observer']['dice']:.4f}"
                                                     if "second_observer" in r else ""))
-    print("\n| criterion | schedule | target | params x | MACs x | params | Dice | IoU |\n|---|---|---|---|---|---|---|---|")
+    print("\n| criterion | schedule | target | params x | MACs x | params | fine-tune steps | Dice | IoU | Dice / dense |"
+          "\n|---|---|---|---|---|---|---|---|---|---|")
     for x in r["rows"]:
-        print(f"| {x['criterion']} | {x['schedule']} | {x['target']:g} | {x['ratio_params']:.1f} | "
-              f"{x['ratio_macs']:.1f} | {x['params']:,} | {x['dice']:.4f} | {x['iou']:.4f} |")
+        print(f"| {x['criterion']} | {x['schedule']}/{x.get('allocation', 'global')} | {x['target']:g} | {x['ratio_params']:.1f} | "
+              f"{x['ratio_macs']:.1f} | {x['params']:,} | {x.get('finetune_steps', '-')} | {x['dice']:.4f} | "
+              f"{x['iou']:.4f} | {x['dice'] / r['dense']['dice']:.3f} |")
+    for x in r.get("skipped", []):
+        print(f"| {x['criterion']} | {x['schedule']}/{x['allocation']} | {x['target']:g} | skipped (deadline) |")
     for k in ("within_4pct", "within_1pct"):
         print(f"\nlargest ratio {k}: {json.dumps(r[k])}")
+    if not r["latency"]:
+        return
     dense = r["latency"][0]
     print("\n| model | params x | torch 1t CPU ms | speed-up | ORT 1t CPU ms | speed-up | torch 1t / 2t wall ms "
           "| ORT 1t / 2t wall ms |\n|---|---|---|---|---|---|---|---|")

@@ -5,6 +5,8 @@
 
 Sunnybrook: whole slices resized to --size (default 128), batches of 8.
 CHASE_DB1: images downscaled by --downscale (default 3, 333 x 320), random --patch (96) crops.
+--init continues from earlier weights (the committed baselines were trained in two runs; see
+docs/results.md section 15 for the commands).
 The weights are written with the U-Net config in the safetensors metadata, plus test Dice/IoU
 (and the second observer's agreement on CHASE_DB1) in the same metadata.
 """
@@ -18,7 +20,7 @@ import torch
 
 from winoq.data.segmentation import load_segmentation
 from winoq.models.unet_seg import UNetConfig, UNetSeg, count_params
-from winoq.pruning import TrainConfig, evaluate, human_reference, save_unet, train
+from winoq.pruning import TrainConfig, evaluate, human_reference, load_unet, save_unet, train
 
 
 def main(argv=None):
@@ -39,6 +41,9 @@ def main(argv=None):
     ap.add_argument("--max-minutes", type=float, default=None, help="stop training after this wall time")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--init", default=None,
+                    help="continue from these weights (a file written by save_unet; its config wins over "
+                         "--depth/--base-width/--norm); the earlier training is kept in the metadata")
     args = ap.parse_args(argv)
 
     torch.manual_seed(args.seed)
@@ -46,9 +51,16 @@ def main(argv=None):
     kw = {"size": args.size, "crop": args.crop} if args.dataset == "sunnybrook" else {"downscale": args.downscale}
     tr = load_segmentation(args.dataset, "train", args.root, **kw)
     te = load_segmentation(args.dataset, "test", args.root, **kw)
-    cfg = UNetConfig(in_channels=tr.images.shape[1], out_channels=1, depth=args.depth,
-                     base_width=args.base_width, norm=args.norm)
-    model = UNetSeg(cfg)
+    previous = None
+    if args.init is not None:
+        model, previous = load_unet(args.init)
+        if model.config.in_channels != tr.images.shape[1]:
+            raise ValueError(f"--init {args.init}: the network takes {model.config.in_channels} input channels, "
+                             f"the {args.dataset} images have {tr.images.shape[1]}")
+    else:
+        cfg = UNetConfig(in_channels=tr.images.shape[1], out_channels=1, depth=args.depth,
+                         base_width=args.base_width, norm=args.norm)
+        model = UNetSeg(cfg)
     print(f"{args.dataset}: train {tuple(tr.images.shape)}, test {tuple(te.images.shape)}; "
           f"U-Net {count_params(model):,} params", flush=True)
     tcfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
@@ -59,6 +71,9 @@ def main(argv=None):
     scores = evaluate(model, te)
     info = {"dataset": args.dataset, "train": log, "test_dice": scores["dice"], "test_iou": scores["iou"],
             "args": vars(args)}
+    if previous is not None:   # the whole training history: earlier runs first
+        info["previous"] = previous.get("previous", []) + [{k: v for k, v in previous.items() if k != "previous"}]
+        info["total_steps"] = sum(p["train"]["steps"] for p in info["previous"]) + log["steps"]
     ref = human_reference(te)
     if ref is not None:
         info["second_observer_dice"], info["second_observer_iou"] = ref["dice"], ref["iou"]

@@ -8,6 +8,7 @@
 """
 from .checkpoint import load_unet, read_unet_metadata, save_unet
 from .prune import (
+    ALLOCATIONS,
     CRITERIA,
     METRICS,
     SCHEDULES,
@@ -20,12 +21,14 @@ from .prune import (
     prune_to_ratio,
     prune_unet,
     stage_targets,
+    uniform_widths,
 )
 from .train import TrainConfig, evaluate, human_reference, predict_logits, segmentation_loss, train
 
 __all__ = [
     "load_unet", "read_unet_metadata", "save_unet", "CRITERIA", "METRICS", "SCHEDULES", "PruneConfig",
     "PruneResult", "UnreachableRatioError", "as_plain_unet", "count_macs", "largest_ratio", "prune_to_ratio",
+    "ALLOCATIONS", "uniform_widths",
     "prune_unet", "stage_targets", "TrainConfig", "evaluate", "human_reference", "predict_logits",
     "segmentation_loss", "train",
 ]

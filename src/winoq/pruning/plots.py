@@ -16,7 +16,7 @@ def plot_dice_vs_ratio(rows: list[dict], dense_dice: float, path: str | os.PathL
     ``rows``: dicts with criterion, schedule, ratio_params, ratio_macs, dice."""
     series = defaultdict(list)
     for r in rows:
-        series[f"{r['criterion']}/{r['schedule']}"].append(r)
+        series["/".join([r['criterion'], r['schedule']] + ([r['allocation']] if 'allocation' in r else []))].append(r)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, key, label in ((axes[0], "ratio_params", "parameter compression (x)"),
                            (axes[1], "ratio_macs", "MAC compression (x)")):

@@ -13,7 +13,16 @@ smaller.  On top of it this module decides *which* filters go and *how many*:
   same fraction and leaves the first convs with one filter at high ratios);
 * amount: rounds of "remove the least important filters whose estimated saving fills the
   remaining gap", re-measuring the exact parameter / MAC count after each round, until the
-  target is met within ``tolerance``; every layer keeps at least one filter;
+  target is met within ``tolerance``; every layer keeps at least ``min_filters`` filters (or all
+  it has, if fewer).  The floor matters at high ratios: the cost of a filter depends on the
+  current width of its neighbours, so a greedy global ranking takes whole chains of layers down
+  to one filter (at 1000x with a floor of 1 the 1.9 M-parameter U-Net kept a single filter in
+  11 of its 17 convs, a one-channel bottleneck at every level) while the layers next to them,
+  now cheap, keep dozens;
+* allocation (how many filters each layer keeps): ``global`` as above, or ``uniform``: every
+  conv keeps the same fraction of its dense width (rounded, at least ``min_filters``), the
+  fraction found by bisection so the network meets the target; the criterion then only picks
+  *which* filters of each layer go (Torch-Pruning's local pruning with a common ratio);
 * schedule: ``oneshot`` (prune to the target, then fine-tune) or ``iterative`` (``stages``
   geometric steps to the target, fine-tuning after each), with the same fine-tuning budget.
 
@@ -35,6 +44,7 @@ from .train import TrainConfig, segmentation_loss, train
 CRITERIA = ("l1", "l2", "taylor", "random")
 SCHEDULES = ("oneshot", "iterative")
 METRICS = ("params", "macs")
+ALLOCATIONS = ("global", "uniform")
 
 
 class UnreachableRatioError(ValueError):
@@ -56,16 +66,21 @@ class PruneConfig:
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(steps=0))
     calib_batch: int = 8
     cost_aware: bool = True
+    min_filters: int = 1
+    allocation: str = "global"
     seed: int = 0
 
     def __post_init__(self):
         if not self.target_ratio >= 1:
             raise ValueError(f"PruneConfig.target_ratio must be >= 1 (dense / pruned), got {self.target_ratio}")
-        for name, allowed in (("criterion", CRITERIA), ("schedule", SCHEDULES), ("metric", METRICS)):
+        for name, allowed in (("criterion", CRITERIA), ("schedule", SCHEDULES), ("metric", METRICS),
+                              ("allocation", ALLOCATIONS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"PruneConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.stages < 1:
             raise ValueError(f"PruneConfig.stages must be >= 1, got {self.stages}")
+        if self.min_filters < 1:
+            raise ValueError(f"PruneConfig.min_filters must be >= 1, got {self.min_filters}")
         if not 0 < self.tolerance < 1:
             raise ValueError(f"PruneConfig.tolerance must be in (0, 1), got {self.tolerance}")
 
@@ -99,9 +114,11 @@ def measure(model: nn.Module, metric: str, example: torch.Tensor) -> int:
     return count_params(model) if metric == "params" else count_macs(model, example)
 
 
-def largest_ratio(model: UNetSeg, metric: str, example: torch.Tensor, dense_value: int | None = None) -> float:
-    """The compression of the narrowest network structured pruning can leave: one filter per conv."""
-    narrow = UNetSeg(model.config.with_widths([1] * len(width_slots(model.config.depth))))
+def largest_ratio(model: UNetSeg, metric: str, example: torch.Tensor, dense_value: int | None = None,
+                  min_filters: int = 1) -> float:
+    """The compression of the narrowest network structured pruning can leave: ``min_filters``
+    filters per conv (or its current width, if smaller)."""
+    narrow = UNetSeg(model.config.with_widths([min(w, min_filters) for w in measured_widths(model)]))
     dense = dense_value if dense_value is not None else measure(model, metric, example)
     return dense / measure(narrow, metric, example)
 
@@ -168,7 +185,7 @@ def _dim(m: nn.Module) -> int:
 
 
 def _prune_round(model: UNetSeg, importance, metric: str, gap: float, example: torch.Tensor,
-                 calib, criterion: str, cost_aware: bool = True) -> int:
+                 calib, criterion: str, cost_aware: bool = True, min_filters: int = 1) -> int:
     """Remove the least important filters whose estimated saving covers ``gap``; returns how many."""
     import torch_pruning as tp
 
@@ -182,7 +199,7 @@ def _prune_round(model: UNetSeg, importance, metric: str, gap: float, example: t
         for gi, group in enumerate(groups):
             root = group[0].dep.target.module
             n = DG.get_out_channels(root)
-            if n is None or n <= 1:
+            if n is None or n <= min_filters:
                 continue
             scores = importance(group)
             cost = _channel_cost(DG, group, metric, areas)
@@ -200,7 +217,7 @@ def _prune_round(model: UNetSeg, importance, metric: str, gap: float, example: t
         if saved >= gap:
             break
         idxs = chosen.setdefault(k, [])
-        if len(idxs) + 1 >= info[k][2]:    # keep at least one filter per layer
+        if info[k][2] - (len(idxs) + 1) < max(min_filters, 1):   # keep min_filters per layer
             continue
         idxs.append(c)
         saved += info[k][3]
@@ -218,14 +235,12 @@ def _prune_round(model: UNetSeg, importance, metric: str, gap: float, example: t
 @torch.enable_grad()
 def prune_to_ratio(model: UNetSeg, ratio: float, metric: str, criterion: str, example: torch.Tensor,
                    dense_value: int, tolerance: float = 0.05, calib=None, seed: int = 0,
-                   max_rounds: int = 200, cost_aware: bool = True) -> float:
+                   max_rounds: int = 200, cost_aware: bool = True, min_filters: int = 1) -> float:
     """Prune ``model`` in place until dense_value / metric >= ratio * (1 - tolerance); returns the
     ratio reached.  Raises :class:`UnreachableRatioError` with the largest reachable ratio."""
-    best = largest_ratio(model, metric, example, dense_value)
+    best = largest_ratio(model, metric, example, dense_value, min_filters)
     if ratio > best:
-        raise UnreachableRatioError(
-            f"a {metric} compression of {ratio:g}x is not reachable: with one filter left in every "
-            f"conv this U-Net is {best:.1f}x smaller at most; ask for <= {best:.1f}x")
+        raise UnreachableRatioError(_unreachable(ratio, metric, best, min_filters))
     if criterion == "taylor" and calib is None:
         raise ValueError("criterion 'taylor' needs a calibration batch (images, masks) for its gradients")
     importance = make_importance(criterion)
@@ -237,13 +252,81 @@ def prune_to_ratio(model: UNetSeg, ratio: float, metric: str, criterion: str, ex
         torch.manual_seed(seed * 1000 + r)   # the random criterion's draw, reproducibly
         # aim a little below the target so the rounds converge from one side
         if _prune_round(model, importance, metric, current - target * (1 - tolerance / 2), example,
-                        calib, criterion, cost_aware) == 0:
+                        calib, criterion, cost_aware, min_filters) == 0:
             break
     reached = dense_value / measure(model, metric, example)
     if reached < ratio * (1 - tolerance):
         raise UnreachableRatioError(f"pruning stopped at {reached:.1f}x, short of {ratio:g}x "
                                     f"(largest reachable {best:.1f}x)")
     return reached
+
+
+# ----------------------------------------------------------------------------- uniform allocation
+def uniform_widths(model: UNetSeg, dense_widths: tuple[int, ...], ratio: float, metric: str,
+                   example: torch.Tensor, dense_value: int, min_filters: int = 1) -> tuple[int, ...]:
+    """Widths ``max(floor, round(f * dense width))`` (never above the current ones), with the
+    largest fraction ``f`` whose network is at least ``ratio`` times smaller than ``dense_value``
+    (or the floor widths, if no fraction reaches it)."""
+    current = measured_widths(model)
+
+    def widths(f: float) -> tuple[int, ...]:
+        return tuple(min(c, max(min(min_filters, c), round(f * d))) for c, d in zip(current, dense_widths))
+
+    cache: dict[tuple, int] = {}
+
+    def value(w: tuple[int, ...]) -> int:
+        if w not in cache:
+            cache[w] = measure(UNetSeg(model.config.with_widths(w)), metric, example)
+        return cache[w]
+
+    budget = dense_value / ratio
+    lo, hi = 0.0, 1.0
+    if value(widths(hi)) <= budget:
+        return widths(hi)
+    for _ in range(40):   # value(widths(lo)) <= budget or lo is the floor; value(widths(hi)) > budget
+        mid = (lo + hi) / 2
+        if value(widths(mid)) <= budget:
+            lo = mid
+        else:
+            hi = mid
+        if widths(lo) == widths(hi):
+            break
+    return widths(lo)
+
+
+def _prune_to_widths(model: UNetSeg, targets: tuple[int, ...], importance, example: torch.Tensor,
+                     calib, criterion: str) -> int:
+    """Remove from every conv its least important filters (its DepGraph group's scores) down to
+    ``targets`` (width_slots order); returns how many filters went."""
+    import torch_pruning as tp
+
+    if criterion == "taylor":
+        _taylor_gradients(model, calib)
+    DG = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    plan = []
+    with torch.no_grad():
+        for name, target in zip(width_slots(model.config.depth), targets):
+            m = model.get_submodule(name)
+            n = m.out_channels
+            if target >= n:
+                continue
+            handler = DG.get_pruner_of_module(m).prune_out_channels
+            scores = importance(DG.get_pruning_group(m, handler, idxs=list(range(n))))
+            drop = torch.argsort(scores.float(), stable=True)[:n - target].tolist()
+            plan.append((m, handler, sorted(drop)))
+    for m, handler, drop in plan:
+        group = DG.get_pruning_group(m, handler, idxs=drop)
+        if not DG.check_pruning_group(group):
+            raise RuntimeError(f"DepGraph refused to prune {len(drop)} filters of {m}")
+        group.prune()
+    model.zero_grad(set_to_none=True)
+    return sum(len(d) for _, _, d in plan)
+
+
+def _unreachable(ratio: float, metric: str, best: float, min_filters: int) -> str:
+    left = "one filter" if min_filters == 1 else f"{min_filters} filters (min_filters)"
+    return (f"a {metric} compression of {ratio:g}x is not reachable: with {left} left in every conv this "
+            f"U-Net is {best:.1f}x smaller at most; ask for <= {best:.1f}x")
 
 
 def as_plain_unet(model: UNetSeg) -> UNetSeg:
@@ -287,6 +370,7 @@ def prune_unet(model: UNetSeg, config: PruneConfig, train_data: SegmentationSet 
         example = torch.zeros(1, model.config.in_channels, s, s)
     work = copy.deepcopy(model).eval()
     dense = {"params": count_params(work), "macs": count_macs(work, example)}
+    dense_widths = measured_widths(work)
     calib = None
     if config.criterion == "taylor":
         if train_data is None:
@@ -297,17 +381,23 @@ def prune_unet(model: UNetSeg, config: PruneConfig, train_data: SegmentationSet 
         calib = (pad_to_multiple(train_data.images[idx], m)[0], pad_to_multiple(train_data.masks[idx], m)[0])
     targets = stage_targets(config)
     # fail before any work when the final target is out of reach
-    best = largest_ratio(work, config.metric, example, dense[config.metric])
+    best = largest_ratio(work, config.metric, example, dense[config.metric], config.min_filters)
     if config.target_ratio > best:
-        raise UnreachableRatioError(
-            f"a {config.metric} compression of {config.target_ratio:g}x is not reachable: with one "
-            f"filter left in every conv this U-Net is {best:.1f}x smaller at most; ask for <= {best:.1f}x")
+        raise UnreachableRatioError(_unreachable(config.target_ratio, config.metric, best, config.min_filters))
     steps_per_stage = config.finetune.steps // len(targets)
     history = []
     bar = tqdm(targets, desc=f"prune {config.criterion}/{config.schedule}", disable=not progress, leave=False)
     for k, ratio in enumerate(bar):
-        reached = prune_to_ratio(work, ratio, config.metric, config.criterion, example, dense[config.metric],
-                                 config.tolerance, calib, config.seed + k, cost_aware=config.cost_aware)
+        if config.allocation == "uniform":
+            torch.manual_seed(config.seed * 1000 + k)   # the random criterion's draw, reproducibly
+            targets_w = uniform_widths(work, dense_widths, ratio, config.metric, example, dense[config.metric],
+                                       config.min_filters)
+            _prune_to_widths(work, targets_w, make_importance(config.criterion), example, calib, config.criterion)
+            reached = dense[config.metric] / measure(work, config.metric, example)
+        else:
+            reached = prune_to_ratio(work, ratio, config.metric, config.criterion, example, dense[config.metric],
+                                     config.tolerance, calib, config.seed + k, cost_aware=config.cost_aware,
+                                     min_filters=config.min_filters)
         work = as_plain_unet(work)
         log = {"stage": k, "target": ratio, "reached": reached, "params": count_params(work)}
         if steps_per_stage > 0:
