@@ -35,6 +35,21 @@ def test_prune_command_writes_a_smaller_loadable_unet(tmp_path, capsys):
     assert (tmp_path / "p.onnx").is_file()
 
 
+def test_prune_command_uniform_allocation_with_a_floor(tmp_path, capsys):
+    torch.manual_seed(0)
+    save_unet(UNetSeg(UNetConfig(depth=2, base_width=8)), tmp_path / "dense.safetensors")
+    out = tmp_path / "pruned.safetensors"
+    rc = main(["prune", "--weights", str(tmp_path / "dense.safetensors"), "--out", str(out), "--ratio", "6",
+               "--allocation", "uniform", "--min-filters", "2"])
+    assert rc == 0
+    model, info = load_unet(out)
+    assert info["prune"]["allocation"] == "uniform" and info["prune"]["min_filters"] == 2
+    dense = UNetConfig(depth=2, base_width=8).resolved_widths()
+    fracs = [w / d for w, d in zip(model.config.widths, dense)]
+    assert min(model.config.widths) >= 2 and max(fracs) - min(fracs) <= 1 / 8 + 1e-9   # one common fraction
+    assert info["ratio_params"] >= 6
+
+
 def test_prune_command_unreachable_ratio(tmp_path, capsys):
     save_unet(UNetSeg(UNetConfig(depth=1, base_width=2)), tmp_path / "d.safetensors")
     rc = main(["prune", "--weights", str(tmp_path / "d.safetensors"), "--out", str(tmp_path / "p.safetensors"),

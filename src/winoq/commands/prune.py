@@ -26,6 +26,8 @@ def register(subparsers) -> None:
                    help="filter importance (default: l1; random is the control)")
     p.add_argument("--schedule", choices=["oneshot", "iterative"], default="oneshot")
     p.add_argument("--stages", type=int, default=4, help="pruning / fine-tuning stages of --schedule iterative")
+    p.add_argument("--allocation", choices=["global", "uniform"], default="global",
+                   help="filters per layer: global cost-aware ranking (default) or the same fraction of every layer")
     p.add_argument("--min-filters", type=int, default=1,
                    help="filters every conv keeps at least (default 1; 2-4 avoid one-channel bottlenecks at high ratios)")
     p.add_argument("--finetune-steps", type=int, default=0,
@@ -83,7 +85,7 @@ def run(args) -> int:
         finetune = TrainConfig(steps=args.finetune_steps, lr=args.lr, patch_size=patch, seed=args.seed)
         config = PruneConfig(target_ratio=args.ratio, criterion=args.criterion, schedule=args.schedule,
                              metric=args.metric, stages=args.stages, finetune=finetune, seed=args.seed,
-                             min_filters=args.min_filters)
+                             min_filters=args.min_filters, allocation=args.allocation)
         result = prune_unet(model, config, train_data, example=_example(model, info, args.dataset), progress=True)
     except ValueError as e:   # unreachable ratio, bad config: one line, usage exit status
         raise CLIError(str(e)) from e
@@ -95,7 +97,7 @@ def run(args) -> int:
         summary["dice"], summary["iou"] = scores["dice"], scores["iou"]
     save_unet(result.model, args.out, {"pruned_from": str(args.weights), "prune": {
         "ratio": args.ratio, "metric": args.metric, "criterion": args.criterion, "schedule": args.schedule,
-        "min_filters": args.min_filters},
+        "min_filters": args.min_filters, "allocation": args.allocation},
         **{k: v for k, v in summary.items() if k != "widths"}, "dataset": args.dataset or info.get("dataset"),
         "args": info.get("args", {})})
     if args.onnx:

@@ -17,7 +17,7 @@ smaller.  On top of it this module decides *which* filters go and *how many*:
   it has, if fewer).  The floor matters at high ratios: the cost of a filter depends on the
   current width of its neighbours, so a greedy global ranking takes whole chains of layers down
   to one filter (at 1000x with a floor of 1 the 1.9 M-parameter U-Net kept a single filter in
-  11 of its 17 convs, a one-channel bottleneck at every level) while the layers next to them,
+  13 of its 17 convs, a one-channel bottleneck at every level) while the layers next to them,
   now cheap, keep dozens;
 * allocation (how many filters each layer keeps): ``global`` as above, or ``uniform``: every
   conv keeps the same fraction of its dense width (rounded, at least ``min_filters``), the
