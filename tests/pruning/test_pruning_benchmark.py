@@ -2,7 +2,6 @@
 and redrawing the Dice plot from several result files."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,11 +11,8 @@ BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "pruning_unet.py"
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("pruning_unet_bench", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def bench(load_file_module):
+    return load_file_module(BENCH, "pruning_unet_bench")
 
 
 def test_runs_name_criterion_schedule_and_optionally_allocation(bench):

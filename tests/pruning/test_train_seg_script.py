@@ -2,7 +2,6 @@
 continuing from earlier weights (--init) with the training history kept in the metadata."""
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -17,21 +16,14 @@ from winoq.pruning import load_unet  # noqa: E402
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "train_seg.py"
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("train_seg_script", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _data(tmp_path):
     root = make_sunnybrook(tmp_path / "sb", n=4, size=16)
     make_sunnybrook(tmp_path / "sb", n=2, size=16, split="test")
     return root
 
 
-def test_init_continues_from_the_given_weights_and_keeps_the_history(tmp_path):
-    root, train_seg = _data(tmp_path), _script()
+def test_init_continues_from_the_given_weights_and_keeps_the_history(tmp_path, load_file_module):
+    root, train_seg = _data(tmp_path), load_file_module(SCRIPT, "train_seg_script")
     first = tmp_path / "first.safetensors"
     train_seg.main(["--dataset", "sunnybrook", "--root", str(root), "--size", "16", "--depth", "2",
                     "--base-width", "4", "--steps", "3", "--batch-size", "2", "--out", str(first)])
@@ -61,8 +53,8 @@ def test_init_continues_from_the_given_weights_and_keeps_the_history(tmp_path):
     assert [p["train"]["steps"] for p in info2["previous"]] == [3, 2] and info2["total_steps"] == 6
 
 
-def test_init_with_other_input_channels_is_refused(tmp_path):
-    root, train_seg = _data(tmp_path), _script()
+def test_init_with_other_input_channels_is_refused(tmp_path, load_file_module):
+    root, train_seg = _data(tmp_path), load_file_module(SCRIPT, "train_seg_script")
     first = tmp_path / "gray.safetensors"
     train_seg.main(["--dataset", "sunnybrook", "--root", str(root), "--size", "16", "--depth", "2",
                     "--base-width", "4", "--steps", "1", "--batch-size", "2", "--out", str(first)])
