@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  winoq demo --out ./winoq-demo\n"
                "  winoq quantize --model fmnist-resnet --out fm.safetensors --winograd 6 --eval\n"
                "  winoq eval --model fmnist-resnet --checkpoint fm.safetensors\n"
+               "  winoq deploy --model cifar-resnet20 --weights shared --out r20.onnx\n"
                "  winoq info\n\n"
                "exit status: 0 ok, 1 a run could not be done (e.g. dataset not installed), 2 usage error.")
     parser.add_argument("--version", action="version", version=f"winoq {__version__}")
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .commands import sparsity as _sparsity; _sparsity.register(sub)
     from .commands import prune as _prune; _prune.register(sub)
     from .commands import mixed as _mixed; _mixed.register(sub)
+    from .commands import deploy as _deploy; _deploy.register(sub)
     return parser
 
 

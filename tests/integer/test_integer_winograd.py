@@ -158,3 +158,22 @@ def test_onnx_exports_winograd_layers_as_their_direct_twins(converted, tmp_path)
         ref, wino, direct = model(x[:4]), im(x[:4]), twin(x[:4])
     err = lambda y: float(((y - ref) ** 2).sum() / (ref ** 2).sum())  # noqa: E731
     assert err(direct) < 0.02 and err(wino) < 0.02
+
+
+def test_qlinear_export_runs_winograd_layers_as_fused_direct_twins(converted, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from winoq.integer.onnx_export import export_onnx, run_onnx
+
+    model, x, im = converted
+    with pytest.warns(UserWarning, match="direct ConvInteger twins"):
+        proto = export_onnx(im, tmp_path / "q.onnx", x[:1], ops="qlinear", calib=x)
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("QLinearConv") == sum(type(s).__name__ in ("IntConv2d", "IntWinogradConv2d") for s in im.steps)
+    twin = copy.deepcopy(im)
+    for step in twin.steps:
+        if isinstance(step, IntWinogradConv2d):
+            step.forward = step.direct_twin
+    with torch.no_grad():
+        got, direct = run_onnx(tmp_path / "q.onnx", x[:4]), twin(x[:4])
+    # the twin's two dyadic steps are one float32 multiplier here: close to the twin model
+    assert float(((got - direct) ** 2).sum() / (direct ** 2).sum()) < 1e-3

@@ -55,8 +55,11 @@ class _Graph:
         return self.op("Cast", [x], to=getattr(TensorProto, to))
 
     # -- integer building blocks
-    def to_u8(self, x) -> tuple[str, str]:
-        """int32 codes in [-128, 127] -> uint8 codes + 128, and the uint8 zero point 128."""
+    def to_u8(self, x, unsigned: bool = False) -> tuple[str, str]:
+        """int32 codes -> uint8 codes and their zero point: signed codes in [-128, 127] shifted by 128,
+        unsigned codes in [0, 255] as they are (zero point 0)."""
+        if unsigned:
+            return self.cast(x, "UINT8"), self.const(np.array(0, np.uint8), "zp")
         shifted = self.op("Add", [x, self.const(np.array(128, np.int32))])
         return self.cast(shifted, "UINT8"), self.const(np.array(128, np.uint8), "zp")
 
@@ -81,11 +84,26 @@ def _pads(padding) -> list[int]:
     return [0, 0, ph, pw, 0, 0, ph, pw]
 
 
-def _export_step(g: _Graph, step, ins: list[str]) -> str:
+def unsigned_values(model: IntegerModel) -> dict[int, bool]:
+    """For every value of the program: True where it holds unsigned activation codes (a clamp at
+    zero, e.g. after a ReLU: up to 255 at 8 bits), which enter ConvInteger with zero point 0."""
+    out = {0: False}
+    for step, (ins, o) in zip(model.steps, model.program):
+        if isinstance(step, (L.Requantize, L.IntAdd, L.IntGlobalAvgPool)):
+            out[o] = step.qmin >= 0
+        elif isinstance(step, L.ClampMin):
+            out[o] = True
+        else:  # pass-through ops keep their input's sign; accumulators are signed
+            out[o] = out[ins[0]] if isinstance(step, (L.MaxPool, L.Slice, L.ZeroPad, L.Flatten)) else False
+    return out
+
+
+def _export_step(g: _Graph, step, ins: list[str], unsigned: bool = False) -> str:
+    """One integer step on int32 values; ``unsigned``: the (first) input holds unsigned codes."""
     from .winograd import IntWinogradConv2d
 
     if isinstance(step, IntWinogradConv2d):
-        acc = _export_step(g, step.direct, ins)
+        acc = _export_step(g, step.direct, ins, unsigned)
         return g.clip_int32(g.requant(acc, step.direct_b, step.direct_c), -L.INT32_MAX, L.INT32_MAX)
     if isinstance(step, L.IntConv2d):
         if step.wide:
@@ -94,7 +112,7 @@ def _export_step(g: _Graph, step, ins: list[str]) -> str:
             raise ValueError(f"layer {step.name!r}: padding={step.padding!r} is not exported; use integer padding")
         x = g.op("Pad", [ins[0], g.const(np.array(_pads(step.padding), np.int64)),
                          g.const(np.array(0, np.int32))])
-        xu, zp = g.to_u8(x)
+        xu, zp = g.to_u8(x, unsigned)
         w = g.const(step.weight.numpy().astype(np.int8), "w")
         acc = g.op("ConvInteger", [xu, w, zp], strides=list(step.stride), dilations=list(step.dilation),
                    group=step.groups)
@@ -102,7 +120,7 @@ def _export_step(g: _Graph, step, ins: list[str]) -> str:
     if isinstance(step, L.IntLinear):
         if step.wide:
             raise ValueError(f"layer {step.name!r} accumulates in int64; ONNX MatMulInteger has int32 accumulators only")
-        xu, zp = g.to_u8(ins[0])
+        xu, zp = g.to_u8(ins[0], unsigned)
         wt = g.const(step.weight.numpy().T.astype(np.int8).copy(), "w")
         acc = g.op("MatMulInteger", [xu, wt, zp])
         return g.op("Add", [acc, g.const(step.bias.numpy().astype(np.int32), "bias")])
@@ -155,10 +173,14 @@ def _export_step(g: _Graph, step, ins: list[str]) -> str:
     raise ValueError(f"step {type(step).__name__} has no ONNX export")
 
 
-def export_onnx(model: IntegerModel, path, example: torch.Tensor, winograd: str = "direct"):
+def export_onnx(model: IntegerModel, path, example: torch.Tensor, winograd: str = "direct", ops: str = "integer",
+                calib: torch.Tensor | None = None):
     """Write ``model`` as an ONNX graph (opset 13) with float input ``x`` and float output ``logits``.
     ``winograd``: "direct" exports integer Winograd layers as their direct twins (with a warning),
-    "refuse" raises for them."""
+    "refuse" raises for them. ``ops``: "integer" (``ConvInteger`` and int64 dyadic requantization:
+    bit for bit the integer model) or "qlinear" (onnxruntime's fused int8 ``QLinearConv`` /
+    ``QLinearAdd``: many times faster, float32 requantization, see :mod:`.onnx_qlinear`; ``calib``
+    sets its residual branches' ranges)."""
     import warnings
 
     import onnx
@@ -172,18 +194,25 @@ def export_onnx(model: IntegerModel, path, example: torch.Tensor, winograd: str 
                          f"winograd='direct' (their direct integer twins) or convert with IntegerConfig(winograd=None)")
     if winograd not in ("direct", "refuse"):
         raise ValueError(f"winograd must be 'direct' or 'refuse', got {winograd!r}")
+    if ops not in ("integer", "qlinear"):
+        raise ValueError(f"ops must be 'integer' (exact) or 'qlinear' (onnxruntime's fused int8 ops), got {ops!r}")
     if wino:
         warnings.warn(f"ONNX has no Winograd operator: {len(wino)} integer Winograd layer(s) (e.g. {wino[0]!r}) are "
                       f"exported as direct ConvInteger twins; the exported logits differ from this model's by the "
                       f"two algorithms' rounding", stacklevel=2)
+    if ops == "qlinear":
+        from .onnx_qlinear import export_qlinear
+
+        return export_qlinear(model, path, example, calib)
 
     g = _Graph()
     xd = g.cast("x", "DOUBLE")
     q = g.op("Round", [g.op("Div", [xd, g.const(np.array(model.input_scale, np.float64), "s_in")])])
     q = g.op("Clip", [q, g.const(np.array(-model.input_qmax, np.float64)), g.const(np.array(model.input_qmax, np.float64))])
     env = {0: g.cast(q, "INT32")}
+    unsigned = unsigned_values(model)
     for step, (ins, out) in zip(model.steps, model.program):
-        env[out] = _export_step(g, step, [env[i] for i in ins])
+        env[out] = _export_step(g, step, [env[i] for i in ins], unsigned[ins[0]])
     z = g.cast(env[model.output_id], "DOUBLE")
     scale = model.output_scale.numpy()
     y = g.op("Mul", [z, g.const(scale.reshape(scale.shape) if scale.ndim else scale, "s_out")])
