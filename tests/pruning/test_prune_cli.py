@@ -67,3 +67,31 @@ def test_prune_command_refuses_to_overwrite_its_input_and_a_bad_ratio(tmp_path, 
     assert main(["prune", "--weights", str(dense), "--out", str(tmp_path / "p.safetensors"), "--ratio", "0"]) == 2
     err = capsys.readouterr().err
     assert "target_ratio must be >= 1" in err and "Traceback" not in err
+
+
+def test_prune_command_exports_an_int8_onnx_and_reports_its_dice(tmp_path, capsys):
+    import onnx
+    import pytest
+
+    pytest.importorskip("onnxruntime")
+    root = make_sunnybrook(tmp_path / "sb", n=4, size=16)
+    make_sunnybrook(tmp_path / "sb", n=2, size=16, split="test")
+    torch.manual_seed(0)
+    save_unet(UNetSeg(UNetConfig(depth=2, base_width=8)), tmp_path / "dense.safetensors",
+              {"dataset": "sunnybrook", "args": {"size": 16}})
+    rc = main(["prune", "--weights", str(tmp_path / "dense.safetensors"), "--out", str(tmp_path / "p.safetensors"),
+               "--ratio", "3", "--dataset", "sunnybrook", "--data-root", str(root), "--eval",
+               "--int8-onnx", str(tmp_path / "p8.onnx")])
+    assert rc == 0
+    text = capsys.readouterr().out
+    summary = json.loads(text[:text.rindex("}") + 1])
+    assert 0 <= summary["int8_dice"] <= 1 and summary["int8_onnx"].endswith("p8.onnx")
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "p8.onnx")).graph.node}
+    assert {"QLinearConv", "QLinearConcat"} <= ops
+
+
+def test_prune_command_int8_onnx_needs_a_dataset(tmp_path, capsys):
+    save_unet(UNetSeg(UNetConfig(depth=1, base_width=4)), tmp_path / "d.safetensors")
+    rc = main(["prune", "--weights", str(tmp_path / "d.safetensors"), "--out", str(tmp_path / "p.safetensors"),
+               "--ratio", "2", "--int8-onnx", str(tmp_path / "p8.onnx")])
+    assert rc == 2 and "--int8-onnx need --dataset" in capsys.readouterr().err

@@ -38,6 +38,9 @@ def register(subparsers) -> None:
     p.add_argument("--data-root", default=None, help="dataset folder (default: <shared>/data/<dataset>)")
     p.add_argument("--eval", action="store_true", help="print test Dice / IoU of the dense and pruned models")
     p.add_argument("--onnx", metavar="FILE.onnx", default=None, help="also export the pruned model to ONNX")
+    p.add_argument("--int8-onnx", metavar="FILE.onnx", default=None,
+                   help="also convert the pruned model to integer-only W8A8 (static ranges on the training images "
+                        "of --dataset) and export it for onnxruntime's int8 kernels; with --eval its Dice is printed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.set_defaults(func=run)
@@ -70,9 +73,12 @@ def run(args) -> int:
     torch.manual_seed(args.seed)
     check_output(Path(args.out), [Path(args.weights)])  # before any work: never overwrite the dense U-Net
     model, info = load_unet(args.weights)
-    needs_data = args.finetune_steps > 0 or args.criterion == "taylor" or args.eval
+    needs_data = args.finetune_steps > 0 or args.criterion == "taylor" or args.eval or args.int8_onnx
     if needs_data and args.dataset is None:
-        raise CLIError("--finetune-steps, --criterion taylor and --eval need --dataset sunnybrook|chase")
+        raise CLIError("--finetune-steps, --criterion taylor, --eval and --int8-onnx need --dataset sunnybrook|chase")
+    for out in (args.onnx, args.int8_onnx):
+        if out is not None:
+            check_output(Path(out), [Path(args.weights)])
     train_data = test_data = None
     if needs_data:
         train_args = info.get("args", {})
@@ -105,6 +111,18 @@ def run(args) -> int:
 
         export_onnx(result.model, args.onnx, _example(result.model, info, args.dataset))
         summary["onnx"] = args.onnx
+    if args.int8_onnx:
+        from ..pruning.deploy import int8_onnx, onnx_logits
+        from ..data.segmentation import pad_to_multiple
+        from ..metrics.segmentation import segmentation_scores
+
+        m = 2 ** result.model.config.depth
+        calib = pad_to_multiple(train_data.images[:32], m)[0]
+        int8_onnx(result.model, calib, args.int8_onnx, _example(result.model, info, args.dataset))
+        summary["int8_onnx"] = args.int8_onnx
+        if args.eval:
+            logits = onnx_logits(args.int8_onnx, test_data.images, m)
+            summary["int8_dice"] = segmentation_scores((logits > 0).float(), test_data.masks)["dice"]
     print(json.dumps(summary, indent=1))
     print(f"wrote {args.out}")
     return 0

@@ -221,20 +221,22 @@ _FUNCS = {
     F.relu: "relu", torch.relu: "relu", torch.relu_: "relu",
     operator.add: "add", torch.add: "add", operator.iadd: "add",
     torch.flatten: "flatten", F.adaptive_avg_pool2d: "avgpool", operator.getitem: "slice",
-    F.pad: "pad", F.max_pool2d: "maxpool",
+    F.pad: "pad", F.max_pool2d: "maxpool", torch.cat: "cat",
 }
 _METHODS = {"relu": "relu", "relu_": "relu", "add": "add", "add_": "add", "flatten": "flatten"}
-_MODULES = ((nn.Conv2d, "conv"), (nn.BatchNorm2d, "bn"), (nn.ReLU, "relu"), (nn.Linear, "linear"),
+_MODULES = ((nn.Conv2d, "conv"), (nn.ConvTranspose2d, "convt"), (nn.BatchNorm2d, "bn"), (nn.ReLU, "relu"), (nn.Linear, "linear"),
             (nn.AdaptiveAvgPool2d, "avgpool"), (nn.MaxPool2d, "maxpool"), (nn.Flatten, "flatten"),
             (nn.Identity, "identity"), (nn.Dropout, "identity"))
-_PASS = {"relu", "maxpool", "slice", "pad", "flatten", "identity", "bn"}
+_PASS = {"relu", "maxpool", "slice", "pad", "flatten", "identity", "bn", "cat"}
+_LAYERS = ("conv", "linear", "convt")
+_LAYER_TYPES = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
 
 
 def _unsupported(node: fx.Node, what: str) -> IntegerConversionError:
     return IntegerConversionError(
         f"op {node.name!r} ({what}) is not supported by the integer-only conversion; supported: conv2d, "
-        f"batch_norm after a conv, relu, add, linear, global average pool, max pool, slicing, zero pad, "
-        f"flatten")
+        f"batch_norm after a conv, transposed conv with kernel = stride, relu, add, channel concatenation, "
+        f"linear, global average pool, max pool, slicing, zero pad, flatten")
 
 
 def _kind(node: fx.Node, modules: dict) -> str:
@@ -254,11 +256,11 @@ def _kind(node: fx.Node, modules: dict) -> str:
 
 
 def layer_names(model: nn.Module, leaf_modules=()) -> list[str]:
-    """Names of the convs and linears in execution order (the layers a bit plan assigns)."""
+    """Names of the convs (transposed ones too) and linears in execution order (the layers a bit
+    plan assigns)."""
     gm = trace(model, leaf_modules)
     mods = dict(gm.named_modules())
-    return [n.target for n in gm.graph.nodes
-            if n.op == "call_module" and isinstance(mods[n.target], (nn.Conv2d, nn.Linear))]
+    return [n.target for n in gm.graph.nodes if n.op == "call_module" and isinstance(mods[n.target], _LAYER_TYPES)]
 
 
 def winograd_tiles(gm: fx.GraphModule, config: IntegerConfig) -> dict[str, int]:
@@ -276,7 +278,7 @@ def winograd_tiles(gm: fx.GraphModule, config: IntegerConfig) -> dict[str, int]:
 def rounding_inputs(gm: fx.GraphModule, config: IntegerConfig, tiles: Mapping[str, int]) -> set[str]:
     """Names of the nodes whose values feed a direct layer with learned rounding (kept in full)."""
     mods = dict(gm.named_modules())
-    layers = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(mods[n.target], (nn.Conv2d, nn.Linear))]
+    layers = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(mods[n.target], _LAYER_TYPES)]
     ends = {layers[0], layers[-1]} if layers else set()
     return {n.args[0].name for n in layers
             if n.target not in tiles and config.learned_rounding(config.bits_of(n.target, n in ends)[0])}
@@ -454,7 +456,7 @@ class _Builder:
         self.mods = dict(gm.named_modules())
         self.nodes = list(gm.graph.nodes)
         self.kinds = {n: _kind(n, self.mods) for n in self.nodes}
-        layer_nodes = [n for n in self.nodes if self.kinds[n] in ("conv", "linear")]
+        layer_nodes = [n for n in self.nodes if self.kinds[n] in _LAYERS]
         if not layer_nodes:
             raise IntegerConversionError("the model has no conv or linear layer to convert")
         ends = {layer_nodes[0], layer_nodes[-1]}
@@ -485,7 +487,7 @@ class _Builder:
                 continue
             seen.add(u)
             k = self.kinds[u]
-            if k in ("conv", "linear"):
+            if k in _LAYERS:
                 bits.append(self.layer_bits[u][1])
             elif k in _PASS:
                 todo.extend(u.users)
@@ -593,6 +595,46 @@ class _Builder:
         return self.shapes[node.name]
 
     _conv = _linear = _layer
+
+    def _convt(self, node: fx.Node):
+        """A k x k stride-k transposed conv (U-Net upsampling) as an integer 1x1 conv to ``C_out k^2``
+        channels, requantized to the node's range, then a pixel shuffle of the codes."""
+        mod = self.mods[node.target]
+        k = mod.kernel_size[0]
+        if (mod.kernel_size != (k, k) or mod.stride != (k, k) or mod.padding != (0, 0) or mod.output_padding != (0, 0)
+                or mod.dilation != (1, 1) or mod.groups != 1):
+            raise _unsupported(node, f"transposed conv {node.target!r} with kernel {mod.kernel_size}, stride "
+                                     f"{mod.stride}, padding {mod.padding} (only kernel = stride, no padding, one group)")
+        cin, cout = mod.in_channels, mod.out_channels
+        w = mod.weight.detach().double().permute(1, 2, 3, 0).reshape(cout * k * k, cin, 1, 1)  # (c, i, j) major
+        b = (mod.bias.detach().double() if mod.bias is not None else torch.zeros(cout, dtype=torch.float64))
+        b = b.repeat_interleave(k * k)
+        conv = nn.Conv2d(cin, cout * k * k, 1)
+        x = self.act(node.args[0])
+        wb, _ = self.layer_bits[node]
+        inputs = torch.cat(self.rec.full[node.args[0].name]) if self.cfg.learned_rounding(wb) else None
+        step, s_acc, bound = convert_conv(node.target, conv, w, b, x, wb, self.cfg.weight_clip, inputs,
+                                          self.cfg.rounding_iters)
+        acc = self._emit(step, (x,), s_acc, True, bound=bound)
+        self.infos.append(LayerInfo(node.target, "conv_transpose", wb, self.value_bits(node.args[0]),
+                                    int(self.rec_shape_numel(node) * cin), int(mod.weight.numel()), False, step.wide))
+        codes = self.requant_to(node, [acc], False, f"requantization after {node.name!r}",
+                                lambda p, lo, hi: L.Requantize(p[0][0], p[0][1], lo, hi))
+        self.env[node] = self._emit(L.PixelShuffle(k, cout), (codes,), codes.scale, False, codes.qmin, codes.qmax)
+        self.unsigned[node] = False
+
+    def _cat(self, node: fx.Node):
+        tensors = node.args[0]
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        if not isinstance(tensors, (list, tuple)) or not all(isinstance(t, fx.Node) for t in tensors):
+            raise _unsupported(node, "concatenation of something other than a list of tensors")
+        if dim not in (1, -3):
+            raise _unsupported(node, f"concatenation along dim {dim} (only channels, dim 1 of NCHW)")
+        srcs = [self.act(t) for t in tensors]
+        unsigned = all(self.unsigned.get(t, False) for t in tensors)
+        self.env[node] = self.requant_to(node, srcs, unsigned, f"concatenation {node.name!r}",
+                                         lambda p, lo, hi: L.IntConcat(p, lo, hi))
+        self.unsigned[node] = unsigned
 
     def _bn(self, node):
         raise IntegerConversionError(f"BatchNorm {node.target!r} does not directly follow a conv with no other "

@@ -178,3 +178,41 @@ class Flatten(nn.Module):
         return torch.flatten(x, self.start_dim, self.end_dim)
 
     simulate = forward
+
+
+class PixelShuffle(nn.Module):
+    """``F.pixel_shuffle`` of codes: a k x k stride-k transposed conv runs as a 1x1 conv to
+    ``C k^2`` channels (its requantized codes) followed by this permutation."""
+
+    def __init__(self, factor: int, channels: int):
+        super().__init__()
+        self.factor, self.channels = int(factor), int(channels)   # channels: after the shuffle
+
+    def forward(self, x):
+        return F.pixel_shuffle(x, self.factor)
+
+    simulate = forward
+
+
+class IntConcat(nn.Module):
+    """Channel concatenation: each input times its own dyadic multiplier to the output scale
+    (``b[i], c[i]``), then clamped (``qmin = 0`` when every input is unsigned)."""
+
+    def __init__(self, pairs, qmin: int, qmax: int):
+        super().__init__()
+        for i, (b, c) in enumerate(pairs):
+            self.register_buffer(f"b{i}", b)
+            self.register_buffer(f"c{i}", c)
+        self.n = len(pairs)
+        self.qmin, self.qmax = int(qmin), int(qmax)
+
+    def pairs(self):
+        return [(getattr(self, f"b{i}"), getattr(self, f"c{i}")) for i in range(self.n)]
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        parts = [requantize(x, b, c) for x, (b, c) in zip(xs, self.pairs())]
+        return _clamp(torch.cat(parts, 1), self.qmin, self.qmax).to(torch.int32)
+
+    def simulate(self, *xs: torch.Tensor) -> torch.Tensor:
+        parts = [requantize_float(x, b, c) for x, (b, c) in zip(xs, self.pairs())]
+        return _clamp(torch.cat(parts, 1), self.qmin, self.qmax)

@@ -73,6 +73,19 @@ class _Graph:
         t = self.op("BitShift", [self.cast(t, "UINT64"), self.const(c_np.astype(np.uint64), "c")], direction="RIGHT")
         return self.op("Sub", [self.cast(t, "INT64"), self.const(np.left_shift(np.int64(1), _OFFSET_BITS - c_np), "off")])
 
+    def pixel_shuffle(self, x, r: int, channels: int) -> str:
+        """``F.pixel_shuffle`` as Reshape / Transpose / Reshape (onnxruntime's DepthToSpace takes
+        float tensors only); batch and spatial sizes stay dynamic."""
+        shape = self.op("Shape", [x])
+        part = lambda a, b: self.op("Slice", [shape, self.const(np.array([a], np.int64)),  # noqa: E731
+                                              self.const(np.array([b], np.int64))])
+        n, hw = part(0, 1), part(2, 4)
+        s6 = self.op("Concat", [n, self.const(np.array([channels, r, r], np.int64)), hw], axis=0)
+        t = self.op("Transpose", [self.op("Reshape", [x, s6])], perm=[0, 1, 4, 2, 5, 3])
+        s4 = self.op("Concat", [n, self.const(np.array([channels], np.int64)),
+                                self.op("Mul", [hw, self.const(np.array([r], np.int64))])], axis=0)
+        return self.op("Reshape", [t, s4])
+
     def clip_int32(self, x64, qmin, qmax) -> str:
         t = self.op("Max", [x64, self.const(np.array(qmin, np.int64))])
         t = self.op("Min", [t, self.const(np.array(qmax, np.int64))])
@@ -89,12 +102,12 @@ def unsigned_values(model: IntegerModel) -> dict[int, bool]:
     zero, e.g. after a ReLU: up to 255 at 8 bits), which enter ConvInteger with zero point 0."""
     out = {0: False}
     for step, (ins, o) in zip(model.steps, model.program):
-        if isinstance(step, (L.Requantize, L.IntAdd, L.IntGlobalAvgPool)):
+        if isinstance(step, (L.Requantize, L.IntAdd, L.IntGlobalAvgPool, L.IntConcat)):
             out[o] = step.qmin >= 0
         elif isinstance(step, L.ClampMin):
             out[o] = True
         else:  # pass-through ops keep their input's sign; accumulators are signed
-            out[o] = out[ins[0]] if isinstance(step, (L.MaxPool, L.Slice, L.ZeroPad, L.Flatten)) else False
+            out[o] = out[ins[0]] if isinstance(step, (L.MaxPool, L.Slice, L.ZeroPad, L.Flatten, L.PixelShuffle)) else False
     return out
 
 
@@ -129,6 +142,11 @@ def _export_step(g: _Graph, step, ins: list[str], unsigned: bool = False) -> str
     if isinstance(step, L.IntAdd):
         s = g.op("Add", [g.requant(ins[0], step.ba, step.ca), g.requant(ins[1], step.bb, step.cb)])
         return g.clip_int32(s, step.qmin, step.qmax)
+    if isinstance(step, L.IntConcat):
+        parts = [g.requant(x, b, c) for x, (b, c) in zip(ins, step.pairs())]
+        return g.clip_int32(g.op("Concat", parts, axis=1), step.qmin, step.qmax)
+    if isinstance(step, L.PixelShuffle):
+        return g.pixel_shuffle(ins[0], step.factor, step.channels)
     if isinstance(step, L.IntGlobalAvgPool):
         s = g.op("ReduceSum", [g.cast(ins[0], "INT64"), g.const(np.array([2, 3], np.int64))], keepdims=1)
         return g.clip_int32(g.requant(s, step.b, step.c), step.qmin, step.qmax)

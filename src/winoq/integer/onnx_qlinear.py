@@ -18,7 +18,9 @@ export maps the same integer program onto the operators deployment runtimes opti
   ``Clip`` on the uint8 codes; max pooling, slicing, padding (with the zero point) and flattening
   run on the uint8 codes;
 * global average pooling is ``QLinearGlobalAveragePool`` (com.microsoft) with the pool's dyadic
-  multiplier times H W as input scale;
+  multiplier times H W as input scale; a channel concatenation (U-Net skips) is ``QLinearConcat``
+  (com.microsoft) with each input's dyadic multiplier as its scale; the pixel shuffle of a
+  transposed conv is ``DepthToSpace`` on the codes;
 * everything else (linears, accumulators read twice) runs exactly as
   in the exact export, on int32 codes.
 
@@ -177,7 +179,12 @@ class _QGraph:
             # round(mean(x - zp) * x_scale / y_scale) with x_scale = H W b / 2^c: the sum times b / 2^c
             self.vals[out] = self.global_avg_pool(step, ins[0])
             return
-        if isinstance(step, (L.MaxPool, L.Slice, L.Flatten, L.ZeroPad, L.ClampMin)) and self.vals[ins[0]].zp is not None:
+        if isinstance(step, L.IntConcat) and all(self.vals[i].pending is None for i in ins) \
+                and all(self.vals[i].zp is not None or self._is_codes(i) for i in ins):
+            self.vals[out] = self.concat(step, ins)
+            return
+        if isinstance(step, (L.MaxPool, L.Slice, L.Flatten, L.ZeroPad, L.ClampMin, L.PixelShuffle)) \
+                and self.vals[ins[0]].zp is not None:
             self.vals[out] = self.codes_op(step, ins[0])
             return
         self.vals[out] = _Val(_export_step(g, step, [self.i32(i) for i in ins], self.unsigned[ins[0]]))
@@ -187,8 +194,8 @@ class _QGraph:
         if vid == 0:
             return True
         j = next(j for j, (_, o) in enumerate(self.model.program) if o == vid)
-        return isinstance(self.model.steps[j], (L.Requantize, L.IntAdd, L.IntGlobalAvgPool, L.ClampMin,
-                                                 L.MaxPool, L.Slice, L.ZeroPad, L.Flatten))
+        return isinstance(self.model.steps[j], (L.Requantize, L.IntAdd, L.IntGlobalAvgPool, L.ClampMin, L.IntConcat,
+                                                 L.MaxPool, L.Slice, L.ZeroPad, L.Flatten, L.PixelShuffle))
 
     def global_avg_pool(self, step, vid: int) -> _Val:
         g, v = self.g, self.vals[vid]
@@ -201,6 +208,19 @@ class _QGraph:
                                          self.const(np.array(v.zp, np.uint8)), self.const(np.array(1.0, np.float32)),
                                          self.const(np.array(zp, np.uint8))], [name], domain=MS_DOMAIN, channels_last=0))
         return _Val(self.clip_u8(name, zp, step.qmin, step.qmax), zp)
+
+    def concat(self, step, ins) -> _Val:
+        """QLinearConcat: each input's codes times its dyadic multiplier (as a float scale)."""
+        g = self.g
+        zp = 0 if step.qmin >= 0 else 128
+        parts = [self.const(np.array(1.0, np.float32)), self.const(np.array(zp, np.uint8))]
+        for i, (b, c) in zip(ins, step.pairs()):
+            name, izp = self.u8(i)
+            parts += [name, self.const(np.array(float(_multiplier(b, c, 1)[0]), np.float32)),
+                      self.const(np.array(izp, np.uint8))]
+        out = g.name("qconcat")
+        g.nodes.append(g.h.make_node("QLinearConcat", parts, [out], domain=MS_DOMAIN, axis=1))
+        return _Val(self.clip_u8(out, zp, step.qmin, step.qmax), zp)
 
     def codes_op(self, step, vid: int) -> _Val:
         """Pass-through ops on uint8 codes (the zero point stays)."""
@@ -225,7 +245,7 @@ def _export_step_u8(g: _Graph, step, name: str) -> str:
         s = k if s is None or s == [] else s
         return g.op("MaxPool", [name], kernel_shape=two(k), strides=two(s), pads=two(p) * 2, dilations=two(d),
                     ceil_mode=int(ceil))
-    return _export_step(g, step, [name])  # Slice / Flatten: dtype-agnostic
+    return _export_step(g, step, [name])  # Slice / Flatten / PixelShuffle: dtype-agnostic
 
 
 def branch_factors(model: IntegerModel, calib: torch.Tensor, headroom: float = 1.0):

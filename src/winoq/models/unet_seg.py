@@ -167,7 +167,8 @@ class UNetSeg(nn.Module):
 
     def forward(self, x):
         m = 2 ** self.config.depth
-        if not torch.jit.is_tracing() and (x.shape[-1] % m or x.shape[-2] % m):
+        # under torch.jit / torch.fx tracing the shapes are symbolic (an fx Proxy is not a Tensor)
+        if not torch.jit.is_tracing() and isinstance(x, torch.Tensor) and (x.shape[-1] % m or x.shape[-2] % m):
             raise ValueError(f"UNetSeg(depth={self.config.depth}) needs height and width divisible by {m}, "
                              f"got {tuple(x.shape[-2:])}; pad or resize the input")
         skips = []

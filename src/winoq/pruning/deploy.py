@@ -39,6 +39,37 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example: torch.Tensor
     return str(path)
 
 
+def int8_onnx(model: nn.Module, calib: torch.Tensor, path: str | os.PathLike, example: torch.Tensor):
+    """Integer-only W8A8 version of a (pruned) U-Net (``winoq.integer.convert``: BN folded, static
+    ranges on ``calib``, dyadic requantization; the transposed convs and skip concatenations in
+    integers too), written as ONNX for onnxruntime's int8 kernels (``ops="qlinear"``).
+    Returns the integer model (the bit-exact reference of the file)."""
+    from ..integer import IntegerConfig, convert
+    from ..integer.onnx_export import export_onnx as export_integer
+
+    im = convert(model.eval(), calib, IntegerConfig(calib_samples=len(calib)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_integer(im, path, example, ops="qlinear", calib=calib[:16])
+    return im
+
+
+def onnx_logits(path: str | os.PathLike, images: torch.Tensor, multiple: int, input_name: str = "x") -> torch.Tensor:
+    """Per-image logits of an exported segmentation model (inputs zero-padded to ``multiple``, one at a
+    time: the exported input shape is fixed)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from ..data.segmentation import pad_to_multiple
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    outs = []
+    for i in range(len(images)):
+        x, (h, w) = pad_to_multiple(images[i:i + 1], multiple)
+        outs.append(torch.from_numpy(sess.run(None, {input_name: x.numpy().astype(np.float32)})[0])[..., :h, :w])
+    return torch.cat(outs)
+
+
 def _summary(times: list[float], cpu: list[float]) -> dict:
     times = sorted(times)
     return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * times[0],
