@@ -96,10 +96,12 @@ def _layer_table(reports) -> list[str]:
 
 def write_markdown_report(path: str | os.PathLike, rows: Sequence[Mapping], meta: Mapping,
                           images: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike] = (),
-                          *, title: str = "winoq results", layers: Mapping[str, Sequence] | None = None) -> str:
+                          *, title: str = "winoq results", layers: Mapping[str, Sequence] | None = None,
+                          sections: Mapping[str, Sequence[str]] | None = None) -> str:
     """Write a markdown report: the results table, ``meta`` (nested dicts become nested
     lists; put model, data, image count, recipes and ``machine_info()`` there), optional
-    per-layer SQNR tables (``layers``: label -> list of ``LayerReport``) and links to
+    per-layer SQNR tables (``layers``: label -> list of ``LayerReport``), extra sections
+    (``sections``: heading -> markdown lines) and links to
     ``images`` (paths, or caption -> path; written relative to the report when they
     sit beside it). Returns the path."""
     path = Path(path)
@@ -108,6 +110,8 @@ def write_markdown_report(path: str | os.PathLike, rows: Sequence[Mapping], meta
              "top-1 %: accuracy on the evaluated images; drop: points below the float model "
              "(positive = worse); times are wall-clock seconds.", "", "## Setup", ""]
     parts += _meta_lines(meta)
+    for heading, lines in (sections or {}).items():   # e.g. the deployment measurements
+        parts += ["", f"## {heading}", "", *lines]
     if layers:
         for label, reports in layers.items():
             parts += ["", f"## Per-layer SQNR: {label}", "",

@@ -75,3 +75,21 @@ def test_deploy_applies_a_mixed_precision_plan(tmp_path, capsys):
     peaks = [int(np.abs(init[n.input[3]]).max()) for n in graph.node if n.op_type == "QLinearConv"]
     # conv1 and the 6 convs of layer1 come first: the 4-bit layer's codes lie in [-7, 7], the others use int8
     assert len(peaks) == len(names) - 1 and peaks[7] <= 7 and all(p > 7 for i, p in enumerate(peaks) if i != 7)
+
+
+def test_demo_deployment_step_writes_the_int8_model_and_its_measurements(tmp_path, monkeypatch):
+    """The demo's last step (no dataset needed here: random images, held-out calibration)."""
+    import torch
+
+    from winoq.commands import demo, quantize
+    from winoq.models import load_default_fmnist_model
+
+    monkeypatch.setattr(quantize, "_calibration_images", lambda *a, **k: None)
+    g = torch.Generator().manual_seed(0)
+    x, held_out = torch.randn(16, 1, 28, 28, generator=g), torch.randn(8, 1, 28, 28, generator=g)
+    y = torch.randint(0, 10, (16,), generator=g)
+    d = demo._deploy(load_default_fmnist_model(), x, y, held_out, tmp_path)
+    assert (tmp_path / "model_int8.onnx").stat().st_size > 10_000 and d["calibration_images"] == 8
+    assert set(d["ms_per_batch"]) == {"float torch", "float onnxruntime", "int8 onnxruntime"}
+    lines = demo._deploy_lines(d)
+    assert "4.0x smaller" in lines[1] and "int8 onnxruntime" in lines[2]

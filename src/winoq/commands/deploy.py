@@ -103,10 +103,44 @@ def _top1(fn, x, y, batch: int = 250):
     return 100.0 * float((preds == y).float().mean()), preds
 
 
-def run(args) -> int:
+def measure_deployment(model, im, onnx_path, x, y, batch: int, threads: int, reps: int) -> dict:
+    """Top-1 of the float model, the integer model and the ONNX file (with the share of images where the
+    file predicts the integer model's class), the median ms per batch of float torch, float onnxruntime
+    and the file in onnxruntime, and the sizes."""
     import numpy as np
     import torch
 
+    sess = _session(onnx_path, threads)
+    run_int8 = lambda t: torch.from_numpy(sess.run(["logits"], {"x": t.numpy().astype(np.float32)})[0])  # noqa: E731
+    with torch.no_grad():
+        acc_fp, _ = _top1(model, x, y)
+        acc_int, p_int = _top1(im, x, y)
+        acc_onnx, p_onnx = _top1(run_int8, x, y)
+    result = {"batch": batch, "threads": threads,
+              "top1": {"float": acc_fp, "integer": acc_int, "onnx": acc_onnx,
+                       "onnx_same_prediction_as_integer": 100.0 * float((p_int == p_onnx).float().mean())}}
+    with tempfile_dir() as tmp:
+        fp_path = Path(tmp) / "float.onnx"
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, x[:1], str(fp_path), input_names=["x"], output_names=["logits"],
+                              dynamic_axes={"x": {0: "N"}}, dynamo=False)
+        fp_sess = _session(fp_path, threads)
+        xb = x[:batch]
+        if len(xb) < batch:
+            xb = xb.repeat((batch + len(xb) - 1) // len(xb), *([1] * (xb.dim() - 1)))[:batch]
+        xn = xb.numpy().astype(np.float32)
+        with torch.no_grad():
+            result["ms_per_batch"] = {"float torch": _median_ms(lambda: model(xb), reps),
+                                      "float onnxruntime": _median_ms(lambda: fp_sess.run(None, {"x": xn}), reps),
+                                      "int8 onnxruntime": _median_ms(lambda: sess.run(None, {"x": xn}), reps)}
+    float_bytes = sum(p.numel() * p.element_size() for p in model.state_dict().values() if p.is_floating_point())
+    result["size_bytes"] = {"float32 weights": float_bytes, "onnx file": Path(onnx_path).stat().st_size,
+                            "integer weights + int32 bias": im.size_bytes()}
+    return result
+
+
+def run(args) -> int:
     from ..integer import IntegerConversionError, convert
     from ..integer.onnx_export import export_onnx
     from ._common import CLIError, check_output, load_float_model, set_threads
@@ -135,35 +169,7 @@ def run(args) -> int:
 
     set_threads(args.threads)
     result = {"model": name, "data": what, "out": str(args.out), "ops": "integer" if args.exact else "qlinear",
-              "batch": args.batch, "threads": args.threads}
-    sess = _session(args.out, args.threads)
-    run_int8 = lambda t: torch.from_numpy(sess.run(["logits"], {"x": t.numpy().astype(np.float32)})[0])  # noqa: E731
-    with torch.no_grad():
-        acc_fp, _ = _top1(model, x, y)
-        acc_int, p_int = _top1(im, x, y)
-        acc_onnx, p_onnx = _top1(run_int8, x, y)
-    result["top1"] = {"float": acc_fp, "integer": acc_int, "onnx": acc_onnx,
-                      "onnx_same_prediction_as_integer": 100.0 * float((p_int == p_onnx).float().mean())}
-
-    with tempfile_dir() as tmp:
-        fp_path = Path(tmp) / "float.onnx"
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model, x[:1], str(fp_path), input_names=["x"], output_names=["logits"],
-                              dynamic_axes={"x": {0: "N"}}, dynamo=False)
-        fp_sess = _session(fp_path, args.threads)
-        xb = x[:args.batch]
-        if len(xb) < args.batch:
-            xb = xb.repeat((args.batch + len(xb) - 1) // len(xb), *([1] * (xb.dim() - 1)))[:args.batch]
-        xn = xb.numpy().astype(np.float32)
-        with torch.no_grad():
-            ms = {"float torch": _median_ms(lambda: model(xb), args.reps),
-                  "float onnxruntime": _median_ms(lambda: fp_sess.run(None, {"x": xn}), args.reps),
-                  "int8 onnxruntime": _median_ms(lambda: sess.run(None, {"x": xn}), args.reps)}
-    float_bytes = sum(p.numel() * p.element_size() for p in model.state_dict().values() if p.is_floating_point())
-    result["ms_per_batch"] = ms
-    result["size_bytes"] = {"float32 weights": float_bytes, "onnx file": args.out.stat().st_size,
-                            "integer weights + int32 bias": im.size_bytes()}
+              **measure_deployment(model, im, args.out, x, y, args.batch, args.threads, args.reps)}
     print(_table(result, x, len(im.layers)))
     if args.report:
         args.report.write_text(json.dumps(result, indent=1))

@@ -53,10 +53,17 @@ def dyadic_tensor(scales: torch.Tensor, where: str = "a layer") -> tuple[torch.T
 
 
 def requantize(z: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """``(z b + 2^(c-1)) >> c`` in int64 (arithmetic shift: floor, so ties round up)."""
+    """``(z b + 2^(c-1)) >> c`` in int64 (arithmetic shift: floor, so ties round up).
+
+    ``z b`` fits int64 (``|z| < 2^32``, ``b < 2^31``) but ``z b + 2^(c-1)`` may not, so the
+    rounding is added to the remainder only: with ``z b = q 2^c + r`` (``0 <= r < 2^c``) the
+    result is ``q + ((r + 2^(c-1)) >> c)``."""
     z = z.to(torch.int64)
+    t = z * b
+    q = torch.bitwise_right_shift(t, c)
+    r = t - torch.bitwise_left_shift(q, c)
     half = torch.bitwise_left_shift(torch.ones_like(c), c - 1)
-    return torch.bitwise_right_shift(z * b + half, c)
+    return q + torch.bitwise_right_shift(r + half, c)
 
 
 def requantize_float(z: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
