@@ -22,12 +22,20 @@ def _bn(model):
     return model.eval()
 
 
-@pytest.mark.parametrize("build,bits", [(cifar_resnet20, (8, 8)), (cifar_resnet20, (4, 4)), (resnet18, (8, 8))])
-def test_onnxruntime_matches_integer_model_bit_for_bit(tmp_path, build, bits):
+MODELS = [(cifar_resnet20, (8, 8)), (cifar_resnet20, (4, 4)), (resnet18, (8, 8))]
+
+
+def _converted(build, bits, n):
+    """(calibration inputs, integer model) of a randomly initialised ``build()`` at ``bits``."""
     torch.manual_seed(0)
     model = _bn(build())
-    x = torch.randn(4, 3, 32, 32)
-    im = convert(model, x, IntegerConfig(weight_bits=bits[0], act_bits=bits[1], calib_samples=4, rounding_iters=5))
+    x = torch.randn(n, 3, 32, 32)
+    return x, convert(model, x, IntegerConfig(weight_bits=bits[0], act_bits=bits[1], calib_samples=n, rounding_iters=5))
+
+
+@pytest.mark.parametrize("build,bits", MODELS)
+def test_onnxruntime_matches_integer_model_bit_for_bit(tmp_path, build, bits):
+    x, im = _converted(build, bits, 4)
     proto = export_onnx(im, tmp_path / "m.onnx", x)
     ops = {n.op_type for n in proto.graph.node}
     assert {"ConvInteger", "MatMulInteger", "BitShift"} <= ops and "Conv" not in ops
@@ -37,15 +45,12 @@ def test_onnxruntime_matches_integer_model_bit_for_bit(tmp_path, build, bits):
 
 
 # ----------------------------------------------------------------------------- fast export (QLinearConv)
-@pytest.mark.parametrize("build,bits", [(cifar_resnet20, (8, 8)), (cifar_resnet20, (4, 4)), (resnet18, (8, 8))])
+@pytest.mark.parametrize("build,bits", MODELS)
 def test_qlinear_export_runs_the_integer_program_on_fused_int8_ops(tmp_path, build, bits):
-    torch.manual_seed(0)
-    model = _bn(build())
-    x = torch.randn(8, 3, 32, 32)
-    im = convert(model, x, IntegerConfig(weight_bits=bits[0], act_bits=bits[1], calib_samples=8, rounding_iters=5))
+    x, im = _converted(build, bits, 8)
     proto = export_onnx(im, tmp_path / "q.onnx", x[:1], ops="qlinear", calib=x)
     ops = [n.op_type for n in proto.graph.node]
-    convs = sum(isinstance(s, __import__("winoq").integer.layers.IntConv2d) for s in im.steps)
+    convs = sum(type(s).__name__ == "IntConv2d" for s in im.steps)
     assert ops.count("QLinearConv") == convs and "ConvInteger" not in ops and "Conv" not in ops
     assert ops.count("QLinearAdd") == sum(type(s).__name__ == "IntAdd" for s in im.steps) > 0
     x2 = torch.randn(5, 3, 32, 32)
