@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_cifar_args, cifar_setup, dump_json, machine, top1  # noqa: E402
 
 from winoq.mixed_precision import solve_ilp  # noqa: E402
-from winoq.mixed_precision.winograd_choice import assemble, build_choices, joint_tables, verified_plan  # noqa: E402
+from winoq.mixed_precision.winograd_choice import assemble, build_choices, joint_tables  # noqa: E402
 from winoq.models import load_cifar_resnet  # noqa: E402
 
 
@@ -36,9 +36,6 @@ def main(argv=None):
                     help="output: network output error with one layer quantized; layer: that layer's own error")
     ap.add_argument("--match-uniform", action=argparse.BooleanOptionalAction, default=True,
                     help="also solve the ILP at each uniform choice's cost (the dominance check)")
-    ap.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
-                    help="check each ILP plan against the uniform choices within its budget by joint output "
-                         "error on the calibration images (winograd_choice.verified_plan)")
     add_cifar_args(ap, n_images=500, calib_images=32, out="benchmarks/out/hawq_winograd.json")
     args = ap.parse_args(argv)
     x, y, calib = cifar_setup(args)
@@ -72,11 +69,6 @@ def main(argv=None):
         row = {how: key, "top1": top1(m, x, y), **{k: sum(costs[k][n][plan[n]] for n in names) for k in costs},
                "sum_sensitivity": sum(sens[n][plan[n]] for n in names), "solve_s": solve_s,
                "plan": {n: f"{t}/{b}" for n, (t, b) in plan.items()}}
-        if args.verify:   # the ILP plan against the uniform choices within budget, by joint output error
-            vplan, info = verified_plan(model, choices, plan, costs, {args.kind: budget * (1 + 1e-12)},
-                                        calib[:args.calib_images])
-            row["verified"] = {"chosen": info["chosen"], "errors": info["errors"],
-                               "top1": row["top1"] if vplan is plan else top1(assemble(choices, vplan), x, y)}
         res["ilp"].append(row)
         print("ilp", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "plan"},
               flush=True)

@@ -147,36 +147,6 @@ def joint_tables(model: nn.Module, choices: dict, calib, samples: int = 32, late
     return sens, {"mults": mults, "latency": lat}
 
 
-def verified_plan(model: nn.Module, choices: dict, plan: dict, costs: dict, budgets: dict, x: torch.Tensor):
-    """The ILP's ``plan`` checked against every uniform choice that fits ``budgets``: each candidate is
-    assembled and its *joint* network output error measured on ``x`` (calibration inputs); the one
-    with the smallest error is returned as ``(plan, {"chosen": "ilp" or the uniform label,
-    "errors": {candidate: error}})``.
-
-    Why: the ILP adds single-layer errors, and many layers at 4-bit weights together can err more
-    than their sum says (ResNet-56 at uniform F(2,3)/4's cost: docs/results.md section 17). The
-    check costs one forward pass per candidate and guarantees, on the calibration inputs, a plan at
-    least as good as every uniform choice within the budget."""
-    from ..batchnorm import fold_batchnorm
-
-    folded = copy.deepcopy(model).eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fold_batchnorm(folded)
-    names = list(plan)
-    candidates = {"ilp": plan}
-    for label in choices:
-        if all(sum(costs[k][n][label] for n in names) <= b for k, b in budgets.items()):
-            candidates[f"{label[0]}/{label[1]}"] = {n: label for n in names}
-    errors = {}
-    with torch.no_grad():
-        ref = folded(x)
-        for key, cand in candidates.items():
-            errors[key] = _relative_error(assemble(choices, cand)(x), ref)
-    best = min(errors, key=lambda k: (errors[k], k != "ilp"))   # ties keep the ILP's plan
-    return candidates[best], {"chosen": best, "errors": errors}
-
-
 def plan_recipe(plan: dict, base=None):
     """A :class:`winoq.Recipe` whose ``layer_plan`` gives each planned layer its tile and weight bits
     (``plan``: ``{layer: (tile label, bits)}`` from the joint ILP); ``winoq.quantize`` applies it and
