@@ -76,11 +76,11 @@ def test_qlinear_export_keeps_the_exact_path_where_it_cannot_fuse(tmp_path):
 
 @pytest.mark.parametrize("ops", ["integer", "qlinear"])
 def test_unsigned_8bit_codes_enter_the_int8_ops_with_zero_point_0(tmp_path, ops):
-    """Post-ReLU codes on the full unsigned grid (up to 255) must not be shifted by 128 (they were:
-    uint8 overflow, wrong logits)."""
+    """Post-ReLU codes on the full unsigned grid (up to 255) must not be shifted by 128 into uint8 nor
+    max-pooled as int8 (both wrapped: wrong logits)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3, padding=1), nn.ReLU(),
-                          nn.Conv2d(8, 4, 1)).eval()
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 8, 3, padding=1),
+                          nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
     x = torch.randn(8, 3, 16, 16)
     im = convert(model, x, IntegerConfig(calib_samples=8, unsigned_max_bits=8))
     assert any(getattr(s, "qmax", 0) == 255 for s in im.steps)

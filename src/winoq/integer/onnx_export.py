@@ -86,6 +86,21 @@ class _Graph:
                                 self.op("Mul", [hw, self.const(np.array([r], np.int64))])], axis=0)
         return self.op("Reshape", [t, s4])
 
+    def max_pool(self, x, args) -> str:
+        """``F.max_pool2d(x, *args)`` on 8-bit codes (onnxruntime's MaxPool takes int8 / uint8)."""
+        k, s, p, d, ceil = args
+        two = lambda v: [v, v] if isinstance(v, int) else list(v)  # noqa: E731
+        s = k if s is None or s == [] else s
+        return self.op("MaxPool", [x], kernel_shape=two(k), strides=two(s), pads=two(p) * 2, dilations=two(d),
+                       ceil_mode=int(ceil))
+
+    def pad(self, x, pad, value: np.ndarray) -> str:
+        """``F.pad(x, pad, value=value)`` on an NCHW tensor (``pad`` lists the last dimension first)."""
+        begins, ends = [0] * 4, [0] * 4
+        for j in range(0, len(pad), 2):
+            begins[3 - j // 2], ends[3 - j // 2] = pad[j], pad[j + 1]
+        return self.op("Pad", [x, self.const(np.array(begins + ends, np.int64)), self.const(value)])
+
     def clip_int32(self, x64, qmin, qmax) -> str:
         t = self.op("Max", [x64, self.const(np.array(qmin, np.int64))])
         t = self.op("Min", [t, self.const(np.array(qmax, np.int64))])
@@ -152,13 +167,8 @@ def _export_step(g: _Graph, step, ins: list[str], unsigned: bool = False) -> str
         return g.clip_int32(g.requant(s, step.b, step.c), step.qmin, step.qmax)
     if isinstance(step, L.ClampMin):
         return g.op("Max", [ins[0], g.const(np.array(0, np.int32))])
-    if isinstance(step, L.MaxPool):
-        k, s, p, d, ceil = step.args
-        two = lambda v: [v, v] if isinstance(v, int) else list(v)  # noqa: E731
-        s = k if s is None or s == [] else s
-        out = g.op("MaxPool", [g.cast(ins[0], "INT8")], kernel_shape=two(k), strides=two(s),
-                   pads=two(p) * 2, dilations=two(d), ceil_mode=int(ceil))
-        return g.cast(out, "INT32")
+    if isinstance(step, L.MaxPool):   # unsigned codes reach 255: uint8, not int8
+        return g.cast(g.max_pool(g.cast(ins[0], "UINT8" if unsigned else "INT8"), step.args), "INT32")
     if isinstance(step, L.Slice):
         idx = step.index if isinstance(step.index, tuple) else (step.index,)
         if not all(isinstance(i, slice) for i in idx):
@@ -176,14 +186,7 @@ def _export_step(g: _Graph, step, ins: list[str], unsigned: bool = False) -> str
         arr = lambda v: g.const(np.array(v, np.int64))  # noqa: E731
         return g.op("Slice", [ins[0], arr(starts), arr(ends), arr(axes), arr(steps)])
     if isinstance(step, L.ZeroPad):
-        pad = list(step.pad)
-        pairs = [(pad[i], pad[i + 1]) for i in range(0, len(pad), 2)]  # last dim first
-        rank = 4
-        begins = [0] * rank
-        ends = [0] * rank
-        for j, (lo, hi) in enumerate(pairs):
-            begins[rank - 1 - j], ends[rank - 1 - j] = lo, hi
-        return g.op("Pad", [ins[0], g.const(np.array(begins + ends, np.int64)), g.const(np.array(0, np.int32))])
+        return g.pad(ins[0], list(step.pad), np.array(0, np.int32))
     if isinstance(step, L.Flatten):
         if step.end_dim != -1:
             raise ValueError(f"flatten with end_dim={step.end_dim} is not exported")

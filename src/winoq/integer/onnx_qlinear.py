@@ -227,25 +227,12 @@ class _QGraph:
         g, v = self.g, self.vals[vid]
         if isinstance(step, L.ClampMin):
             return _Val(g.op("Max", [v.name, self.const(np.array(v.zp, np.uint8))]), v.zp)
-        if isinstance(step, L.ZeroPad):
-            pad = list(step.pad)
-            begins, ends = [0] * 4, [0] * 4
-            for j in range(0, len(pad), 2):
-                begins[3 - j // 2], ends[3 - j // 2] = pad[j], pad[j + 1]
-            return _Val(g.op("Pad", [v.name, self.const(np.array(begins + ends, np.int64)),
-                                     self.const(np.array(v.zp, np.uint8))]), v.zp)
-        # MaxPool / Slice / Flatten commute with the zero-point shift: reuse the exact export's node
-        return _Val(_export_step_u8(g, step, v.name), v.zp)
-
-
-def _export_step_u8(g: _Graph, step, name: str) -> str:
-    if isinstance(step, L.MaxPool):
-        k, s, p, d, ceil = step.args
-        two = lambda v: [v, v] if isinstance(v, int) else list(v)  # noqa: E731
-        s = k if s is None or s == [] else s
-        return g.op("MaxPool", [name], kernel_shape=two(k), strides=two(s), pads=two(p) * 2, dilations=two(d),
-                    ceil_mode=int(ceil))
-    return _export_step(g, step, [name])  # Slice / Flatten / PixelShuffle: dtype-agnostic
+        if isinstance(step, L.ZeroPad):   # pad with the zero point: the real zero
+            return _Val(g.pad(v.name, list(step.pad), np.array(v.zp, np.uint8)), v.zp)
+        if isinstance(step, L.MaxPool):
+            return _Val(g.max_pool(v.name, step.args), v.zp)
+        # Slice / Flatten / PixelShuffle commute with the zero-point shift: the exact export's nodes
+        return _Val(_export_step(g, step, [v.name]), v.zp)
 
 
 def branch_factors(model: IntegerModel, calib: torch.Tensor, headroom: float = 1.0):
