@@ -50,7 +50,7 @@ class _Val:
 
     name: str | None
     zp: int | None = None
-    pending: object = None       # (conv step, input value id, rescale) of a fusable conv
+    pending: object = None       # (conv step, input value id) of a fusable conv
 
 
 def _conv_parts(step):
@@ -62,6 +62,16 @@ def _conv_parts(step):
     return step, None
 
 
+def _zero_point(qmin: int) -> int:
+    """uint8 zero point of codes clamped at ``qmin``: 0 for unsigned codes, 128 for signed ones."""
+    return 0 if qmin >= 0 else 128
+
+
+def _scale(b: torch.Tensor, c: torch.Tensor) -> np.ndarray:
+    """One dyadic multiplier ``b / 2^c`` as an onnxruntime float32 scale."""
+    return np.array(_multiplier(b, c, 1)[0], np.float32)
+
+
 def _multiplier(b: torch.Tensor, c: torch.Tensor, channels: int, rescale=None) -> np.ndarray:
     """Per-channel float multiplier ``b / 2^c`` (times the twin's rescale), float64 -> float32."""
     m = b.double().reshape(-1) / torch.pow(2.0, c.double().reshape(-1))
@@ -71,14 +81,15 @@ def _multiplier(b: torch.Tensor, c: torch.Tensor, channels: int, rescale=None) -
 
 
 class _QGraph:
-    def __init__(self, model: IntegerModel, branch_factors: dict[int, float]):
-        self.model, self.g, self.f = model, _Graph(), branch_factors
+    def __init__(self, model: IntegerModel, branch_factors: dict[int, float], hw: dict[int, int]):
+        self.model, self.g, self.f, self.hw = model, _Graph(), branch_factors, hw
         self.vals: dict[int, _Val] = {}
         users: dict[int, list[int]] = {}
         for j, (ins, _) in enumerate(model.program):
             for i in ins:
                 users.setdefault(i, []).append(j)
         self.users = users
+        self.producer = {o: step for step, (_, o) in zip(model.steps, model.program)}
         self.unsigned = unsigned_values(model)
 
     # -- representations
@@ -106,7 +117,7 @@ class _QGraph:
         """A pending conv whose consumer cannot fuse it runs as the exact ConvInteger."""
         v = self.vals[vid]
         if v.pending is not None:
-            step, src, _ = v.pending
+            step, src = v.pending
             v = self.vals[vid] = _Val(_export_step(self.g, step, [self.i32(src)], self.unsigned[src]))
         return v
 
@@ -131,7 +142,7 @@ class _QGraph:
 
     def qlinear_conv(self, vid: int, b, c, y_zp: int, scale: float = 1.0) -> str:
         """QLinearConv of the pending conv ``vid``: codes of ``acc * b / 2^c / scale``."""
-        step, src, _ = self.vals[vid].pending
+        step, src = self.vals[vid].pending
         conv, rescale = _conv_parts(step)
         k = conv.weight.shape[0]
         x, x_zp = self.u8(src)
@@ -145,21 +156,21 @@ class _QGraph:
                          dilations=list(conv.dilation), group=conv.groups)
 
     # -- steps
-    def step(self, j: int, step, ins: tuple[int, ...], out: int) -> None:
+    def step(self, step, ins: tuple[int, ...], out: int) -> None:
         from .winograd import IntWinogradConv2d
 
         g = self.g
         if isinstance(step, (L.IntConv2d, IntWinogradConv2d)) and self.fusable(step, out):
-            self.vals[out] = _Val(None, pending=(step, ins[0], None))
+            self.vals[out] = _Val(None, pending=(step, ins[0]))
             return
         if isinstance(step, L.Requantize) and self.vals[ins[0]].pending is not None:
-            zp = 128 if step.qmin < 0 else 0
+            zp = _zero_point(step.qmin)
             y = self.qlinear_conv(ins[0], step.b, step.c, zp)
             self.vals[out] = _Val(self.clip_u8(y, zp, step.qmin, step.qmax), zp)
             return
         if isinstance(step, L.IntAdd) and all(self.vals[i].pending is not None or self.vals[i].zp is not None
                                               or self._is_codes(i) for i in ins):
-            zp = 128 if step.qmin < 0 else 0
+            zp = _zero_point(step.qmin)
             parts = []
             for i, (b, c) in zip(ins, ((step.ba, step.ca), (step.bb, step.cb))):
                 if self.vals[i].pending is not None:
@@ -168,8 +179,7 @@ class _QGraph:
                               self.const(np.array(128, np.uint8))]
                 else:
                     name, izp = self.u8(i)
-                    m = float(_multiplier(b, c, 1)[0])
-                    parts += [name, self.const(np.array(m, np.float32)), self.const(np.array(izp, np.uint8))]
+                    parts += [name, self.const(_scale(b, c)), self.const(np.array(izp, np.uint8))]
             parts += [self.const(np.array(1.0, np.float32)), self.const(np.array(zp, np.uint8))]
             out_name = g.name("qadd")
             g.nodes.append(g.h.make_node("QLinearAdd", parts, [out_name], domain=MS_DOMAIN))
@@ -190,21 +200,18 @@ class _QGraph:
         self.vals[out] = _Val(_export_step(g, step, [self.i32(i) for i in ins], self.unsigned[ins[0]]))
 
     def _is_codes(self, vid: int) -> bool:
-        """Activation codes (not an accumulator): the program's input or a clamped step's output."""
-        if vid == 0:
-            return True
-        j = next(j for j, (_, o) in enumerate(self.model.program) if o == vid)
-        return isinstance(self.model.steps[j], (L.Requantize, L.IntAdd, L.IntGlobalAvgPool, L.ClampMin, L.IntConcat,
-                                                 L.MaxPool, L.Slice, L.ZeroPad, L.Flatten, L.PixelShuffle))
+        """Activation codes, not an accumulator: only convs and linears produce accumulators."""
+        from .winograd import IntWinogradConv2d
+
+        return not isinstance(self.producer.get(vid), (L.IntConv2d, L.IntLinear, IntWinogradConv2d))
 
     def global_avg_pool(self, step, vid: int) -> _Val:
         g, v = self.g, self.vals[vid]
-        hw = self.hw[vid]
-        zp = 0 if step.qmin >= 0 else 128
-        scale = float(_multiplier(step.b, step.c, 1)[0]) * hw
+        zp = _zero_point(step.qmin)
+        scale = _scale(step.b, step.c) * np.float32(self.hw[vid])
         name = g.name("qgap")
         g.nodes.append(g.h.make_node(
-            "QLinearGlobalAveragePool", [v.name, self.const(np.array(scale, np.float32)),
+            "QLinearGlobalAveragePool", [v.name, self.const(scale),
                                          self.const(np.array(v.zp, np.uint8)), self.const(np.array(1.0, np.float32)),
                                          self.const(np.array(zp, np.uint8))], [name], domain=MS_DOMAIN, channels_last=0))
         return _Val(self.clip_u8(name, zp, step.qmin, step.qmax), zp)
@@ -212,12 +219,11 @@ class _QGraph:
     def concat(self, step, ins) -> _Val:
         """QLinearConcat: each input's codes times its dyadic multiplier (as a float scale)."""
         g = self.g
-        zp = 0 if step.qmin >= 0 else 128
+        zp = _zero_point(step.qmin)
         parts = [self.const(np.array(1.0, np.float32)), self.const(np.array(zp, np.uint8))]
         for i, (b, c) in zip(ins, step.pairs()):
             name, izp = self.u8(i)
-            parts += [name, self.const(np.array(float(_multiplier(b, c, 1)[0]), np.float32)),
-                      self.const(np.array(izp, np.uint8))]
+            parts += [name, self.const(_scale(b, c)), self.const(np.array(izp, np.uint8))]
         out = g.name("qconcat")
         g.nodes.append(g.h.make_node("QLinearConcat", parts, [out], domain=MS_DOMAIN, axis=1))
         return _Val(self.clip_u8(out, zp, step.qmin, step.qmax), zp)
@@ -264,15 +270,13 @@ def export_qlinear(model: IntegerModel, path, example: torch.Tensor, calib: torc
     import onnx
     from onnx import TensorProto
 
-    factors, hw = branch_factors(model, example if calib is None else calib, headroom)
-    q = _QGraph(model, factors)
-    q.hw = hw
+    q = _QGraph(model, *branch_factors(model, example if calib is None else calib, headroom))
     g = q.g
     x8 = g.op("QuantizeLinear", ["x", g.const(np.array(model.input_scale, np.float32), "s_in"),
                                  g.const(np.array(128, np.uint8))])
     q.vals[0] = _Val(q.clip_u8(x8, 128, -model.input_qmax, model.input_qmax), 128)
-    for j, (step, (ins, out)) in enumerate(zip(model.steps, model.program)):
-        q.step(j, step, ins, out)
+    for step, (ins, out) in zip(model.steps, model.program):
+        q.step(step, ins, out)
     z = g.cast(q.i32(model.output_id), "DOUBLE")
     scale = model.output_scale.numpy()
     y = g.op("Mul", [z, g.const(scale, "s_out")])
