@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cifar_split, dump_json, machine  # noqa: E402
+from winoq.integer.onnx_export import cpu_session  # noqa: E402
 
 
 def median_ms(fn, reps: int, budget_s: float) -> float:
@@ -43,14 +44,6 @@ def median_ms(fn, reps: int, budget_s: float) -> float:
         if time.perf_counter() > t_end and len(ts) >= 3:
             break
     return 1e3 * statistics.median(ts)
-
-
-def session(path, threads):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 def ort_fn(sess):
@@ -121,12 +114,15 @@ def run_model(name, args, tmp: Path, n_images: int, calib_images: int) -> dict:
         export_onnx(im, paths["qlinear"], x[:1], ops="qlinear", calib=calib[:64])
     print(f"{name}: built the models in {time.perf_counter() - t0:.0f} s", flush=True)
 
+    def runners(threads):   # every column's callable, the onnxruntime ones at ``threads`` threads
+        sess = {k: cpu_session(p, threads) for k, p in paths.items()}
+        return {"float torch": model, "float onnxruntime": ort_fn(sess["fp"]), "torch.ao int8 (x86)": ao,
+                "onnxruntime quantize_static int8": ort_fn(sess["ortq"]), "winoq integer (torch, exact)": im,
+                "winoq ONNX exact (ConvInteger)": ort_fn(sess["exact"]),
+                "winoq ONNX fast (QLinearConv)": ort_fn(sess["qlinear"])}
+
     row = {"accuracy": {}, "ms": {}}
-    sess1 = {k: session(p, 1) for k, p in paths.items()}
-    fns = {"float torch": model, "float onnxruntime": ort_fn(sess1["fp"]), "torch.ao int8 (x86)": ao,
-           "onnxruntime quantize_static int8": ort_fn(sess1["ortq"]), "winoq integer (torch, exact)": im,
-           "winoq ONNX exact (ConvInteger)": ort_fn(sess1["exact"]),
-           "winoq ONNX fast (QLinearConv)": ort_fn(sess1["qlinear"])}
+    fns = runners(1)
     with torch.no_grad():
         preds = {k: torch.cat([f(x[i:i + 100]).argmax(1) for i in range(0, len(x), 100)]) for k, f in fns.items()
                  if y is not None or k in ("winoq integer (torch, exact)", "winoq ONNX fast (QLinearConv)")}
@@ -136,11 +132,7 @@ def run_model(name, args, tmp: Path, n_images: int, calib_images: int) -> dict:
                               "same_as_winoq_integer": 100.0 * float((p == ref).float().mean())}
     for threads in args.threads_list:
         torch.set_num_threads(threads)
-        sess = {k: session(p, threads) for k, p in paths.items()}
-        fns = {"float torch": model, "float onnxruntime": ort_fn(sess["fp"]), "torch.ao int8 (x86)": ao,
-               "onnxruntime quantize_static int8": ort_fn(sess["ortq"]), "winoq integer (torch, exact)": im,
-               "winoq ONNX exact (ConvInteger)": ort_fn(sess["exact"]),
-               "winoq ONNX fast (QLinearConv)": ort_fn(sess["qlinear"])}
+        fns = runners(threads)
         for batch in (args.r18_batches if name == "r18" else args.batches):
             xb = x[:batch] if len(x) >= batch else x.repeat((batch + len(x) - 1) // len(x), 1, 1, 1)[:batch]
             key = f"threads={threads},batch={batch}"

@@ -87,14 +87,6 @@ def _median_ms(fn, reps: int) -> float:
     return 1e3 * sorted(ts)[len(ts) // 2]
 
 
-def _session(path, threads: int):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 def _top1(fn, x, y, batch: int = 250):
     """(top-1 %, predicted classes) of ``fn`` on ``x``."""
     import torch
@@ -110,7 +102,9 @@ def measure_deployment(model, im, onnx_path, x, y, batch: int, threads: int, rep
     import numpy as np
     import torch
 
-    sess = _session(onnx_path, threads)
+    from ..integer.onnx_export import cpu_session
+
+    sess = cpu_session(onnx_path, threads)
     run_int8 = lambda t: torch.from_numpy(sess.run(["logits"], {"x": t.numpy().astype(np.float32)})[0])  # noqa: E731
     with torch.no_grad():
         acc_fp, _ = _top1(model, x, y)
@@ -125,7 +119,7 @@ def measure_deployment(model, im, onnx_path, x, y, batch: int, threads: int, rep
             warnings.simplefilter("ignore")
             torch.onnx.export(model, x[:1], str(fp_path), input_names=["x"], output_names=["logits"],
                               dynamic_axes={"x": {0: "N"}}, dynamo=False)
-        fp_sess = _session(fp_path, threads)
+        fp_sess = cpu_session(fp_path, threads)
         xb = x[:batch]
         if len(xb) < batch:
             xb = xb.repeat((batch + len(xb) - 1) // len(xb), *([1] * (xb.dim() - 1)))[:batch]

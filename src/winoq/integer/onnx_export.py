@@ -249,9 +249,18 @@ def export_onnx(model: IntegerModel, path, example: torch.Tensor, winograd: str 
     return proto
 
 
-def run_onnx(path, x: torch.Tensor) -> torch.Tensor:
-    """Run an exported model in onnxruntime on the CPU."""
+def cpu_session(path, threads: int | None = None):
+    """An onnxruntime CPU session of ``path``; ``threads``: intra-op threads (one inter-op thread),
+    None for onnxruntime's default."""
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    so = ort.SessionOptions()
+    if threads is not None:
+        so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(path, x: torch.Tensor) -> torch.Tensor:
+    """Run an exported model in onnxruntime on the CPU."""
+    sess = cpu_session(path)
     return torch.from_numpy(sess.run(["logits"], {"x": x.numpy().astype(np.float32)})[0])

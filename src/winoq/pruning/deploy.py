@@ -58,11 +58,11 @@ def onnx_logits(path: str | os.PathLike, images: torch.Tensor, multiple: int, in
     """Per-image logits of an exported segmentation model (inputs zero-padded to ``multiple``, one at a
     time: the exported input shape is fixed)."""
     import numpy as np
-    import onnxruntime as ort
 
     from ..data.segmentation import pad_to_multiple
+    from ..integer.onnx_export import cpu_session
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = cpu_session(path)
     outs = []
     for i in range(len(images)):
         x, (h, w) = pad_to_multiple(images[i:i + 1], multiple)
@@ -98,12 +98,9 @@ def torch_latency(model: nn.Module, example: torch.Tensor, threads: int, repeats
 def onnx_latency(path: str | os.PathLike, example: torch.Tensor, threads: int, repeats: int = 10,
                  warmup: int = 2) -> dict:
     """Median wall time of one onnxruntime CPU run at ``threads`` intra-op threads."""
-    import onnxruntime as ort
+    from ..integer.onnx_export import cpu_session
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    sess = cpu_session(path, threads)
     feed = {sess.get_inputs()[0].name: example.numpy()}
     times, cpu = [], []
     for i in range(warmup + repeats):
@@ -116,7 +113,7 @@ def onnx_latency(path: str | os.PathLike, example: torch.Tensor, threads: int, r
 
 
 def onnx_outputs(path: str | os.PathLike, example: torch.Tensor) -> torch.Tensor:
-    import onnxruntime as ort
+    from ..integer.onnx_export import cpu_session
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = cpu_session(path)
     return torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: example.numpy()})[0])
