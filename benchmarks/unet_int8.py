@@ -25,11 +25,10 @@ from common import REPO, dump_json, machine  # noqa: E402
 
 def run_model(label, model, train, test, example, tmp: Path, repeats: int) -> dict:
     from winoq.data.segmentation import pad_to_multiple
-    from winoq.metrics.segmentation import segmentation_scores
     from winoq.models.unet_seg import count_params
     from winoq.pruning import evaluate
     from winoq.pruning.deploy import export_onnx, int8_onnx, onnx_latency, onnx_logits, torch_latency
-    from winoq.pruning.train import predict_logits
+    from winoq.pruning.train import logit_scores, predict_logits
 
     m = 2 ** model.config.depth
     fp_path, q_path = tmp / f"{label}_fp.onnx", tmp / f"{label}_int8.onnx"
@@ -40,8 +39,8 @@ def run_model(label, model, train, test, example, tmp: Path, repeats: int) -> di
     onnx_int8 = onnx_logits(q_path, test.images, m)
     row = {"params": count_params(model),
            "dice": {"float": evaluate(model, test)["dice"],
-                    "integer (torch, exact)": segmentation_scores((int_logits > 0).float(), test.masks)["dice"],
-                    "int8 onnxruntime": segmentation_scores((onnx_int8 > 0).float(), test.masks)["dice"]},
+                    "integer (torch, exact)": logit_scores(int_logits, test)["dice"],
+                    "int8 onnxruntime": logit_scores(onnx_int8, test)["dice"]},
            "pixels_same_as_integer": float(((onnx_int8 > 0) == (int_logits > 0)).float().mean()),
            "latency": {}}
     for threads in (1, 2):

@@ -112,9 +112,9 @@ def run(args) -> int:
         export_onnx(result.model, args.onnx, _example(result.model, info, args.dataset))
         summary["onnx"] = args.onnx
     if args.int8_onnx:
-        from ..pruning.deploy import int8_onnx, onnx_logits
         from ..data.segmentation import pad_to_multiple
-        from ..metrics.segmentation import segmentation_scores
+        from ..pruning.deploy import int8_onnx, onnx_logits
+        from ..pruning.train import logit_scores
 
         m = 2 ** result.model.config.depth
         calib = pad_to_multiple(train_data.images[:32], m)[0]
@@ -122,7 +122,7 @@ def run(args) -> int:
         summary["int8_onnx"] = args.int8_onnx
         if args.eval:
             logits = onnx_logits(args.int8_onnx, test_data.images, m)
-            summary["int8_dice"] = segmentation_scores((logits > 0).float(), test_data.masks)["dice"]
+            summary["int8_dice"] = logit_scores(logits, test_data)["dice"]
     print(json.dumps(summary, indent=1))
     print(f"wrote {args.out}")
     return 0

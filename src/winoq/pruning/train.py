@@ -113,7 +113,11 @@ def size_multiple(model: nn.Module) -> int:
 
 def evaluate(model: nn.Module, data: SegmentationSet, batch_size: int = 8) -> dict:
     """Dice / IoU (mean and per image) of the thresholded prediction (logit > 0) against the masks."""
-    logits = predict_logits(model, data.images, size_multiple(model), batch_size)
+    return logit_scores(predict_logits(model, data.images, size_multiple(model), batch_size), data)
+
+
+def logit_scores(logits: torch.Tensor, data: SegmentationSet) -> dict:
+    """Dice / IoU of logits (of any model or runtime) thresholded at 0 against ``data``'s masks."""
     return segmentation_scores((logits > 0).float(), data.masks)
 
 
