@@ -192,16 +192,18 @@ def ao_int8_fns(conv: torch.nn.Conv2d, x: torch.Tensor) -> dict:
 
 
 def peer_layer(conv: torch.nn.Conv2d, m: int, group_size: int, pipeline: str) -> QuantWinogradConv2d:
-    """The Winograd layer the kernel runs: the default recipe's stages (per-tile input, V and U per
-    tap, int16 M) or the paper's (per-sample input, V shared by the taps, int8 M)."""
+    """The Winograd layer the kernel runs: the default recipe's stages (per-tile input and V with
+    zero points, V and U per tap, int16 M), the same without zero points ("symmetric") or the
+    paper's (per-sample input, V shared by the taps, int8 M)."""
     from winoq.formats import parse
     from winoq.winograd.quantized import StageFormats
 
-    default = pipeline == "default"
+    default = pipeline in ("default", "symmetric")
     fmts = StageFormats(output=parse("int16" if default else "int8"))
     layer = QuantWinogradConv2d.from_conv(conv, m, group_size=group_size, formats=fmts).eval()
     layer.activation_granularity = "fine" if default else "sample"
     layer.input_tapwise = layer.weight_tapwise = default
+    layer.activation_zero_point = pipeline == "default"
     learn_layer_scales(layer, ScaleLearningConfig(steps=0))
     layer.kernel = "cpu"
     return layer
@@ -327,8 +329,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads-list", dest="threads_list", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--tiles-peers", dest="tiles_peers", type=int, nargs="+", default=[2, 4, 6])
     ap.add_argument("--shapes", nargs="*", default=None, help="--peers: only these shape names")
-    ap.add_argument("--pipeline", choices=("default", "paper"), default="default",
-                    help="--peers: the default recipe's Winograd stages or the paper's")
+    ap.add_argument("--pipeline", choices=("default", "symmetric", "paper"), default="default",
+                    help="--peers: the default recipe's Winograd stages, the same without zero points, or the paper's")
     ap.add_argument("--budget", type=float, default=60.0, help="--peers: seconds per shape before fewer reps")
     args = ap.parse_args(argv)
     if args.peers or args.accuracy:

@@ -195,7 +195,7 @@ def test_winograd_layers_can_keep_float_weights_instead_of_u_codes(tmp_path):
 
 
 def test_loaded_winograd_layers_run_on_the_integer_kernel_with_their_saved_u(tmp_path):
-    recipe = Recipe(winograd=4, learn_steps=1, rounding="learned", rounding_iters=5)
+    recipe = Recipe(winograd=4, learn_steps=1, rounding="learned", rounding_iters=5, activation_zero_point=False)
     qm = quantized(recipe)
     path = tmp_path / "m.safetensors"
     winoq.save(qm, path)

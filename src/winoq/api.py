@@ -217,11 +217,16 @@ def set_kernel(qmodel: nn.Module, kernel: str) -> nn.Module:
     from .kernels import resolve_kernel
 
     resolve_kernel(kernel, None if kernel != "triton" else "cuda")  # validate the name early
+    layers = [mod for mod in qmodel.modules() if isinstance(mod, QuantWinogradConv2d)]
+    with_zp = sum(mod.granularity.input.zero_point and mod.act_ranges is None for mod in layers)
+    if with_zp and kernel in ("int-cpu", "triton", "auto"):
+        raise ValueError(f"{with_zp} Winograd layers quantize their input with zero points "
+                         f"(Recipe.activation_zero_point), which kernel {kernel!r} does not implement; quantize with "
+                         "Recipe(activation_zero_point=False) for it, or use kernel 'cpu' or 'emulated'")
     static = 0
-    for mod in qmodel.modules():
-        if isinstance(mod, QuantWinogradConv2d):
-            mod.kernel = kernel
-            static += mod.act_ranges is not None
+    for mod in layers:
+        mod.kernel = kernel
+        static += mod.act_ranges is not None
     if static and kernel != "emulated":
         warnings.warn(f"{static} Winograd layers have static activation ranges, which only the emulated kernel "
                       f"implements: they keep running emulated (the {kernel!r} kernels compute dynamic scales)",

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .formats import IntFormat, parse
-from .modules import QuantConv2d, QuantLinear, weight_granularity
+from .modules import QuantConv2d, QuantLinear
 from .quantizers import _MIN_SCALE, Granularity, _from_groups, _to_groups, compute_scale, fake_quantize
 from .winograd.conv import transform_2d
 from .winograd.quantized import QuantWinogradConv2d
@@ -152,7 +152,7 @@ def _used_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, Granular
         _, g, _ = layer.transforms(dtype, layer.weight.device)
         src = layer.learned_u.to(dtype) if layer.learned_u is not None else transform_2d(g, layer.weight.to(dtype))
         return layer.quantized_weight(g), src, layer._weight_gran()
-    return layer.quantized_weight(), layer.weight.detach(), weight_granularity(layer.group_size, layer.weight.ndim)
+    return layer.quantized_weight(), layer.weight.detach(), layer.weight_gran()
 
 
 @torch.no_grad()

@@ -49,10 +49,12 @@ ACTIVATION_CHOICES = {
 @dataclass(frozen=True)
 class StageGranularity:
     """Scales of one stage: one per channel group (``group_size`` channels; None: every
-    channel of a conv group shares) and per index of each kind in ``per``."""
+    channel of a conv group shares) and per index of each kind in ``per``; with
+    ``zero_point`` each dynamic scale also has an integer zero point (asymmetric min / max)."""
 
     group_size: int | None = 32
     per: tuple[str, ...] = ("sample",)
+    zero_point: bool = False
 
     def __post_init__(self):
         if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 1):
@@ -61,12 +63,14 @@ class StageGranularity:
         if unknown:
             raise ValueError(f"unknown granularity kinds {sorted(unknown)}; use {', '.join(KINDS)}")
         object.__setattr__(self, "per", tuple(self.per))
+        if not isinstance(self.zero_point, bool):
+            raise ValueError(f"zero_point must be True or False, got {self.zero_point!r}")
 
     def keeps(self, kind: str) -> bool:
         return kind in self.per
 
     def with_kinds(self, *kinds: str) -> "StageGranularity":
-        return StageGranularity(self.group_size, tuple(dict.fromkeys(self.per + kinds)))
+        return StageGranularity(self.group_size, tuple(dict.fromkeys(self.per + kinds)), self.zero_point)
 
     def granularity(self, layout: tuple[str, ...]) -> Granularity:
         """The Granularity of a tensor whose dims are named by ``layout``."""
@@ -86,7 +90,7 @@ class StageGranularity:
 
     def describe(self) -> str:
         group = "all channels" if self.group_size is None else f"{self.group_size} channels"
-        return f"per {', '.join(self.per) or 'tensor'} and group of {group}"
+        return f"per {', '.join(self.per) or 'tensor'} and group of {group}" + (", with a zero point" if self.zero_point else "")
 
 
 def _kind(name: str) -> str:
@@ -135,9 +139,15 @@ class DirectGranularity:
 
     @classmethod
     @lru_cache(maxsize=None)
-    def make(cls, group_size: int | None, activations: str = "fine", linear: bool = False) -> "DirectGranularity":
+    def make(cls, group_size: int | None, activations: str = "fine", linear: bool = False,
+             zero_point: bool = False, weight_tapwise: bool = False) -> "DirectGranularity":
+        """``weight_tapwise``: a conv's weights get one scale per kernel position as well (the
+        weight's "pixel" dims): the GEMM block (a channel group at one kernel position) then
+        owns one scale on both operands, and the weight's folds into the per-(pixel, group)
+        rescaling the input's scale already needs: free in integers."""
         per = ("sample", "row") if linear else ACTIVATION_CHOICES[_choice(activations)][0]
-        return cls(StageGranularity(group_size, per), StageGranularity(group_size, ("out_channel",)))
+        weight = ("out_channel",) + (("pixel",) if weight_tapwise and not linear else ())
+        return cls(StageGranularity(group_size, per, zero_point), StageGranularity(group_size, weight))
 
 
 @dataclass(frozen=True)
@@ -152,17 +162,23 @@ class WinogradGranularity:
     @classmethod
     @lru_cache(maxsize=None)
     def make(cls, group_size: int | None, activations: str = "fine", tapwise: bool = False,
-             weight_tapwise: bool = False, input_tapwise: bool = False) -> "WinogradGranularity":
+             weight_tapwise: bool = False, input_tapwise: bool = False,
+             zero_point: bool = False) -> "WinogradGranularity":
         """``tapwise``: every Winograd-domain stage per tap (the tap-wise baseline; M per tap needs a
         float output transform); ``weight_tapwise`` / ``input_tapwise``: U / V per tap as well, which
         an integer pipeline gets for free (U's scale folds into the requantization of M; V is
         requantized from the integer input transform by one multiplier per tap instead of one per
-        tile); M keeps one scale per tile so that the output transform runs in integers."""
+        tile); M keeps one scale per tile so that the output transform runs in integers.
+        ``zero_point``: the scales of the spatial input and of V carry zero points (the integer
+        input transform runs on code - zero point, 9-bit values; V's zero point is one
+        correction per tile, tap and group in the Hadamard sums: zero point x the group's U sum);
+        U and M stay symmetric (a zero point on M measured no gain)."""
         tile = ("sample", "tile")
-        v = StageGranularity(group_size, tile + (("tap",) if (tapwise or input_tapwise) else ()))
+        v = StageGranularity(group_size, tile + (("tap",) if (tapwise or input_tapwise) else ()), zero_point)
         m = StageGranularity(group_size, tile + (("tap",) if tapwise else ()))
         u = StageGranularity(group_size, ("out_channel",) + (("tap",) if (tapwise or weight_tapwise) else ()))
-        return cls(StageGranularity(group_size, ACTIVATION_CHOICES[_choice(activations)][1]), v, u, m)
+        spatial = StageGranularity(group_size, ACTIVATION_CHOICES[_choice(activations)][1], zero_point)
+        return cls(spatial, v, u, m)
 
     @property
     def input_mode(self) -> str:
@@ -179,21 +195,31 @@ def _choice(name: str) -> str:
     return name
 
 
-def table(group_size: int | None = 32, activations: str = "fine") -> list[tuple[str, str]]:
+def table(group_size: int | None = 32, activations: str = "fine", zero_point: bool = True,
+          weight_tapwise: bool = True) -> list[tuple[str, str]]:
     """(stage, description) rows of every stage's granularity (the README's table)."""
-    d, dl = DirectGranularity.make(group_size, activations), DirectGranularity.make(group_size, linear=True)
-    w = WinogradGranularity.make(group_size, activations)
+    d = DirectGranularity.make(group_size, activations, zero_point=zero_point, weight_tapwise=weight_tapwise)
+    dl = DirectGranularity.make(group_size, linear=True, zero_point=zero_point)
+    w = WinogradGranularity.make(group_size, activations, zero_point=zero_point)
     return [("direct conv input", d.input.describe()), ("direct conv / linear weight", d.weight.describe()),
             ("linear input", dl.input.describe()), ("Winograd input x", w.input.describe()),
             ("Winograd V", w.v.describe()), ("Winograd U", w.u.describe()), ("Winograd M", w.m.describe())]
 
 
 def apply_recipe(qmodel, recipe) -> None:
-    """Give every quantized layer of ``qmodel`` the recipe's activation granularity."""
-    from .modules import QuantConv2d
+    """Give every quantized layer of ``qmodel`` the recipe's activation granularity, zero points
+    (``Recipe.input_zero_points``; a layer whose activations are minifloat stays symmetric) and
+    direct conv weight scales (``Recipe.direct_weight_scales``)."""
+    from .modules import QuantConv2d, QuantLinear
     from .winograd.quantized import QuantWinogradConv2d
 
     mode = _choice(recipe.activation_granularity)
+    zp = recipe.input_zero_points
     for mod in qmodel.modules():
         if isinstance(mod, (QuantConv2d, QuantWinogradConv2d)):
             mod.activation_granularity = mode
+        if isinstance(mod, QuantConv2d):
+            mod.weight_tapwise = recipe.direct_weight_scales == "tapwise"
+        if isinstance(mod, (QuantConv2d, QuantLinear, QuantWinogradConv2d)):
+            fmt = mod.formats.input if isinstance(mod, QuantWinogradConv2d) else mod.act_format
+            mod.activation_zero_point = bool(zp and fmt is not None and not fmt.is_float)

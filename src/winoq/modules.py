@@ -17,30 +17,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from .formats import parse
-from .granularity import CONV_INPUT, DirectGranularity, StageGranularity, linear_input, linear_weight
+from .granularity import CONV_INPUT, DirectGranularity, linear_input, linear_weight
 from .quantizers import Granularity, compute_scale, fake_quantize, fake_quantize_dynamic
 
 
-def weight_granularity(group_size: int | None, ndim: int) -> Granularity:
-    """Weights (K, C/groups, ...): per output channel and group of input channels."""
-    return StageGranularity(group_size, ("out_channel",)).granularity(linear_weight(ndim))
-
-
-def _fq(x, fmt, gran):
-    return x if fmt is None else fake_quantize_dynamic(x, fmt, gran)
+def _fq(x, fmt, gran, zero_point: bool = False):
+    return x if fmt is None else fake_quantize_dynamic(x, fmt, gran, zero_point=zero_point)
 
 
 def quantize_activation(layer: nn.Module, stage: str, x: torch.Tensor, fmt, gran: Granularity,
-                        keep: tuple[int, ...], clip=1.0) -> torch.Tensor:
+                        keep: tuple[int, ...], clip=1.0, zero_point: bool = False) -> torch.Tensor:
     """Fake-quantize an activation of ``layer``: dynamic scales (``gran``, from the
-    values themselves) unless the layer carries static ranges (``layer.act_ranges``, a
-    ``StaticRanges``: one calibrated scale per channel group of ``gran.axis``, per index
-    of the ``keep`` dims, shared by everything else)."""
+    values themselves; with ``zero_point``, asymmetric) unless the layer carries static
+    ranges (``layer.act_ranges``, a ``StaticRanges``: one calibrated symmetric scale per
+    channel group of ``gran.axis``, per index of the ``keep`` dims, shared by everything else)."""
     if fmt is None:
         return x
     ranges = getattr(layer, "act_ranges", None)
     if ranges is None or (ranges.stages is not None and stage not in ranges.stages):
-        return fake_quantize_dynamic(x, fmt, gran, clip_ratio=clip)
+        return fake_quantize_dynamic(x, fmt, gran, clip_ratio=clip, zero_point=zero_point)
     return ranges(stage, x, fmt, gran.axis, gran.group_size, keep)
 
 
@@ -87,7 +82,11 @@ class DirectWeightsMixin:
     def rounding_target(self) -> WeightView:
         """The weights learned rounding rounds, with the layer's own scale granularity."""
         w = self.weight.detach()
-        return WeightView(w, self.weight_format, weight_granularity(self.group_size, w.ndim), "minmax")
+        return WeightView(w, self.weight_format, self.weight_gran(), "minmax")
+
+    def weight_gran(self) -> Granularity:
+        """The weights' scale granularity, from the layer's one description (``granularity.weight``)."""
+        return self.granularity.weight.granularity(linear_weight(self.weight.ndim))
 
     @torch.no_grad()
     def set_rounded_weight(self, w_q: torch.Tensor, scale: torch.Tensor | None = None) -> None:
@@ -141,16 +140,19 @@ class QuantConv2d(DirectWeightsMixin, nn.Conv2d):
         return layer
 
     activation_granularity = "fine"  # winoq.granularity.ACTIVATION_CHOICES
+    activation_zero_point = False  # set from Recipe.input_zero_points by winoq.granularity.apply_recipe
+    weight_tapwise = False  # one weight scale per kernel position too (Recipe.direct_weight_scales)
 
     @property
     def granularity(self) -> DirectGranularity:
-        return DirectGranularity.make(self.group_size, self.activation_granularity)
+        return DirectGranularity.make(self.group_size, self.activation_granularity, zero_point=self.activation_zero_point,
+                                      weight_tapwise=self.weight_tapwise)
 
     def quantized_weight(self) -> torch.Tensor:
         frozen = self.frozen_weight()
         if frozen is not None:
             return frozen
-        return _fq(self.weight, self.weight_format, self.granularity.weight.granularity(linear_weight(4)))
+        return _fq(self.weight, self.weight_format, self.weight_gran())
 
     def quantize_input(self, x: torch.Tensor, dynamic: bool = False) -> torch.Tensor:
         """The input stage, viewed (N, groups, C/groups, H, W) so that no channel group
@@ -159,9 +161,10 @@ class QuantConv2d(DirectWeightsMixin, nn.Conv2d):
         stage = self.granularity.input
         gran = stage.granularity(CONV_INPUT)
         if dynamic:
-            return self._per_conv_group(x, lambda t: _fq(t, self.act_format, gran))
+            return self._per_conv_group(x, lambda t: _fq(t, self.act_format, gran, stage.zero_point))
         return self._per_conv_group(x, lambda t: quantize_activation(self, "input", t, self.act_format, gran,
-                                                                     stage.static_keep(CONV_INPUT)))
+                                                                     stage.static_keep(CONV_INPUT),
+                                                                     zero_point=stage.zero_point))
 
     def apply_weight(self, x: torch.Tensor, w: torch.Tensor, bias) -> torch.Tensor:
         return self._conv_forward(x, w, bias)
@@ -194,24 +197,26 @@ class QuantLinear(DirectWeightsMixin, nn.Linear):
         layer.load_state_dict(lin.state_dict())
         return _with_formats(layer, weights, activations, group_size)
 
+    activation_zero_point = False  # set from Recipe.input_zero_points by winoq.granularity.apply_recipe
+
     @property
     def granularity(self) -> DirectGranularity:
-        return DirectGranularity.make(self.group_size, linear=True)
+        return DirectGranularity.make(self.group_size, linear=True, zero_point=self.activation_zero_point)
 
     def quantized_weight(self) -> torch.Tensor:
         frozen = self.frozen_weight()
         if frozen is not None:
             return frozen
-        return _fq(self.weight, self.weight_format, self.granularity.weight.granularity(linear_weight(2)))
+        return _fq(self.weight, self.weight_format, self.weight_gran())
 
     def quantize_input(self, x: torch.Tensor, dynamic: bool = False) -> torch.Tensor:
         """The input stage: one scale per row (token) and group of input features."""
         stage = self.granularity.input
         layout = linear_input(x.ndim)
         if dynamic:
-            return _fq(x, self.act_format, stage.granularity(layout))
+            return _fq(x, self.act_format, stage.granularity(layout), stage.zero_point)
         return quantize_activation(self, "input", x, self.act_format, stage.granularity(layout),
-                                   stage.static_keep(layout))
+                                   stage.static_keep(layout), zero_point=stage.zero_point)
 
     def apply_weight(self, x: torch.Tensor, w: torch.Tensor, bias) -> torch.Tensor:
         return F.linear(x, w, bias)

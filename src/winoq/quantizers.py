@@ -202,8 +202,15 @@ def _mse_scale(x, fmt, gran, steps: int) -> torch.Tensor:
 
 
 def _asymmetric_scale(x, fmt: IntFormat, gran):
-    xmax = reduce_over(x, gran, lambda t, d: t.amax(dim=d, keepdim=True)).clamp_min(0)
-    xmin = reduce_over(x, gran, lambda t, d: t.amin(dim=d, keepdim=True)).clamp_max(0)
+    xmax = reduce_over(x, gran, lambda t, d: t.amax(dim=d, keepdim=True))
+    xmin = reduce_over(x, gran, lambda t, d: t.amin(dim=d, keepdim=True))
+    return _affine_params(xmin, xmax, fmt)
+
+
+def _affine_params(xmin: torch.Tensor, xmax: torch.Tensor, fmt: IntFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero point mapping [min(xmin, 0), max(xmax, 0)] onto [qmin, qmax]
+    (0 stays exactly representable: zero padding and ReLU zeros cost no error)."""
+    xmax, xmin = xmax.clamp_min(0), xmin.clamp_max(0)
     scale = ((xmax - xmin) / (fmt.qmax - fmt.qmin)).clamp_min(_MIN_SCALE)
     zero_point = torch.clamp(torch.round(fmt.qmin - xmin / scale), fmt.qmin, fmt.qmax)
     return scale, zero_point
@@ -317,20 +324,32 @@ class StaticQuantizer(nn.Module):
 
 
 def fake_quantize_dynamic(x: torch.Tensor, fmt, gran: Granularity, method: Method = "minmax",
-                          clip_ratio: float | torch.Tensor = 1.0) -> torch.Tensor:
-    """Fake-quantize ``x`` with symmetric scales computed from ``x`` itself.
+                          clip_ratio: float | torch.Tensor = 1.0, zero_point: bool = False) -> torch.Tensor:
+    """Fake-quantize ``x`` with scales computed from ``x`` itself: symmetric, or with
+    ``zero_point=True`` asymmetric (each scale's [min, max], widened to hold 0, spread over
+    the integer format's whole range with an integer zero point, as ``compute_scale(...,
+    symmetric=False)``: a post-SiLU / post-ReLU input gets all 256 codes of int8 instead of
+    about half).
 
     Same result as ``fake_quantize(x, fmt, *compute_scale(x, fmt, gran, method))``
     but works in the grouped view, so the scales are never expanded to x's size
     (this is the hot path of every dynamic activation quantizer). ``clip_ratio``
-    < 1 clips each group at that fraction of its max (saturating the few largest)."""
+    < 1 clips each group at that fraction of its max (saturating the few largest; symmetric only)."""
     fmt = parse(fmt)
-    if gran.kind != "group" or method != "minmax":
+    if zero_point:
+        if fmt.is_float:
+            raise ValueError(f"zero points need an integer format, not {fmt.name}")
+        if gran.kind != "group":
+            return fake_quantize(x, fmt, *compute_scale(x, fmt, gran, symmetric=False))
+    elif gran.kind != "group" or method != "minmax":
         scale, _ = compute_scale(x, fmt, gran, method)
         return fake_quantize(x, fmt, scale * clip_ratio)
     axis = gran.axis % x.ndim
     xg, size = _to_groups(x, axis, gran.group_size)
     dims = tuple(sorted([d if d < axis else d + 1 for d in gran.reduce_dims(x.ndim)] + [axis + 1]))
+    if zero_point:  # the padding of a ragged group is 0, which the range holds anyway
+        scale, zp = _affine_params(xg.detach().amin(dim=dims, keepdim=True), xg.detach().amax(dim=dims, keepdim=True), fmt)
+        return _from_groups(fake_quantize(xg, fmt, scale, zp), axis, size)
     scale = (xg.detach().abs().amax(dim=dims, keepdim=True) * (clip_ratio / fmt.max_value)).clamp_min(_MIN_SCALE)
     return _from_groups(fake_quantize(xg, fmt, scale), axis, size)
 

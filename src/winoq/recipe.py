@@ -95,6 +95,21 @@ class Recipe:
         transform needs), "block" (Winograd input per m x m pixel block of the tile grid instead;
         emulated only) or "sample" (one scale per sample and channel group over all pixels, the
         coarse choice). Linear inputs are always per row (token) and group.
+    direct_weight_scales: "tapwise" (default: a direct conv's weights get one scale per output
+        channel, input-channel group and kernel position, the block its GEMM reduces with the
+        input's per-(pixel, group) scale, so the weight's scale folds into the same rescaling:
+        free in integers; DDPM worst-timestep SQNR direct 44.1 -> 46.0 dB) or "shared" (one per
+        output channel and input-channel group over the kernel's positions). Linear weights are
+        per output channel and group either way.
+    activation_zero_point: whether the dynamic scales of the conv and linear inputs (a Winograd
+        conv's spatial input included; V, U and M stay symmetric) carry an integer zero point:
+        each group's [min, max] spread over all 256 int8 codes instead of [-max, max] over them,
+        so a post-SiLU / post-ReLU input gets about twice the resolution (DDPM worst-timestep SQNR
+        direct 41.6 -> 44.6 dB, docs/results.md "Zero points"). In integers a zero point costs
+        one correction per (pixel, group): zero point x the weights' sum over the group, as in
+        fbgemm / onnxruntime's uint8 convs. None (default): on for integer activation formats
+        with dynamic ranges and the "emulated" / "cpu" kernels, off otherwise ("int-cpu" and
+        "triton" quantize symmetrically; static ranges are symmetric).
     winograd_min_channels: Winograd only where it pays: an eligible conv with fewer input or output
         channels than this stays direct (quantized with the same formats). "group" (default): the
         group size (32 when ``group_size`` is None); None: no channel rule. Such convs (a UNet's or a
@@ -140,6 +155,8 @@ class Recipe:
     skip: tuple[str, ...] = ()
     fold_batchnorm: bool = True
     activation_granularity: str = "fine"
+    activation_zero_point: bool | None = None
+    direct_weight_scales: str = "tapwise"
     winograd_input_scales: str = "tapwise"
     winograd_output_format: str | None = "int16"
     winograd_min_channels: int | str | None = "group"
@@ -173,6 +190,7 @@ class Recipe:
                              "format_search='off'")
         _one_of("activation_ranges", self.activation_ranges, ("dynamic", "static"))
         _one_of("activation_granularity", self.activation_granularity, ("fine", "block", "sample"))
+        _one_of("direct_weight_scales", self.direct_weight_scales, ("tapwise", "shared"))
         if not isinstance(self.rounding_iters, int) or self.rounding_iters < 1:
             raise ValueError(f"rounding_iters must be a positive int, got {self.rounding_iters!r}")
         if not isinstance(self.calib_samples, int) or self.calib_samples < 1:
@@ -188,6 +206,7 @@ class Recipe:
             raise ValueError(f"skip must be a tuple of module-name patterns (fnmatch, e.g. 'conv_in', "
                              f"'*.time_embedding.*'), got {self.skip!r}")
         object.__setattr__(self, "skip", tuple(self.skip))
+        self._check_zero_points()
         if not isinstance(self.fold_batchnorm, bool):
             raise ValueError(f"fold_batchnorm must be True or False, got {self.fold_batchnorm!r}")
         self._check_winograd_rules()
@@ -195,6 +214,28 @@ class Recipe:
         if self.points is not None:
             pts = tuple(str(Fraction(p)) for p in self.points)
             object.__setattr__(self, "points", pts)
+
+    def _check_zero_points(self) -> None:
+        if self.activation_zero_point is not True:
+            return
+        if parse(self.activations).is_float:
+            raise ValueError(f"activation_zero_point=True needs an integer activation format, not "
+                             f"{self.activations!r}; use activation_zero_point=None or False")
+        if self.activation_ranges == "static":
+            raise ValueError("activation_zero_point=True applies to dynamic scales; static ranges are symmetric. "
+                             "Use activation_zero_point=None or False with activation_ranges='static'")
+        if self.kernel in ("int-cpu", "triton", "auto"):
+            raise ValueError(f"kernel {self.kernel!r} quantizes the Winograd input symmetrically; use "
+                             "activation_zero_point=None or False with it, or kernel 'emulated' / 'cpu'")
+
+    @property
+    def input_zero_points(self) -> bool:
+        """``activation_zero_point`` resolved: None means on for integer activations with dynamic
+        ranges and the kernels that run zero points ("emulated", "cpu")."""
+        if self.activation_zero_point is not None:
+            return self.activation_zero_point
+        return (not parse(self.activations).is_float and self.activation_ranges == "dynamic"
+                and self.kernel in ("emulated", "cpu"))
 
     def _check_winograd_rules(self) -> None:
         mc = self.winograd_min_channels
@@ -278,6 +319,8 @@ class Recipe:
         data.setdefault("winograd_output_format", None)
         # recipes saved before the Winograd rules existed made every eligible conv Winograd
         data.setdefault("winograd_min_channels", None)
+        data.setdefault("activation_zero_point", False)  # ... and the inputs were symmetric
+        data.setdefault("direct_weight_scales", "shared")  # ... with direct weight scales over the kernel
         return cls(**data)
 
     @property
@@ -295,10 +338,12 @@ class Recipe:
         group = "per-channel" if self.group_size is None else f"g{self.group_size}"
         extra = "".join([f" format-search({self.format_search})" if self.format_search != "off" else ""," static-ranges" if self.activation_ranges == "static" else "",
                          (f" learned-rounding({self.reconstruction})" if self.rounding == "learned" else ""),
-                         "" if self.fold_batchnorm else " bn-unfolded"])
+                         "" if self.fold_batchnorm else " bn-unfolded",
+                         "" if self.direct_weight_scales == "tapwise" else " direct-W-shared"])
         rule = "" if self.winograd is None else f" [{self.winograd_rule()}]"
         plan = f" layer-plan({len(self.layer_plan)} layers)" if self.layer_plan else ""
-        return f"W:{self.weights} A:{self.activations} {group} {tile}{extra}{rule}{plan}"
+        acts = f"{self.activations}{'+zp' if self.input_zero_points else ''}"
+        return f"W:{self.weights} A:{acts} {group} {tile}{extra}{rule}{plan}"
 
 
 PLAN_KEYS = ("weights", "activations", "winograd")

@@ -11,7 +11,7 @@ from torch import nn
 import winoq
 from winoq.algorithms.adaround import lies_on_grid, reconstruction_loss
 from winoq.algorithms.block_reconstruction import BlockCall, capture_block_io, find_blocks, reconstruct_block
-from winoq.modules import QuantConv2d, weight_granularity
+from winoq.modules import QuantConv2d
 from winoq.quantizers import compute_scale
 from winoq.winograd.conv import transform_2d
 from winoq.winograd.quantized import QuantWinogradConv2d
@@ -146,7 +146,7 @@ def check_reconstruction(qblock, calls, iters=150):
                 u = transform_2d(m.transforms(torch.float32, "cpu")[1], m.weight)
                 scales[m] = compute_scale(u, m.formats.weight, m._weight_gran())[0]
             else:
-                scales[m] = compute_scale(m.weight, m.weight_format, weight_granularity(m.group_size, m.weight.ndim),
+                scales[m] = compute_scale(m.weight, m.weight_format, m.weight_gran(),
                                           "minmax")[0]
     with torch.no_grad():
         own = [float(reconstruction_loss(qblock(*c.args, **c.kwargs), c.output)) for c in calls]

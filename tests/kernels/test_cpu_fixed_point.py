@@ -216,7 +216,7 @@ def test_input_scales_must_nest_in_v_groups():
         winograd_forward(layer, x, "cpu")
     ok = make_layer(8, 8, 2, groups=2, group_size=4)
     pad, out_hw, th, tw = fp.tile_grid(ok, 6, 6)
-    rx, sx = fp.input_scales(ok, x[:, :8], th, tw)
+    rx, sx, _ = fp.input_scales(ok, x[:, :8], th, tw)
     sx = sx.clone()
     sx[..., 1] *= 2  # a scale that changes inside a V group: refused, never a silent wrong sum
     with pytest.raises(ValueError, match="input scales vary inside a channel group of V"):
@@ -228,7 +228,7 @@ def test_per_tile_input_scales_plug_in():
     layer = make_layer(8, 8, 4, group_size=4)
     x = torch.randn(2, 8, 12, 12)
     pad, out_hw, th, tw = fp.tile_grid(layer, 12, 12)
-    rx, sx = fp.input_scales(layer, x, th, tw)
+    rx, sx, _ = fp.input_scales(layer, x, th, tw)
     gen = torch.Generator().manual_seed(0)
     f = (torch.rand(2, th, tw, 2, generator=gen) + 0.5).repeat_interleave(4, -1)
     rx, sx = (rx / f).contiguous(), (sx * f).contiguous()
@@ -247,7 +247,7 @@ def test_per_tile_input_granularity_runs_compiled(m):
     assert layer.granularity.input_mode == "tile" and fp.unsupported_reason(layer) is None
     x = torch.randn(2, 24, 13, 11, generator=torch.Generator().manual_seed(4)).relu() * 2
     pad, _, th, tw = fp.tile_grid(layer, 13, 11)
-    rx, sx = fp.input_scales(layer, x, th, tw)
+    rx, sx, _ = fp.input_scales(layer, x, th, tw)
     tiles = fp.padded_tiles(layer, x, pad, th, tw)  # (N, th, tw, C, n, n)
     want = tiles.abs().amax(dim=(-1, -2)).reshape(2, th, tw, 3, 8).amax(-1)  # per tile and group of 8
     torch.testing.assert_close(sx[..., ::8], want / 127, rtol=0, atol=0)
@@ -333,3 +333,59 @@ def test_int16_m_is_closer_to_the_exact_conv_than_int8_m():
 def test_tiles_beyond_8x8_fall_back_to_the_emulation():
     layer = QuantWinogradConv2d(4, 4, 5, 6, padding=2).eval()  # F(6,5): 10x10 tiles, an older files' choice
     assert "10x10 tiles" in fp.unsupported_reason(layer)
+
+
+@pytest.mark.parametrize("mode", ["fine", "sample"])
+@pytest.mark.parametrize("case", CASES, ids=[f"c{c[0]}k{c[1]}F{c[2]}g{c[3]}gs{c[4]}" for c in CASES])
+def test_input_zero_points_run_compiled_bit_for_bit(case, mode):
+    """Input and V scales with zero points (``Recipe.activation_zero_point``, on by default):
+    each tile's (or sample's) [min, max] over all 256 codes; the kernel computes the input's per
+    tile itself ("fine", here with V and U per tap) or takes them from ``input_scales``
+    ("sample", V shared by the taps), bit for bit the twin on every ISA."""
+    c, k, m, groups, gs, pad, hw, nb, learned, clip, bias = case
+    layer = make_layer(c, k, m, groups, gs, pad, bias, learned=learned)
+    layer.activation_granularity = mode
+    layer.input_tapwise = layer.weight_tapwise = mode == "fine"
+    layer.activation_zero_point = True
+    gr = layer.granularity
+    assert gr.input.zero_point and gr.v.zero_point and fp.unsupported_reason(layer) is None
+    x = torch.randn(nb, c, *hw, generator=torch.Generator().manual_seed(1)) * 3 + 1.5  # off-centre
+    ref, codes = fp.reference_forward(layer, x, return_codes=True)
+    assert int(codes["qx"].max()) > 127  # codes minus zero point reach beyond int8's range
+    assert int(codes["qv"].abs().max()) > 128  # ... and so do V's
+    for isa in compiled_isas():
+        assert torch.equal(cpu.forward(layer, x, isa=isa), ref), isa
+
+
+@pytest.mark.parametrize("m", [4, 6])
+def test_input_zero_points_match_the_emulation_and_beat_symmetric(m):
+    """On a post-SiLU input (nonnegative but for a small dip) zero points give the input codes
+    about one more bit (~6 dB); the layer output gains less (the 8-bit V dominates here), the
+    fixed point follows the emulation within 0.5 dB."""
+    from winoq.winograd.scales import ScaleLearningConfig, learn_layer_scales
+
+    layer = make_layer(32, 32, m, group_size=16, learned=False, formats=StageFormats(output="int16"))
+    learn_layer_scales(layer, ScaleLearningConfig(steps=0))  # the closed-form scales
+    layer.activation_granularity = "fine"
+    layer.input_tapwise = layer.weight_tapwise = True
+    x = F.silu(torch.randn(2, 32, 12, 12, generator=torch.Generator().manual_seed(2)) * 2)
+    exact = F.conv2d(x.double(), layer.weight.double(), layer.bias.double(), padding=1)
+    sq = lambda y, ref=exact: float(10 * torch.log10(ref.pow(2).sum() / (y.double() - ref).pow(2).sum()))  # noqa: E731
+    pad, _, th, tw = fp.tile_grid(layer, 12, 12)
+    tiles = fp.padded_tiles(layer, x, pad, th, tw).double()
+
+    def run():
+        y, codes = fp.reference_forward(layer, x, return_codes=True)
+        sx = fp.input_scales(layer, x, th, tw)[1].double()[..., None, None]
+        return sq(y), sq(codes["qx"].double() * sx, tiles)
+
+    sym, sym_in = run()
+    layer.activation_zero_point = True
+    fixed, fixed_in = run()
+    with torch.no_grad():
+        emu = sq(layer.forward_emulated(x))
+    assert fixed_in > sym_in + 4.5 and fixed > sym and abs(fixed - emu) < 0.5, (sym_in, fixed_in, sym, fixed, emu)
+    # the int32 bounds of the input transform are planned for codes up to qmax - qmin
+    assert fp.input_code_bound(layer) == 255
+    p = fp.plan(layer)
+    assert fp._int_transform_bound(p.bq, p.sb, 255) <= 2**31 - 1

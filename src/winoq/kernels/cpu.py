@@ -74,19 +74,20 @@ def _packed(layer, p: fp.Plan, mod):
         g = layer.groups
         taps, k, cg = p.u.shape
         kg = k // g
-        u8, corr = mod.pack_u(p.u, g, p.gs)
-        kgp = corr.shape[-1]
+        u8, usum = mod.pack_u(p.u, g, p.gs)
+        kgp = usum.shape[-1]
         su = p.su.reshape(taps, g, kg, p.nj).permute(0, 1, 3, 2)  # (taps, G, J, kg)
         su = torch.nn.functional.pad(su, (0, kgp - kg)).contiguous()
-        p.packed = (u8, corr, su)
+        p.packed = (u8, usum, su)
     return p.packed
 
 
 @torch.no_grad()
 def forward(layer, x: torch.Tensor, rx: torch.Tensor | None = None, sx: torch.Tensor | None = None,
-            isa: str = "") -> torch.Tensor:
-    """Fixed-point forward of a QuantWinogradConv2d on CPU (float32 out). ``rx``, ``sx``:
-    (N, th, tw, C) input multipliers / scales (default: the layer's input granularity).
+            isa: str = "", zp: torch.Tensor | None = None) -> torch.Tensor:
+    """Fixed-point forward of a QuantWinogradConv2d on CPU (float32 out). ``rx``, ``sx``, ``zp``:
+    (N, th, tw, C) input multipliers / scales / zero points (default: the layer's input
+    granularity; a given ``rx`` without ``zp``: no zero points).
     ``isa``: force "avx512-vnni", "avx2" or "portable" (default: the best this CPU has)."""
     why = fp.unsupported_reason(layer)
     if why is not None:
@@ -96,25 +97,31 @@ def forward(layer, x: torch.Tensor, rx: torch.Tensor | None = None, sx: torch.Te
     layer.check_input(x)
     mod = load()
     if mod is None:
-        return fp.reference_forward(layer, x, rx, sx)
+        return fp.reference_forward(layer, x, rx, sx, zp=zp)
     p = fp.plan(layer)
     nb, c, h, w = x.shape
     pad, out_hw, th, tw = fp.tile_grid(layer, h, w)
-    tile_in = [0.0]
-    if rx is None and layer.granularity.input_mode == "tile":  # the kernel computes them (fp.input_scales)
-        tile_in = [1.0, float(layer.formats.input.max_value), float(fp.input_group_size(layer, c))]
-        rx = sx = torch.zeros(1, 1, 1, 1).expand(nb, th, tw, c)
-    else:
-        if rx is None:
-            rx, sx = fp.input_scales(layer, x, th, tw)
-        fp.check_scale_nesting(layer, sx, p)
-    u8, corr, su = _packed(layer, p, mod)
     fm = layer.formats
     vf, mf, inf = fm.winograd_input, fm.output, fm.input
+    tile_in = [0.0]
+    if rx is None and layer.granularity.input_mode == "tile":  # the kernel computes them (fp.input_scales)
+        with_zp = layer.granularity.input.zero_point
+        q = float(inf.qmax - inf.qmin) if with_zp else float(inf.max_value)
+        tile_in = [1.0, q, float(fp.input_group_size(layer, c)), float(with_zp)]
+        rx = sx = zp = torch.zeros(1, 1, 1, 1).expand(nb, th, tw, c)
+    else:
+        if rx is None:
+            rx, sx, zp = fp.input_scales(layer, x, th, tw)
+        elif zp is None:
+            zp = torch.zeros_like(rx)
+        fp.check_scale_nesting(layer, sx, p, zp)
+    u8, usum, su = _packed(layer, p, mod)
     bias = None if layer.bias is None else layer.bias.detach().float()
+    v_zp = layer.granularity.v.zero_point
     return mod.forward(x.detach().float(), [pad[2], pad[0]], [layer.m, layer.m + layer.kernel_size - 1, th, tw, *out_hw],
-                       rx.float(), sx.float(), p.bq, p.aq, [p.sb, p.sb - 2 * p.kb, p.sa, p.sa - 2 * p.ka],
-                       [layer.groups, p.gs, p.gsm, layer.out_channels], u8, corr, su,
-                       [float(vf.max_value), vf.qmin, vf.qmax, float(layer.granularity.v.keeps("tap"))],
+                       rx.float(), sx.float(), zp.float(), p.bq, p.aq, [p.sb, p.sb - 2 * p.kb, p.sa, p.sa - 2 * p.ka],
+                       [layer.groups, p.gs, p.gsm, layer.out_channels], u8, usum, su,
+                       [float(vf.qmax - vf.qmin) if v_zp else float(vf.max_value), vf.qmin, vf.qmax,
+                        float(layer.granularity.v.keeps("tap")), float(v_zp)],
                        [float(mf.max_value), mf.qmin, mf.qmax],
                        [inf.qmin, inf.qmax], tile_in, bias, isa)

@@ -71,6 +71,9 @@ def unsupported_reason(layer) -> str | None:
         if f is None or f.is_float:
             return (f"the {name} stage is {getattr(f, 'name', 'float')}; the integer path needs integer "
                     "formats for V and U (use kernel='emulated')")
+    if layer.granularity.input.zero_point:
+        return ("input scales with zero points (this kernel quantizes the input symmetrically: "
+                "Recipe(activation_zero_point=False), or kernel 'cpu' / 'emulated')")
     return None
 
 

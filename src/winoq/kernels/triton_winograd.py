@@ -272,6 +272,9 @@ def unsupported_reason(layer) -> str | None:
         return f"padding_mode {layer.padding_mode!r} (the kernels pad with zeros)"
     if layer.granularity.input_mode == "block":
         return "input scales per pixel block (a tile straddles blocks: no integer input transform)"
+    if layer.granularity.input.zero_point:
+        return ("input scales with zero points (this kernel quantizes the input symmetrically: "
+                "Recipe(activation_zero_point=False), or kernel 'cpu' / 'emulated')")
     return None
 
 

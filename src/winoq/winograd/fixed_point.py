@@ -10,12 +10,20 @@ values bit for bit (every float step is one IEEE operation in a fixed order, no 
 1. input codes ``qx = clamp(rha(x * rx))``, ``rx = Q_in / amax`` per (sample, tile, channel)
    (a tensor: one value per sample, tile and input channel group, the amax over the tile's
    n x n pixels; or one per sample and group expanded over the tiles), real scale ``sx = amax / Q_in``;
+   with zero points (``StageGranularity.zero_point``) ``lo = min(x_min, 0)``, ``hi = max(x_max, 0)``,
+   ``rx = (qmax - qmin) / (hi - lo)``, ``sx = (hi - lo) / (qmax - qmin)``,
+   ``zp = clamp(rha(qmin - lo * rx), qmin, qmax)`` and ``qx = clamp(rha(x * rx), qmin - zp, qmax - zp)``
+   (the code minus its zero point: up to qmax - qmin in magnitude, what the transform's int32
+   bounds are planned for);
 2. input transform per n x n tile in int32: ``T = rshift(Bq d, s)``, ``V = T Bq^T``
    (real ``V = V_int sx 2^(s - 2k)``; s, the smallest shift after the first pass that keeps
    the second inside int32, is 0 for F(2,3) and F(4,3));
 3. V codes, one scale per (sample, tile, channel group) and per tap
    (``winograd_input_scales="tapwise"``, the default) or shared by the taps: ``amax = max |V_int|``, ``qv = clamp(rha(float(V_int) * (Q_v / amax)))``,
-   real scale ``sv = (amax / Q_v) * sx * 2^(s - 2k)``;
+   real scale ``sv = (amax / Q_v) * sx * 2^(s - 2k)``; with zero points as in step 1 on the
+   integers ``V_int``: ``den = float(hi - lo)``, ``rv = (qmax - qmin) / den``,
+   ``zv = clamp(rha(qmin - float(lo) * rv))``, ``qv = clamp(rha(float(V_int) * rv), qmin - zv, qmax - zv)``,
+   ``sv = (den / (qmax - qmin)) * sx * 2^(s - 2k)``;
 4. per tap and channel group an int8 GEMM over the group's channels, int32 sums;
 5. ``M = sum_j float(acc_j) * (sv_j * su_j)`` (float32, groups in order): the per-group
    (V x U) scales folded into the one requantization of M;
@@ -182,7 +190,16 @@ def _key(layer, bits) -> tuple:
     tracked = [layer.weight, layer.log_sb, layer.log_sg] + ([] if ft is None else list(ft.parameters()))
     lu = layer.learned_u
     return (bits, tuple((t.data_ptr(), t._version) for t in tracked), None if lu is None else (lu.data_ptr(), lu._version),
-            layer.group_size, layer.granularity.u, layer.formats, layer.groups)
+            layer.group_size, layer.granularity.u, layer.granularity.input.zero_point, layer.formats, layer.groups)
+
+
+def input_code_bound(layer) -> int:
+    """The largest |input code| the integer input transform sees: 128 for symmetric int8 codes,
+    qmax - qmin (255) for codes minus a zero point."""
+    f = layer.formats.input
+    if layer.granularity.input.zero_point:
+        return f.qmax - f.qmin
+    return max(f.qmax, -f.qmin)
 
 
 def transform_bits(layer) -> int:
@@ -198,8 +215,9 @@ def plan(layer) -> Plan:
     if hit is not None and hit.key == key:
         return hit
     at, g, bt = layer.transforms(torch.float64, "cpu", fixed_point=False)
-    kb = effective_bits(bt, bits)
-    sb = first_pass_shift(bt, kb)
+    in_max = input_code_bound(layer)
+    kb = effective_bits(bt, bits, in_max)
+    sb = first_pass_shift(bt, kb, in_max)
     if wide_m(layer):  # int64 output transform: all the bits, no shift
         ka, sa = bits, 0
     else:
@@ -248,38 +266,57 @@ def input_group_size(layer, c: int) -> int:
     return c if layer.group_size is None else min(layer.group_size, c)
 
 
-def input_scales(layer, x: torch.Tensor, th: int, tw: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Input multipliers ``rx = Q / amax`` and scales ``sx = amax / Q`` as (N, th, tw, C)
-    float32 tensors, from the layer's input granularity: one scale per sample, tile and channel
-    group, the amax over the tile's n x n pixels (``activation_granularity="fine"``, the default),
-    or per sample and channel group over all pixels, expanded over the tiles ("sample")."""
+def input_scales(layer, x: torch.Tensor, th: int, tw: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Input multipliers ``rx``, scales ``sx`` and zero points ``zp`` as (N, th, tw, C) float32
+    tensors, from the layer's input granularity: one per sample, tile and channel group, over the
+    tile's n x n pixels (``activation_granularity="fine"``, the default), or per sample and
+    channel group over all pixels, expanded over the tiles ("sample"). Symmetric:
+    ``rx = Q / amax``, ``sx = amax / Q``, ``zp = 0``; with zero points see step 1 above."""
     nb, c, h, w = x.shape
-    q = float(layer.formats.input.max_value)
+    fmt = layer.formats.input
     gs = input_group_size(layer, c)
     ng = math.ceil(c / gs)
     if layer.granularity.input_mode == "tile":
         pad = tile_grid(layer, h, w)[0]
-        a = padded_tiles(layer, x.detach(), pad, th, tw).abs().amax(dim=(-1, -2))  # (N, th, tw, C)
+        t = padded_tiles(layer, x.detach(), pad, th, tw)
+        lo, hi = t.amin(dim=(-1, -2)), t.amax(dim=(-1, -2))  # (N, th, tw, C)
     else:
-        a = x.detach().float().abs().amax(dim=(2, 3))[:, None, None, :]  # (N, 1, 1, C)
-    lead = a.shape[:-1]
-    a = torch.nn.functional.pad(a, (0, ng * gs - c)).reshape(*lead, ng, gs).amax(-1)
-    a = a.repeat_interleave(gs, -1)[..., :c]
-    qt = torch.full_like(a, q)  # a tensor: `q / a` with a Python q would compute q * (1 / a)
-    rx = torch.where(a > 0, qt / a, torch.zeros_like(a))
-    sx = a / qt
-    return rx.expand(nb, th, tw, c), sx.expand(nb, th, tw, c)
+        xf = x.detach().float()
+        lo, hi = xf.amin(dim=(2, 3))[:, None, None, :], xf.amax(dim=(2, 3))[:, None, None, :]  # (N, 1, 1, C)
+
+    def per_group(a, reduce):
+        lead = a.shape[:-1]
+        a = torch.nn.functional.pad(a, (0, ng * gs - c)).reshape(*lead, ng, gs)
+        return reduce(a).repeat_interleave(gs, -1)[..., :c]
+
+    zero = torch.zeros((), dtype=torch.float32)
+    if layer.granularity.input.zero_point:
+        lo = per_group(torch.minimum(lo, zero), lambda a: a.amin(-1))
+        hi = per_group(torch.maximum(hi, zero), lambda a: a.amax(-1))
+        span = hi - lo
+        qs = torch.full_like(span, float(fmt.qmax - fmt.qmin))  # tensors: `q / t` with a Python q is q * (1 / t)
+        rx = torch.where(span > 0, qs / span, torch.zeros_like(span))
+        sx = span / qs
+        zp = rha(float(fmt.qmin) - lo * rx).clamp_(fmt.qmin, fmt.qmax)
+    else:
+        a = per_group(torch.maximum(lo.abs(), hi.abs()), lambda t: t.amax(-1))
+        qt = torch.full_like(a, float(fmt.max_value))
+        rx = torch.where(a > 0, qt / a, torch.zeros_like(a))
+        sx = a / qt
+        zp = torch.zeros_like(a)
+    return tuple(t.expand(nb, th, tw, c) for t in (rx, sx, zp))
 
 
-def check_scale_nesting(layer, sx: torch.Tensor, p: Plan) -> None:
-    """V sums channels in integers, so the input scale must be one value across each V group."""
+def check_scale_nesting(layer, sx: torch.Tensor, p: Plan, zp: torch.Tensor | None = None) -> None:
+    """V sums channels in integers, so the input scale (and zero point) must be one value across
+    each V group."""
     nb, th, tw, c = sx.shape
     cg = c // layer.groups
-    s = sx.reshape(nb, th, tw, layer.groups, cg)
-    first = s[..., :: p.gs].repeat_interleave(p.gs, -1)[..., :cg]
-    if not torch.equal(first, s):
-        raise ValueError("the input scales vary inside a channel group of V; the fixed-point kernel needs the "
-                         "input's channel groups to contain V's (group_size dividing C / groups)")
+    for t in (sx,) if zp is None else (sx, zp):
+        s = t.reshape(nb, th, tw, layer.groups, cg)
+        if not torch.equal(s[..., :: p.gs].repeat_interleave(p.gs, -1)[..., :cg], s):
+            raise ValueError("the input scales vary inside a channel group of V; the fixed-point kernel needs the "
+                             "input's channel groups to contain V's (group_size dividing C / groups)")
 
 
 # ----------------------------------------------------------------------------- the PyTorch twin
@@ -291,10 +328,10 @@ def _int_transform(q: torch.Tensor, mq: torch.Tensor, k: int) -> torch.Tensor:
 
 @torch.no_grad()
 def reference_forward(layer, x: torch.Tensor, rx: torch.Tensor | None = None,
-                      sx: torch.Tensor | None = None, return_codes: bool = False):
+                      sx: torch.Tensor | None = None, return_codes: bool = False, zp: torch.Tensor | None = None):
     """The fixed-point pipeline in PyTorch integer / float32 tensor ops (bit for bit what the
-    compiled kernel returns). ``rx``, ``sx``: (N, th, tw, C) input multipliers and scales
-    (default: :func:`input_scales`)."""
+    compiled kernel returns). ``rx``, ``sx``, ``zp``: (N, th, tw, C) input multipliers, scales and
+    zero points (default: :func:`input_scales`; a given ``rx`` without ``zp``: no zero points)."""
     why = unsupported_reason(layer)
     if why is not None:
         raise ValueError(f"fixed-point kernel: {why}")
@@ -306,31 +343,46 @@ def reference_forward(layer, x: torch.Tensor, rx: torch.Tensor | None = None,
     n = m + r - 1
     pad, out_hw, th, tw = tile_grid(layer, h, w)
     if rx is None:
-        rx, sx = input_scales(layer, x, th, tw)
-    check_scale_nesting(layer, sx, p)
+        rx, sx, zp = input_scales(layer, x, th, tw)
+    elif zp is None:
+        zp = torch.zeros_like(rx)
+    check_scale_nesting(layer, sx, p, zp)
     G = layer.groups
     cg, K = c // G, layer.out_channels
     kg = K // G
     # 1. input codes, tile by tile (N, th, tw, C, n, n)
     tiles = padded_tiles(layer, x, pad, th, tw)
     qmin_i, qmax_i = fm.input.qmin, fm.input.qmax
-    qx = rha(tiles * rx.float()[..., None, None]).clamp_(qmin_i, qmax_i).long()
+    zpc = zp.float()[..., None, None]
+    qx = torch.minimum(torch.maximum(rha(tiles * rx.float()[..., None, None]), qmin_i - zpc), qmax_i - zpc).long()
     # 2. input transform
     v = _int_transform(qx, p.bq, p.sb)  # (N, th, tw, C, n, n) int64
     assert int(v.abs().max()) <= _INT32
     # 3. V codes per (sample, tile, V group)
     vg = v.reshape(nb, th, tw, G, cg, n * n)
     vg = torch.nn.functional.pad(vg, (0, 0, 0, p.nj * p.gs - cg)).reshape(nb, th, tw, G, p.nj, p.gs, n * n)
-    amax = vg.abs().amax(dim=-2).float()  # (N, th, tw, G, J, taps)
-    if not layer.granularity.v.keeps("tap"):  # one V scale shared by the taps
-        amax = amax.amax(-1, keepdim=True).expand_as(amax)
     vf = fm.winograd_input
-    den = amax.float()  # (the dynamic scales are plain min-max: no clipping)
-    qv_t = torch.full_like(den, float(vf.max_value))  # tensors, not Python scalars: `q / t` would be q * (1 / t)
-    rv = torch.where(amax > 0, qv_t / den, torch.zeros_like(den))
+    per_tap = layer.granularity.v.keeps("tap")
     sxg = sx.float().reshape(nb, th, tw, G, cg)[..., :: p.gs][..., : p.nj, None]
-    sv = torch.where(amax > 0, (den / qv_t) * sxg * 2.0 ** (p.sb - 2 * p.kb), torch.zeros_like(den))
-    qv = rha(vg.float() * rv[..., None, :]).clamp_(vf.qmin, vf.qmax).long()  # (N,th,tw,G,J,gs,taps)
+    if layer.granularity.v.zero_point:  # [lo, hi] (holding 0) over qmax - qmin steps, integer zero point
+        lo, hi = vg.amin(dim=-2).clamp_max(0), vg.amax(dim=-2).clamp_min(0)  # (N, th, tw, G, J, taps) int64
+        if not per_tap:
+            lo, hi = lo.amin(-1, keepdim=True).expand_as(lo), hi.amax(-1, keepdim=True).expand_as(hi)
+        den = (hi - lo).float()
+        q_t = torch.full_like(den, float(vf.qmax - vf.qmin))
+        rv = torch.where(den > 0, q_t / den, torch.zeros_like(den))
+        zv = rha(float(vf.qmin) - lo.float() * rv).clamp_(vf.qmin, vf.qmax)[..., None, :]
+        low, high = vf.qmin - zv, vf.qmax - zv
+    else:
+        den = vg.abs().amax(dim=-2).float()  # (N, th, tw, G, J, taps)
+        if not per_tap:  # one V scale shared by the taps
+            den = den.amax(-1, keepdim=True).expand_as(den)
+        q_t = torch.full_like(den, float(vf.max_value))  # tensors, not Python scalars: `q / t` would be q * (1 / t)
+        rv = torch.where(den > 0, q_t / den, torch.zeros_like(den))
+        low, high = torch.tensor(float(vf.qmin)), torch.tensor(float(vf.qmax))
+    # (the dynamic scales are plain min-max: no clipping)
+    sv = torch.where(den > 0, (den / q_t) * sxg * 2.0 ** (p.sb - 2 * p.kb), torch.zeros_like(den))
+    qv = torch.minimum(torch.maximum(rha(vg.float() * rv[..., None, :]), low), high).long()  # (N,th,tw,G,J,gs,taps)
     # 4-5. per tap and group int GEMM, scaled sum over groups
     uq = p.u.long().reshape(n * n, G, kg, cg)
     uq = torch.nn.functional.pad(uq, (0, p.nj * p.gs - cg)).reshape(n * n, G, kg, p.nj, p.gs)

@@ -78,6 +78,7 @@ class QuantWinogradConv2d(WinogradConv2d):
         self.weight_tapwise = False
         self.input_tapwise = False  # V per tap as well (free in an integer pipeline; see winoq.granularity)
         self.activation_granularity = "fine"  # winoq.granularity.ACTIVATION_CHOICES: the spatial input's scales
+        self.activation_zero_point = False  # the spatial input's scales with zero points (Recipe.input_zero_points)
         self.kernel = "emulated"  # see winoq.kernels: "emulated", "int-cpu", "triton", "auto"
         self.register_buffer("learned_u", None)  # transformed weights already on the grid (learned rounding)
         self.act_ranges = None  # StaticRanges when activation ranges are static (calibrated), else dynamic
@@ -133,7 +134,7 @@ class QuantWinogradConv2d(WinogradConv2d):
     def granularity(self) -> WinogradGranularity:
         """Where the scales of x, V, U and M live (read by every kernel)."""
         return WinogradGranularity.make(self.group_size, self.activation_granularity, self.scale_mode == "tapwise",
-                                        self.weight_tapwise, self.input_tapwise)
+                                        self.weight_tapwise, self.input_tapwise, self.activation_zero_point)
 
     def _input_gran(self) -> Granularity:
         """The spatial input's granularity on (N, C, H, W) where no tiles are formed (the
@@ -141,7 +142,7 @@ class QuantWinogradConv2d(WinogradConv2d):
         layer quantizes x so, else per sample, pixel and group (the finest input)."""
         stage = self.granularity.input
         if self.granularity.input_mode != "sample":
-            stage = type(stage)(stage.group_size, ("sample", "pixel"))
+            stage = type(stage)(stage.group_size, ("sample", "pixel"), stage.zero_point)
         return stage.granularity(WINO_INPUT)
 
     def _per_conv_group(self, v: torch.Tensor, fn) -> torch.Tensor:
@@ -165,7 +166,7 @@ class QuantWinogradConv2d(WinogradConv2d):
         gr = self.granularity.input
         if self.granularity.input_mode == "sample" or self._static("input"):
             return quantize_activation(self, "input", x, self.formats.input, gr.granularity(WINO_INPUT),
-                                       gr.static_keep(WINO_INPUT))
+                                       gr.static_keep(WINO_INPUT), zero_point=gr.zero_point)
         return x
 
     def quantize_padded_input(self, xp: torch.Tensor) -> torch.Tensor:
@@ -178,7 +179,8 @@ class QuantWinogradConv2d(WinogradConv2d):
         nb, c, h, w = xp.shape
         hb, wb = -(-h // m), -(-w // m)
         xb = torch.nn.functional.pad(xp, (0, wb * m - w, 0, hb * m - h)).reshape(nb, c, hb, m, wb, m)
-        xb = fake_quantize_dynamic(xb, fmt, self.granularity.input.granularity(WINO_INPUT_BLOCKS))
+        gr = self.granularity.input
+        xb = fake_quantize_dynamic(xb, fmt, gr.granularity(WINO_INPUT_BLOCKS), zero_point=gr.zero_point)
         return xb.reshape(nb, c, hb * m, wb * m)[:, :, :h, :w]
 
     def quantize_tiles(self, tiles: torch.Tensor, layout: tuple[str, ...]) -> torch.Tensor:
@@ -191,11 +193,12 @@ class QuantWinogradConv2d(WinogradConv2d):
         cdim = layout.index("channel")
         shape = tiles.shape
         t = tiles.reshape(*shape[: cdim - 1], self.groups, shape[cdim - 1] // self.groups, *shape[cdim:])
-        return fake_quantize_dynamic(t, fmt, self.granularity.input.granularity(layout)).reshape(shape)
+        gr = self.granularity.input
+        return fake_quantize_dynamic(t, fmt, gr.granularity(layout), zero_point=gr.zero_point).reshape(shape)
 
     @staticmethod
-    def _fq(x, fmt, gran):
-        return x if fmt is None else fake_quantize_dynamic(x, fmt, gran)
+    def _fq(x, fmt, gran, zero_point: bool = False):
+        return x if fmt is None else fake_quantize_dynamic(x, fmt, gran, zero_point=zero_point)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # checkpoints written before the unused per-layer clipping buffer was removed carry a
@@ -263,7 +266,8 @@ class QuantWinogradConv2d(WinogradConv2d):
         taps, c = v.shape[:2]
         # channel groups within each conv group; one scale per (group, sample, tile), shared by the taps
         v = v.reshape(taps, self.groups, c // self.groups, *v.shape[2:])
-        v = quantize_activation(self, "v", v, fm.winograd_input, gr.v.granularity(WINO_TILES), gr.v.static_keep(WINO_TILES))
+        v = quantize_activation(self, "v", v, fm.winograd_input, gr.v.granularity(WINO_TILES), gr.v.static_keep(WINO_TILES),
+                                zero_point=gr.v.zero_point)
         v = v.reshape(taps, c, *v.shape[3:])
         mprod = hadamard_taps_first(self.quantized_weight(g), v, self.groups)  # (n*n, K, N, th, tw)
         mprod = quantize_activation(self, "m", mprod, fm.output, gr.m.granularity(WINO_M), gr.m.static_keep(WINO_M))
@@ -295,9 +299,14 @@ class QuantWinogradConv2d(WinogradConv2d):
         out_hw = self.output_hw(xp)
         tiles = self.quantize_tiles(extract_tiles(xp, self.m, self.kernel_size, out_hw), WINO_TILES_LAST)
         v = transform_2d(bt, tiles)
-        sv = self._per_conv_group(v, lambda t: compute_scale(t, fm.winograd_input,
-                                                             gr.v.granularity(WINO_TILES_LAST))[0].expand(t.shape))
-        qv = quantize(v, fm.winograd_input, sv)
+        sym, gran_v = not gr.v.zero_point, gr.v.granularity(WINO_TILES_LAST)
+
+        def v_params(t, i):  # V's scale (i = 0) or zero point (1) per conv group, expanded to its shape
+            return compute_scale(t, fm.winograd_input, gran_v, symmetric=sym)[i].expand(t.shape)
+
+        sv = self._per_conv_group(v, lambda t: v_params(t, 0))
+        zv = None if sym else self._per_conv_group(v, lambda t: v_params(t, 1))
+        qv = quantize(v, fm.winograd_input, sv, zv)
         u = transform_2d(g, self.weight.double()) if self.learned_u is None else self.learned_u.double()
         qu = quantize(u, fm.weight, compute_scale(u, fm.weight, self._weight_gran())[0])
         mprod = self._integer_hadamard(qu, qv)
@@ -315,7 +324,8 @@ class QuantWinogradConv2d(WinogradConv2d):
             ks = slice(gi * (k // self.groups), (gi + 1) * (k // self.groups))
             for start in range(0, cg, gsz):
                 sub = slice(start, min(start + gsz, cg))
-                cv, cu = qv.codes[:, cs][:, sub].long(), qu.codes[ks, sub].long()
+                codes = qv.codes if qv.zero_point is None else qv.codes - qv.zero_point  # the value's integer
+                cv, cu = codes[:, cs][:, sub].long(), qu.codes[ks, sub].long()
                 acc = torch.einsum("kcab,nctuab->nktuab", cu, cv)  # int64 sums within the group
                 sv = _pick_scale(qv.scale, qv.codes.shape)[:, cs][:, sub][:, :1]  # (N,1,th,tw,n|1,n|1)
                 su = _pick_scale(qu.scale, qu.codes.shape)[ks, sub][:, :1]  # (K/G,1,n|1,n|1)

@@ -93,7 +93,7 @@ def in_learning_dtype(layer: QuantWinogradConv2d) -> QuantWinogradConv2d:
 def reference_output(layer: QuantWinogradConv2d, x: torch.Tensor) -> torch.Tensor:
     """Exact conv of the input as the layer's first stage quantizes it."""
     fm = layer.formats
-    xq = layer._fq(x, fm.input, layer._input_gran())
+    xq = layer._fq(x, fm.input, layer._input_gran(), layer.granularity.input.zero_point)
     xp = layer.pad_input(xq)
     return F.conv2d(xp, layer.weight, layer.bias, groups=layer.groups)
 

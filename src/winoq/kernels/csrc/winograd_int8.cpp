@@ -1,11 +1,13 @@
 // Fixed-point int8 Winograd convolution for CPUs (the "cpu" kernel of winoq).
 //
 // Layout: input and output NHWC float (channels-last tensors); phase A writes V per tap in panels of 8 tiles, [channels/4][8][4]
-// (u8 = code + 128, each channel group padded to a multiple of 4); phase B runs,
+// (u8 = code + 128, code minus V's zero point plus 128 with zero points; each channel group padded to
+// a multiple of 4); phase B runs,
 // per tap, the int8 GEMM [tiles x channels] x [channels x K] with U pre-packed as
 // [tap][conv group][32 output channels][group][channels/4][32][4] so that one vpdpbusd
-// multiplies 4 channels of a tile by 4 channels of 16 output channels; the sign offset of
-// V (+128) is removed with the precomputed 128 * sum(U) per output channel and group;
+// multiplies 4 channels of a tile by 4 channels of 16 output channels; the offset of V's u8
+// codes (128, or 128 + its zero point: per tile, tap and group) is removed as offset * sum(U),
+// with sum(U) per output channel and group precomputed;
 // phase C requantizes M and runs the output transform.  The instruction set is picked at
 // run time: AVX-512 VNNI, AVX2, or portable C++.
 #include <torch/extension.h>
@@ -29,16 +31,18 @@ struct Args {
   int pad_t, pad_l, m, n, th, tw; int64_t OH, OW, P, Pp;
   const float* rx; int64_t rs[4];       // (N, th, tw, C) input multipliers, strides
   const float* sx; int64_t ss[4];       // input scales, strides
+  const float* zp; int64_t zs[4];       // input zero points (integers as floats), strides
   const int32_t* bq; int kb; float pow_kb;  // kb, ka: the shift after the first pass; pow: the scale 2^(s - 2k)
   const int32_t* aq; int ka; float pow_ka;
   int G, cg, kg, gs, J, gs4, kgp, gsm; int64_t Cp;
-  const int8_t* up; const int32_t* corr; const float* su;  // packed U; [taps][G][J][kgp]
-  float Qv; int v_min, v_max, v_tapwise;  // v_tapwise: one V scale per tap
+  const int8_t* up; const int32_t* usum; const float* su;  // packed U; sum U and U scales [taps][G][J][kgp]
+  float Qv; int v_min, v_max, v_tapwise, v_zero_point;  // v_tapwise: one V scale per tap; Qv = qmax - qmin with zero points
   float Qm; int m_min, m_max;
   int in_min, in_max;
-  int tile_scales, in_gs; float Qin;  // input scales computed per tile in the kernel (rx, sx unused), groups of in_gs
+  int tile_scales, in_gs; float Qin;  // input scales computed per tile in the kernel (rx, sx, zp unused), groups of in_gs
+  int zero_point;                     // ... with zero points (Qin = qmax - qmin)
   const float* bias;
-  uint8_t* v8; float* sv; float* mf; float* y;  // per-thread block buffers (run()), output
+  uint8_t* v8; float* sv; int32_t* zv; float* mf; float* y;  // per-thread block buffers (run()): zv = V's u8 offset; output
   int64_t p_base;                               // first tile of the block in the buffers
 };
 
@@ -81,7 +85,7 @@ std::string best_isa() {
   return "portable";
 }
 
-// u: (taps, K, cg) int8 codes, groups G; returns packed U and corr (128 * sum U) as
+// u: (taps, K, cg) int8 codes, groups G; returns packed U and usum (sum of U per group) as
 // [taps][G][J][kgp] int32, kgp = K/G rounded up to 32.
 std::vector<torch::Tensor> pack_u(torch::Tensor u, int64_t G, int64_t gs) {
   TORCH_CHECK(u.dtype() == torch::kInt8 && u.dim() == 3, "pack_u: (taps, K, cg) int8");
@@ -89,10 +93,10 @@ std::vector<torch::Tensor> pack_u(torch::Tensor u, int64_t G, int64_t gs) {
   const int64_t taps = u.size(0), K = u.size(1), cg = u.size(2), kg = K / G;
   const int64_t J = (cg + gs - 1) / gs, gs4 = (gs + 3) / 4 * 4, kgp = (kg + 31) / 32 * 32, nkb = kgp / 32;
   auto packed = torch::zeros({taps, G, nkb, J, gs4 / 4, 32, 4}, torch::kInt8);
-  auto corr = torch::zeros({taps, G, J, kgp}, torch::kInt32);
+  auto usum = torch::zeros({taps, G, J, kgp}, torch::kInt32);
   const int8_t* src = u.data_ptr<int8_t>();
   int8_t* dst = packed.data_ptr<int8_t>();
-  int32_t* cr = corr.data_ptr<int32_t>();
+  int32_t* cr = usum.data_ptr<int32_t>();
   for (int64_t t = 0; t < taps; ++t)
     for (int64_t g = 0; g < G; ++g)
       for (int64_t kk = 0; kk < kg; ++kk)
@@ -101,21 +105,21 @@ std::vector<torch::Tensor> pack_u(torch::Tensor u, int64_t G, int64_t gs) {
           const int64_t j = c / gs, cc = c % gs;
           const int64_t idx = (((((t * G + g) * nkb + kk / 32) * J + j) * (gs4 / 4) + cc / 4) * 32 + kk % 32) * 4 + cc % 4;
           dst[idx] = val;
-          cr[((t * G + g) * J + j) * kgp + kk] += 128 * (int32_t)val;
+          cr[((t * G + g) * J + j) * kgp + kk] += (int32_t)val;
         }
-  return {packed, corr};
+  return {packed, usum};
 }
 
 torch::Tensor forward(torch::Tensor x, std::vector<int64_t> pad_tl, std::vector<int64_t> geom,
-                      torch::Tensor rx, torch::Tensor sx, torch::Tensor bq, torch::Tensor aq, std::vector<int64_t> shifts,
-                      std::vector<int64_t> groups, torch::Tensor packed, torch::Tensor corr, torch::Tensor su,
+                      torch::Tensor rx, torch::Tensor sx, torch::Tensor zp, torch::Tensor bq, torch::Tensor aq, std::vector<int64_t> shifts,
+                      std::vector<int64_t> groups, torch::Tensor packed, torch::Tensor usum, torch::Tensor su,
                       std::vector<double> vq, std::vector<double> mq, std::vector<int64_t> in_range,
                       std::vector<double> tile_in,
                       c10::optional<torch::Tensor> bias, std::string isa) {
-  // geom: m, n, th, tw, OH, OW ; groups: G, gs, gsm, K ; vq/mq: Q, qmin, qmax (vq: then 1 for V per tap)
+  // geom: m, n, th, tw, OH, OW ; groups: G, gs, gsm, K ; vq/mq: Q, qmin, qmax (vq: then 1 for V per tap, 1 for V zero points)
   TORCH_CHECK(x.dim() == 4 && x.dtype() == torch::kFloat32, "x: (N, C, H, W) float32");
-  TORCH_CHECK(rx.dtype() == torch::kFloat32 && sx.dtype() == torch::kFloat32 && rx.dim() == 4 && sx.dim() == 4,
-              "rx, sx: (N, th, tw, C) float32");
+  TORCH_CHECK(rx.dtype() == torch::kFloat32 && sx.dtype() == torch::kFloat32 && zp.dtype() == torch::kFloat32 &&
+              rx.dim() == 4 && sx.dim() == 4 && zp.dim() == 4, "rx, sx, zp: (N, th, tw, C) float32");
   auto xh = x.contiguous(at::MemoryFormat::ChannelsLast);
   Args a{};
   a.x = xh.data_ptr<float>(); a.N = x.size(0); a.C = x.size(1); a.H = x.size(2); a.W = x.size(3);
@@ -123,7 +127,8 @@ torch::Tensor forward(torch::Tensor x, std::vector<int64_t> pad_tl, std::vector<
   a.m = (int)geom[0]; a.n = (int)geom[1]; a.th = (int)geom[2]; a.tw = (int)geom[3]; a.OH = geom[4]; a.OW = geom[5];
   a.P = a.N * a.th * a.tw; a.Pp = PB;
   a.rx = rx.data_ptr<float>(); a.sx = sx.data_ptr<float>();
-  for (int i = 0; i < 4; ++i) { a.rs[i] = rx.stride(i); a.ss[i] = sx.stride(i); }
+  a.zp = zp.data_ptr<float>();
+  for (int i = 0; i < 4; ++i) { a.rs[i] = rx.stride(i); a.ss[i] = sx.stride(i); a.zs[i] = zp.stride(i); }
   auto bqc = bq.to(torch::kInt32).contiguous(), aqc = aq.to(torch::kInt32).contiguous();
   // shifts: first-pass shift and scale exponent of each transform (fixed_point.py: s, s - 2k)
   a.bq = bqc.data_ptr<int32_t>(); a.kb = (int)shifts[0]; a.pow_kb = std::ldexp(1.0f, (int)shifts[1]);
@@ -133,18 +138,22 @@ torch::Tensor forward(torch::Tensor x, std::vector<int64_t> pad_tl, std::vector<
   a.J = (a.cg + a.gs - 1) / a.gs; a.gs4 = (a.gs + 3) / 4 * 4; a.kgp = (a.kg + 31) / 32 * 32;
   a.Cp = (int64_t)a.G * a.J * a.gs4;
   TORCH_CHECK(packed.numel() == (int64_t)a.n * a.n * a.G * a.kgp * a.J * a.gs4, "packed U does not match the layer");
-  TORCH_CHECK(su.numel() == (int64_t)a.n * a.n * a.G * a.J * a.kgp && corr.numel() == su.numel(), "su / corr shape");
+  TORCH_CHECK(su.numel() == (int64_t)a.n * a.n * a.G * a.J * a.kgp && usum.numel() == su.numel(), "su / usum shape");
   auto suc = su.contiguous();
-  a.up = packed.data_ptr<int8_t>(); a.corr = corr.data_ptr<int32_t>(); a.su = suc.data_ptr<float>();
-  TORCH_CHECK(vq.size() == 4 && mq.size() == 3, "vq: (Q, qmin, qmax, V per tap), mq: (Q, qmin, qmax)");
+  a.up = packed.data_ptr<int8_t>(); a.usum = usum.data_ptr<int32_t>(); a.su = suc.data_ptr<float>();
+  TORCH_CHECK(vq.size() == 5 && mq.size() == 3, "vq: (Q, qmin, qmax, V per tap, V zero points), mq: (Q, qmin, qmax)");
   a.Qv = (float)vq[0]; a.v_min = (int)vq[1]; a.v_max = (int)vq[2];
-  a.v_tapwise = vq[3] != 0.0;
+  a.v_tapwise = vq[3] != 0.0; a.v_zero_point = vq[4] != 0.0;
   TORCH_CHECK(a.n <= 8, "the kernel's transforms hold tiles of at most 8 x 8 (F(6,3), F(4,5), F(2,7))");
   a.Qm = (float)mq[0]; a.m_min = (int)mq[1]; a.m_max = (int)mq[2];
   a.in_min = (int)in_range[0]; a.in_max = (int)in_range[1];
-  // tile_in: (1 = the kernel computes per-tile input scales, their Q, the input channel-group length)
-  a.tile_scales = tile_in.size() == 3 && tile_in[0] != 0.0;
-  if (a.tile_scales) { a.Qin = (float)tile_in[1]; a.in_gs = (int)tile_in[2]; TORCH_CHECK(a.in_gs > 0, "in_gs"); }
+  // tile_in: (1 = the kernel computes per-tile input scales, their Q, the input channel-group length,
+  // 1 = with zero points)
+  a.tile_scales = tile_in.size() == 4 && tile_in[0] != 0.0;
+  if (a.tile_scales) {
+    a.Qin = (float)tile_in[1]; a.in_gs = (int)tile_in[2]; a.zero_point = tile_in[3] != 0.0;
+    TORCH_CHECK(a.in_gs > 0, "in_gs");
+  }
   torch::Tensor bc;
   if (bias.has_value()) { bc = bias->to(torch::kFloat32).contiguous(); a.bias = bc.data_ptr<float>(); }
   // channels-last output: contiguous stores, and the next Winograd layer's input layout as it is

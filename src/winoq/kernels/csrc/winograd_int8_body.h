@@ -42,18 +42,50 @@ static inline void quant_ff(const float* __restrict src, const float* __restrict
   for (; i < cnt; ++i) dst[i] = (int32_t)rq(src[i] * mul[i], lo, hi);
 }
 
-// dst[i] = rq(float(src[i]) * r) + 128 as u8
-static inline void quant_iu8(const int32_t* __restrict src, float r, uint8_t* __restrict dst, int cnt, float lo, float hi) {
+// dst[i] = min(max(rha(src[i] * mul[i]), lo[i]), hi[i]): input codes with per-channel bounds
+// (qmin - zp, qmax - zp: the code minus its zero point)
+static inline void quant_ffb(const float* __restrict src, const float* __restrict mul, int32_t* __restrict dst, int cnt,
+                             const float* __restrict lo, const float* __restrict hi) {
+  int i = 0;
+#if WINOQ_VNNI
+  for (; i + 16 <= cnt; i += 16) {
+    const __m512 t = rha16(_mm512_mul_ps(_mm512_loadu_ps(src + i), _mm512_loadu_ps(mul + i)));
+    _mm512_storeu_si512(dst + i, _mm512_cvttps_epi32(_mm512_min_ps(_mm512_max_ps(t, _mm512_loadu_ps(lo + i)),
+                                                                    _mm512_loadu_ps(hi + i))));
+  }
+#endif
+  for (; i < cnt; ++i) dst[i] = (int32_t)std::min(std::max(rha(src[i] * mul[i]), lo[i]), hi[i]);
+}
+
+// dst[i] = rq(float(src[i]) * r) + off as u8 (off: 128, plus V's zero point when it has one)
+static inline void quant_iu8(const int32_t* __restrict src, float r, uint8_t* __restrict dst, int cnt, float lo, float hi,
+                             int32_t offset) {
   int i = 0;
 #if WINOQ_VNNI
   const __m512 rv = _mm512_set1_ps(r);
-  const __m512i off = _mm512_set1_epi32(128);
+  const __m512i off = _mm512_set1_epi32(offset);
   for (; i + 16 <= cnt; i += 16) {
     __m512i q = rq16(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(src + i)), rv), lo, hi);
     _mm_storeu_si128((__m128i*)(dst + i), _mm512_cvtepi32_epi8(_mm512_add_epi32(q, off)));
   }
 #endif
-  for (; i < cnt; ++i) dst[i] = (uint8_t)((int32_t)rq((float)src[i] * r, lo, hi) + 128);
+  for (; i < cnt; ++i) dst[i] = (uint8_t)((int32_t)rq((float)src[i] * r, lo, hi) + offset);
+}
+
+// min and max of int32 (into lo, hi)
+static inline void minmax_i(const int32_t* __restrict src, int cnt, int32_t& lo, int32_t& hi) {
+  int i = 0;
+#if WINOQ_VNNI
+  __m512i mn = _mm512_set1_epi32(lo), mx = _mm512_set1_epi32(hi);
+  for (; i + 16 <= cnt; i += 16) {
+    const __m512i t = _mm512_loadu_si512(src + i);
+    mn = _mm512_min_epi32(mn, t);
+    mx = _mm512_max_epi32(mx, t);
+  }
+  lo = _mm512_reduce_min_epi32(mn);
+  hi = _mm512_reduce_max_epi32(mx);
+#endif
+  for (; i < cnt; ++i) { lo = std::min(lo, src[i]); hi = std::max(hi, src[i]); }
 }
 
 // max |src[i]| of int32
@@ -167,32 +199,47 @@ static inline void dequant64(const int64_t* __restrict src, const float* __restr
 
 // ---------------------------------------------------------------------------- phase A
 // One tile: input codes, integer input transform, V codes (u8 = code + 128) and V scales.
+// rxc: 4C floats of scratch: this tile's input multipliers, scales and code bounds per channel.
 static void input_tile(const Args& a, int64_t p, int32_t* d, int32_t* v, float* rxc, uint8_t* row) {
   const int n = a.n, m = a.m, C = (int)a.C;
   const int64_t Cr = (C + 15) / 16 * 16;
   const int64_t tiles = (int64_t)a.th * a.tw;
   const int64_t nb = p / tiles, ty = (p % tiles) / a.tw, tx = p % a.tw;
-  float* sxc = rxc + C;  // this tile's input scales (rxc holds 2C floats)
-  if (a.tile_scales) {  // fixed_point.input_scales for per-tile inputs: amax over the tile's pixels per group
-    for (int c = 0; c < C; ++c) sxc[c] = 0.0f;
+  float *sxc = rxc + C, *lob = rxc + 2 * C, *hib = rxc + 3 * C;
+  const float qmin = (float)a.in_min, qmax = (float)a.in_max;
+  if (a.tile_scales) {  // fixed_point.input_scales for per-tile inputs, over the tile's pixels per group
+    for (int c = 0; c < C; ++c) lob[c] = hib[c] = 0.0f;  // min / max with 0 included (padding; the range holds 0)
     for (int i = 0; i < n; ++i)
       for (int j = 0; j < n; ++j) {
         const int64_t yy = ty * m + i - a.pad_t, xx = tx * m + j - a.pad_l;
         if (yy < 0 || yy >= a.H || xx < 0 || xx >= a.W) continue;  // padding: zeros
         const float* src = a.x + ((nb * a.H + yy) * a.W + xx) * a.C;
-        for (int c = 0; c < C; ++c) sxc[c] = std::max(sxc[c], std::fabs(src[c]));
+        for (int c = 0; c < C; ++c) { lob[c] = std::min(lob[c], src[c]); hib[c] = std::max(hib[c], src[c]); }
       }
     for (int c0 = 0; c0 < C; c0 += a.in_gs) {
       const int c1 = std::min(c0 + a.in_gs, C);
-      float amax = 0.0f;
-      for (int c = c0; c < c1; ++c) amax = std::max(amax, sxc[c]);
-      const float r = amax > 0 ? a.Qin / amax : 0.0f, sx = amax / a.Qin;
-      for (int c = c0; c < c1; ++c) { rxc[c] = r; sxc[c] = sx; }
+      float lo = 0.0f, hi = 0.0f;
+      for (int c = c0; c < c1; ++c) { lo = std::min(lo, lob[c]); hi = std::max(hi, hib[c]); }
+      float r, sx, zp = 0.0f;
+      if (a.zero_point) {  // [lo, hi] over all Qin = qmax - qmin steps, integer zero point
+        const float span = hi - lo;
+        r = span > 0 ? a.Qin / span : 0.0f;
+        sx = span / a.Qin;
+        zp = std::min(std::max(rha(qmin - lo * r), qmin), qmax);
+      } else {  // symmetric: amax = max |x|
+        const float amax = std::max(-lo, hi);
+        r = amax > 0 ? a.Qin / amax : 0.0f;
+        sx = amax / a.Qin;
+      }
+      for (int c = c0; c < c1; ++c) { rxc[c] = r; sxc[c] = sx; lob[c] = qmin - zp; hib[c] = qmax - zp; }
     }
   } else {
     for (int c = 0; c < C; ++c) {
       rxc[c] = a.rx[nb * a.rs[0] + ty * a.rs[1] + tx * a.rs[2] + c * a.rs[3]];
       sxc[c] = a.sx[nb * a.ss[0] + ty * a.ss[1] + tx * a.ss[2] + c * a.ss[3]];
+      const float zp = a.zp[nb * a.zs[0] + ty * a.zs[1] + tx * a.zs[2] + c * a.zs[3]];
+      lob[c] = qmin - zp;
+      hib[c] = qmax - zp;
     }
   }
   for (int i = 0; i < n; ++i)
@@ -204,32 +251,40 @@ static void input_tile(const Args& a, int64_t p, int32_t* d, int32_t* v, float* 
         continue;
       }
       const float* src = a.x + ((nb * a.H + yy) * a.W + xx) * a.C;
-      quant_ff(src, rxc, dst, C, (float)a.in_min, (float)a.in_max);
+      quant_ffb(src, rxc, dst, C, lob, hib);
     }
   // V = rshift(Bq d, kb) Bq^T, 16 channels at a time (rows Cr = C rounded up to 16 apart)
   for (int c = 0; c < C; c += 16) transform16(d + c, v + c, a.bq, n, n, a.kb, Cr);
   // V codes per channel group: one scale per tap, or one shared by the taps
   const int taps = n * n;
-  int32_t amax_t[256];
+  int32_t lo_t[256], hi_t[256];
+  const float vmin = (float)a.v_min, vmax = (float)a.v_max;
   for (int g = 0; g < a.G; ++g)
     for (int jg = 0; jg < a.J; ++jg) {
       const int c0 = g * a.cg + jg * a.gs, c1 = std::min(c0 + a.gs, (g + 1) * a.cg);
-      int32_t amax_all = 0;
+      int32_t lo_all = 0, hi_all = 0;  // min / max (0 included) per tap and over the taps
       for (int t = 0; t < taps; ++t) {
-        amax_t[t] = amax_i(v + (int64_t)t * Cr + c0, c1 - c0, 0);
-        amax_all = std::max(amax_all, amax_t[t]);
+        lo_t[t] = hi_t[t] = 0;
+        if (a.v_zero_point) minmax_i(v + (int64_t)t * Cr + c0, c1 - c0, lo_t[t], hi_t[t]);
+        else hi_t[t] = amax_i(v + (int64_t)t * Cr + c0, c1 - c0, 0);
+        lo_all = std::min(lo_all, lo_t[t]);
+        hi_all = std::max(hi_all, hi_t[t]);
       }
       const float sxg = sxc[c0];
       // V8 layout per tap: blocks of PB tiles, [channel/4][PB tiles][4 channels] (the GEMM's B panel)
       const int64_t col = (int64_t)(g * a.J + jg) * a.gs4;
       const int64_t pb = (p - a.p_base) / PB, pq = (p - a.p_base) % PB;  // buffer position
       for (int t = 0; t < taps; ++t) {
-        const int32_t amax = a.v_tapwise ? amax_t[t] : amax_all;
-        const float den = (float)amax;
-        const float r = amax > 0 ? a.Qv / den : 0.0f;
-        a.sv[(((p - a.p_base) * taps + t) * a.G + g) * a.J + jg] = amax > 0 ? ((den / a.Qv) * sxg) * a.pow_kb : 0.0f;
+        const int32_t lo = a.v_tapwise ? lo_t[t] : lo_all, hi = a.v_tapwise ? hi_t[t] : hi_all;
+        // symmetric: den = max |V|; zero points: den = hi - lo (fixed_point.py, step 3)
+        const float den = a.v_zero_point ? (float)((int64_t)hi - lo) : (float)hi;
+        const float r = den > 0 ? a.Qv / den : 0.0f;
+        const int64_t at = (((p - a.p_base) * taps + t) * a.G + g) * a.J + jg;
+        a.sv[at] = den > 0 ? ((den / a.Qv) * sxg) * a.pow_kb : 0.0f;
+        const float zp = a.v_zero_point ? std::min(std::max(rha(vmin - (float)lo * r), vmin), vmax) : 0.0f;
+        a.zv[at] = 128 + (int32_t)zp;  // u8 code = value + zero point + 128
         uint8_t* dst = a.v8 + ((int64_t)t * a.Pp + pb * PB) * a.Cp + (col / 4) * PB * 4 + pq * 4;
-        quant_iu8(v + (int64_t)t * Cr + c0, r, row, c1 - c0, (float)a.v_min, (float)a.v_max);
+        quant_iu8(v + (int64_t)t * Cr + c0, r, row, c1 - c0, vmin - zp, vmax - zp, a.zv[at]);
         for (int c = c1 - c0; c < a.gs4; ++c) row[c] = 128;
         for (int c4 = 0; c4 < a.gs4 / 4; ++c4) std::memcpy(dst + c4 * PB * 4, row + c4 * 4, 4);
       }
@@ -257,10 +312,12 @@ static void gemm_block(const Args& a, int t, int g, int64_t p0, int kb32) {
   }
 #define WQ_FLUSH(q)                                                                                  \
   {                                                                                                  \
-    const __m512 sv = _mm512_set1_ps(a.sv[(((p0 + (q)) * taps + t) * a.G + g) * a.J + jg]);                   \
+    const int64_t at = (((p0 + (q)) * taps + t) * a.G + g) * a.J + jg;                                   \
+    const __m512 sv = _mm512_set1_ps(a.sv[at]);                                                          \
+    const __m512i zo = _mm512_set1_epi32(a.zv[at]);                                                      \
     float* mrow = a.mf + (((p0 + (q)) * taps + t) * a.G + g) * (int64_t)a.kgp + ko;                  \
-    __m512 y0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(x0_##q, _mm512_loadu_si512(a.corr + off)));      \
-    __m512 y1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(x1_##q, _mm512_loadu_si512(a.corr + off + 16))); \
+    __m512 y0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(x0_##q, _mm512_mullo_epi32(zo, us0)));            \
+    __m512 y1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(x1_##q, _mm512_mullo_epi32(zo, us1)));            \
     y0 = _mm512_mul_ps(y0, _mm512_mul_ps(sv, _mm512_loadu_ps(a.su + off)));                          \
     y1 = _mm512_mul_ps(y1, _mm512_mul_ps(sv, _mm512_loadu_ps(a.su + off + 16)));                     \
     if (jg > 0) { /* the first group stores: M is not zero-filled */                              \
@@ -277,9 +334,10 @@ static void gemm_block(const Args& a, int t, int g, int64_t p0, int kb32) {
       const __m512i u0 = _mm512_loadu_si512(up + c4 * 128), u1 = _mm512_loadu_si512(up + c4 * 128 + 64);
       WQ_FORPB(WQ_STEP)
     }
-    {  // M += float(acc - 128 sum U) * (sv * su)
+    {  // M += float(acc - offset * sum U) * (sv * su)
       const int64_t ko = (int64_t)kb32 * 32;
       const int64_t off = (((int64_t)t * a.G + g) * a.J + jg) * a.kgp + ko;
+      const __m512i us0 = _mm512_loadu_si512(a.usum + off), us1 = _mm512_loadu_si512(a.usum + off + 16);
       WQ_FORPB(WQ_FLUSH)
     }
 #undef WQ_FORPB
@@ -299,17 +357,18 @@ static void gemm_block(const Args& a, int t, int g, int64_t p0, int kb32) {
                         (int32_t)vv[2] * uu[kk * 4 + 2] + (int32_t)vv[3] * uu[kk * 4 + 3];
       }
 #endif
-    // acc - 128 sum(U), times (sv * su), added to M
+    // acc - offset * sum(U), times (sv * su), added to M
     const int64_t ko = (int64_t)kb32 * 32;
-    const int32_t* corr = a.corr + (((int64_t)t * a.G + g) * a.J + jg) * a.kgp + ko;
+    const int32_t* usum = a.usum + (((int64_t)t * a.G + g) * a.J + jg) * a.kgp + ko;
     const float* su = a.su + (((int64_t)t * a.G + g) * a.J + jg) * a.kgp + ko;
     for (int q = 0; q < PB; ++q) {
       const int64_t p = p0 + q;
       const float svq = a.sv[((p * taps + t) * a.G + g) * a.J + jg];
+      const int32_t zo = a.zv[((p * taps + t) * a.G + g) * a.J + jg];
       float* mrow = a.mf + ((p * taps + t) * a.G + g) * (int64_t)a.kgp + ko;
       for (int kk = 0; kk < 32; ++kk) {
         const float f = svq * su[kk];
-        const float term = (float)(acc[q][kk] - corr[kk]) * f;
+        const float term = (float)(acc[q][kk] - zo * usum[kk]) * f;
         mrow[kk] = jg > 0 ? mrow[kk] + term : term;  // the first group stores: M is not zero-filled
       }
     }
@@ -386,14 +445,15 @@ static void run(const Args& a) {
   at::parallel_for(0, nblocks, 1, [&](int64_t b, int64_t e) {
     const size_t Cr = (C + 15) / 16 * 16, Kr = (K + 15) / 16 * 16;
     std::vector<int32_t> d(taps * Cr), v(taps * Cr);  // channel tails stay 0
-    std::vector<float> rxc(2 * C);  // input multipliers and scales of one tile
+    std::vector<float> rxc(4 * C);  // input multipliers, scales and code bounds of one tile
     std::vector<uint8_t> row(a.gs4 + 16), v8((size_t)taps * PB * a.Cp);
     std::vector<float> sv((size_t)PB * taps * a.G * a.J), mf((size_t)PB * taps * a.G * a.kgp);
+    std::vector<int32_t> zv((size_t)PB * taps * a.G * a.J, 128);
     std::vector<int32_t> qm(taps * Kr), t1(taps * Kr);
     std::vector<int64_t> t64(taps * Kr);
     std::vector<float> rk(Kr), sk(Kr);
     Args w = a;  // the same problem, with this thread's buffers for one block of tiles
-    w.Pp = PB; w.v8 = v8.data(); w.sv = sv.data(); w.mf = mf.data();
+    w.Pp = PB; w.v8 = v8.data(); w.sv = sv.data(); w.zv = zv.data(); w.mf = mf.data();
     for (int64_t blk = b; blk < e; ++blk) {
       w.p_base = blk * PB;
       const int64_t pe = std::min(P, w.p_base + PB);
@@ -401,6 +461,7 @@ static void run(const Args& a) {
       if (pe - w.p_base < PB) {  // a partial block: the missing tiles are code 0 with scale 0
         std::fill(v8.begin(), v8.end(), (uint8_t)128);
         std::fill(sv.begin(), sv.end(), 0.0f);
+        std::fill(zv.begin(), zv.end(), 128);
       }
       for (int64_t p = w.p_base; p < pe; ++p) input_tile(w, p, d.data(), v.data(), rxc.data(), row.data());
       double t1t = profile ? thread_ms() : 0;
