@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_cifar_args, cifar_setup, dump_json, machine, top1  # noqa: E402
 
 from winoq.mixed_precision import solve_ilp  # noqa: E402
-from winoq.mixed_precision.winograd_choice import assemble, build_choices, joint_tables  # noqa: E402
+from winoq.mixed_precision.winograd_choice import assemble, build_choices, checked_plan, joint_tables  # noqa: E402
 from winoq.models import load_cifar_resnet  # noqa: E402
 
 
@@ -36,9 +36,17 @@ def main(argv=None):
                     help="output: network output error with one layer quantized; layer: that layer's own error")
     ap.add_argument("--match-uniform", action=argparse.BooleanOptionalAction, default=True,
                     help="also solve the ILP at each uniform choice's cost (the dominance check)")
+    ap.add_argument("--check-images", type=int, default=0, metavar="N",
+                    help="also check each ILP plan against the uniform choices within its budget by top-1 "
+                         "agreement with the float model on N unlabelled calibration images (winograd_choice."
+                         "checked_plan; disjoint from the test images); 0: no check")
     add_cifar_args(ap, n_images=500, calib_images=32, out="benchmarks/out/hawq_winograd.json")
     args = ap.parse_args(argv)
-    x, y, calib = cifar_setup(args)
+    n_calib = args.calib_images
+    args.calib_images = max(n_calib, args.check_images)
+    x, y, pool = cifar_setup(args)  # the calibration pool: the last images of the shuffled test set
+    args.calib_images = n_calib
+    calib, check = pool[-n_calib:], pool[-args.check_images:] if args.check_images else None
     model = load_cifar_resnet(args.depth)
     res = {"machine": machine(), "command": "python benchmarks/hawq_winograd.py " + " ".join(argv or sys.argv[1:]),
            "n_images": args.n_images, "fp_top1": top1(model, x, y), "uniform": {}, "ilp": []}
@@ -61,6 +69,7 @@ def main(argv=None):
     budgets = [("r", r, lo + r * (hi - lo)) for r in args.rs]
     if args.match_uniform:
         budgets += [("uniform", k, row[args.kind]) for k, row in res["uniform"].items()]
+    check_scores = {}  # the uniform candidates' scores, shared by every budget
     for how, key, budget in budgets:
         t1 = time.thread_time()
         plan = solve_ilp(sens, costs, {args.kind: budget * (1 + 1e-12)})
@@ -69,6 +78,12 @@ def main(argv=None):
         row = {how: key, "top1": top1(m, x, y), **{k: sum(costs[k][n][plan[n]] for n in names) for k in costs},
                "sum_sensitivity": sum(sens[n][plan[n]] for n in names), "solve_s": solve_s,
                "plan": {n: f"{t}/{b}" for n, (t, b) in plan.items()}}
+        if check is not None:
+            cplan, info = checked_plan(model, choices, plan, costs, {args.kind: budget * (1 + 1e-12)}, check,
+                                       check_scores)
+            row["checked"] = {"chosen": info["chosen"], "scores": info["scores"],
+                              "top1": row["top1"] if cplan is plan else top1(assemble(choices, cplan), x, y),
+                              **{k: sum(costs[k][n][cplan[n]] for n in names) for k in costs}}
         res["ilp"].append(row)
         print("ilp", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "plan"},
               flush=True)

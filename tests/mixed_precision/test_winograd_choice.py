@@ -1,6 +1,7 @@
 """Joint tile + bits tables on a tiny conv net, solved by solve_ilp and assembled."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -53,3 +54,31 @@ def test_output_sensitivity_is_zero_for_the_float_layer_and_ranks_bits():
         assert sens[n]["float"] < 1e-12
         assert 0 < sens[n][("direct", 8)] < sens[n][("direct", 4)]
     assert torch.equal(model(x), folded(x)) or torch.allclose(model(x), folded(x), atol=1e-5)
+
+
+def test_checked_plan_keeps_the_candidate_that_agrees_most_with_the_float_model(monkeypatch):
+    from winoq.mixed_precision import winograd_choice as wc
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+                          nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.Flatten()).eval()
+    x = torch.randn(6, 2, 10, 10)
+    choices = build_choices(model, tiles=("direct", 6), learn_steps=1)
+    sens, costs = joint_tables(model, choices, x, samples=4, latency_batch=2)
+    budget = {"mults": sum(costs["mults"][n][("F6", 8)] for n in sens)}
+    bad = {n: ("F6", 4) for n in sens}  # a deliberately bad "ILP" plan within the budget
+    calls = []
+    real = wc.prediction_agreement
+    monkeypatch.setattr(wc, "prediction_agreement", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cache = {}
+    plan, info = wc.checked_plan(model, choices, bad, costs, budget, x, cache)
+    assert set(info["scores"]) == {"ilp", "F6/8", "F6/4"}  # direct/8 is over budget: no candidate
+    best = max(v[0] for v in info["scores"].values())
+    assert info["scores"][info["chosen"]][0] == best
+    assert info["chosen"] == "F6/8" and plan == {n: ("F6", 8) for n in sens}
+    # the uniform candidates' scores are reused: a second budget only scores its ILP plan
+    n_calls = len(calls)
+    again, info2 = wc.checked_plan(model, choices, plan, costs, budget, x, cache)
+    assert len(calls) == n_calls + 1 and info2["chosen"] == "ilp" and again == plan  # ties keep the ILP's plan
+    with pytest.raises(ValueError, match="classifiers"):
+        wc.checked_plan(nn.Sequential(model, nn.Unflatten(1, (4, 10, 10))), choices, bad, costs, budget, x)

@@ -167,3 +167,24 @@ def test_refine_climbs_its_score_within_the_drop(problem):
         refine(problem, start, "speed", reference_accuracy=100.0)
     with pytest.raises(ValueError, match="unknown|platform"):
         refine(problem, start, "hardware", "nope", reference_accuracy=100.0)
+
+
+def _xy(trial):
+    x = trial.suggest_float("x", 0, 1)
+    return x, 1 - x
+
+
+def test_warm_start_trials_run_once_before_the_workers_fork(tmp_path):
+    """SQLite cannot lock a waiting trial for one process: the enqueued trials run in the parent,
+    so no worker ever tells a trial another one finished."""
+    from optuna.trial import TrialState
+
+    from winoq.sparsity.search import run_study
+
+    url = f"sqlite:///{tmp_path / 'ws.db'}"
+    warm = [{"x": 0.125}, {"x": 0.25}, {"x": 0.5}]
+    study = run_study(_xy, StudyConfig("ws", url, trials=5, workers=2, progress=False), warm_start=warm)
+    trials = study.get_trials(deepcopy=False)
+    assert not [t for t in trials if t.state in (TrialState.FAIL, TrialState.WAITING)]
+    assert [t.params["x"] for t in sorted(trials, key=lambda t: t.number)[:3]] == [0.125, 0.25, 0.5]
+    assert sum(t.params["x"] in (0.125, 0.25, 0.5) for t in trials) == 3

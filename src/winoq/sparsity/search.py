@@ -271,6 +271,7 @@ def run_study(objective: Callable, cfg: StudyConfig, directions: Sequence[str] =
         if cfg.workers == 1:
             _optimize(study, objective, cfg.trials, callbacks=[lambda s, t: bar.update(1)])
         else:
+            _run_waiting(study, objective, cfg.trials, bar)
             # fork shares the loaded model and images for free; spawn (other systems) pickles them
             # and needs the caller's script guarded by `if __name__ == "__main__":`
             ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
@@ -289,6 +290,17 @@ def run_study(objective: Callable, cfg: StudyConfig, directions: Sequence[str] =
     finally:
         bar.close()
     return study
+
+
+def _run_waiting(study, objective, target: int, bar) -> None:
+    """Run the enqueued (warm-start) trials in this process before the workers start: SQLite cannot
+    lock a row, so two workers could pop the same waiting trial and the second would fail on
+    telling it ("Cannot tell a COMPLETE trial", seen under load)."""
+    from optuna.trial import TrialState
+
+    n = min(len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))), target - len(completed(study)))
+    if n > 0:
+        study.optimize(objective, n_trials=n, catch=(), callbacks=[lambda s, t: bar.update(1)])
 
 
 def records_of(study) -> list[Record]:
