@@ -20,6 +20,7 @@
 #include <cstring>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include <immintrin.h>
@@ -146,6 +147,8 @@ torch::Tensor forward(torch::Tensor x, std::vector<int64_t> pad_tl, std::vector<
   a.v_tapwise = vq[3] != 0.0; a.v_zero_point = vq[4] != 0.0;
   TORCH_CHECK(a.n <= 8, "the kernel's transforms hold tiles of at most 8 x 8 (F(6,3), F(4,5), F(2,7))");
   a.Qm = (float)mq[0]; a.m_min = (int)mq[1]; a.m_max = (int)mq[2];
+  TORCH_CHECK(!(a.m_max > 127 || a.m_min < -128) || a.ka == 0,
+              "an M wider than 8 bits runs its output transform exactly in float64, with no first-pass shift");
   a.in_min = (int)in_range[0]; a.in_max = (int)in_range[1];
   // tile_in: (1 = the kernel computes per-tile input scales, their Q, the input channel-group length,
   // 1 = with zero points)

@@ -117,10 +117,11 @@ static inline void dequant(const int32_t* __restrict src, const float* __restric
     for (; i < cnt; ++i) dst[i] = (float)src[i] * s[i];
 }
 
-// Lanes of one transform step: 16 int32 channels, or 8 channels widened to int64 for M codes
-// wider than 8 bits (an int16 M times 10-bit coefficients overflows int32 in the first pass).
+// Lanes of one transform step: 16 int32 channels, or 8 channels in float64 for M codes wider than
+// 8 bits (an int16 M times 10-bit coefficients overflows int32; every product and sum stays below
+// 2^44, so float64 holds them exactly, as int64 would, with 1-uop multiplies instead of vpmullq's 3).
 typedef int32_t v16i __attribute__((vector_size(64), aligned(4)));
-typedef int64_t v8l __attribute__((vector_size(64), aligned(8)));
+typedef double v8d __attribute__((vector_size(64), aligned(8)));
 typedef int32_t v8i __attribute__((vector_size(32), aligned(4)));
 // Loads and stores go through these (the typedefs' unaligned attribute is lost on a template
 // argument, so `*(V*)p` inside a template would be an aligned access).
@@ -129,21 +130,20 @@ template <> struct Lanes<v16i> {
   static inline v16i load(const int32_t* p) { return *(const v16i*)p; }
   static inline void store(int32_t* p, v16i v) { *(v16i*)p = v; }
 };
-template <> struct Lanes<v8l> {
-  static inline v8l load(const int32_t* p) { return __builtin_convertvector(*(const v8i*)p, v8l); }
-  static inline void store(int64_t* p, v8l v) { *(v8l*)p = v; }
+template <> struct Lanes<v8d> {
+  static inline v8d load(const int32_t* p) { return __builtin_convertvector(*(const v8i*)p, v8d); }
+  static inline void store(double* p, v8d v) { *(v8d*)p = v; }
 };
 
 // The two-pass integer transform of one lane vector of channels: for every r, s < no
 //   out[r*no + s] = sum_j M[s][j] * rshift(sum_i M[r][i] * in[i*ni + j], k)
-// (rows ld apart, M: no x ni; Out: int32 or int64 like the lanes V). The tile stays in
+// (rows ld apart, M: no x ni; Out: int32, or double (exact integers, k = 0) like the lanes V). The tile stays in
 // registers / L1 between the passes. NO, NI: the sizes at compile time (unrolled), or 0 for the
 // run-time sizes no_, ni_ (at most 8).
 template <typename V, typename Out, int NO, int NI>
 static inline void transform_t(const int32_t* in, Out* out, const int32_t* M, int k, int64_t ld, int no_ = 0,
                                int ni_ = 0) {
   const int no = NO ? NO : no_, ni = NI ? NI : ni_;
-  constexpr int sign = 8 * sizeof(Out) - 1;
   V tt[NO ? NO : 8][NI ? NI : 8];
   for (int j = 0; j < ni; ++j) {
     V col[NI ? NI : 8];
@@ -154,7 +154,10 @@ static inline void transform_t(const int32_t* in, Out* out, const int32_t* M, in
         const Out b = M[r * ni + i];
         if (b) acc += b * col[i];
       }
-      if (k) acc = (acc + ((Out)1 << (k - 1)) + (acc >> sign)) >> k;  // rshift, see above
+      if constexpr (std::is_integral<Out>::value) {
+        constexpr int sign = 8 * sizeof(Out) - 1;
+        if (k) acc = (acc + ((Out)1 << (k - 1)) + (acc >> sign)) >> k;  // rshift, see above
+      }
       tt[r][j] = acc;
     }
   }
@@ -180,18 +183,27 @@ static inline void transform(const int32_t* in, Out* out, const int32_t* M, int 
   transform_t<V, Out, 0, 0>(in, out, M, k, ld, no, ni);
 }
 
-// 16 channels in int32 / 8 channels in int64
+// 16 channels in int32 / 8 channels in float64 (exact integers; no shift)
 static inline void transform16(const int32_t* in, int32_t* out, const int32_t* M, int no, int ni, int k, int64_t ld) {
   transform<v16i, int32_t>(in, out, M, no, ni, k, ld);
 }
-static inline void transform8l(const int32_t* in, int64_t* out, const int32_t* M, int no, int ni, int k, int64_t ld) {
-  transform<v8l, int64_t>(in, out, M, no, ni, k, ld);
+static inline void transform8d(const int32_t* in, double* out, const int32_t* M, int no, int ni, int64_t ld) {
+  transform<v8d, double>(in, out, M, no, ni, 0, ld);
 }
 
-// dst[i] = float(src[i]) * s[i] (+ bias[i]), src int64 (converted exactly rounded, as torch does)
-static inline void dequant64(const int64_t* __restrict src, const float* __restrict s, const float* __restrict bias,
+// dst[i] = float(src[i]) * s[i] (+ bias[i]), src exact integers in float64 (rounded to float32 once,
+// as torch converts int64)
+static inline void dequant_d(const double* __restrict src, const float* __restrict s, const float* __restrict bias,
                              float* __restrict dst, int cnt) {
-  for (int i = 0; i < cnt; ++i) {
+  int i = 0;
+#if WINOQ_VNNI
+  for (; i + 8 <= cnt; i += 8) {
+    __m256 y = _mm256_mul_ps(_mm512_cvtpd_ps(_mm512_loadu_pd(src + i)), _mm256_loadu_ps(s + i));
+    if (bias) y = _mm256_add_ps(y, _mm256_loadu_ps(bias + i));
+    _mm256_storeu_ps(dst + i, y);
+  }
+#endif
+  for (; i < cnt; ++i) {
     const float y = (float)src[i] * s[i];
     dst[i] = bias ? y + bias[i] : y;
   }
@@ -377,7 +389,7 @@ static void gemm_block(const Args& a, int t, int g, int64_t p0, int kb32) {
 
 // ---------------------------------------------------------------------------- phase C
 // One tile: M codes per output channel group, integer output transform, scale, bias, store.
-static void output_tile(const Args& a, int64_t p, int32_t* qm, int32_t* t1, int64_t* t64, float* rk, float* sk) {
+static void output_tile(const Args& a, int64_t p, int32_t* qm, int32_t* t1, double* t64, float* rk, float* sk) {
   const int n = a.n, m = a.m, taps = n * n, K = a.G * a.kg;
   const int64_t Kr = (K + 15) / 16 * 16;
   const int64_t tiles = (int64_t)a.th * a.tw;
@@ -410,7 +422,7 @@ static void output_tile(const Args& a, int64_t p, int32_t* qm, int32_t* t1, int6
   int32_t* yi = t1;  // (m*m) x Kr
   const bool wide = a.m_max > 127 || a.m_min < -128;
   if (wide)
-    for (int k = 0; k < K; k += 8) transform8l(qm + k, t64 + k, a.aq, m, n, a.ka, Kr);
+    for (int k = 0; k < K; k += 8) transform8d(qm + k, t64 + k, a.aq, m, n, Kr);
   else
     for (int k = 0; k < K; k += 16) transform16(qm + k, yi + k, a.aq, m, n, a.ka, Kr);
   for (int r = 0; r < m; ++r) {
@@ -421,7 +433,7 @@ static void output_tile(const Args& a, int64_t p, int32_t* qm, int32_t* t1, int6
       if (ox >= a.OW) break;
       float* dst = a.y + ((nb * a.OH + oy) * a.OW + ox) * K;  // NHWC: the K outputs of a pixel are contiguous
       if (wide)
-        dequant64(t64 + (int64_t)(r * m + s) * Kr, sk, a.bias, dst, K);
+        dequant_d(t64 + (int64_t)(r * m + s) * Kr, sk, a.bias, dst, K);
       else
         dequant(yi + (int64_t)(r * m + s) * Kr, sk, a.bias, dst, K);
     }
@@ -450,7 +462,7 @@ static void run(const Args& a) {
     std::vector<float> sv((size_t)PB * taps * a.G * a.J), mf((size_t)PB * taps * a.G * a.kgp);
     std::vector<int32_t> zv((size_t)PB * taps * a.G * a.J, 128);
     std::vector<int32_t> qm(taps * Kr), t1(taps * Kr);
-    std::vector<int64_t> t64(taps * Kr);
+    std::vector<double> t64(taps * Kr);
     std::vector<float> rk(Kr), sk(Kr);
     Args w = a;  // the same problem, with this thread's buffers for one block of tiles
     w.Pp = PB; w.v8 = v8.data(); w.sv = sv.data(); w.zv = zv.data(); w.mf = mf.data();
