@@ -100,21 +100,31 @@ static inline int32_t amax_i(const int32_t* __restrict src, int cnt, int32_t acc
   return acc;
 }
 
-// dst[i] = float(src[i]) * s[i] (+ bias[i])
-static inline void dequant(const int32_t* __restrict src, const float* __restrict s, const float* __restrict bias,
+#if WINOQ_VNNI
+// 16 values as float32: int32 converted, or float64 (exact integers) rounded once, as torch converts int64
+static inline __m512 to_ps16(const int32_t* p) { return _mm512_cvtepi32_ps(_mm512_loadu_si512(p)); }
+static inline __m512 to_ps16(const double* p) {
+  return _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(_mm512_loadu_pd(p))),
+                            _mm512_cvtpd_ps(_mm512_loadu_pd(p + 8)), 1);
+}
+#endif
+
+// dst[i] = float(src[i]) * s[i] (+ bias[i]); src int32, or float64 holding exact integers
+template <typename T>
+static inline void dequant(const T* __restrict src, const float* __restrict s, const float* __restrict bias,
                            float* __restrict dst, int cnt) {
   int i = 0;
 #if WINOQ_VNNI
   for (; i + 16 <= cnt; i += 16) {
-    __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(src + i)), _mm512_loadu_ps(s + i));
+    __m512 y = _mm512_mul_ps(to_ps16(src + i), _mm512_loadu_ps(s + i));
     if (bias) y = _mm512_add_ps(y, _mm512_loadu_ps(bias + i));
     _mm512_storeu_ps(dst + i, y);
   }
 #endif
-  if (bias)
-    for (; i < cnt; ++i) dst[i] = (float)src[i] * s[i] + bias[i];
-  else
-    for (; i < cnt; ++i) dst[i] = (float)src[i] * s[i];
+  for (; i < cnt; ++i) {
+    const float y = (float)src[i] * s[i];
+    dst[i] = bias ? y + bias[i] : y;
+  }
 }
 
 // Lanes of one transform step: 16 int32 channels, or 8 channels in float64 for M codes wider than
@@ -189,24 +199,6 @@ static inline void transform16(const int32_t* in, int32_t* out, const int32_t* M
 }
 static inline void transform8d(const int32_t* in, double* out, const int32_t* M, int no, int ni, int64_t ld) {
   transform<v8d, double>(in, out, M, no, ni, 0, ld);
-}
-
-// dst[i] = float(src[i]) * s[i] (+ bias[i]), src exact integers in float64 (rounded to float32 once,
-// as torch converts int64)
-static inline void dequant_d(const double* __restrict src, const float* __restrict s, const float* __restrict bias,
-                             float* __restrict dst, int cnt) {
-  int i = 0;
-#if WINOQ_VNNI
-  for (; i + 8 <= cnt; i += 8) {
-    __m256 y = _mm256_mul_ps(_mm512_cvtpd_ps(_mm512_loadu_pd(src + i)), _mm256_loadu_ps(s + i));
-    if (bias) y = _mm256_add_ps(y, _mm256_loadu_ps(bias + i));
-    _mm256_storeu_ps(dst + i, y);
-  }
-#endif
-  for (; i < cnt; ++i) {
-    const float y = (float)src[i] * s[i];
-    dst[i] = bias ? y + bias[i] : y;
-  }
 }
 
 // ---------------------------------------------------------------------------- phase A
@@ -433,7 +425,7 @@ static void output_tile(const Args& a, int64_t p, int32_t* qm, int32_t* t1, doub
       if (ox >= a.OW) break;
       float* dst = a.y + ((nb * a.OH + oy) * a.OW + ox) * K;  // NHWC: the K outputs of a pixel are contiguous
       if (wide)
-        dequant_d(t64 + (int64_t)(r * m + s) * Kr, sk, a.bias, dst, K);
+        dequant(t64 + (int64_t)(r * m + s) * Kr, sk, a.bias, dst, K);
       else
         dequant(yi + (int64_t)(r * m + s) * Kr, sk, a.bias, dst, K);
     }
