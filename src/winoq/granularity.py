@@ -196,14 +196,17 @@ def _choice(name: str) -> str:
 
 
 def table(group_size: int | None = 32, activations: str = "fine", zero_point: bool = True,
-          weight_tapwise: bool = True) -> list[tuple[str, str]]:
-    """(stage, description) rows of every stage's granularity (the README's table)."""
+          weight_tapwise: bool = True, tapwise_vu: bool = True) -> list[tuple[str, str]]:
+    """(stage, description) rows of every stage's granularity under the given choices (defaults:
+    the default recipe's; the README's table)."""
     d = DirectGranularity.make(group_size, activations, zero_point=zero_point, weight_tapwise=weight_tapwise)
     dl = DirectGranularity.make(group_size, linear=True, zero_point=zero_point)
-    w = WinogradGranularity.make(group_size, activations, zero_point=zero_point)
-    return [("direct conv input", d.input.describe()), ("direct conv / linear weight", d.weight.describe()),
-            ("linear input", dl.input.describe()), ("Winograd input x", w.input.describe()),
-            ("Winograd V", w.v.describe()), ("Winograd U", w.u.describe()), ("Winograd M", w.m.describe())]
+    w = WinogradGranularity.make(group_size, activations, weight_tapwise=tapwise_vu, input_tapwise=tapwise_vu,
+                                 zero_point=zero_point)
+    return [("direct conv input", d.input.describe()), ("direct conv weight", d.weight.describe()),
+            ("linear input", dl.input.describe()), ("linear weight", dl.weight.describe()),
+            ("Winograd input x", w.input.describe()), ("Winograd V", w.v.describe()), ("Winograd U", w.u.describe()),
+            ("Winograd M", w.m.describe())]
 
 
 def apply_recipe(qmodel, recipe) -> None:
