@@ -19,8 +19,10 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_cifar_args, cifar_setup, dump_json, machine, top1  # noqa: E402
+from common import add_cifar_args, cifar_split, dump_json, machine, top1  # noqa: E402
 
 from winoq.mixed_precision import solve_ilp  # noqa: E402
 from winoq.mixed_precision.winograd_choice import assemble, build_choices, checked_plan, joint_tables  # noqa: E402
@@ -42,11 +44,10 @@ def main(argv=None):
                          "checked_plan; disjoint from the test images); 0: no check")
     add_cifar_args(ap, n_images=500, calib_images=32, out="benchmarks/out/hawq_winograd.json")
     args = ap.parse_args(argv)
-    n_calib = args.calib_images
-    args.calib_images = max(n_calib, args.check_images)
-    x, y, pool = cifar_setup(args)  # the calibration pool: the last images of the shuffled test set
-    args.calib_images = n_calib
-    calib, check = pool[-n_calib:], pool[-args.check_images:] if args.check_images else None
+    torch.set_num_threads(args.threads)
+    # the calibration pool: the last images of the shuffled test set, never the evaluated ones
+    x, y, pool = cifar_split(args.n_images, max(args.calib_images, args.check_images))
+    calib, check = pool[-args.calib_images:], pool[-args.check_images:] if args.check_images else None
     model = load_cifar_resnet(args.depth)
     res = {"machine": machine(), "command": "python benchmarks/hawq_winograd.py " + " ".join(argv or sys.argv[1:]),
            "n_images": args.n_images, "fp_top1": top1(model, x, y), "uniform": {}, "ilp": []}

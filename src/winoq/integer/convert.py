@@ -759,7 +759,6 @@ def convert(model: nn.Module, calib_data, config: IntegerConfig | None = None, *
     try:
         gm = trace(model, leaf_modules)
         tiles = winograd_tiles(gm, config)
-        mods = dict(gm.named_modules())
         keep = {n.args[0].name for n in gm.graph.nodes if n.op == "call_module" and n.target in tiles}
         keep |= rounding_inputs(gm, config, tiles)
         rec = _calibrate(gm, calib_data, config.calib_samples, keep, config.layer_calib_samples)

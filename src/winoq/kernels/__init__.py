@@ -20,6 +20,9 @@ from __future__ import annotations
 import torch
 
 KERNELS = ("emulated", "int-cpu", "cpu", "triton", "auto")
+# why "int-cpu" and "triton" refuse a layer whose input scales carry zero points
+SYMMETRIC_ONLY = ("input scales with zero points (this kernel quantizes the input symmetrically: "
+                  "Recipe(activation_zero_point=False), or kernel 'cpu' / 'emulated')")
 
 
 def triton_available() -> bool:

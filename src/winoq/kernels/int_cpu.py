@@ -53,6 +53,7 @@ import torch
 from ..granularity import WINO_M, WINO_TILES
 from ..quantizers import compute_scale, fake_quantize_dynamic, quantize
 from ..winograd.conv import conv_padding, tiles_taps_first, transform_2d
+from . import SYMMETRIC_ONLY
 
 _MIN_SCALE = 1e-30  # quantizers' floor on scales
 _F32_EXACT = 1 << 24  # integers below this are exact in float32, and so are their sums
@@ -72,8 +73,7 @@ def unsupported_reason(layer) -> str | None:
             return (f"the {name} stage is {getattr(f, 'name', 'float')}; the integer path needs integer "
                     "formats for V and U (use kernel='emulated')")
     if layer.granularity.input.zero_point:
-        return ("input scales with zero points (this kernel quantizes the input symmetrically: "
-                "Recipe(activation_zero_point=False), or kernel 'cpu' / 'emulated')")
+        return SYMMETRIC_ONLY
     return None
 
 

@@ -46,6 +46,7 @@ import torch
 from ..granularity import ALL
 from ..quantizers import compute_scale, quantize
 from ..winograd.conv import conv_padding, transform_2d
+from . import SYMMETRIC_ONLY
 
 _MIN_SCALE = 1e-30
 
@@ -273,8 +274,7 @@ def unsupported_reason(layer) -> str | None:
     if layer.granularity.input_mode == "block":
         return "input scales per pixel block (a tile straddles blocks: no integer input transform)"
     if layer.granularity.input.zero_point:
-        return ("input scales with zero points (this kernel quantizes the input symmetrically: "
-                "Recipe(activation_zero_point=False), or kernel 'cpu' / 'emulated')")
+        return SYMMETRIC_ONLY
     return None
 
 

@@ -163,7 +163,8 @@ def checked_plan(model: nn.Module, choices: dict, plan: dict, costs: dict, budge
     candidate whose top-1 agrees most often with the float model wins, the smaller relative logit
     error breaks ties, and a full tie keeps the ILP's plan. Returns ``(plan, {"chosen": "ilp" or
     the uniform label, "scores": {candidate: (agreement, error)}})``. ``scores``: a dict reused
-    across calls (the uniform candidates' scores do not depend on the budget).
+    across calls, filled here with the float model's logits ("float") and the uniform candidates'
+    scores, which do not depend on the budget.
 
     Why: the ILP adds single-layer output errors, and many layers at 4-bit weights together can
     err differently from that sum: on ResNet-56 the ILP's plan at uniform F(2,3)/4's cost lost 2.4

@@ -193,6 +193,13 @@ def _key(layer, bits) -> tuple:
             layer.group_size, layer.granularity.u, layer.granularity.input.zero_point, layer.formats, layer.groups)
 
 
+def _ratios(q: float, den: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q / den, den / q)`` per element, the multiplier 0 where ``den`` is 0: each one IEEE
+    division (``q`` as a tensor: ``q / t`` with a Python ``q`` computes ``q * (1 / t)``)."""
+    qt = torch.full_like(den, q)
+    return torch.where(den > 0, qt / den, torch.zeros_like(den)), den / qt
+
+
 def input_code_bound(layer) -> int:
     """The largest |input code| the integer input transform sees: 128 for symmetric int8 codes,
     qmax - qmin (255) for codes minus a zero point."""
@@ -218,8 +225,12 @@ def plan(layer) -> Plan:
     in_max = input_code_bound(layer)
     kb = effective_bits(bt, bits, in_max)
     sb = first_pass_shift(bt, kb, in_max)
-    if wide_m(layer):  # int64 output transform: all the bits, no shift
+    if wide_m(layer):  # exact-integer output transform (int64 here, float64 lanes in the kernel): no shift
         ka, sa = bits, 0
+        fm_out = layer.formats.output
+        if _int_transform_bound(fixed(at, ka), 0, max(fm_out.qmax, -fm_out.qmin)) > 2**53:
+            raise ValueError(f"the output transform of {fm_out.name} M codes at {ka} fractional bits exceeds 2^53, "
+                             "which the kernel's float64 lanes hold exactly; use fewer transform_bits")
     else:
         ka = effective_bits(at, bits)
         sa = first_pass_shift(at, ka)
@@ -293,16 +304,11 @@ def input_scales(layer, x: torch.Tensor, th: int, tw: int) -> tuple[torch.Tensor
     if layer.granularity.input.zero_point:
         lo = per_group(torch.minimum(lo, zero), lambda a: a.amin(-1))
         hi = per_group(torch.maximum(hi, zero), lambda a: a.amax(-1))
-        span = hi - lo
-        qs = torch.full_like(span, float(fmt.qmax - fmt.qmin))  # tensors: `q / t` with a Python q is q * (1 / t)
-        rx = torch.where(span > 0, qs / span, torch.zeros_like(span))
-        sx = span / qs
+        rx, sx = _ratios(float(fmt.qmax - fmt.qmin), hi - lo)
         zp = rha(float(fmt.qmin) - lo * rx).clamp_(fmt.qmin, fmt.qmax)
     else:
         a = per_group(torch.maximum(lo.abs(), hi.abs()), lambda t: t.amax(-1))
-        qt = torch.full_like(a, float(fmt.max_value))
-        rx = torch.where(a > 0, qt / a, torch.zeros_like(a))
-        sx = a / qt
+        rx, sx = _ratios(float(fmt.max_value), a)
         zp = torch.zeros_like(a)
     return tuple(t.expand(nb, th, tw, c) for t in (rx, sx, zp))
 
@@ -368,20 +374,16 @@ def reference_forward(layer, x: torch.Tensor, rx: torch.Tensor | None = None,
         lo, hi = vg.amin(dim=-2).clamp_max(0), vg.amax(dim=-2).clamp_min(0)  # (N, th, tw, G, J, taps) int64
         if not per_tap:
             lo, hi = lo.amin(-1, keepdim=True).expand_as(lo), hi.amax(-1, keepdim=True).expand_as(hi)
-        den = (hi - lo).float()
-        q_t = torch.full_like(den, float(vf.qmax - vf.qmin))
-        rv = torch.where(den > 0, q_t / den, torch.zeros_like(den))
+        rv, sv0 = _ratios(float(vf.qmax - vf.qmin), (hi - lo).float())
         zv = rha(float(vf.qmin) - lo.float() * rv).clamp_(vf.qmin, vf.qmax)[..., None, :]
         low, high = vf.qmin - zv, vf.qmax - zv
     else:
         den = vg.abs().amax(dim=-2).float()  # (N, th, tw, G, J, taps)
         if not per_tap:  # one V scale shared by the taps
             den = den.amax(-1, keepdim=True).expand_as(den)
-        q_t = torch.full_like(den, float(vf.max_value))  # tensors, not Python scalars: `q / t` would be q * (1 / t)
-        rv = torch.where(den > 0, q_t / den, torch.zeros_like(den))
+        rv, sv0 = _ratios(float(vf.max_value), den)
         low, high = torch.tensor(float(vf.qmin)), torch.tensor(float(vf.qmax))
-    # (the dynamic scales are plain min-max: no clipping)
-    sv = torch.where(den > 0, (den / q_t) * sxg * 2.0 ** (p.sb - 2 * p.kb), torch.zeros_like(den))
+    sv = sv0 * sxg * 2.0 ** (p.sb - 2 * p.kb)  # (the dynamic scales are plain min-max: no clipping)
     qv = torch.minimum(torch.maximum(rha(vg.float() * rv[..., None, :]), low), high).long()  # (N,th,tw,G,J,gs,taps)
     # 4-5. per tap and group int GEMM, scaled sum over groups
     uq = p.u.long().reshape(n * n, G, kg, cg)
@@ -401,10 +403,8 @@ def reference_forward(layer, x: torch.Tensor, rx: torch.Tensor | None = None,
     ngm = math.ceil(K / p.gsm)
     mg = torch.nn.functional.pad(mf.abs(), (0, ngm * p.gsm - K)).reshape(nb, th, tw, n * n, ngm, p.gsm)
     amax_m = mg.amax(dim=(3, 5)).repeat_interleave(p.gsm, -1)[..., :K]  # (N, th, tw, K)
-    den_m = amax_m.float()
-    qm_t = torch.full_like(den_m, float(mfmt.max_value))
-    rm = torch.where(amax_m > 0, qm_t / den_m, torch.zeros_like(den_m))
-    so = torch.where(amax_m > 0, (den_m / qm_t) * 2.0 ** (p.sa - 2 * p.ka), torch.zeros_like(den_m))
+    rm, so = _ratios(float(mfmt.max_value), amax_m.float())
+    so = so * 2.0 ** (p.sa - 2 * p.ka)
     qm = rha(mf * rm[:, :, :, None, :]).clamp_(mfmt.qmin, mfmt.qmax).long()
     # 7. output transform, scale, bias
     qm = qm.reshape(nb, th, tw, n, n, K).permute(0, 1, 2, 5, 3, 4)  # (N, th, tw, K, n, n)

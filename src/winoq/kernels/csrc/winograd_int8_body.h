@@ -128,8 +128,9 @@ static inline void dequant(const T* __restrict src, const float* __restrict s, c
 }
 
 // Lanes of one transform step: 16 int32 channels, or 8 channels in float64 for M codes wider than
-// 8 bits (an int16 M times 10-bit coefficients overflows int32; every product and sum stays below
-// 2^44, so float64 holds them exactly, as int64 would, with 1-uop multiplies instead of vpmullq's 3).
+// 8 bits (an int16 M times 10-bit coefficients overflows int32; fixed_point.plan checks that every
+// sum stays within 2^53, so float64 holds them exactly, as int64 would, with 1-uop multiplies
+// instead of vpmullq's 3).
 typedef int32_t v16i __attribute__((vector_size(64), aligned(4)));
 typedef double v8d __attribute__((vector_size(64), aligned(8)));
 typedef int32_t v8i __attribute__((vector_size(32), aligned(4)));
