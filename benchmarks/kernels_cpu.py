@@ -15,7 +15,8 @@ tests/test_kernels.py), ``SQNR`` the layer's own quantization error vs the exact
 ``--peers``: the compiled fixed-point kernel (``kernel="cpu"``, F(2,3)/F(4,3)/F(6,3)) against
 fp32 ``F.conv2d`` (oneDNN) and the int8 direct convs users already have,
 ``torch.ao.nn.quantized.Conv2d`` under the fbgemm and the onednn engines (quint8 channels-last
-input, per-channel qint8 weights), same inputs, on the shapes of issue 11, ResNet-18 and SD-1.5
+input, per-channel qint8 weights), same inputs (channels-last float32 for winoq, prepared
+outside the timing like the peers' quint8 channels-last input), on the shapes of issue 11, ResNet-18 and SD-1.5
 3x3 layers; plus the floor: the kernel's int8 MACs at 64 MACs per cycle (one 512-bit
 ``vpdpbusd`` per cycle) at the nominal clock. ``--accuracy``: the fixed-point transforms
 (4..12 fractional bits) against the float-transform emulation and the exact conv.
@@ -225,6 +226,9 @@ def run_peers(args) -> dict:
         torch.set_num_threads(threads)
         for name, nb, c, hw in shapes:
             x, conv = peer_problem(nb, c, hw)
+            # channels-last, as the int8 peers' quint8 input is prepared outside the timing and as the
+            # kernel's own output is (a model's next layer gets it without a copy)
+            x_nhwc = x.contiguous(memory_format=torch.channels_last)
             w, b = conv.weight.detach(), conv.bias.detach()
             direct_macs = nb * c * c * 9 * hw * hw
             row = {"shape": name, "batch": nb, "channels": c, "hw": hw, "threads": threads,
@@ -237,7 +241,7 @@ def run_peers(args) -> dict:
                 layers[m] = layer
                 with torch.no_grad():
                     cpu.forward(layer, x)  # packs U once (cached on the layer)
-                fns[f"winoq_F{m}"] = lambda layer=layer: cpu.forward(layer, x)
+                fns[f"winoq_F{m}"] = lambda layer=layer: cpu.forward(layer, x_nhwc)
                 th = -(-hw // m)
                 row[f"winoq_F{m}_gmac"] = nb * th * th * (m + 2) ** 2 * c * c / 1e9
                 row[f"winoq_F{m}_floor_ms"] = row[f"winoq_F{m}_gmac"] * 1e9 / (VNNI_MACS_PER_CYCLE * hz) * 1e3

@@ -389,3 +389,32 @@ def test_input_zero_points_match_the_emulation_and_beat_symmetric(m):
     assert fp.input_code_bound(layer) == 255
     p = fp.plan(layer)
     assert fp._int_transform_bound(p.bq, p.sb, 255) <= 2**31 - 1
+
+
+SCHEDULE_CASES = [  # c, k, m, group_size, (h, w), batch: what the kernel's schedule branches on
+    (64, 40, 4, 32, (13, 11), 3),    # groups of 32 (the unrolled GEMM), K not a multiple of 32, 27 tiles
+    (128, 32, 2, 64, (9, 9), 2),     # groups of 64 (the run-time GEMM loop), 50 tiles
+    (264, 8, 2, None, (5, 5), 1),    # one group of 264: |acc| may pass 2^24, the flush stays in int32
+]
+
+
+@pytest.mark.parametrize("chunk", ["8", "16", None])
+@pytest.mark.parametrize("case", SCHEDULE_CASES, ids=[f"c{c[0]}k{c[1]}F{c[2]}gs{c[3]}" for c in SCHEDULE_CASES])
+def test_chunked_schedule_is_bit_for_bit(case, chunk, monkeypatch):
+    """The kernel runs its tiles in chunks (``WINOQ_KERNEL_CHUNK`` overrides the length): the
+    last chunk and the last 8-tile register block are partial, M's max over the taps is taken in
+    the GEMM's last flush; any chunk length gives the twin's output bit for bit, with the
+    default pipeline (zero points, V / U per tap, int16 M) and the paper's."""
+    c, k, m, gs, hw, nb = case
+    if chunk is None:
+        monkeypatch.delenv("WINOQ_KERNEL_CHUNK", raising=False)
+    else:
+        monkeypatch.setenv("WINOQ_KERNEL_CHUNK", chunk)
+    x = torch.randn(nb, c, *hw, generator=torch.Generator().manual_seed(2)).relu() * 2
+    for default in (True, False):
+        layer = make_layer(c, k, m, group_size=gs, formats=StageFormats(output="int16" if default else "int8"))
+        layer.activation_granularity = "fine" if default else "sample"
+        layer.input_tapwise = layer.weight_tapwise = layer.activation_zero_point = default
+        ref = fp.reference_forward(layer, x)
+        for isa in compiled_isas():
+            assert torch.equal(cpu.forward(layer, x, isa=isa), ref), (isa, default)

@@ -1,15 +1,18 @@
 // Fixed-point int8 Winograd convolution for CPUs (the "cpu" kernel of winoq).
 //
-// Layout: input and output NHWC float (channels-last tensors); phase A writes V per tap in panels of 8 tiles, [channels/4][8][4]
-// (u8 = code + 128, code minus V's zero point plus 128 with zero points; each channel group padded to
-// a multiple of 4); phase B runs,
-// per tap, the int8 GEMM [tiles x channels] x [channels x K] with U pre-packed as
+// Layout: input and output NHWC float (channels-last tensors). The tiles run in chunks (one
+// parallel job each, run() in the body): phase A writes V of the chunk's tiles as
+// [taps][tiles][channels] u8 (u8 = code + 128, or code minus V's zero point plus 128 with zero
+// points; each channel group padded to a multiple of 4); phase B runs, per tap, the int8 GEMM
+// [tiles x channels] x [channels x K] with U pre-packed as
 // [tap][conv group][32 output channels][group][channels/4][32][4] so that one vpdpbusd
-// multiplies 4 channels of a tile by 4 channels of 16 output channels; the offset of V's u8
-// codes (128, or 128 + its zero point: per tile, tap and group) is removed as offset * sum(U),
-// with sum(U) per output channel and group precomputed;
-// phase C requantizes M and runs the output transform.  The instruction set is picked at
-// run time: AVX-512 VNNI, AVX2, or portable C++.
+// multiplies 4 channels of a tile by 4 channels of 16 output channels; a slice of U (one tap,
+// 32 output channels) is reused by every 8-tile register block of the chunk; the offset of V's
+// u8 codes (128, or 128 + its zero point: per tile, tap and group) is removed as
+// offset * sum(U), with sum(U) per output channel and group precomputed; M is float32
+// [taps][conv group][K/32][tiles][32]; phase C requantizes M and runs the output transform
+// per 32-channel piece. The instruction set is picked at run time: AVX-512 VNNI, AVX2, or
+// portable C++.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -37,13 +40,14 @@ struct Args {
   const int32_t* aq; int ka; float pow_ka;
   int G, cg, kg, gs, J, gs4, kgp, gsm; int64_t Cp;
   const int8_t* up; const int32_t* usum; const float* su;  // packed U; sum U and U scales [taps][G][J][kgp]
+  const float* usf;                    // sum U as floats when the GEMM's flush is exact in float32 (else null)
   float Qv; int v_min, v_max, v_tapwise, v_zero_point;  // v_tapwise: one V scale per tap; Qv = qmax - qmin with zero points
   float Qm; int m_min, m_max;
   int in_min, in_max;
   int tile_scales, in_gs; float Qin;  // input scales computed per tile in the kernel (rx, sx, zp unused), groups of in_gs
   int zero_point;                     // ... with zero points (Qin = qmax - qmin)
   const float* bias;
-  uint8_t* v8; float* sv; int32_t* zv; float* mf; float* y;  // per-thread block buffers (run()): zv = V's u8 offset; output
+  uint8_t* v8; float* sv; int32_t* zv; float* mf; float* mx; float* y;  // per-thread chunk buffers (run()): zv = V's u8 offset, mx = max |M| over the taps; output
   int64_t p_base;                               // first tile of the block in the buffers
 };
 
@@ -142,6 +146,10 @@ torch::Tensor forward(torch::Tensor x, std::vector<int64_t> pad_tl, std::vector<
   TORCH_CHECK(su.numel() == (int64_t)a.n * a.n * a.G * a.J * a.kgp && usum.numel() == su.numel(), "su / usum shape");
   auto suc = su.contiguous();
   a.up = packed.data_ptr<int8_t>(); a.usum = usum.data_ptr<int32_t>(); a.su = suc.data_ptr<float>();
+  // |acc| <= gs4 * 255 * 128 and |offset * sum U| as much: below 2^24 both, and their difference, are
+  // exact float32 integers, so fnmadd(offset, sum U, acc) is the int32 acc - offset * sum U
+  torch::Tensor usf;
+  if ((int64_t)a.gs4 * 255 * 128 * 2 < (1 << 24)) { usf = usum.to(torch::kFloat32).contiguous(); a.usf = usf.data_ptr<float>(); }
   TORCH_CHECK(vq.size() == 5 && mq.size() == 3, "vq: (Q, qmin, qmax, V per tap, V zero points), mq: (Q, qmin, qmax)");
   a.Qv = (float)vq[0]; a.v_min = (int)vq[1]; a.v_max = (int)vq[2];
   a.v_tapwise = vq[3] != 0.0; a.v_zero_point = vq[4] != 0.0;

@@ -202,10 +202,59 @@ static inline void transform8d(const int32_t* in, double* out, const int32_t* M,
   transform<v8d, double>(in, out, M, no, ni, 0, ld);
 }
 
+// V's multiplier r, zero point zp (stored as the u8 offset 128 + zp in zv) and real scale sv of
+// each tap from its integer [lo, hi] (fixed_point.py, step 3): symmetric: den = hi (= max |V|);
+// zero points: den = hi - lo; r = Q / den, sv = ((den / Q) sx) 2^(s - 2k),
+// zp = clamp(rha(qmin - lo r)). sv and zv are written `stride` apart. The AVX-512 build does 16
+// taps at a time with the same IEEE operations in the same order.
+static void v_scales(const Args& a, const int32_t* lo, const int32_t* hi, int taps, float sx, float* r, float* zp,
+                     float* sv, int32_t* zv, int64_t stride) {
+  const float vmin = (float)a.v_min, vmax = (float)a.v_max;
+  int t = 0;
+#if WINOQ_VNNI
+  alignas(64) float sv16[16];
+  alignas(64) int32_t zv16[16];
+  const __m512 q = _mm512_set1_ps(a.Qv), zero = _mm512_setzero_ps();
+  for (; t + 16 <= taps; t += 16) {
+    const __m512i l = _mm512_loadu_si512(lo + t), h = _mm512_loadu_si512(hi + t);
+    __m512 den;
+    if (a.v_zero_point) {  // hi - lo exactly in float64 (it may pass 2^31), rounded once to float
+      const __m512d dl = _mm512_sub_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(h)),
+                                       _mm512_cvtepi32_pd(_mm512_castsi512_si256(l)));
+      const __m512d dh = _mm512_sub_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(h, 1)),
+                                       _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(l, 1)));
+      den = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(dl)), _mm512_cvtpd_ps(dh), 1);
+    } else {
+      den = _mm512_cvtepi32_ps(h);
+    }
+    const __mmask16 pos = _mm512_cmp_ps_mask(den, zero, _CMP_GT_OQ);
+    const __m512 rv = _mm512_maskz_div_ps(pos, q, den);
+    const __m512 s = _mm512_maskz_mul_ps(pos, _mm512_mul_ps(_mm512_div_ps(den, q), _mm512_set1_ps(sx)),
+                                         _mm512_set1_ps(a.pow_kb));
+    __m512 z = zero;
+    if (a.v_zero_point)
+      z = _mm512_min_ps(_mm512_max_ps(rha16(_mm512_sub_ps(_mm512_set1_ps(vmin), _mm512_mul_ps(_mm512_cvtepi32_ps(l), rv))),
+                                      _mm512_set1_ps(vmin)), _mm512_set1_ps(vmax));
+    _mm512_storeu_ps(r + t, rv);
+    _mm512_storeu_ps(zp + t, z);
+    _mm512_store_ps(sv16, s);
+    _mm512_store_si512(zv16, _mm512_add_epi32(_mm512_cvttps_epi32(z), _mm512_set1_epi32(128)));
+    for (int i = 0; i < 16; ++i) { sv[(t + i) * stride] = sv16[i]; zv[(t + i) * stride] = zv16[i]; }
+  }
+#endif
+  for (; t < taps; ++t) {
+    const float den = a.v_zero_point ? (float)((int64_t)hi[t] - lo[t]) : (float)hi[t];
+    r[t] = den > 0 ? a.Qv / den : 0.0f;
+    sv[t * stride] = den > 0 ? ((den / a.Qv) * sx) * a.pow_kb : 0.0f;
+    zp[t] = a.v_zero_point ? std::min(std::max(rha(vmin - (float)lo[t] * r[t]), vmin), vmax) : 0.0f;
+    zv[t * stride] = 128 + (int32_t)zp[t];  // u8 code = value + zero point + 128
+  }
+}
+
 // ---------------------------------------------------------------------------- phase A
 // One tile: input codes, integer input transform, V codes (u8 = code + 128) and V scales.
 // rxc: 4C floats of scratch: this tile's input multipliers, scales and code bounds per channel.
-static void input_tile(const Args& a, int64_t p, int32_t* d, int32_t* v, float* rxc, uint8_t* row) {
+static void input_tile(const Args& a, int64_t p, int32_t* d, int32_t* v, float* rxc) {
   const int n = a.n, m = a.m, C = (int)a.C;
   const int64_t Cr = (C + 15) / 16 * 16;
   const int64_t tiles = (int64_t)a.th * a.tw;
@@ -263,6 +312,7 @@ static void input_tile(const Args& a, int64_t p, int32_t* d, int32_t* v, float* 
   // V codes per channel group: one scale per tap, or one shared by the taps
   const int taps = n * n;
   int32_t lo_t[256], hi_t[256];
+  float r_t[256], zp_t[256];
   const float vmin = (float)a.v_min, vmax = (float)a.v_max;
   for (int g = 0; g < a.G; ++g)
     for (int jg = 0; jg < a.J; ++jg) {
@@ -276,92 +326,133 @@ static void input_tile(const Args& a, int64_t p, int32_t* d, int32_t* v, float* 
         hi_all = std::max(hi_all, hi_t[t]);
       }
       const float sxg = sxc[c0];
-      // V8 layout per tap: blocks of PB tiles, [channel/4][PB tiles][4 channels] (the GEMM's B panel)
+      // V8 layout: [tap][tile of the chunk][Cp channels] (the GEMM broadcasts 4 channels of a tile)
       const int64_t col = (int64_t)(g * a.J + jg) * a.gs4;
-      const int64_t pb = (p - a.p_base) / PB, pq = (p - a.p_base) % PB;  // buffer position
+      if (!a.v_tapwise)
+        for (int t = 0; t < taps; ++t) { lo_t[t] = lo_all; hi_t[t] = hi_all; }
+      v_scales(a, lo_t, hi_t, taps, sxg, r_t, zp_t, a.sv + (((p - a.p_base) * taps) * a.G + g) * a.J + jg,
+               a.zv + (((p - a.p_base) * taps) * a.G + g) * a.J + jg, (int64_t)a.G * a.J);
       for (int t = 0; t < taps; ++t) {
-        const int32_t lo = a.v_tapwise ? lo_t[t] : lo_all, hi = a.v_tapwise ? hi_t[t] : hi_all;
-        // symmetric: den = max |V|; zero points: den = hi - lo (fixed_point.py, step 3)
-        const float den = a.v_zero_point ? (float)((int64_t)hi - lo) : (float)hi;
-        const float r = den > 0 ? a.Qv / den : 0.0f;
+        const float r = r_t[t], zp = zp_t[t];
         const int64_t at = (((p - a.p_base) * taps + t) * a.G + g) * a.J + jg;
-        a.sv[at] = den > 0 ? ((den / a.Qv) * sxg) * a.pow_kb : 0.0f;
-        const float zp = a.v_zero_point ? std::min(std::max(rha(vmin - (float)lo * r), vmin), vmax) : 0.0f;
-        a.zv[at] = 128 + (int32_t)zp;  // u8 code = value + zero point + 128
-        uint8_t* dst = a.v8 + ((int64_t)t * a.Pp + pb * PB) * a.Cp + (col / 4) * PB * 4 + pq * 4;
-        quant_iu8(v + (int64_t)t * Cr + c0, r, row, c1 - c0, vmin - zp, vmax - zp, a.zv[at]);
-        for (int c = c1 - c0; c < a.gs4; ++c) row[c] = 128;
-        for (int c4 = 0; c4 < a.gs4 / 4; ++c4) std::memcpy(dst + c4 * PB * 4, row + c4 * 4, 4);
+        uint8_t* dst = a.v8 + ((int64_t)t * a.Pp + (p - a.p_base)) * a.Cp + col;
+        quant_iu8(v + (int64_t)t * Cr + c0, r, dst, c1 - c0, vmin - zp, vmax - zp, a.zv[at]);
+        for (int c = c1 - c0; c < a.gs4; ++c) dst[c] = 128;
       }
     }
 }
 
 // ---------------------------------------------------------------------------- phase B
 // One (tap, conv group, block of PB tiles, block of 32 output channels): the int8 GEMM per
-// channel group and the scaled sum over the groups into M (float32, [P][taps][G][kgp]).
-static void gemm_block(const Args& a, int t, int g, int64_t p0, int kb32) {
-  const int taps = a.n * a.n;
-  int32_t acc[PB][32];
-  for (int jg = 0; jg < a.J; ++jg) {
-    const int8_t* up = a.up + ((((int64_t)t * a.G + g) * (a.kgp / 32) + kb32) * a.J + jg) * (int64_t)a.gs4 * 32;
-    const uint8_t* vp = a.v8 + ((int64_t)t * a.Pp + p0) * a.Cp + (int64_t)(g * a.J + jg) * a.gs4 * PB;
+// channel group and the scaled sum over the groups into M (float32, [taps][G][kgp / 32][tiles][32]:
+// a register block's 8 x 32 values are one contiguous 1 KB).
 #if WINOQ_VNNI
-    // 8 tiles x 32 output channels in 16 named registers (arrays, or 12 tiles, were spilled by GCC)
+// 8 tiles x 32 output channels in 16 named registers (arrays, or 12 tiles, were spilled by GCC);
+// STEPS: the group's 4-channel steps at compile time (8: groups of 32 channels, the default), fully
+// unrolled, because GCC copies the accumulators around the tied vpdpbusd operand in a run-time loop
+// (measured 1.5-2x slower), or 0 for run-time group lengths.
+template <int STEPS>
+static void gemm_block_vnni(const Args& a, int t, int g, int64_t p0, int kb32, int j0, int j1) {
+  const int taps = a.n * a.n, J = a.J, G = a.G, steps = STEPS ? STEPS : a.gs4 / 4;
+  const int64_t Cp = a.Cp, kgp = a.kgp, ko = (int64_t)kb32 * 32;
+  const int64_t sv_q = (int64_t)taps * G * J, m_q = 32;  // strides per tile
+  const int8_t* up = a.up + ((((int64_t)t * G + g) * (kgp / 32) + kb32) * J + j0) * (int64_t)a.gs4 * 32;
+  const uint8_t* vp = a.v8 + ((int64_t)t * a.Pp + p0) * Cp + (int64_t)(g * J + j0) * a.gs4;
+  const float* svp = a.sv + ((p0 * taps + t) * G + g) * (int64_t)J;
+  const int32_t* zvp = a.zv + ((p0 * taps + t) * G + g) * (int64_t)J;
+  float* mp = a.mf + ((((int64_t)t * G + g) * (kgp / 32) + kb32) * a.Pp + p0) * 32;  // 8 rows of 32, contiguous
+  const int64_t mx_q = (int64_t)G * kgp;
+  float* mxp = a.mx + p0 * mx_q + (int64_t)g * kgp + ko;  // [tiles][G][kgp]
+  const int64_t uoff = (((int64_t)t * G + g) * J + j0) * kgp + ko;
+  const float *su = a.su + uoff, *usf = a.usf ? a.usf + uoff : nullptr;
+  const int32_t* usum = a.usum + uoff;
+  for (int jg = j0; jg < j1; ++jg, up += (int64_t)a.gs4 * 32, vp += a.gs4, su += kgp, usum += kgp) {
 #define WQ_FORPB(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7)
 #define WQ_DECL(q) __m512i x0_##q = _mm512_setzero_si512(), x1_##q = _mm512_setzero_si512();
-#define WQ_STEP(q)                                                                  \
-  {                                                                                 \
-    const __m512i b = _mm512_set1_epi32(*(const int32_t*)(vc + (q) * 4));           \
-    x0_##q = _mm512_dpbusd_epi32(x0_##q, b, u0);                                    \
-    x1_##q = _mm512_dpbusd_epi32(x1_##q, b, u1);                                    \
+#define WQ_STEP(q)                                                          \
+  {                                                                         \
+    const __m512i b = _mm512_set1_epi32(*(const int32_t*)(vc + (q) * Cp)); \
+    x0_##q = _mm512_dpbusd_epi32(x0_##q, b, u0);                            \
+    x1_##q = _mm512_dpbusd_epi32(x1_##q, b, u1);                            \
   }
-#define WQ_FLUSH(q)                                                                                  \
-  {                                                                                                  \
-    const int64_t at = (((p0 + (q)) * taps + t) * a.G + g) * a.J + jg;                                   \
-    const __m512 sv = _mm512_set1_ps(a.sv[at]);                                                          \
-    const __m512i zo = _mm512_set1_epi32(a.zv[at]);                                                      \
-    float* mrow = a.mf + (((p0 + (q)) * taps + t) * a.G + g) * (int64_t)a.kgp + ko;                  \
-    __m512 y0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(x0_##q, _mm512_mullo_epi32(zo, us0)));            \
-    __m512 y1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(x1_##q, _mm512_mullo_epi32(zo, us1)));            \
-    y0 = _mm512_mul_ps(y0, _mm512_mul_ps(sv, _mm512_loadu_ps(a.su + off)));                          \
-    y1 = _mm512_mul_ps(y1, _mm512_mul_ps(sv, _mm512_loadu_ps(a.su + off + 16)));                     \
-    if (jg > 0) { /* the first group stores: M is not zero-filled */                              \
-      y0 = _mm512_add_ps(_mm512_loadu_ps(mrow), y0);                                                 \
-      y1 = _mm512_add_ps(_mm512_loadu_ps(mrow + 16), y1);                                            \
-    }                                                                                                \
-    _mm512_storeu_ps(mrow, y0);                                                                      \
-    _mm512_storeu_ps(mrow + 16, y1);                                                                 \
+#define WQ_FLUSH(q)                                                                           \
+  {                                                                                           \
+    const float* svq = svp + (q) * sv_q + jg;                                                 \
+    const int32_t zvq = zvp[(q) * sv_q + jg];                                                 \
+    float* mrow = mp + (q) * m_q;                                                             \
+    __m512 y0, y1;                                                                            \
+    if (usf) { /* acc - offset * sum U in one rounding: exact below 2^24 (run() checks) */    \
+      const __m512 zf = _mm512_set1_ps((float)zvq);                                           \
+      y0 = _mm512_fnmadd_ps(zf, uf0, _mm512_cvtepi32_ps(x0_##q));                             \
+      y1 = _mm512_fnmadd_ps(zf, uf1, _mm512_cvtepi32_ps(x1_##q));                             \
+    } else {                                                                                  \
+      const __m512i zo = _mm512_set1_epi32(zvq);                                              \
+      y0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(x0_##q, _mm512_mullo_epi32(zo, us0)));         \
+      y1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(x1_##q, _mm512_mullo_epi32(zo, us1)));         \
+    }                                                                                         \
+    const __m512 sv = _mm512_set1_ps(*svq);                                                   \
+    y0 = _mm512_mul_ps(y0, _mm512_mul_ps(sv, su0));                                           \
+    y1 = _mm512_mul_ps(y1, _mm512_mul_ps(sv, su1));                                           \
+    if (jg > 0) { /* the first group stores: M is not zero-filled */                          \
+      y0 = _mm512_add_ps(_mm512_loadu_ps(mrow), y0);                                          \
+      y1 = _mm512_add_ps(_mm512_loadu_ps(mrow + 16), y1);                                     \
+    }                                                                                         \
+    _mm512_storeu_ps(mrow, y0);                                                               \
+    _mm512_storeu_ps(mrow + 16, y1);                                                          \
+    if (jg == J - 1) { /* M is final: its max |M| over the taps, per tile and channel */      \
+      float* mx = mxp + (q) * mx_q;                                                           \
+      y0 = _mm512_abs_ps(y0);                                                                 \
+      y1 = _mm512_abs_ps(y1);                                                                 \
+      if (t > 0) {                                                                            \
+        y0 = _mm512_max_ps(_mm512_loadu_ps(mx), y0);                                          \
+        y1 = _mm512_max_ps(_mm512_loadu_ps(mx + 16), y1);                                     \
+      }                                                                                       \
+      _mm512_storeu_ps(mx, y0);                                                               \
+      _mm512_storeu_ps(mx + 16, y1);                                                          \
+    }                                                                                         \
   }
     static_assert(PB == 8, "the register block is written out for 8 tiles");
     WQ_FORPB(WQ_DECL)
-    for (int c4 = 0; c4 < a.gs4 / 4; ++c4) {
-      const uint8_t* vc = vp + c4 * PB * 4;
+#pragma GCC unroll 16
+    for (int c4 = 0; c4 < steps; ++c4) {
+      const uint8_t* vc = vp + c4 * 4;
       const __m512i u0 = _mm512_loadu_si512(up + c4 * 128), u1 = _mm512_loadu_si512(up + c4 * 128 + 64);
       WQ_FORPB(WQ_STEP)
     }
-    {  // M += float(acc - offset * sum U) * (sv * su)
-      const int64_t ko = (int64_t)kb32 * 32;
-      const int64_t off = (((int64_t)t * a.G + g) * a.J + jg) * a.kgp + ko;
-      const __m512i us0 = _mm512_loadu_si512(a.usum + off), us1 = _mm512_loadu_si512(a.usum + off + 16);
-      WQ_FORPB(WQ_FLUSH)
-    }
+    const __m512 su0 = _mm512_loadu_ps(su), su1 = _mm512_loadu_ps(su + 16);
+    const __m512 uf0 = usf ? _mm512_loadu_ps(usf + (int64_t)(jg - j0) * kgp) : su0,
+                 uf1 = usf ? _mm512_loadu_ps(usf + (int64_t)(jg - j0) * kgp + 16) : su1;
+    const __m512i us0 = _mm512_loadu_si512(usum), us1 = _mm512_loadu_si512(usum + 16);
+    WQ_FORPB(WQ_FLUSH)
 #undef WQ_FORPB
 #undef WQ_DECL
 #undef WQ_STEP
 #undef WQ_FLUSH
-    continue;
+  }
+}
+#endif
+
+// groups j0 .. j1 - 1 of one register block (M accumulates the groups in order, as the twin does)
+static void gemm_block(const Args& a, int t, int g, int64_t p0, int kb32, int j0, int j1) {
+#if WINOQ_VNNI
+  if (a.gs4 == 32) return gemm_block_vnni<8>(a, t, g, p0, kb32, j0, j1);
+  return gemm_block_vnni<0>(a, t, g, p0, kb32, j0, j1);
 #else
+  const int taps = a.n * a.n;
+  int32_t acc[PB][32];
+  for (int jg = j0; jg < j1; ++jg) {
+    const int8_t* up = a.up + ((((int64_t)t * a.G + g) * (a.kgp / 32) + kb32) * a.J + jg) * (int64_t)a.gs4 * 32;
+    const uint8_t* vp = a.v8 + ((int64_t)t * a.Pp + p0) * a.Cp + (int64_t)(g * a.J + jg) * a.gs4;
     for (int q = 0; q < PB; ++q)
       for (int kk = 0; kk < 32; ++kk) acc[q][kk] = 0;
     for (int c4 = 0; c4 < a.gs4 / 4; ++c4)
       for (int q = 0; q < PB; ++q) {
-        const uint8_t* vv = vp + c4 * PB * 4 + q * 4;
+        const uint8_t* vv = vp + q * a.Cp + c4 * 4;
         const int8_t* uu = up + c4 * 128;
         for (int kk = 0; kk < 32; ++kk)
           acc[q][kk] += (int32_t)vv[0] * uu[kk * 4] + (int32_t)vv[1] * uu[kk * 4 + 1] +
                         (int32_t)vv[2] * uu[kk * 4 + 2] + (int32_t)vv[3] * uu[kk * 4 + 3];
       }
-#endif
     // acc - offset * sum(U), times (sv * su), added to M
     const int64_t ko = (int64_t)kb32 * 32;
     const int32_t* usum = a.usum + (((int64_t)t * a.G + g) * a.J + jg) * a.kgp + ko;
@@ -370,31 +461,30 @@ static void gemm_block(const Args& a, int t, int g, int64_t p0, int kb32) {
       const int64_t p = p0 + q;
       const float svq = a.sv[((p * taps + t) * a.G + g) * a.J + jg];
       const int32_t zo = a.zv[((p * taps + t) * a.G + g) * a.J + jg];
-      float* mrow = a.mf + ((p * taps + t) * a.G + g) * (int64_t)a.kgp + ko;
+      float* mrow = a.mf + ((((int64_t)t * a.G + g) * (a.kgp / 32) + kb32) * a.Pp + p) * 32;
       for (int kk = 0; kk < 32; ++kk) {
         const float f = svq * su[kk];
         const float term = (float)(acc[q][kk] - zo * usum[kk]) * f;
         mrow[kk] = jg > 0 ? mrow[kk] + term : term;  // the first group stores: M is not zero-filled
+        if (jg == a.J - 1) {  // M is final: its max |M| over the taps
+          float* mx = a.mx + (p * a.G + g) * (int64_t)a.kgp + ko + kk;
+          *mx = t > 0 ? std::max(*mx, std::fabs(mrow[kk])) : std::fabs(mrow[kk]);
+        }
       }
     }
   }
+#endif
 }
 
 // ---------------------------------------------------------------------------- phase C
 // One tile: M codes per output channel group, integer output transform, scale, bias, store.
-static void output_tile(const Args& a, int64_t p, int32_t* qm, int32_t* t1, double* t64, float* rk, float* sk) {
-  const int n = a.n, m = a.m, taps = n * n, K = a.G * a.kg;
-  const int64_t Kr = (K + 15) / 16 * 16;
-  const int64_t tiles = (int64_t)a.th * a.tw;
-  const int64_t nb = p / tiles, ty = (p % tiles) / a.tw, tx = p % a.tw;
-  const float* mt = a.mf + (p - a.p_base) * taps * a.G * (int64_t)a.kgp;
-  for (int k = 0; k < K; ++k) rk[k] = 0.0f;  // per-channel max |M| over the taps
-  for (int t = 0; t < taps; ++t)
-    for (int g = 0; g < a.G; ++g) {
-      const float* src = mt + ((int64_t)t * a.G + g) * a.kgp;
-      float* dst = rk + g * a.kg;
-      for (int kk = 0; kk < a.kg; ++kk) dst[kk] = std::max(dst[kk], std::fabs(src[kk]));
-    }
+// M's multipliers rk and scales sk per output channel of one tile: one per channel group of
+// gsm over the taps' max |M| (taken by the GEMM's last flush).
+static void m_scales(const Args& a, int64_t p, float* rk, float* sk) {
+  const int K = a.G * a.kg;
+  const int64_t pl = p - a.p_base;
+  for (int g = 0; g < a.G; ++g)
+    std::memcpy(rk + g * a.kg, a.mx + (pl * a.G + g) * (int64_t)a.kgp, sizeof(float) * a.kg);
   for (int k0 = 0; k0 < K; k0 += a.gsm) {
     const int k1 = std::min(k0 + a.gsm, K);
     float amax = 0.0f;
@@ -404,31 +494,47 @@ static void output_tile(const Args& a, int64_t p, int32_t* qm, int32_t* t1, doub
     const float s = amax > 0 ? (den / a.Qm) * a.pow_ka : 0.0f;
     for (int k = k0; k < k1; ++k) { rk[k] = r; sk[k] = s; }
   }
-  for (int t = 0; t < taps; ++t)
-    for (int g = 0; g < a.G; ++g) {
-      const float* src = mt + ((int64_t)t * a.G + g) * a.kgp;
-      const float* rr = rk + g * a.kg;
-      int32_t* dst = qm + (int64_t)t * Kr + g * a.kg;
-      quant_ff(src, rr, dst, a.kg, (float)a.m_min, (float)a.m_max);
-    }
-  // Y = rshift(Aq qm, ka) Aq^T, 16 channels at a time
-  int32_t* yi = t1;  // (m*m) x Kr
+}
+
+// One tile's 32-channel piece (conv group g, block kb): M codes of the n x n taps, the output
+// transform, scale, bias and store (codes and outputs stay in L1: qm, t1: taps x 32, t64: m*m x 32).
+// M is [taps][G][kgp / 32][chunk tiles][32], so a piece's taps are 32 * chunk floats apart.
+static void output_piece(const Args& a, int64_t p, int g, int kb, int32_t* qm, int32_t* t1, double* t64,
+                         const float* rk, const float* sk) {
+  const int n = a.n, m = a.m, taps = n * n, K = a.G * a.kg;
+  const int64_t tiles = (int64_t)a.th * a.tw;
+  const int64_t nb = p / tiles, ty = (p % tiles) / a.tw, tx = p % a.tw;
+  const int64_t pl = p - a.p_base, nkb = a.kgp / 32, piece = 32 * a.Pp;
+  const float* mt = a.mf + pl * 32;
   const bool wide = a.m_max > 127 || a.m_min < -128;
+  const int k0 = g * a.kg + kb * 32, cnt = std::min(32, a.kg - kb * 32);
+  for (int t = 0; t < taps; ++t) {
+    int32_t* dst = qm + t * 32;
+    const float* src = mt + (((int64_t)t * a.G + g) * nkb + kb) * piece;
+    // the next tile's piece is the next 128 bytes: one of ~taps * K / 32 streams, too many
+    // for the hardware prefetcher at K = 640
+    _mm_prefetch((const char*)(src + 32), _MM_HINT_T0);
+    _mm_prefetch((const char*)(src + 48), _MM_HINT_T0);
+    quant_ff(src, rk + k0, dst, cnt, (float)a.m_min, (float)a.m_max);
+    for (int kk = cnt; kk < 32; ++kk) dst[kk] = 0;
+  }
+  // Y = rshift(Aq qm, ka) Aq^T
   if (wide)
-    for (int k = 0; k < K; k += 8) transform8d(qm + k, t64 + k, a.aq, m, n, Kr);
+    for (int k = 0; k < 32; k += 8) transform8d(qm + k, t64 + k, a.aq, m, n, 32);
   else
-    for (int k = 0; k < K; k += 16) transform16(qm + k, yi + k, a.aq, m, n, a.ka, Kr);
+    for (int k = 0; k < 32; k += 16) transform16(qm + k, t1 + k, a.aq, m, n, a.ka, 32);
   for (int r = 0; r < m; ++r) {
     const int64_t oy = ty * m + r;
     if (oy >= a.OH) break;
     for (int s = 0; s < m; ++s) {
       const int64_t ox = tx * m + s;
       if (ox >= a.OW) break;
-      float* dst = a.y + ((nb * a.OH + oy) * a.OW + ox) * K;  // NHWC: the K outputs of a pixel are contiguous
+      float* dst = a.y + ((nb * a.OH + oy) * a.OW + ox) * K + k0;  // NHWC: a pixel's K outputs are contiguous
+      const float* bias = a.bias ? a.bias + k0 : nullptr;
       if (wide)
-        dequant(t64 + (int64_t)(r * m + s) * Kr, sk, a.bias, dst, K);
+        dequant(t64 + (r * m + s) * 32, sk + k0, bias, dst, cnt);
       else
-        dequant(yi + (int64_t)(r * m + s) * Kr, sk, a.bias, dst, K);
+        dequant(t1 + (r * m + s) * 32, sk + k0, bias, dst, cnt);
     }
   }
 }
@@ -439,48 +545,74 @@ static double thread_ms() {  // this thread's CPU time (profiling a shared machi
   return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
 }
 
-// One parallel job per block of PB tiles: input transform, the tap GEMMs over every output
-// channel, requantization and output transform of those tiles, all in per-thread buffers
-// that stay in L1/L2 (V panel: taps x PB x Cp bytes, M: PB x taps x K floats).
+// Chunks of tiles: one parallel job per chunk runs the input transform of its tiles, then the tap
+// GEMMs (per tap and block of 32 output channels, that slice of U stays in L1 while every
+// 8-tile register block of the chunk passes over it: U is read once per chunk, not once per 8
+// tiles), then the requantization and output transform; per-thread buffers (V: taps x chunk x Cp
+// bytes, M: chunk x taps x K floats). The chunk length trades U's re-reads against M's footprint.
+static int64_t chunk_tiles(const Args& a, int threads) {
+  const int64_t taps = (int64_t)a.n * a.n, per_tile = taps * (a.Cp + 4 * (int64_t)a.G * a.kgp);
+  // about as many bytes of M per chunk as of U (C / 4 tiles), at least 16 tiles (measured: 16-64
+  // tiles within noise at C = 128-256; at C = 640 the whole image, 1.8x faster than 8 tiles)
+  int64_t pc = std::max<int64_t>(16, a.C / 4);
+  pc = std::min<int64_t>(pc, (a.P + threads - 1) / threads);                 // every thread gets work
+  pc = std::min<int64_t>(pc, std::max<int64_t>(PB, (8 << 20) / per_tile));  // buffers <= ~8 MB
+  if (const char* e = std::getenv("WINOQ_KERNEL_CHUNK")) pc = std::max(1, std::atoi(e));  // tuning aid
+  return std::max<int64_t>(PB, (pc + PB - 1) / PB * PB);
+}
+
 static void run(const Args& a) {
   const int n = a.n, taps = n * n, C = (int)a.C, K = a.G * a.kg;
-  const int64_t P = a.P, nblocks = (P + PB - 1) / PB, nkb = a.kgp / 32;
+  const int64_t P = a.P, nkb = a.kgp / 32;
+  const int64_t PC = chunk_tiles(a, at::get_num_threads()), nchunks = (P + PC - 1) / PC;
+  const int JB = std::max(1, 8192 / (a.gs4 * 32));  // channel groups per 8 KB slice of U
   double prof[3] = {0, 0, 0};
   const bool profile = std::getenv("WINOQ_KERNEL_PROFILE") != nullptr;
-  at::parallel_for(0, nblocks, 1, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
     const size_t Cr = (C + 15) / 16 * 16, Kr = (K + 15) / 16 * 16;
     std::vector<int32_t> d(taps * Cr), v(taps * Cr);  // channel tails stay 0
     std::vector<float> rxc(4 * C);  // input multipliers, scales and code bounds of one tile
-    std::vector<uint8_t> row(a.gs4 + 16), v8((size_t)taps * PB * a.Cp);
-    std::vector<float> sv((size_t)PB * taps * a.G * a.J), mf((size_t)PB * taps * a.G * a.kgp);
-    std::vector<int32_t> zv((size_t)PB * taps * a.G * a.J, 128);
-    std::vector<int32_t> qm(taps * Kr), t1(taps * Kr);
-    std::vector<double> t64(taps * Kr);
-    std::vector<float> rk(Kr), sk(Kr);
-    Args w = a;  // the same problem, with this thread's buffers for one block of tiles
-    w.Pp = PB; w.v8 = v8.data(); w.sv = sv.data(); w.zv = zv.data(); w.mf = mf.data();
-    for (int64_t blk = b; blk < e; ++blk) {
-      w.p_base = blk * PB;
-      const int64_t pe = std::min(P, w.p_base + PB);
+    std::vector<uint8_t> v8((size_t)taps * PC * a.Cp);
+    std::vector<float> sv((size_t)PC * taps * a.G * a.J), mf((size_t)PC * taps * a.G * a.kgp), mx((size_t)PC * a.G * a.kgp);
+    std::vector<int32_t> zv((size_t)PC * taps * a.G * a.J, 128);
+    std::vector<int32_t> qm(taps * 32), t1(taps * 32);  // one 32-channel piece of M codes / outputs
+    std::vector<double> t64(taps * 32);
+    std::vector<float> rk((size_t)PC * K), sk((size_t)PC * K);  // M's multipliers and scales per tile
+    Args w = a;  // the same problem, with this thread's buffers for one chunk of tiles
+    w.Pp = PC; w.v8 = v8.data(); w.sv = sv.data(); w.zv = zv.data(); w.mf = mf.data(); w.mx = mx.data();
+    for (int64_t chunk = b; chunk < e; ++chunk) {
+      w.p_base = chunk * PC;
+      const int64_t pe = std::min(P, w.p_base + PC), np = (pe - w.p_base + PB - 1) / PB * PB;
       double t0 = profile ? thread_ms() : 0;
-      if (pe - w.p_base < PB) {  // a partial block: the missing tiles are code 0 with scale 0
-        std::fill(v8.begin(), v8.end(), (uint8_t)128);
-        std::fill(sv.begin(), sv.end(), 0.0f);
-        std::fill(zv.begin(), zv.end(), 128);
+      if (pe - w.p_base < np) {  // a partial register block: the missing tiles are code 0 with scale 0
+        for (int t = 0; t < taps; ++t)
+          std::memset(v8.data() + ((size_t)t * PC + (pe - w.p_base)) * a.Cp, 128, (size_t)(np - (pe - w.p_base)) * a.Cp);
+        const size_t first = (size_t)(pe - w.p_base) * taps * a.G * a.J;
+        std::fill(sv.begin() + first, sv.end(), 0.0f);
+        std::fill(zv.begin() + first, zv.end(), 128);
       }
-      for (int64_t p = w.p_base; p < pe; ++p) input_tile(w, p, d.data(), v.data(), rxc.data(), row.data());
+      for (int64_t p = w.p_base; p < pe; ++p) input_tile(w, p, d.data(), v.data(), rxc.data());
       double t1t = profile ? thread_ms() : 0;
+      // per tap and 32 output channels, the reduction in blocks of JB channel groups (<= 8 KB
+      // of U, which stays in L1 while every register block of the chunk passes over it)
       for (int g = 0; g < a.G; ++g)
-        for (int kb32 = 0; kb32 < nkb; ++kb32)
-          for (int t = 0; t < taps; ++t) gemm_block(w, t, g, 0, kb32);
+        for (int t = 0; t < taps; ++t)
+          for (int kb32 = 0; kb32 < nkb; ++kb32)
+            for (int j0 = 0; j0 < a.J; j0 += JB)
+              for (int64_t p0 = 0; p0 < np; p0 += PB) gemm_block(w, t, g, p0, kb32, j0, std::min(a.J, j0 + JB));
       double t2t = profile ? thread_ms() : 0;
-      for (int64_t p = w.p_base; p < pe; ++p) output_tile(w, p, qm.data(), t1.data(), t64.data(), rk.data(), sk.data());
+      for (int64_t p = w.p_base; p < pe; ++p) m_scales(w, p, rk.data() + (p - w.p_base) * K, sk.data() + (p - w.p_base) * K);
+      for (int64_t p = w.p_base; p < pe; ++p)
+        for (int g = 0; g < a.G; ++g)
+          for (int kb = 0; kb < nkb; ++kb)
+            output_piece(w, p, g, kb, qm.data(), t1.data(), t64.data(), rk.data() + (p - w.p_base) * K,
+                         sk.data() + (p - w.p_base) * K);
       if (profile) {
         prof[0] += t1t - t0; prof[1] += t2t - t1t; prof[2] += thread_ms() - t2t;  // racy with threads: a profile aid
       }
     }
   });
   if (profile)
-    std::fprintf(stderr, "winoq cpu kernel (thread CPU): input %.2f ms, gemm %.2f ms, output %.2f ms\n", prof[0], prof[1],
-                 prof[2]);
+    std::fprintf(stderr, "winoq cpu kernel (thread CPU): input %.2f ms, gemm %.2f ms, output %.2f ms (chunks of %ld tiles)\n",
+                 prof[0], prof[1], prof[2], (long)PC);
 }
