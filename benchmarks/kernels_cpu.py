@@ -325,7 +325,9 @@ def main(argv=None) -> None:
                     help="plain Toom-Cook transforms instead of the data-free learned scales")
     ap.add_argument("--no-check", dest="check", action="store_false", help="skip the forward_integer comparison")
     ap.add_argument("--float64", action="store_true", help="also time the float64 (bit-faithful) mode")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out" / "kernels_cpu.json")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="JSON to write (default: benchmarks/out/kernels_cpu.json, kernels_cpu_peers.json with "
+                         "--peers, kernels_cpu_accuracy.json with --accuracy)")
     ap.add_argument("--default-malloc", action="store_true",
                     help="keep glibc's default allocator settings (large temporaries page-fault on every call)")
     ap.add_argument("--peers", action="store_true", help="compiled kernel vs fp32 / int8 fbgemm / int8 onednn")
@@ -337,8 +339,11 @@ def main(argv=None) -> None:
                     help="--peers: the default recipe's Winograd stages, the same without zero points, or the paper's")
     ap.add_argument("--budget", type=float, default=60.0, help="--peers: seconds per shape before fewer reps")
     args = ap.parse_args(argv)
+    default_name = "kernels_cpu_peers.json" if args.peers else "kernels_cpu_accuracy.json" if args.accuracy \
+        else "kernels_cpu.json"
+    args.out = args.out or Path(__file__).resolve().parent / "out" / default_name
     if args.peers or args.accuracy:
-        out = args.out.with_name("kernels_cpu_peers.json" if args.peers else "kernels_cpu_accuracy.json")
+        out = args.out
         dump_json(out, run_peers(args) if args.peers else run_accuracy(args))
         print(f"wrote {out}")
         return

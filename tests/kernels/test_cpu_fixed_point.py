@@ -418,3 +418,23 @@ def test_chunked_schedule_is_bit_for_bit(case, chunk, monkeypatch):
         ref = fp.reference_forward(layer, x)
         for isa in compiled_isas():
             assert torch.equal(cpu.forward(layer, x, isa=isa), ref), (isa, default)
+
+
+@pytest.mark.parametrize("case", SCHEDULE_CASES[1:], ids=[f"c{c[0]}k{c[1]}F{c[2]}gs{c[3]}" for c in SCHEDULE_CASES[1:]])
+def test_threads_sharing_one_chunk_is_bit_for_bit(case, monkeypatch):
+    """With several threads and few tiles for the channel count, the threads share one chunk
+    (tiles for the transforms, output-channel blocks for the GEMM): the same output bit for bit."""
+    monkeypatch.delenv("WINOQ_KERNEL_CHUNK", raising=False)
+    c, k, m, gs, hw, nb = case
+    x = torch.randn(nb, c, *hw, generator=torch.Generator().manual_seed(3)).relu() * 2
+    layer = make_layer(c, k, m, group_size=gs, formats=StageFormats(output="int16"))
+    layer.activation_granularity = "fine"
+    layer.input_tapwise = layer.weight_tapwise = layer.activation_zero_point = True
+    ref = fp.reference_forward(layer, x)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for isa in compiled_isas():
+            assert torch.equal(cpu.forward(layer, x, isa=isa), ref), isa
+    finally:
+        torch.set_num_threads(threads)

@@ -1,7 +1,8 @@
 // Fixed-point int8 Winograd convolution for CPUs (the "cpu" kernel of winoq).
 //
 // Layout: input and output NHWC float (channels-last tensors). The tiles run in chunks (one
-// parallel job each, run() in the body): phase A writes V of the chunk's tiles as
+// parallel job each, run() in the body; or one chunk whose phases the threads split,
+// run_shared()): phase A writes V of the chunk's tiles as
 // [taps][tiles][channels] u8 (u8 = code + 128, or code minus V's zero point plus 128 with zero
 // points; each channel group padded to a multiple of 4); phase B runs, per tap, the int8 GEMM
 // [tiles x channels] x [channels x K] with U pre-packed as

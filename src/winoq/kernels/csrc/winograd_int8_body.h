@@ -561,10 +561,55 @@ static int64_t chunk_tiles(const Args& a, int threads) {
   return std::max<int64_t>(PB, (pc + PB - 1) / PB * PB);
 }
 
+// Few tiles for many channels (a batch-1 layer at 640+ channels on several threads): with one
+// chunk per thread every thread would read all of U for a handful of tiles. Instead one chunk
+// holds every tile and the threads split each phase: tiles for the transforms, blocks of 32
+// output channels for the GEMM (each thread reads its part of U once; a block's taps stay in one
+// thread, in order, so M's max over the taps is taken as in run()).
+static void run_shared(const Args& a) {
+  const int n = a.n, taps = n * n, C = (int)a.C, K = a.G * a.kg;
+  const int64_t P = a.P, nkb = a.kgp / 32, PC = (P + PB - 1) / PB * PB;
+  const int JB = std::max(1, 8192 / (a.gs4 * 32));
+  const size_t Cr = (C + 15) / 16 * 16;
+  std::vector<uint8_t> v8((size_t)taps * PC * a.Cp, 128);  // the padding tiles: code 0 with scale 0
+  std::vector<float> sv((size_t)PC * taps * a.G * a.J, 0.0f), mf((size_t)PC * taps * a.G * a.kgp),
+      mx((size_t)PC * a.G * a.kgp), rk((size_t)PC * K), sk((size_t)PC * K);
+  std::vector<int32_t> zv((size_t)PC * taps * a.G * a.J, 128);
+  Args w = a;
+  w.Pp = PC; w.p_base = 0; w.v8 = v8.data(); w.sv = sv.data(); w.zv = zv.data(); w.mf = mf.data(); w.mx = mx.data();
+  at::parallel_for(0, P, 1, [&](int64_t b, int64_t e) {
+    std::vector<int32_t> d(taps * Cr), v(taps * Cr);
+    std::vector<float> rxc(4 * C);
+    for (int64_t p = b; p < e; ++p) input_tile(w, p, d.data(), v.data(), rxc.data());
+  });
+  at::parallel_for(0, (int64_t)a.G * nkb, 1, [&](int64_t b, int64_t e) {
+    for (int64_t gk = b; gk < e; ++gk) {
+      const int g = (int)(gk / nkb), kb32 = (int)(gk % nkb);
+      for (int t = 0; t < taps; ++t)
+        for (int j0 = 0; j0 < a.J; j0 += JB)
+          for (int64_t p0 = 0; p0 < PC; p0 += PB) gemm_block(w, t, g, p0, kb32, j0, std::min(a.J, j0 + JB));
+    }
+  });
+  at::parallel_for(0, P, 1, [&](int64_t b, int64_t e) {
+    std::vector<int32_t> qm(taps * 32), t1(taps * 32);
+    std::vector<double> t64(taps * 32);
+    for (int64_t p = b; p < e; ++p) {
+      m_scales(w, p, rk.data() + p * K, sk.data() + p * K);
+      for (int g = 0; g < a.G; ++g)
+        for (int kb = 0; kb < nkb; ++kb)
+          output_piece(w, p, g, kb, qm.data(), t1.data(), t64.data(), rk.data() + p * K, sk.data() + p * K);
+    }
+  });
+}
+
 static void run(const Args& a) {
   const int n = a.n, taps = n * n, C = (int)a.C, K = a.G * a.kg;
   const int64_t P = a.P, nkb = a.kgp / 32;
-  const int64_t PC = chunk_tiles(a, at::get_num_threads()), nchunks = (P + PC - 1) / PC;
+  const int threads = at::get_num_threads();
+  const int64_t PC = chunk_tiles(a, threads), nchunks = (P + PC - 1) / PC;
+  if (threads > 1 && !std::getenv("WINOQ_KERNEL_CHUNK") && (P + threads - 1) / threads < std::max<int64_t>(16, a.C / 4) &&
+      P * taps * (a.Cp + 4 * (int64_t)a.G * a.kgp) <= (8 << 20))
+    return run_shared(a);  // the chunk would be cut short to give every thread tiles
   const int JB = std::max(1, 8192 / (a.gs4 * 32));  // channel groups per 8 KB slice of U
   double prof[3] = {0, 0, 0};
   const bool profile = std::getenv("WINOQ_KERNEL_PROFILE") != nullptr;
