@@ -550,15 +550,64 @@ static double thread_ms() {  // this thread's CPU time (profiling a shared machi
 // 8-tile register block of the chunk passes over it: U is read once per chunk, not once per 8
 // tiles), then the requantization and output transform; per-thread buffers (V: taps x chunk x Cp
 // bytes, M: chunk x taps x K floats). The chunk length trades U's re-reads against M's footprint.
+static int64_t chunk_bytes_per_tile(const Args& a) { return (int64_t)a.n * a.n * (a.Cp + 4 * (int64_t)a.G * a.kgp); }
+// about as many bytes of M per chunk as of U (C / 4 tiles), at least 16 tiles (measured: 16-64
+// tiles within noise at C = 128-256; at C = 640 the whole image, 1.8x faster than 8 tiles)
+static int64_t chunk_target(const Args& a) { return std::max<int64_t>(16, a.C / 4); }
+constexpr int64_t kChunkBytes = 8 << 20;  // the buffers of one chunk stay under ~8 MB
+
 static int64_t chunk_tiles(const Args& a, int threads) {
-  const int64_t taps = (int64_t)a.n * a.n, per_tile = taps * (a.Cp + 4 * (int64_t)a.G * a.kgp);
-  // about as many bytes of M per chunk as of U (C / 4 tiles), at least 16 tiles (measured: 16-64
-  // tiles within noise at C = 128-256; at C = 640 the whole image, 1.8x faster than 8 tiles)
-  int64_t pc = std::max<int64_t>(16, a.C / 4);
-  pc = std::min<int64_t>(pc, (a.P + threads - 1) / threads);                 // every thread gets work
-  pc = std::min<int64_t>(pc, std::max<int64_t>(PB, (8 << 20) / per_tile));  // buffers <= ~8 MB
+  int64_t pc = std::min<int64_t>(chunk_target(a), (a.P + threads - 1) / threads);  // every thread gets work
+  pc = std::min<int64_t>(pc, std::max<int64_t>(PB, kChunkBytes / chunk_bytes_per_tile(a)));
   if (const char* e = std::getenv("WINOQ_KERNEL_CHUNK")) pc = std::max(1, std::atoi(e));  // tuning aid
   return std::max<int64_t>(PB, (pc + PB - 1) / PB * PB);
+}
+
+// The buffers of one chunk of PC tiles (a multiple of PB): V's codes, scales and offsets, M, its
+// max over the taps, and M's multipliers and scales; `bind` points a copy of the problem at them.
+struct ChunkBuffers {
+  std::vector<uint8_t> v8;
+  std::vector<float> sv, mf, mx, rk, sk;
+  std::vector<int32_t> zv;
+  int64_t PC;
+  ChunkBuffers(const Args& a, int64_t pc)
+      : v8((size_t)a.n * a.n * pc * a.Cp, 128), sv((size_t)pc * a.n * a.n * a.G * a.J, 0.0f),
+        mf((size_t)pc * a.n * a.n * a.G * a.kgp), mx((size_t)pc * a.G * a.kgp), rk((size_t)pc * a.G * a.kg),
+        sk((size_t)pc * a.G * a.kg), zv((size_t)pc * a.n * a.n * a.G * a.J, 128), PC(pc) {}  // padding tiles: code 0, scale 0
+  Args bind(const Args& a, int64_t p_base) {
+    Args w = a;
+    w.Pp = PC; w.p_base = p_base; w.v8 = v8.data(); w.sv = sv.data(); w.zv = zv.data(); w.mf = mf.data(); w.mx = mx.data();
+    return w;
+  }
+};
+
+// One thread's scratch for the per-tile phases: the input tile's codes and V (taps x C, int32),
+// its multipliers, scales and bounds, and one 32-channel piece of M codes / outputs.
+struct TileScratch {
+  std::vector<int32_t> d, v, qm, t1;
+  std::vector<float> rxc;
+  std::vector<double> t64;
+  explicit TileScratch(const Args& a)
+      : d((size_t)a.n * a.n * ((a.C + 15) / 16 * 16)), v(d.size()), qm((size_t)a.n * a.n * 32), t1(qm.size()),
+        rxc(4 * a.C), t64(qm.size()) {}  // channel tails of d and v stay 0
+};
+
+// per tap and 32 output channels, the reduction in blocks of JB channel groups (<= 8 KB of U,
+// which stays in L1 while every register block of the np tiles passes over it)
+static void gemm_slice(const Args& w, int t, int g, int kb32, int64_t np) {
+  const int JB = std::max(1, 8192 / (w.gs4 * 32));
+  for (int j0 = 0; j0 < w.J; j0 += JB)
+    for (int64_t p0 = 0; p0 < np; p0 += PB) gemm_block(w, t, g, p0, kb32, j0, std::min(w.J, j0 + JB));
+}
+
+// M's scales and every 32-channel piece of one tile (rk, sk: the chunk's, PC x K)
+static void output_tile(const Args& w, int64_t p, TileScratch& ts, float* rk, float* sk) {
+  const int K = w.G * w.kg, nkb = w.kgp / 32;
+  rk += (p - w.p_base) * K;
+  sk += (p - w.p_base) * K;
+  m_scales(w, p, rk, sk);
+  for (int g = 0; g < w.G; ++g)
+    for (int kb = 0; kb < nkb; ++kb) output_piece(w, p, g, kb, ts.qm.data(), ts.t1.data(), ts.t64.data(), rk, sk);
 }
 
 // Few tiles for many channels (a batch-1 layer at 640+ channels on several threads): with one
@@ -567,91 +616,54 @@ static int64_t chunk_tiles(const Args& a, int threads) {
 // output channels for the GEMM (each thread reads its part of U once; a block's taps stay in one
 // thread, in order, so M's max over the taps is taken as in run()).
 static void run_shared(const Args& a) {
-  const int n = a.n, taps = n * n, C = (int)a.C, K = a.G * a.kg;
-  const int64_t P = a.P, nkb = a.kgp / 32, PC = (P + PB - 1) / PB * PB;
-  const int JB = std::max(1, 8192 / (a.gs4 * 32));
-  const size_t Cr = (C + 15) / 16 * 16;
-  std::vector<uint8_t> v8((size_t)taps * PC * a.Cp, 128);  // the padding tiles: code 0 with scale 0
-  std::vector<float> sv((size_t)PC * taps * a.G * a.J, 0.0f), mf((size_t)PC * taps * a.G * a.kgp),
-      mx((size_t)PC * a.G * a.kgp), rk((size_t)PC * K), sk((size_t)PC * K);
-  std::vector<int32_t> zv((size_t)PC * taps * a.G * a.J, 128);
-  Args w = a;
-  w.Pp = PC; w.p_base = 0; w.v8 = v8.data(); w.sv = sv.data(); w.zv = zv.data(); w.mf = mf.data(); w.mx = mx.data();
-  at::parallel_for(0, P, 1, [&](int64_t b, int64_t e) {
-    std::vector<int32_t> d(taps * Cr), v(taps * Cr);
-    std::vector<float> rxc(4 * C);
-    for (int64_t p = b; p < e; ++p) input_tile(w, p, d.data(), v.data(), rxc.data());
+  const int taps = a.n * a.n, nkb = a.kgp / 32;
+  ChunkBuffers buf(a, (a.P + PB - 1) / PB * PB);
+  const Args w = buf.bind(a, 0);
+  at::parallel_for(0, a.P, 1, [&](int64_t b, int64_t e) {
+    TileScratch ts(a);
+    for (int64_t p = b; p < e; ++p) input_tile(w, p, ts.d.data(), ts.v.data(), ts.rxc.data());
   });
   at::parallel_for(0, (int64_t)a.G * nkb, 1, [&](int64_t b, int64_t e) {
-    for (int64_t gk = b; gk < e; ++gk) {
-      const int g = (int)(gk / nkb), kb32 = (int)(gk % nkb);
-      for (int t = 0; t < taps; ++t)
-        for (int j0 = 0; j0 < a.J; j0 += JB)
-          for (int64_t p0 = 0; p0 < PC; p0 += PB) gemm_block(w, t, g, p0, kb32, j0, std::min(a.J, j0 + JB));
-    }
+    for (int64_t gk = b; gk < e; ++gk)
+      for (int t = 0; t < taps; ++t) gemm_slice(w, t, (int)(gk / nkb), (int)(gk % nkb), buf.PC);
   });
-  at::parallel_for(0, P, 1, [&](int64_t b, int64_t e) {
-    std::vector<int32_t> qm(taps * 32), t1(taps * 32);
-    std::vector<double> t64(taps * 32);
-    for (int64_t p = b; p < e; ++p) {
-      m_scales(w, p, rk.data() + p * K, sk.data() + p * K);
-      for (int g = 0; g < a.G; ++g)
-        for (int kb = 0; kb < nkb; ++kb)
-          output_piece(w, p, g, kb, qm.data(), t1.data(), t64.data(), rk.data() + p * K, sk.data() + p * K);
-    }
+  at::parallel_for(0, a.P, 1, [&](int64_t b, int64_t e) {
+    TileScratch ts(a);
+    for (int64_t p = b; p < e; ++p) output_tile(w, p, ts, buf.rk.data(), buf.sk.data());
   });
 }
 
 static void run(const Args& a) {
-  const int n = a.n, taps = n * n, C = (int)a.C, K = a.G * a.kg;
-  const int64_t P = a.P, nkb = a.kgp / 32;
+  const int taps = a.n * a.n, nkb = a.kgp / 32;
+  const int64_t P = a.P;
   const int threads = at::get_num_threads();
+  if (threads > 1 && !std::getenv("WINOQ_KERNEL_CHUNK") && (P + threads - 1) / threads < chunk_target(a) &&
+      P * chunk_bytes_per_tile(a) <= kChunkBytes)
+    return run_shared(a);  // one chunk per thread would be cut short to give every thread tiles
   const int64_t PC = chunk_tiles(a, threads), nchunks = (P + PC - 1) / PC;
-  if (threads > 1 && !std::getenv("WINOQ_KERNEL_CHUNK") && (P + threads - 1) / threads < std::max<int64_t>(16, a.C / 4) &&
-      P * taps * (a.Cp + 4 * (int64_t)a.G * a.kgp) <= (8 << 20))
-    return run_shared(a);  // the chunk would be cut short to give every thread tiles
-  const int JB = std::max(1, 8192 / (a.gs4 * 32));  // channel groups per 8 KB slice of U
   double prof[3] = {0, 0, 0};
   const bool profile = std::getenv("WINOQ_KERNEL_PROFILE") != nullptr;
   at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
-    const size_t Cr = (C + 15) / 16 * 16, Kr = (K + 15) / 16 * 16;
-    std::vector<int32_t> d(taps * Cr), v(taps * Cr);  // channel tails stay 0
-    std::vector<float> rxc(4 * C);  // input multipliers, scales and code bounds of one tile
-    std::vector<uint8_t> v8((size_t)taps * PC * a.Cp);
-    std::vector<float> sv((size_t)PC * taps * a.G * a.J), mf((size_t)PC * taps * a.G * a.kgp), mx((size_t)PC * a.G * a.kgp);
-    std::vector<int32_t> zv((size_t)PC * taps * a.G * a.J, 128);
-    std::vector<int32_t> qm(taps * 32), t1(taps * 32);  // one 32-channel piece of M codes / outputs
-    std::vector<double> t64(taps * 32);
-    std::vector<float> rk((size_t)PC * K), sk((size_t)PC * K);  // M's multipliers and scales per tile
-    Args w = a;  // the same problem, with this thread's buffers for one chunk of tiles
-    w.Pp = PC; w.v8 = v8.data(); w.sv = sv.data(); w.zv = zv.data(); w.mf = mf.data(); w.mx = mx.data();
+    ChunkBuffers buf(a, PC);
+    TileScratch ts(a);
     for (int64_t chunk = b; chunk < e; ++chunk) {
-      w.p_base = chunk * PC;
+      const Args w = buf.bind(a, chunk * PC);
       const int64_t pe = std::min(P, w.p_base + PC), np = (pe - w.p_base + PB - 1) / PB * PB;
       double t0 = profile ? thread_ms() : 0;
       if (pe - w.p_base < np) {  // a partial register block: the missing tiles are code 0 with scale 0
         for (int t = 0; t < taps; ++t)
-          std::memset(v8.data() + ((size_t)t * PC + (pe - w.p_base)) * a.Cp, 128, (size_t)(np - (pe - w.p_base)) * a.Cp);
+          std::memset(buf.v8.data() + ((size_t)t * PC + (pe - w.p_base)) * a.Cp, 128, (size_t)(np - (pe - w.p_base)) * a.Cp);
         const size_t first = (size_t)(pe - w.p_base) * taps * a.G * a.J;
-        std::fill(sv.begin() + first, sv.end(), 0.0f);
-        std::fill(zv.begin() + first, zv.end(), 128);
+        std::fill(buf.sv.begin() + first, buf.sv.end(), 0.0f);
+        std::fill(buf.zv.begin() + first, buf.zv.end(), 128);
       }
-      for (int64_t p = w.p_base; p < pe; ++p) input_tile(w, p, d.data(), v.data(), rxc.data());
+      for (int64_t p = w.p_base; p < pe; ++p) input_tile(w, p, ts.d.data(), ts.v.data(), ts.rxc.data());
       double t1t = profile ? thread_ms() : 0;
-      // per tap and 32 output channels, the reduction in blocks of JB channel groups (<= 8 KB
-      // of U, which stays in L1 while every register block of the chunk passes over it)
       for (int g = 0; g < a.G; ++g)
         for (int t = 0; t < taps; ++t)
-          for (int kb32 = 0; kb32 < nkb; ++kb32)
-            for (int j0 = 0; j0 < a.J; j0 += JB)
-              for (int64_t p0 = 0; p0 < np; p0 += PB) gemm_block(w, t, g, p0, kb32, j0, std::min(a.J, j0 + JB));
+          for (int kb32 = 0; kb32 < nkb; ++kb32) gemm_slice(w, t, g, kb32, np);
       double t2t = profile ? thread_ms() : 0;
-      for (int64_t p = w.p_base; p < pe; ++p) m_scales(w, p, rk.data() + (p - w.p_base) * K, sk.data() + (p - w.p_base) * K);
-      for (int64_t p = w.p_base; p < pe; ++p)
-        for (int g = 0; g < a.G; ++g)
-          for (int kb = 0; kb < nkb; ++kb)
-            output_piece(w, p, g, kb, qm.data(), t1.data(), t64.data(), rk.data() + (p - w.p_base) * K,
-                         sk.data() + (p - w.p_base) * K);
+      for (int64_t p = w.p_base; p < pe; ++p) output_tile(w, p, ts, buf.rk.data(), buf.sk.data());
       if (profile) {
         prof[0] += t1t - t0; prof[1] += t2t - t1t; prof[2] += thread_ms() - t2t;  // racy with threads: a profile aid
       }
