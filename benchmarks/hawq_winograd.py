@@ -10,7 +10,9 @@ costs: multiplications x bits (``mults``) and measured layer latency (``latency`
 time; Winograd on the integer CPU kernel). The ILP is solved for budgets from the cheapest to the
 dearest plan (``--rs``) and at each uniform choice's own cost (``--match-uniform``: the ILP plan at
 that cost should be at least as accurate); each plan and each uniform choice is evaluated on the
-same images.
+same images. At the end, each uniform choice is compared with the best plan that costs no more
+(the dominance check), as a paired difference in top-1 on the same images with McNemar's exact
+test, so that a gap the test set cannot resolve is reported as such.
 """
 from __future__ import annotations
 
@@ -22,11 +24,44 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_cifar_args, cifar_split, dump_json, machine, top1  # noqa: E402
+from common import add_cifar_args, cifar_split, dump_json, machine  # noqa: E402
 
 from winoq.mixed_precision import solve_ilp  # noqa: E402
 from winoq.mixed_precision.winograd_choice import assemble, build_choices, checked_plan, joint_tables  # noqa: E402
 from winoq.models import load_cifar_resnet  # noqa: E402
+
+
+def correct(model, x, y, batch: int = 250) -> torch.Tensor:
+    """Per image: does ``model``'s top-1 class equal the label (bool, one per image of ``x``)."""
+    with torch.no_grad():
+        return torch.cat([model(x[i:i + batch]).argmax(1) == y[i:i + batch] for i in range(0, len(x), batch)])
+
+
+def paired_difference(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """Top-1 of ``a`` minus top-1 of ``b`` (points) on the same images, the images only one of them
+    gets right, and the exact two-sided McNemar p-value (a binomial test on those discordant images:
+    with few of them, a normal interval would call a 4-to-0 split significant)."""
+    from scipy.stats import binomtest
+
+    better, worse = int((a & ~b).sum()), int((~a & b).sum())
+    p = binomtest(better, better + worse).pvalue if better + worse else 1.0
+    return {"diff": 100 * (better - worse) / len(a), "only_a": better, "only_b": worse, "p": float(p)}
+
+
+def dominance(uniform: dict, points: list[dict], kind: str, hits: dict) -> list[dict]:
+    """For each uniform choice: the most accurate planned point whose ``kind`` cost is no higher, and
+    the paired difference between the two. ``hits[key]``: per-image correctness of each model."""
+    out = []
+    for label, u in uniform.items():
+        cheaper = [p for p in points if p[kind] <= u[kind] * (1 + 1e-9)]
+        if not cheaper:
+            continue
+        best = max(cheaper, key=lambda p: (p["top1"], -p[kind]))
+        pd = paired_difference(hits[best["key"]], hits[("uniform", label)])
+        verdict = ("dominates" if pd["diff"] >= 0 else "below, not significant" if pd["p"] >= 0.05 else "dominated")
+        out.append({"uniform": label, "uniform_top1": u["top1"], "uniform_cost": u[kind], "point": best["name"],
+                    "point_top1": best["top1"], "point_cost": best[kind], **pd, "verdict": verdict})
+    return out
 
 
 def main(argv=None):
@@ -50,7 +85,14 @@ def main(argv=None):
     calib, check = pool[-args.calib_images:], pool[-args.check_images:] if args.check_images else None
     model = load_cifar_resnet(args.depth)
     res = {"machine": machine(), "command": "python benchmarks/hawq_winograd.py " + " ".join(argv or sys.argv[1:]),
-           "n_images": args.n_images, "fp_top1": top1(model, x, y), "uniform": {}, "ilp": []}
+           "n_images": args.n_images, "fp_top1": 100 * float(correct(model, x, y).float().mean()), "uniform": {},
+           "ilp": []}
+    hits = {}   # per-image correctness of every evaluated model, for the paired dominance check
+
+    def top1(m, key):
+        hits[key] = correct(m, x, y)
+        return 100 * float(hits[key].float().mean())
+
     t0 = time.perf_counter()
     choices = build_choices(model)
     sens, costs = joint_tables(model, choices, calib, samples=args.calib_images, sensitivity=args.sensitivity)
@@ -60,7 +102,7 @@ def main(argv=None):
     print(f"FP {res['fp_top1']:.2f}; tables built in {res['build_s']:.0f} s", flush=True)
     names = list(sens)
     for label in choices:
-        row = {"top1": top1(choices[label], x, y), **{k: sum(costs[k][n][label] for n in names) for k in costs},
+        row = {"top1": top1(choices[label], ("uniform", f"{label[0]}/{label[1]}")), **{k: sum(costs[k][n][label] for n in names) for k in costs},
                "sum_sensitivity": sum(sens[n][label] for n in names)}
         res["uniform"][f"{label[0]}/{label[1]}"] = row
         print("uniform", label, {k: round(v, 4) for k, v in row.items()}, flush=True)
@@ -76,19 +118,46 @@ def main(argv=None):
         plan = solve_ilp(sens, costs, {args.kind: budget * (1 + 1e-12)})
         solve_s = time.thread_time() - t1
         m = assemble(choices, plan)
-        row = {how: key, "top1": top1(m, x, y), **{k: sum(costs[k][n][plan[n]] for n in names) for k in costs},
+        row = {how: key, "top1": top1(m, ("ilp", how, key)), **{k: sum(costs[k][n][plan[n]] for n in names) for k in costs},
                "sum_sensitivity": sum(sens[n][plan[n]] for n in names), "solve_s": solve_s,
                "plan": {n: f"{t}/{b}" for n, (t, b) in plan.items()}}
         if check is not None:
             cplan, info = checked_plan(model, choices, plan, costs, {args.kind: budget * (1 + 1e-12)}, check,
                                        check_scores)
             row["checked"] = {"chosen": info["chosen"], "scores": info["scores"],
-                              "top1": row["top1"] if cplan is plan else top1(assemble(choices, cplan), x, y),
+                              "top1": row["top1"] if cplan is plan else top1(assemble(choices, cplan),
+                                                                             ("checked", how, key)),
                               **{k: sum(costs[k][n][cplan[n]] for n in names) for k in costs}}
         res["ilp"].append(row)
         print("ilp", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "plan"},
               flush=True)
         dump_json(args.out, res)
+    res["dominance"] = dominance(res["uniform"], curve_points(res["ilp"], args.kind), args.kind, hits)
+    dump_json(args.out, res)
+    print_dominance(res["dominance"], args.kind)
+
+
+def curve_points(rows: list[dict], kind: str) -> list[dict]:
+    """Every planned model (the ILP's plan, and the checked plan where it differs) as a curve point."""
+    points = []
+    for row in rows:
+        how = "r" if "r" in row else "uniform"
+        points.append({"name": f"ILP at {how}={row[how]}", "key": ("ilp", how, row[how]), "top1": row["top1"],
+                       kind: row[kind]})
+        c = row.get("checked")
+        if c is not None and c["chosen"] != "ilp":
+            points.append({"name": f"checked at {how}={row[how]} ({c['chosen']})", "key": ("checked", how, row[how]),
+                           "top1": c["top1"], kind: c[kind]})
+    return points
+
+
+def print_dominance(rows: list[dict], kind: str) -> None:
+    print(f"\n| uniform | top-1 | {kind} | best plan at no more cost | top-1 | {kind} | difference | images only "
+          f"plan / only uniform right | McNemar p | verdict |\n|---|---:|---:|---|---:|---:|---:|---|---:|---|")
+    for d in rows:
+        print(f"| {d['uniform']} | {d['uniform_top1']:.1f} | {d['uniform_cost']:.3f} | {d['point']} | "
+              f"{d['point_top1']:.1f} | {d['point_cost']:.3f} | {d['diff']:+.1f} | {d['only_a']} / {d['only_b']} | "
+              f"{d['p']:.2f} | {d['verdict']} |")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ and ../shared/data.  Per dataset:
   1. the dense model's test Dice / IoU (and the second observer's on CHASE_DB1), and a control:
      the dense model fine-tuned with the same budget the pruned models get;
   2. for every (criterion, schedule) and target parameter ratio: prune, fine-tune, test Dice;
-  3. the largest ratio within 4% and within 1% (relative) of the dense Dice;
+  3. the largest ratio within 4% and within 1% (relative) of the reference Dice: the dense model's,
+     or the control's when that is higher;
   4. CPU latency (median of repeats, batch 1 at deployment size) of the dense model and the
      pruned ones, torch and onnxruntime at 1 and 2 threads; the 4%-point model also after
      winoq W8A8 (direct, Winograd F(4,3)) with its Dice.
@@ -72,6 +73,29 @@ def largest_within(rows: list[dict], dense_dice: float, loss: float) -> dict | N
     return max(ok, key=lambda r: r["ratio_params"]) if ok else None
 
 
+def earlier_control(path, weights, dense_dice: float, wait_s: float = 30.0) -> dict:
+    """The control of a ``--control-only`` run of the same dense weights; waits for that run to
+    write its file when it is still going (polling every ``wait_s`` seconds)."""
+    path = Path(path)
+    if not path.exists():
+        print(f"waiting for the control {path} (a --control-only run)", flush=True)
+        while not path.exists():
+            time.sleep(wait_s)
+    earlier = json.loads(path.read_text())
+    if Path(earlier.get("weights", "")).resolve() != Path(weights).resolve() or \
+            abs(earlier["dense"]["dice"] - dense_dice) > 1e-9 or not earlier.get("dense_finetuned"):
+        raise SystemExit(f"--control-json {path}: not a control of {weights} (its weights: {earlier.get('weights')}, "
+                         f"dense Dice {earlier.get('dense', {}).get('dice')} vs {dense_dice:.6f}); run --control-only")
+    return earlier["dense_finetuned"]
+
+
+def reference_dice(dense_dice: float, control: dict | None) -> float:
+    """The Dice the pruned models are held to: the dense model's as trained, or the control's (the
+    dense model fine-tuned with the pruned models' budget) when higher, so that "within 4%" never
+    flatters a pruned model that merely got more training steps than an under-trained baseline."""
+    return max(dense_dice, control["dice"]) if control is not None else dense_dice
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", choices=["sunnybrook", "chase"], required=True)
@@ -84,6 +108,11 @@ def main(argv=None):
                     help="fine-tuning budget per pruned model (steps; the iterative schedule splits it over its stages)")
     ap.add_argument("--control-steps", type=int, default=None,
                     help="fine-tune the dense model this many steps as a control (default: --finetune-steps; 0: skip)")
+    ap.add_argument("--control-json", default=None, metavar="JSON",
+                    help="take the control from the result file of a --control-only run of the same dense weights "
+                         "instead of training it here (read after the pruning rows, so both can run side by side)")
+    ap.add_argument("--control-only", action="store_true",
+                    help="only score the dense model and its control; writes <name>_control.json")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--stages", type=int, default=3, help="stages of the iterative schedule")
@@ -136,14 +165,17 @@ def main(argv=None):
         result["second_observer"] = {"dice": ref["dice"], "iou": ref["iou"]}
     control_steps = args.finetune_steps if args.control_steps is None else args.control_steps
     result["dense_finetuned"] = None
-    if control_steps > 0:
+    stem = args.name or f"pruning_unet_{tag}"
+    if args.control_only or (args.control_json is None and control_steps > 0):
         control = copy.deepcopy(dense)
         train(control, train_data, TrainConfig(**{**ft.__dict__, "steps": control_steps}), progress=False)
         result["dense_finetuned"] = {k: v for k, v in evaluate(control, test_data).items() if not k.endswith("image")}
+        result["dense_finetuned"]["steps"] = control_steps
     print(f"{tag}: dense Dice {dense_scores['dice']:.4f}, fine-tuned control {result['dense_finetuned']}", flush=True)
+    if args.control_only:
+        return dump_json(OUT / f"{stem}_control.json", result)
 
     rows, keep, skipped = [], {}, []
-    stem = args.name or f"pruning_unet_{tag}"
     json_path = OUT / f"{stem}.json"
     result["finetune_steps"] = args.finetune_steps
     for k, (criterion, schedule, allocation) in enumerate(parse_runs(args.runs, args.allocation)):
@@ -169,7 +201,9 @@ def main(argv=None):
             result["rows"] = rows
             dump_json(json_path, result)
 
-    dd = dense_scores["dice"]
+    if args.control_json is not None:   # read only now: that run may have gone on beside this one
+        result["dense_finetuned"] = earlier_control(args.control_json, weights, dense_scores["dice"])
+    dd = result["reference_dice"] = reference_dice(dense_scores["dice"], result["dense_finetuned"])
     for name, loss in (("within_4pct", 0.04), ("within_1pct", 0.01)):
         best = largest_within(rows, dd, loss)
         result[name] = None if best is None else {k: best[k] for k in ("criterion", "schedule", "allocation", "target",
@@ -292,12 +326,12 @@ def print_tables(r: dict) -> None:
           f"{r['dense']['params']:,} params, {r['dense']['macs'] / 1e6:.1f} MMAC; dense + same fine-tuning "
           f"{(r['dense_finetuned'] or {}).get('dice', float('nan')):.4f}" + (f"; second observer Dice {r['second_observer']['dice']:.4f}"
                                                     if "second_observer" in r else ""))
-    print("\n| criterion | schedule | target | params x | MACs x | params | fine-tune steps | Dice | IoU | Dice / dense |"
+    print("\n| criterion | schedule | target | params x | MACs x | params | fine-tune steps | Dice | IoU | Dice / reference |"
           "\n|---|---|---|---|---|---|---|---|---|---|")
     for x in r["rows"]:
         print(f"| {x['criterion']} | {x['schedule']}/{x.get('allocation', 'global')} | {x['target']:g} | {x['ratio_params']:.1f} | "
               f"{x['ratio_macs']:.1f} | {x['params']:,} | {x.get('finetune_steps', '-')} | {x['dice']:.4f} | "
-              f"{x['iou']:.4f} | {x['dice'] / r['dense']['dice']:.3f} |")
+              f"{x['iou']:.4f} | {x['dice'] / r.get('reference_dice', r['dense']['dice']):.3f} |")
     for x in r.get("skipped", []):
         print(f"| {x['criterion']} | {x['schedule']}/{x['allocation']} | {x['target']:g} | skipped (deadline) |")
     for k in ("within_4pct", "within_1pct"):

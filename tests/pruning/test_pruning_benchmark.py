@@ -46,3 +46,20 @@ def test_plot_only_merges_result_files_of_one_dataset(bench, tmp_path, monkeypat
     c.write_text(json.dumps({"dataset": "chase", "dense": {"dice": 0.70}, "rows": []}))
     with pytest.raises(SystemExit, match="one dataset and dense model"):
         bench.main(["--dataset", "chase", "--plot-only", str(a), str(c)])
+
+
+def test_reference_is_the_better_of_dense_and_its_fine_tuned_control(bench):
+    assert bench.reference_dice(0.84, None) == 0.84
+    assert bench.reference_dice(0.84, {"dice": 0.896}) == 0.896    # an under-trained baseline
+    assert bench.reference_dice(0.75, {"dice": 0.744}) == 0.75
+
+
+def test_a_control_from_another_run_must_be_of_the_same_dense_weights(bench, tmp_path):
+    w = tmp_path / "dense.safetensors"
+    ok = tmp_path / "control.json"
+    ok.write_text(json.dumps({"weights": str(w), "dense": {"dice": 0.8}, "dense_finetuned": {"dice": 0.85}}))
+    assert bench.earlier_control(ok, w, 0.8) == {"dice": 0.85}
+    with pytest.raises(SystemExit, match="not a control of"):
+        bench.earlier_control(ok, tmp_path / "other.safetensors", 0.8)
+    with pytest.raises(SystemExit, match="run --control-only"):
+        bench.earlier_control(ok, w, 0.7)

@@ -1,0 +1,56 @@
+"""The dominance check of benchmarks/hawq_winograd.py: paired top-1 differences with a 95% interval,
+and the choice of the best planned point that costs no more than each uniform choice."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "hawq_winograd.py"
+
+
+@pytest.fixture(scope="module")
+def bench(load_file_module):
+    return load_file_module(BENCH, "hawq_winograd_bench")
+
+
+def test_paired_difference_counts_discordant_images_and_tests_them_exactly(bench):
+    a = torch.tensor([1, 1, 1, 0, 1, 0, 1, 1], dtype=torch.bool)
+    b = torch.tensor([1, 0, 1, 0, 1, 1, 1, 0], dtype=torch.bool)
+    out = bench.paired_difference(a, b)
+    assert out["diff"] == pytest.approx(100 * 1 / 8)
+    assert (out["only_a"], out["only_b"]) == (2, 1)
+    assert out["p"] == pytest.approx(1.0)                        # 2 vs 1 of 3: no evidence
+    far = bench.paired_difference(torch.ones(40, dtype=torch.bool), torch.zeros(40, dtype=torch.bool))
+    assert far["p"] == pytest.approx(2 * 0.5 ** 40)              # 40 to 0: exact binomial tail
+    assert bench.paired_difference(a, a) == {"diff": 0.0, "only_a": 0, "only_b": 0, "p": 1.0}
+
+
+def test_dominance_takes_the_best_point_no_dearer_and_says_how_sure(bench):
+    n = 400
+    hits = {("uniform", "F2/4"): torch.ones(n, dtype=torch.bool),
+            ("uniform", "direct/8"): torch.zeros(n, dtype=torch.bool)}
+    cheap = torch.ones(n, dtype=torch.bool)
+    cheap[:4] = False                             # 1 point below F2/4: 4 of 400 images, p = 0.125
+    hits[("ilp", "r", 0.1)] = cheap
+    hits[("ilp", "r", 0.5)] = torch.ones(n, dtype=torch.bool)
+    uniform = {"F2/4": {"top1": 100.0, "mults": 1.0}, "direct/8": {"top1": 0.0, "mults": 4.0}}
+    points = [{"name": "a", "key": ("ilp", "r", 0.1), "top1": 99.0, "mults": 0.9},
+              {"name": "b", "key": ("ilp", "r", 0.5), "top1": 100.0, "mults": 2.0}]
+    rows = {r["uniform"]: r for r in bench.dominance(uniform, points, "mults", hits)}
+    assert rows["F2/4"]["point"] == "a"           # b costs more than F2/4
+    assert rows["F2/4"]["diff"] == pytest.approx(-1.0)
+    assert rows["F2/4"]["verdict"] == "below, not significant"
+    assert rows["direct/8"]["point"] == "b" and rows["direct/8"]["verdict"] == "dominates"
+    hits[("ilp", "r", 0.1)] = torch.zeros(n, dtype=torch.bool)   # far below, every image
+    points[0]["top1"] = 0.0
+    rows = {r["uniform"]: r for r in bench.dominance(uniform, points, "mults", hits)}
+    assert rows["F2/4"]["verdict"] == "dominated"
+
+
+def test_curve_points_list_the_ilp_plan_and_a_different_checked_plan(bench):
+    rows = [{"r": 0.1, "top1": 80.0, "mults": 1.0, "checked": {"chosen": "ilp", "top1": 80.0, "mults": 1.0}},
+            {"uniform": "F2/4", "top1": 79.0, "mults": 0.5, "checked": {"chosen": "F2/4", "top1": 80.5, "mults": 0.5}}]
+    pts = bench.curve_points(rows, "mults")
+    assert [p["key"] for p in pts] == [("ilp", "r", 0.1), ("ilp", "uniform", "F2/4"), ("checked", "uniform", "F2/4")]
