@@ -40,12 +40,14 @@ def dump_json(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
-def top1(model, x, y, batch: int = 250) -> float:
-    correct = 0
+def correct(model, x, y, batch: int = 250) -> torch.Tensor:
+    """Per image: does ``model``'s top-1 class equal the label (bool, one per image of ``x``)."""
     with torch.no_grad():
-        for i in range(0, len(x), batch):
-            correct += int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum())
-    return 100.0 * correct / len(x)
+        return torch.cat([model(x[i:i + batch]).argmax(1) == y[i:i + batch] for i in range(0, len(x), batch)])
+
+
+def top1(model, x, y, batch: int = 250) -> float:
+    return 100.0 * int(correct(model, x, y, batch).sum()) / len(x)
 
 
 def cifar_split(n_images: int, calib_images: int):

@@ -24,17 +24,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_cifar_args, cifar_split, dump_json, machine  # noqa: E402
+from common import add_cifar_args, cifar_split, correct, dump_json, machine  # noqa: E402
 
 from winoq.mixed_precision import solve_ilp  # noqa: E402
 from winoq.mixed_precision.winograd_choice import assemble, build_choices, checked_plan, joint_tables  # noqa: E402
 from winoq.models import load_cifar_resnet  # noqa: E402
-
-
-def correct(model, x, y, batch: int = 250) -> torch.Tensor:
-    """Per image: does ``model``'s top-1 class equal the label (bool, one per image of ``x``)."""
-    with torch.no_grad():
-        return torch.cat([model(x[i:i + batch]).argmax(1) == y[i:i + batch] for i in range(0, len(x), batch)])
 
 
 def paired_difference(a: torch.Tensor, b: torch.Tensor) -> dict:

@@ -142,6 +142,7 @@ def main(argv=None):
         return deploy_only(args)
     torch.set_num_threads(args.threads)
     OUT.mkdir(parents=True, exist_ok=True)
+    runs = parse_runs(args.runs, args.allocation)   # a bad --runs fails before any work
     tag = args.dataset
     weights = args.weights or REPO / "benchmarks" / "weights" / f"unet_{tag}.safetensors"
     dense, info = load_unet(weights)
@@ -174,11 +175,13 @@ def main(argv=None):
     print(f"{tag}: dense Dice {dense_scores['dice']:.4f}, fine-tuned control {result['dense_finetuned']}", flush=True)
     if args.control_only:
         return dump_json(OUT / f"{stem}_control.json", result)
+    if args.control_json is not None and Path(args.control_json).exists():   # a wrong file fails before the rows
+        earlier_control(args.control_json, weights, dense_scores["dice"])
 
     rows, keep, skipped = [], {}, []
     json_path = OUT / f"{stem}.json"
     result["finetune_steps"] = args.finetune_steps
-    for k, (criterion, schedule, allocation) in enumerate(parse_runs(args.runs, args.allocation)):
+    for k, (criterion, schedule, allocation) in enumerate(runs):
         for ratio in [float(r) for r in (args.ratios if k == 0 else args.side_ratios).split(",")]:
             if args.deadline_minutes is not None and time.time() - t_start > 60 * args.deadline_minutes:
                 skipped.append({"criterion": criterion, "schedule": schedule, "allocation": allocation, "target": ratio})
@@ -219,7 +222,7 @@ def main(argv=None):
     onnx_dir = OUT / f"{stem}_onnx"
     onnx_dir.mkdir(exist_ok=True)
     lat = [{"model": "dense", "ratio_params": 1.0, **latency_row(dense, example, onnx_dir / "dense.onnx", args.repeats)}]
-    first = parse_runs(args.runs, args.allocation)[0]   # the main curve: every ratio of the first run
+    first = runs[0]   # the main curve: every ratio of the first run
     curve = [r for r in rows if (r["criterion"], r["schedule"], r["allocation"]) == first]
     for r in curve:
         model = keep[(*first, r["target"])]
