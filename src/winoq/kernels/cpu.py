@@ -1,7 +1,7 @@
 """The compiled fixed-point int8 Winograd kernel for CPUs (``kernel="cpu"``).
 
 It computes the pipeline defined in :mod:`winoq.winograd.fixed_point` (int8 input tiles,
-k-bit fixed-point integer transforms, int8 V and U, int32 group sums with AVX-512 VNNI
+exact integer or k-bit fixed-point transforms, int8 V and U, int32 group sums with AVX-512 VNNI
 ``vpdpbusd``, one requantization of M, integer output transform) and returns what
 :func:`winoq.winograd.fixed_point.reference_forward` returns, bit for bit.
 
@@ -119,7 +119,8 @@ def forward(layer, x: torch.Tensor, rx: torch.Tensor | None = None, sx: torch.Te
     bias = None if layer.bias is None else layer.bias.detach().float()
     v_zp = layer.granularity.v.zero_point
     return mod.forward(x.detach().float(), [pad[2], pad[0]], [layer.m, layer.m + layer.kernel_size - 1, th, tw, *out_hw],
-                       rx.float(), sx.float(), zp.float(), p.bq, p.aq, [p.sb, p.sb - 2 * p.kb, p.sa, p.sa - 2 * p.ka],
+                       rx.float(), sx.float(), zp.float(), p.bq, p.v_factor, p.aq,
+                       [p.sb, int(p.input16), p.sa, p.sa - 2 * p.ka],
                        [layer.groups, p.gs, p.gsm, layer.out_channels], u8, usum, su,
                        [float(vf.qmax - vf.qmin) if v_zp else float(vf.max_value), vf.qmin, vf.qmax,
                         float(layer.granularity.v.keeps("tap")), float(v_zp)],

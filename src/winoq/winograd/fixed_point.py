@@ -2,7 +2,9 @@
 
 With learned diagonal scales the transforms ``BT' = S_B BT`` and ``AT' = AT (S_B S_G)^-1``
 are not integer matrices, so integer hardware runs them as k-bit fixed point:
-``Bq = round(BT' 2^k)``, ``Aq = round(AT' 2^k)`` (round half away from zero). Every other
+``Bq = round(BT' 2^k)``, ``Aq = round(AT' 2^k)`` (round half away from zero), except BT'
+when V has one scale per tap: then S_B moves into that scale and ``Bq`` is the exact integer
+Toom-Cook rows (step 2). Every other
 step is defined here too, so that the compiled kernel (``winoq.kernels.cpu``) and the
 pure-PyTorch twin :func:`reference_forward` compute the same integers and the same float32
 values bit for bit (every float step is one IEEE operation in a fixed order, no FMA):
@@ -17,13 +19,16 @@ values bit for bit (every float step is one IEEE operation in a fixed order, no 
    bounds are planned for);
 2. input transform per n x n tile in int32: ``T = rshift(Bq d, s)``, ``V = T Bq^T``
    (real ``V = V_int sx 2^(s - 2k)``; s, the smallest shift after the first pass that keeps
-   the second inside int32, is 0 for F(2,3) and F(4,3));
+   the second inside int32, is 0 for F(2,3) and F(4,3)). With V per tap (the default) ``Bq``
+   is instead the exact integer Toom-Cook rows (:func:`exact_input_rows`, k = 0) and the
+   learned S_B goes into V's per-tap scale: real ``V[a, b] = V_int[a, b] sx f_a f_b 2^s``
+   (``Plan.v_factor``); F(2,3) and F(4,3) then fit int16 lanes;
 3. V codes, one scale per (sample, tile, channel group) and per tap
    (``winograd_input_scales="tapwise"``, the default) or shared by the taps: ``amax = max |V_int|``, ``qv = clamp(rha(float(V_int) * (Q_v / amax)))``,
-   real scale ``sv = (amax / Q_v) * sx * 2^(s - 2k)``; with zero points as in step 1 on the
+   real scale ``sv = (amax / Q_v) * sx * v_factor``; with zero points as in step 1 on the
    integers ``V_int``: ``den = float(hi - lo)``, ``rv = (qmax - qmin) / den``,
    ``zv = clamp(rha(qmin - float(lo) * rv))``, ``qv = clamp(rha(float(V_int) * rv), qmin - zv, qmax - zv)``,
-   ``sv = (den / (qmax - qmin)) * sx * 2^(s - 2k)``;
+   ``sv = (den / (qmax - qmin)) * sx * v_factor`` (``v_factor``: step 2's real factor of the tap);
 4. per tap and channel group an int8 GEMM over the group's channels, int32 sums;
 5. ``M = sum_j float(acc_j) * (sv_j * su_j)`` (float32, groups in order): the per-group
    (V x U) scales folded into the one requantization of M;
@@ -113,11 +118,35 @@ def wide_m(layer) -> bool:
 
 
 def rounded_transforms(at: torch.Tensor, bt: torch.Tensor, bits: int,
-                       wide_output: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                       wide_output: bool = False, exact_input: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(AT', BT') rounded to the fixed point the integer kernel uses (same dtype); ``wide_output``:
-    the layer's M is wider than 8 bits (:func:`wide_m`)."""
+    the layer's M is wider than 8 bits (:func:`wide_m`); ``exact_input``: the kernel runs BT'
+    exactly (:func:`exact_input_rows`), so it stays unrounded."""
     kb, ka = effective_bits(bt, bits), (bits if wide_output else effective_bits(at, bits))
-    return fixed(at, ka).to(at.dtype) / 2.0**ka, fixed(bt, kb).to(bt.dtype) / 2.0**kb
+    bt_q = bt if exact_input else fixed(bt, kb).to(bt.dtype) / 2.0**kb
+    return fixed(at, ka).to(at.dtype) / 2.0**ka, bt_q
+
+
+def exact_input_rows(layer) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(B_int, f)`` with ``BT' = diag(f) B_int`` and B_int the Toom-Cook rows as coprime integers
+    (e.g. F(4,3): entries 0, +-1, +-2, +-4, +-5), when V is quantized per tap; else None.
+
+    With one V scale per tap a positive factor per tap cancels in V's codes, so the kernel
+    transforms with the exact integers (no fixed-point rounding of S_B BT) and folds
+    ``f_a f_b`` into V's per-tap scale. A shared V scale (or free PAW transforms) cannot
+    absorb per-tap factors: those keep the k-bit fixed-point BT'."""
+    if layer.free_transforms is not None or not layer.granularity.v.keeps("tap"):
+        return None
+    rows, factors = [], []
+    for row in layer.tc.BT_exact:
+        d = math.lcm(*(f.denominator for f in row))
+        ints = [int(f * d) for f in row]
+        g = math.gcd(*ints)
+        rows.append([i // g for i in ints])
+        factors.append(g / d)
+    s_b = layer.log_sb.detach().exp().double().cpu()  # exp in the parameter's dtype, as transforms() takes it
+    f = torch.tensor(factors, dtype=torch.float64) * s_b
+    return torch.tensor(rows, dtype=torch.int64), f
 
 
 # ----------------------------------------------------------------------------- what runs where
@@ -168,9 +197,9 @@ class Plan:
     """Everything that depends on the layer only: fixed-point transforms, U codes and scales."""
 
     key: tuple
-    kb: int                 # fractional bits of Bq
+    kb: int                 # fractional bits of Bq (0 for exact integer rows, see exact_input_rows)
     ka: int                 # fractional bits of Aq
-    sb: int                 # right shift after the first pass of the input transform (V_int = V 2^(2kb - sb) / sx)
+    sb: int                 # right shift after the first pass of the input transform
     sa: int                 # the same for the output transform
     bq: torch.Tensor        # (n, n) int32
     aq: torch.Tensor        # (m, n) int32
@@ -179,6 +208,8 @@ class Plan:
     gs: int                 # V channel-group length within a conv group
     nj: int                 # V channel groups per conv group
     gsm: int                # M channel-group length over K
+    v_factor: torch.Tensor = None  # (taps,) float32: real V = V_int * sx * v_factor[tap] (2^(sb - 2kb), or f_a f_b 2^sb)
+    input16: bool = False   # the input transform fits int16 lanes (exact integer rows, no first-pass shift)
     packed: object = None   # the compiled kernel's packing of u (winoq.kernels.cpu)
 
 
@@ -190,7 +221,8 @@ def _key(layer, bits) -> tuple:
     tracked = [layer.weight, layer.log_sb, layer.log_sg] + ([] if ft is None else list(ft.parameters()))
     lu = layer.learned_u
     return (bits, tuple((t.data_ptr(), t._version) for t in tracked), None if lu is None else (lu.data_ptr(), lu._version),
-            layer.group_size, layer.granularity.u, layer.granularity.input.zero_point, layer.formats, layer.groups)
+            layer.group_size, layer.granularity.u, layer.granularity.input.zero_point, layer.granularity.v.keeps("tap"),
+            layer.formats, layer.groups)
 
 
 def _ratios(q: float, den: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,8 +255,18 @@ def plan(layer) -> Plan:
         return hit
     at, g, bt = layer.transforms(torch.float64, "cpu", fixed_point=False)
     in_max = input_code_bound(layer)
-    kb = effective_bits(bt, bits, in_max)
-    sb = first_pass_shift(bt, kb, in_max)
+    n = bt.shape[0]
+    exact = exact_input_rows(layer)
+    if exact is None:  # k-bit fixed point BT'
+        kb = effective_bits(bt, bits, in_max)
+        sb = first_pass_shift(bt, kb, in_max)
+        bq = fixed(bt, kb)
+        v_factor = torch.full((n * n,), 2.0 ** (sb - 2 * kb), dtype=torch.float32)
+    else:  # exact integer rows, their factors in V's per-tap scale
+        bq, f = exact
+        kb, sb = 0, first_pass_shift(bq.double(), 0, in_max)
+        v_factor = (torch.outer(f, f) * 2.0**sb).reshape(-1).float()
+    input16 = exact is not None and sb == 0 and _int_transform_bound(bq, 0, in_max) <= 2**15 - 1
     if wide_m(layer):  # exact-integer output transform (int64 here, float64 lanes in the kernel): no shift
         ka, sa = bits, 0
         fm_out = layer.formats.output
@@ -245,8 +287,9 @@ def plan(layer) -> Plan:
     su = su_full.expand(k, cg, n, n)[:, ::gs][:, :nj]  # (K, J, n, n): each group's scale
     su = su.permute(2, 3, 0, 1).reshape(n * n, k, nj).float().contiguous()
     gsm = k if layer.group_size is None else min(layer.group_size, k)
-    p = Plan(key, kb, ka, sb, sa, fixed(bt, kb).int(), fixed(at, ka).int(),
-             codes.permute(2, 3, 0, 1).reshape(n * n, k, cg).to(torch.int8).contiguous(), su, gs, nj, gsm)
+    p = Plan(key, kb, ka, sb, sa, bq.int(), fixed(at, ka).int(),
+             codes.permute(2, 3, 0, 1).reshape(n * n, k, cg).to(torch.int8).contiguous(), su, gs, nj, gsm,
+             v_factor, input16)
     _PLANS[layer] = p
     return p
 
@@ -383,7 +426,7 @@ def reference_forward(layer, x: torch.Tensor, rx: torch.Tensor | None = None,
             den = den.amax(-1, keepdim=True).expand_as(den)
         rv, sv0 = _ratios(float(vf.max_value), den)
         low, high = torch.tensor(float(vf.qmin)), torch.tensor(float(vf.qmax))
-    sv = sv0 * sxg * 2.0 ** (p.sb - 2 * p.kb)  # (the dynamic scales are plain min-max: no clipping)
+    sv = sv0 * sxg * p.v_factor  # (the dynamic scales are plain min-max: no clipping)
     qv = torch.minimum(torch.maximum(rha(vg.float() * rv[..., None, :]), low), high).long()  # (N,th,tw,G,J,gs,taps)
     # 4-5. per tap and group int GEMM, scaled sum over groups
     uq = p.u.long().reshape(n * n, G, kg, cg)

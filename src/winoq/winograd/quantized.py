@@ -122,9 +122,10 @@ class QuantWinogradConv2d(WinogradConv2d):
             base = (self.tc.AT.to(device), self.tc.G.to(device), self.tc.BT.to(device))
         mats = apply_diagonal_scales(*base, self.log_sb.exp(), self.log_sg.exp())
         if fixed_point:
-            from .fixed_point import rounded_transforms, transform_bits, wide_m
+            from .fixed_point import exact_input_rows, rounded_transforms, transform_bits, wide_m
 
-            at_q, bt_q = rounded_transforms(mats[0].detach(), mats[2].detach(), transform_bits(self), wide_m(self))
+            at_q, bt_q = rounded_transforms(mats[0].detach(), mats[2].detach(), transform_bits(self), wide_m(self),
+                                            exact_input_rows(self) is not None)
             # straight-through: the rounded values forward, the scales' gradients as before
             mats = (mats[0] + (at_q - mats[0]).detach(), mats[1], mats[2] + (bt_q - mats[2]).detach())
         return tuple(t.to(device=device, dtype=dtype) for t in mats)

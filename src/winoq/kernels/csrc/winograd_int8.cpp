@@ -37,8 +37,10 @@ struct Args {
   const float* rx; int64_t rs[4];       // (N, th, tw, C) input multipliers, strides
   const float* sx; int64_t ss[4];       // input scales, strides
   const float* zp; int64_t zs[4];       // input zero points (integers as floats), strides
-  const int32_t* bq; int kb; float pow_kb;  // kb, ka: the shift after the first pass; pow: the scale 2^(s - 2k)
-  const int32_t* aq; int ka; float pow_ka;
+  const int32_t* bq; int kb; const float* vfac;  // kb, ka: the shift after the first pass; vfac: V's real factor per tap
+  int in16;                            // the input transform in int16 lanes (fixed_point.Plan.input16)
+  float pow_ka;                        // M's scale 2^(s - 2k)
+  const int32_t* aq; int ka;
   int G, cg, kg, gs, J, gs4, kgp, gsm; int64_t Cp;
   const int8_t* up; const int32_t* usum; const float* su;  // packed U; sum U and U scales [taps][G][J][kgp]
   const float* usf;                    // sum U as floats when the GEMM's flush is exact in float32 (else null)
@@ -117,7 +119,8 @@ std::vector<torch::Tensor> pack_u(torch::Tensor u, int64_t G, int64_t gs) {
 }
 
 torch::Tensor forward(torch::Tensor x, std::vector<int64_t> pad_tl, std::vector<int64_t> geom,
-                      torch::Tensor rx, torch::Tensor sx, torch::Tensor zp, torch::Tensor bq, torch::Tensor aq, std::vector<int64_t> shifts,
+                      torch::Tensor rx, torch::Tensor sx, torch::Tensor zp, torch::Tensor bq, torch::Tensor vfac,
+                      torch::Tensor aq, std::vector<int64_t> shifts,
                       std::vector<int64_t> groups, torch::Tensor packed, torch::Tensor usum, torch::Tensor su,
                       std::vector<double> vq, std::vector<double> mq, std::vector<int64_t> in_range,
                       std::vector<double> tile_in,
@@ -136,8 +139,13 @@ torch::Tensor forward(torch::Tensor x, std::vector<int64_t> pad_tl, std::vector<
   a.zp = zp.data_ptr<float>();
   for (int i = 0; i < 4; ++i) { a.rs[i] = rx.stride(i); a.ss[i] = sx.stride(i); a.zs[i] = zp.stride(i); }
   auto bqc = bq.to(torch::kInt32).contiguous(), aqc = aq.to(torch::kInt32).contiguous();
-  // shifts: first-pass shift and scale exponent of each transform (fixed_point.py: s, s - 2k)
-  a.bq = bqc.data_ptr<int32_t>(); a.kb = (int)shifts[0]; a.pow_kb = std::ldexp(1.0f, (int)shifts[1]);
+  // shifts: the input transform's first-pass shift, 1 for int16 lanes; the output transform's shift and
+  // scale exponent (fixed_point.py: s, s - 2k); vfac: V's real factor per tap (fixed_point.Plan.v_factor)
+  TORCH_CHECK(shifts.size() == 4, "shifts: (sb, input16, sa, sa - 2 ka)");
+  auto vfc = vfac.to(torch::kFloat32).contiguous();
+  TORCH_CHECK(vfc.numel() == geom[1] * geom[1], "vfac: one factor per tap");
+  a.bq = bqc.data_ptr<int32_t>(); a.kb = (int)shifts[0]; a.vfac = vfc.data_ptr<float>(); a.in16 = shifts[1] != 0;
+  TORCH_CHECK(!a.in16 || a.kb == 0, "int16 input lanes take no first-pass shift");
   a.aq = aqc.data_ptr<int32_t>(); a.ka = (int)shifts[2]; a.pow_ka = std::ldexp(1.0f, (int)shifts[3]);
   const int64_t K = groups[3];
   a.G = (int)groups[0]; a.cg = (int)(a.C / a.G); a.kg = (int)(K / a.G); a.gs = (int)groups[1]; a.gsm = (int)groups[2];

@@ -42,61 +42,72 @@ static inline void quant_ff(const float* __restrict src, const float* __restrict
   for (; i < cnt; ++i) dst[i] = (int32_t)rq(src[i] * mul[i], lo, hi);
 }
 
+#if WINOQ_VNNI
+// 16 integers of the input side (int32, or int16 when the input transform runs in int16 lanes) as int32
+static inline __m512i load16(const int32_t* p) { return _mm512_loadu_si512(p); }
+static inline __m512i load16(const int16_t* p) { return _mm512_cvtepi16_epi32(_mm256_loadu_si256((const __m256i*)p)); }
+static inline void store16(int32_t* p, __m512i v) { _mm512_storeu_si512(p, v); }
+static inline void store16(int16_t* p, __m512i v) { _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(v)); }
+#endif
+
 // dst[i] = min(max(rha(src[i] * mul[i]), lo[i]), hi[i]): input codes with per-channel bounds
-// (qmin - zp, qmax - zp: the code minus its zero point)
-static inline void quant_ffb(const float* __restrict src, const float* __restrict mul, int32_t* __restrict dst, int cnt,
+// (qmin - zp, qmax - zp: the code minus its zero point); T: int32_t or int16_t
+template <typename T>
+static inline void quant_ffb(const float* __restrict src, const float* __restrict mul, T* __restrict dst, int cnt,
                              const float* __restrict lo, const float* __restrict hi) {
   int i = 0;
 #if WINOQ_VNNI
   for (; i + 16 <= cnt; i += 16) {
     const __m512 t = rha16(_mm512_mul_ps(_mm512_loadu_ps(src + i), _mm512_loadu_ps(mul + i)));
-    _mm512_storeu_si512(dst + i, _mm512_cvttps_epi32(_mm512_min_ps(_mm512_max_ps(t, _mm512_loadu_ps(lo + i)),
-                                                                    _mm512_loadu_ps(hi + i))));
+    store16(dst + i, _mm512_cvttps_epi32(_mm512_min_ps(_mm512_max_ps(t, _mm512_loadu_ps(lo + i)), _mm512_loadu_ps(hi + i))));
   }
 #endif
-  for (; i < cnt; ++i) dst[i] = (int32_t)std::min(std::max(rha(src[i] * mul[i]), lo[i]), hi[i]);
+  for (; i < cnt; ++i) dst[i] = (T)std::min(std::max(rha(src[i] * mul[i]), lo[i]), hi[i]);
 }
 
 // dst[i] = rq(float(src[i]) * r) + off as u8 (off: 128, plus V's zero point when it has one)
-static inline void quant_iu8(const int32_t* __restrict src, float r, uint8_t* __restrict dst, int cnt, float lo, float hi,
+template <typename T>
+static inline void quant_iu8(const T* __restrict src, float r, uint8_t* __restrict dst, int cnt, float lo, float hi,
                              int32_t offset) {
   int i = 0;
 #if WINOQ_VNNI
   const __m512 rv = _mm512_set1_ps(r);
   const __m512i off = _mm512_set1_epi32(offset);
   for (; i + 16 <= cnt; i += 16) {
-    __m512i q = rq16(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(src + i)), rv), lo, hi);
+    __m512i q = rq16(_mm512_mul_ps(_mm512_cvtepi32_ps(load16(src + i)), rv), lo, hi);
     _mm_storeu_si128((__m128i*)(dst + i), _mm512_cvtepi32_epi8(_mm512_add_epi32(q, off)));
   }
 #endif
   for (; i < cnt; ++i) dst[i] = (uint8_t)((int32_t)rq((float)src[i] * r, lo, hi) + offset);
 }
 
-// min and max of int32 (into lo, hi)
-static inline void minmax_i(const int32_t* __restrict src, int cnt, int32_t& lo, int32_t& hi) {
+// min and max (into lo, hi)
+template <typename T>
+static inline void minmax_i(const T* __restrict src, int cnt, int32_t& lo, int32_t& hi) {
   int i = 0;
 #if WINOQ_VNNI
   __m512i mn = _mm512_set1_epi32(lo), mx = _mm512_set1_epi32(hi);
   for (; i + 16 <= cnt; i += 16) {
-    const __m512i t = _mm512_loadu_si512(src + i);
+    const __m512i t = load16(src + i);
     mn = _mm512_min_epi32(mn, t);
     mx = _mm512_max_epi32(mx, t);
   }
   lo = _mm512_reduce_min_epi32(mn);
   hi = _mm512_reduce_max_epi32(mx);
 #endif
-  for (; i < cnt; ++i) { lo = std::min(lo, src[i]); hi = std::max(hi, src[i]); }
+  for (; i < cnt; ++i) { lo = std::min(lo, (int32_t)src[i]); hi = std::max(hi, (int32_t)src[i]); }
 }
 
-// max |src[i]| of int32
-static inline int32_t amax_i(const int32_t* __restrict src, int cnt, int32_t acc) {
+// max |src[i]|
+template <typename T>
+static inline int32_t amax_i(const T* __restrict src, int cnt, int32_t acc) {
   int i = 0;
 #if WINOQ_VNNI
   __m512i m = _mm512_setzero_si512();
-  for (; i + 16 <= cnt; i += 16) m = _mm512_max_epi32(m, _mm512_abs_epi32(_mm512_loadu_si512(src + i)));
+  for (; i + 16 <= cnt; i += 16) m = _mm512_max_epi32(m, _mm512_abs_epi32(load16(src + i)));
   acc = std::max(acc, _mm512_reduce_max_epi32(m));
 #endif
-  for (; i < cnt; ++i) acc = std::max(acc, src[i] < 0 ? -src[i] : src[i]);
+  for (; i < cnt; ++i) acc = std::max(acc, src[i] < 0 ? -(int32_t)src[i] : (int32_t)src[i]);
   return acc;
 }
 
@@ -134,12 +145,17 @@ static inline void dequant(const T* __restrict src, const float* __restrict s, c
 typedef int32_t v16i __attribute__((vector_size(64), aligned(4)));
 typedef double v8d __attribute__((vector_size(64), aligned(8)));
 typedef int32_t v8i __attribute__((vector_size(32), aligned(4)));
+typedef int16_t v32s __attribute__((vector_size(64), aligned(2)));
 // Loads and stores go through these (the typedefs' unaligned attribute is lost on a template
 // argument, so `*(V*)p` inside a template would be an aligned access).
 template <typename V> struct Lanes;
 template <> struct Lanes<v16i> {
   static inline v16i load(const int32_t* p) { return *(const v16i*)p; }
   static inline void store(int32_t* p, v16i v) { *(v16i*)p = v; }
+};
+template <> struct Lanes<v32s> {  // 32 channels of the input transform in int16 (fixed_point.Plan.input16)
+  static inline v32s load(const int16_t* p) { return *(const v32s*)p; }
+  static inline void store(int16_t* p, v32s v) { *(v32s*)p = v; }
 };
 template <> struct Lanes<v8d> {
   static inline v8d load(const int32_t* p) { return __builtin_convertvector(*(const v8i*)p, v8d); }
@@ -148,11 +164,11 @@ template <> struct Lanes<v8d> {
 
 // The two-pass integer transform of one lane vector of channels: for every r, s < no
 //   out[r*no + s] = sum_j M[s][j] * rshift(sum_i M[r][i] * in[i*ni + j], k)
-// (rows ld apart, M: no x ni; Out: int32, or double (exact integers, k = 0) like the lanes V). The tile stays in
-// registers / L1 between the passes. NO, NI: the sizes at compile time (unrolled), or 0 for the
-// run-time sizes no_, ni_ (at most 8).
-template <typename V, typename Out, int NO, int NI>
-static inline void transform_t(const int32_t* in, Out* out, const int32_t* M, int k, int64_t ld, int no_ = 0,
+// (rows ld apart, M: no x ni; In / Out: int32, int16 (both), or int32 in and double out (exact integers,
+// k = 0) like the lanes V). The tile stays in registers / L1 between the passes. NO, NI: the sizes at
+// compile time (unrolled), or 0 for the run-time sizes no_, ni_ (at most 8).
+template <typename V, typename In, typename Out, int NO, int NI>
+static inline void transform_t(const In* in, Out* out, const int32_t* M, int k, int64_t ld, int no_ = 0,
                                int ni_ = 0) {
   const int no = NO ? NO : no_, ni = NI ? NI : ni_;
   V tt[NO ? NO : 8][NI ? NI : 8];
@@ -167,7 +183,7 @@ static inline void transform_t(const int32_t* in, Out* out, const int32_t* M, in
       }
       if constexpr (std::is_integral<Out>::value) {
         constexpr int sign = 8 * sizeof(Out) - 1;
-        if (k) acc = (acc + ((Out)1 << (k - 1)) + (acc >> sign)) >> k;  // rshift, see above
+        if (k) acc = (acc + (Out)((Out)1 << (k - 1)) + (acc >> sign)) >> k;  // rshift, see above
       }
       tt[r][j] = acc;
     }
@@ -186,25 +202,28 @@ static inline void transform_t(const int32_t* in, Out* out, const int32_t* M, in
 // the tile shapes in use (F(2,3), F(4,3), F(6,3) and the same-size F(m,5), F(2,7)) unrolled
 #define WQ_TILE_SHAPES(T) T(4, 4) T(6, 6) T(8, 8) T(2, 4) T(4, 6) T(6, 8) T(2, 6) T(4, 8) T(2, 8)
 
-template <typename V, typename Out>
-static inline void transform(const int32_t* in, Out* out, const int32_t* M, int no, int ni, int k, int64_t ld) {
-#define WQ_T(o, i) if (no == o && ni == i) return transform_t<V, Out, o, i>(in, out, M, k, ld);
+template <typename V, typename In, typename Out>
+static inline void transform(const In* in, Out* out, const int32_t* M, int no, int ni, int k, int64_t ld) {
+#define WQ_T(o, i) if (no == o && ni == i) return transform_t<V, In, Out, o, i>(in, out, M, k, ld);
   WQ_TILE_SHAPES(WQ_T)
 #undef WQ_T
-  transform_t<V, Out, 0, 0>(in, out, M, k, ld, no, ni);
+  transform_t<V, In, Out, 0, 0>(in, out, M, k, ld, no, ni);
 }
 
-// 16 channels in int32 / 8 channels in float64 (exact integers; no shift)
+// 16 channels in int32 / 32 channels in int16 / 8 channels in float64 (exact integers; no shift)
 static inline void transform16(const int32_t* in, int32_t* out, const int32_t* M, int no, int ni, int k, int64_t ld) {
-  transform<v16i, int32_t>(in, out, M, no, ni, k, ld);
+  transform<v16i, int32_t, int32_t>(in, out, M, no, ni, k, ld);
+}
+static inline void transform32s(const int16_t* in, int16_t* out, const int32_t* M, int no, int ni, int64_t ld) {
+  transform<v32s, int16_t, int16_t>(in, out, M, no, ni, 0, ld);
 }
 static inline void transform8d(const int32_t* in, double* out, const int32_t* M, int no, int ni, int64_t ld) {
-  transform<v8d, double>(in, out, M, no, ni, 0, ld);
+  transform<v8d, int32_t, double>(in, out, M, no, ni, 0, ld);
 }
 
 // V's multiplier r, zero point zp (stored as the u8 offset 128 + zp in zv) and real scale sv of
 // each tap from its integer [lo, hi] (fixed_point.py, step 3): symmetric: den = hi (= max |V|);
-// zero points: den = hi - lo; r = Q / den, sv = ((den / Q) sx) 2^(s - 2k),
+// zero points: den = hi - lo; r = Q / den, sv = ((den / Q) sx) vfac[tap],
 // zp = clamp(rha(qmin - lo r)). sv and zv are written `stride` apart. The AVX-512 build does 16
 // taps at a time with the same IEEE operations in the same order.
 static void v_scales(const Args& a, const int32_t* lo, const int32_t* hi, int taps, float sx, float* r, float* zp,
@@ -230,7 +249,7 @@ static void v_scales(const Args& a, const int32_t* lo, const int32_t* hi, int ta
     const __mmask16 pos = _mm512_cmp_ps_mask(den, zero, _CMP_GT_OQ);
     const __m512 rv = _mm512_maskz_div_ps(pos, q, den);
     const __m512 s = _mm512_maskz_mul_ps(pos, _mm512_mul_ps(_mm512_div_ps(den, q), _mm512_set1_ps(sx)),
-                                         _mm512_set1_ps(a.pow_kb));
+                                         _mm512_loadu_ps(a.vfac + t));
     __m512 z = zero;
     if (a.v_zero_point)
       z = _mm512_min_ps(_mm512_max_ps(rha16(_mm512_sub_ps(_mm512_set1_ps(vmin), _mm512_mul_ps(_mm512_cvtepi32_ps(l), rv))),
@@ -245,7 +264,7 @@ static void v_scales(const Args& a, const int32_t* lo, const int32_t* hi, int ta
   for (; t < taps; ++t) {
     const float den = a.v_zero_point ? (float)((int64_t)hi[t] - lo[t]) : (float)hi[t];
     r[t] = den > 0 ? a.Qv / den : 0.0f;
-    sv[t * stride] = den > 0 ? ((den / a.Qv) * sx) * a.pow_kb : 0.0f;
+    sv[t * stride] = den > 0 ? ((den / a.Qv) * sx) * a.vfac[t] : 0.0f;
     zp[t] = a.v_zero_point ? std::min(std::max(rha(vmin - (float)lo[t] * r[t]), vmin), vmax) : 0.0f;
     zv[t * stride] = 128 + (int32_t)zp[t];  // u8 code = value + zero point + 128
   }
@@ -254,9 +273,12 @@ static void v_scales(const Args& a, const int32_t* lo, const int32_t* hi, int ta
 // ---------------------------------------------------------------------------- phase A
 // One tile: input codes, integer input transform, V codes (u8 = code + 128) and V scales.
 // rxc: 4C floats of scratch: this tile's input multipliers, scales and code bounds per channel.
-static void input_tile(const Args& a, int64_t p, int32_t* d, int32_t* v, float* rxc) {
+// T: the input codes and V_int in int32, or in int16 (a.in16: exact integer rows that fit).
+static int64_t input_rows(int64_t C) { return (C + 31) / 32 * 32; }  // a tap's channels, whole lane vectors
+template <typename T>
+static void input_tile_t(const Args& a, int64_t p, T* d, T* v, float* rxc) {
   const int n = a.n, m = a.m, C = (int)a.C;
-  const int64_t Cr = (C + 15) / 16 * 16;
+  const int64_t Cr = input_rows(C);
   const int64_t tiles = (int64_t)a.th * a.tw;
   const int64_t nb = p / tiles, ty = (p % tiles) / a.tw, tx = p % a.tw;
   float *sxc = rxc + C, *lob = rxc + 2 * C, *hib = rxc + 3 * C;
@@ -298,7 +320,7 @@ static void input_tile(const Args& a, int64_t p, int32_t* d, int32_t* v, float* 
   }
   for (int i = 0; i < n; ++i)
     for (int j = 0; j < n; ++j) {
-      int32_t* dst = d + (int64_t)(i * n + j) * Cr;
+      T* dst = d + (int64_t)(i * n + j) * Cr;
       const int64_t yy = ty * m + i - a.pad_t, xx = tx * m + j - a.pad_l;
       if (yy < 0 || yy >= a.H || xx < 0 || xx >= a.W) {
         for (int c = 0; c < C; ++c) dst[c] = 0;
@@ -307,8 +329,11 @@ static void input_tile(const Args& a, int64_t p, int32_t* d, int32_t* v, float* 
       const float* src = a.x + ((nb * a.H + yy) * a.W + xx) * a.C;
       quant_ffb(src, rxc, dst, C, lob, hib);
     }
-  // V = rshift(Bq d, kb) Bq^T, 16 channels at a time (rows Cr = C rounded up to 16 apart)
-  for (int c = 0; c < C; c += 16) transform16(d + c, v + c, a.bq, n, n, a.kb, Cr);
+  // V = rshift(Bq d, kb) Bq^T, 16 (int32) or 32 (int16) channels at a time (rows Cr apart)
+  if constexpr (std::is_same<T, int16_t>::value)
+    for (int c = 0; c < C; c += 32) transform32s(d + c, v + c, a.bq, n, n, Cr);
+  else
+    for (int c = 0; c < C; c += 16) transform16(d + c, v + c, a.bq, n, n, a.kb, Cr);
   // V codes per channel group: one scale per tap, or one shared by the taps
   const int taps = n * n;
   int32_t lo_t[256], hi_t[256];
@@ -340,6 +365,11 @@ static void input_tile(const Args& a, int64_t p, int32_t* d, int32_t* v, float* 
         for (int c = c1 - c0; c < a.gs4; ++c) dst[c] = 128;
       }
     }
+}
+
+static void input_tile(const Args& a, int64_t p, int32_t* d, int32_t* v, float* rxc) {
+  if (a.in16) return input_tile_t<int16_t>(a, p, (int16_t*)d, (int16_t*)v, rxc);
+  input_tile_t<int32_t>(a, p, d, v, rxc);
 }
 
 // ---------------------------------------------------------------------------- phase B
@@ -588,7 +618,7 @@ struct TileScratch {
   std::vector<float> rxc;
   std::vector<double> t64;
   explicit TileScratch(const Args& a)
-      : d((size_t)a.n * a.n * ((a.C + 15) / 16 * 16)), v(d.size()), qm((size_t)a.n * a.n * 32), t1(qm.size()),
+      : d((size_t)a.n * a.n * input_rows(a.C)), v(d.size()), qm((size_t)a.n * a.n * 32), t1(qm.size()),
         rxc(4 * a.C), t64(qm.size()) {}  // channel tails of d and v stay 0
 };
 
