@@ -307,10 +307,17 @@ def run_accuracy(args) -> dict:
                 layer.transform_bits = None
                 layer.kernel = "cpu"  # the emulation with the kernel's rounded transforms
                 row["emulated_fixed_transforms_sqnr_db"] = sqnr_db(layer.forward_emulated(x).double(), exact)
+                # the default recipe's stages (V per tap: exact integer BT, only AT' in fixed point)
+                dl = peer_layer(conv, m, args.group_size, "default")
+                row["default_fixed_sqnr_db"] = sqnr_db(fixed_point.reference_forward(dl, x).double(), exact)
+                dl.kernel = "emulated"
+                row["default_emulated_sqnr_db"] = sqnr_db(dl.forward_emulated(x).double(), exact)
             rows.append(row)
             print(f"{name:<8} F({m},3)  float-transform emulation {row['emulated_float_transforms_sqnr_db']:6.2f} dB | "
                   + "  ".join(f"k={b}: {row[f'fixed{b}_sqnr_db']:6.2f}" for b in (4, 6, 8, 10, 12))
-                  + f" | emulated w/ fixed transforms {row['emulated_fixed_transforms_sqnr_db']:6.2f}", flush=True)
+                  + f" | emulated w/ fixed transforms {row['emulated_fixed_transforms_sqnr_db']:6.2f}"
+                  + f" | default stages: fixed point {row['default_fixed_sqnr_db']:6.2f}, float transforms "
+                  f"{row['default_emulated_sqnr_db']:6.2f}", flush=True)
     return {"machine": machine(), "group_size": args.group_size, "default_bits": fixed_point.DEFAULT_TRANSFORM_BITS,
             "rows": rows, "metric": "SQNR (dB) against the exact float64 conv; *_vs_emulated_rel: ||y - emu|| / ||emu||"}
 

@@ -12,8 +12,9 @@
 // u8 codes (128, or 128 + its zero point: per tile, tap and group) is removed as
 // offset * sum(U), with sum(U) per output channel and group precomputed; M is float32
 // [taps][conv group][K/32][tiles][32]; phase C requantizes M and runs the output transform
-// per 32-channel piece. The instruction set is picked at run time: AVX-512 VNNI, AVX2, or
-// portable C++.
+// per 32-channel piece. The input transform runs in int16 lanes (32 channels per vector) when
+// its rows are exact small integers (V per tap, F(2,3) / F(4,3): fixed_point.Plan.input16), else
+// in int32. The instruction set is picked at run time: AVX-512 VNNI, AVX2, or portable C++.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 

@@ -162,6 +162,18 @@ template <> struct Lanes<v8d> {
   static inline void store(double* p, v8d v) { *(v8d*)p = v; }
 };
 
+// acc + b x: in float64 lanes one fused multiply-add, exact like the separate ones because every
+// product and sum is an integer below 2^53 (fixed_point.plan checks the bound), so the single
+// rounding of the fma rounds nothing
+template <typename V, typename Out>
+static inline V madd(V acc, Out b, V x) { return acc + b * x; }
+#if WINOQ_VNNI
+template <>
+inline v8d madd<v8d, double>(v8d acc, double b, v8d x) {
+  return (v8d)_mm512_fmadd_pd(_mm512_set1_pd(b), (__m512d)x, (__m512d)acc);
+}
+#endif
+
 // The two-pass integer transform of one lane vector of channels: for every r, s < no
 //   out[r*no + s] = sum_j M[s][j] * rshift(sum_i M[r][i] * in[i*ni + j], k)
 // (rows ld apart, M: no x ni; In / Out: int32, int16 (both), or int32 in and double out (exact integers,
@@ -179,7 +191,7 @@ static inline void transform_t(const In* in, Out* out, const int32_t* M, int k, 
       V acc = {};
       for (int i = 0; i < ni; ++i) {
         const Out b = M[r * ni + i];
-        if (b) acc += b * col[i];
+        if (b) acc = madd(acc, b, col[i]);
       }
       if constexpr (std::is_integral<Out>::value) {
         constexpr int sign = 8 * sizeof(Out) - 1;
@@ -193,7 +205,7 @@ static inline void transform_t(const In* in, Out* out, const int32_t* M, int k, 
       V acc = {};
       for (int j = 0; j < ni; ++j) {
         const Out b = M[s * ni + j];
-        if (b) acc += b * tt[r][j];
+        if (b) acc = madd(acc, b, tt[r][j]);
       }
       Lanes<V>::store(out + (int64_t)(r * no + s) * ld, acc);
     }
@@ -275,44 +287,6 @@ static void v_scales(const Args& a, const int32_t* lo, const int32_t* hi, int ta
 // rxc: 4C floats of scratch: this tile's input multipliers, scales and code bounds per channel.
 // T: the input codes and V_int in int32, or in int16 (a.in16: exact integer rows that fit).
 static int64_t input_rows(int64_t C) { return (C + 31) / 32 * 32; }  // a tap's channels, whole lane vectors
-// min / max of channels [c0, c1) over the tile's pixels, 0 included (padding, and the range holds 0);
-// the accumulators stay in registers over the pixels (a per-channel array was read and written per pixel)
-static inline void tile_group_minmax(const Args& a, int64_t nb, int64_t ty, int64_t tx, int c0, int c1, float& lo,
-                                     float& hi) {
-  lo = hi = 0.0f;
-#if WINOQ_VNNI
-  __m512 mn = _mm512_setzero_ps(), mx = mn;
-#endif
-  for (int i = 0; i < a.n; ++i) {
-    const int64_t yy = ty * a.m + i - a.pad_t;
-    if (yy < 0 || yy >= a.H) continue;  // padding: zeros
-    for (int j = 0; j < a.n; ++j) {
-      const int64_t xx = tx * a.m + j - a.pad_l;
-      if (xx < 0 || xx >= a.W) continue;
-      const float* src = a.x + ((nb * a.H + yy) * a.W + xx) * a.C;
-      int c = c0;
-#if WINOQ_VNNI
-      for (; c + 16 <= c1; c += 16) {
-        const __m512 v = _mm512_loadu_ps(src + c);
-        mn = _mm512_min_ps(mn, v);
-        mx = _mm512_max_ps(mx, v);
-      }
-      if (c < c1) {  // the masked-off lanes load 0, which the range holds anyway
-        const __m512 v = _mm512_maskz_loadu_ps((__mmask16)((1u << (c1 - c)) - 1), src + c);
-        mn = _mm512_min_ps(mn, v);
-        mx = _mm512_max_ps(mx, v);
-        c = c1;
-      }
-#endif
-      for (; c < c1; ++c) { lo = std::min(lo, src[c]); hi = std::max(hi, src[c]); }
-    }
-  }
-#if WINOQ_VNNI
-  lo = std::min(lo, _mm512_reduce_min_ps(mn));
-  hi = std::max(hi, _mm512_reduce_max_ps(mx));
-#endif
-}
-
 template <typename T>
 static void input_tile_t(const Args& a, int64_t p, T* d, T* v, float* rxc) {
   const int n = a.n, m = a.m, C = (int)a.C;
@@ -322,10 +296,18 @@ static void input_tile_t(const Args& a, int64_t p, T* d, T* v, float* rxc) {
   float *sxc = rxc + C, *lob = rxc + 2 * C, *hib = rxc + 3 * C;
   const float qmin = (float)a.in_min, qmax = (float)a.in_max;
   if (a.tile_scales) {  // fixed_point.input_scales for per-tile inputs, over the tile's pixels per group
+    for (int c = 0; c < C; ++c) lob[c] = hib[c] = 0.0f;  // min / max with 0 included (padding; the range holds 0)
+    for (int i = 0; i < n; ++i)
+      for (int j = 0; j < n; ++j) {
+        const int64_t yy = ty * m + i - a.pad_t, xx = tx * m + j - a.pad_l;
+        if (yy < 0 || yy >= a.H || xx < 0 || xx >= a.W) continue;  // padding: zeros
+        const float* src = a.x + ((nb * a.H + yy) * a.W + xx) * a.C;
+        for (int c = 0; c < C; ++c) { lob[c] = std::min(lob[c], src[c]); hib[c] = std::max(hib[c], src[c]); }
+      }
     for (int c0 = 0; c0 < C; c0 += a.in_gs) {
       const int c1 = std::min(c0 + a.in_gs, C);
-      float lo, hi;
-      tile_group_minmax(a, nb, ty, tx, c0, c1, lo, hi);
+      float lo = 0.0f, hi = 0.0f;
+      for (int c = c0; c < c1; ++c) { lo = std::min(lo, lob[c]); hi = std::max(hi, hib[c]); }
       float r, sx, zp = 0.0f;
       if (a.zero_point) {  // [lo, hi] over all Qin = qmax - qmin steps, integer zero point
         const float span = hi - lo;
