@@ -12,11 +12,13 @@ import torch  # noqa: E402
 
 
 def plot_dice_vs_ratio(rows: list[dict], dense_dice: float, path: str | os.PathLike, title: str = "") -> str:
-    """One line per (criterion, schedule): Dice against parameter and MAC compression.
-    ``rows``: dicts with criterion, schedule, ratio_params, ratio_macs, dice."""
+    """One line per (criterion, schedule, allocation, fine-tuning steps): Dice against parameter and
+    MAC compression. ``rows``: dicts with criterion, schedule, ratio_params, ratio_macs, dice
+    (optionally allocation, finetune_steps)."""
     series = defaultdict(list)
     for r in rows:
-        series["/".join([r['criterion'], r['schedule']] + ([r['allocation']] if 'allocation' in r else []))].append(r)
+        name = "/".join([r["criterion"], r["schedule"]] + ([r["allocation"]] if "allocation" in r else []))
+        series[name + (f", {r['finetune_steps']} steps" if "finetune_steps" in r else "")].append(r)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, key, label in ((axes[0], "ratio_params", "parameter compression (x)"),
                            (axes[1], "ratio_macs", "MAC compression (x)")):
