@@ -1,0 +1,74 @@
+"""A/B of the compiled Winograd kernel between two source trees, relative to oneDNN's int8 conv.
+
+The VM's speed drifts by up to 1.6x between runs, so each version is timed against the oneDNN
+int8 direct conv of the same shape in the same process, and the versions run alternately:
+
+    git worktree add /tmp/before <commit>
+    for round in 1 2 3; do for v in /tmp/before .; do
+        PYTHONPATH=$v/src OMP_NUM_THREADS=1 python benchmarks/kernel_ab.py --tag $v --out ab.jsonl
+    done; done
+
+Each run appends one JSON line per shape of benchmarks/kernels_cpu.PEER_SHAPES: median thread CPU
+ms of the oneDNN int8 conv and of the kernel at each tile (the default recipe's stages, group 32,
+channels-last input prepared outside the timing, 1 thread).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import kernels_cpu as kc  # noqa: E402
+
+from winoq.kernels import cpu  # noqa: E402
+
+
+def time_shape(nb: int, c: int, hw: int, tiles: list[int], reps: int) -> dict:
+    x, conv = kc.peer_problem(nb, c, hw)
+    xc = x.contiguous(memory_format=torch.channels_last)
+    fns = {"onednn": kc.ao_int8_fns(conv, x)["int8_onednn"]}
+    for m in tiles:
+        layer = kc.peer_layer(conv, m, 32, "default")
+        fns[f"F{m}"] = lambda layer=layer: cpu.forward(layer, xc)
+    for f in fns.values():  # warm-up: builds, packs U, faults in the buffers
+        f()
+        f()
+    ts = {k: [] for k in fns}
+    for _ in range(reps):  # interleaved, so that drift hits every column alike
+        for k, f in fns.items():
+            t0 = time.thread_time()
+            f()
+            ts[k].append((time.thread_time() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in ts.items()}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tag", required=True, help="name of this version in the output")
+    ap.add_argument("--out", type=Path, required=True, help="JSON-lines file to append to")
+    ap.add_argument("--tiles", type=int, nargs="+", default=[4, 6])
+    ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--shapes", nargs="*", default=None, help="names from kernels_cpu.PEER_SHAPES (default: all)")
+    args = ap.parse_args(argv)
+    if not cpu.available():
+        raise SystemExit("the compiled kernel is not built here (bash setup.sh)")
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    for name, nb, c, hw in kc.PEER_SHAPES:
+        if args.shapes and name not in args.shapes:
+            continue
+        row = {"version": args.tag, "shape": name, **time_shape(nb, c, hw, args.tiles, args.reps)}
+        with args.out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+
+
+if __name__ == "__main__":
+    main()
