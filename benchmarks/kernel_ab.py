@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -37,16 +35,7 @@ def time_shape(nb: int, c: int, hw: int, tiles: list[int], reps: int) -> dict:
     for m in tiles:
         layer = kc.peer_layer(conv, m, 32, "default")
         fns[f"F{m}"] = lambda layer=layer: cpu.forward(layer, xc)
-    for f in fns.values():  # warm-up: builds, packs U, faults in the buffers
-        f()
-        f()
-    ts = {k: [] for k in fns}
-    for _ in range(reps):  # interleaved, so that drift hits every column alike
-        for k, f in fns.items():
-            t0 = time.thread_time()
-            f()
-            ts[k].append((time.thread_time() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in ts.items()}
+    return {k: cpu_ms for k, (cpu_ms, _) in kc.median_ms(fns, reps, budget_s=float("inf")).items()}
 
 
 def main(argv=None) -> None:
@@ -57,6 +46,10 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--shapes", nargs="*", default=None, help="names from kernels_cpu.PEER_SHAPES (default: all)")
     args = ap.parse_args(argv)
+    known = [s[0] for s in kc.PEER_SHAPES]
+    unknown = sorted(set(args.shapes or ()) - set(known))
+    if unknown:
+        ap.error(f"unknown --shapes {unknown}; choose from {known}")
     if not cpu.available():
         raise SystemExit("the compiled kernel is not built here (bash setup.sh)")
     torch.set_num_threads(1)
