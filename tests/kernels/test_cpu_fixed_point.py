@@ -320,6 +320,38 @@ def test_exact_input_transform_tracks_the_float_transform_emulation(m):
     assert abs(sq(fp.reference_forward(layer, x)) - emu) < 0.05
 
 
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", None])
+def test_a_float_input_stage_with_per_tap_v_runs_emulated_with_a_warning(fmt):
+    from winoq.formats import parse
+
+    layer = QuantWinogradConv2d(8, 8, 3, 4, padding=1, group_size=4,
+                                formats=StageFormats(input=parse(fmt) if fmt else None)).eval()
+    layer.input_tapwise = True
+    layer.kernel = "cpu"
+    x = torch.randn(1, 8, 8, 8)
+    with pytest.warns(UserWarning, match="runs emulated"):
+        y = layer(x)
+    layer.kernel = "emulated"
+    assert torch.equal(y, layer(x))
+
+
+def test_integer_rows_that_overflow_int32_keep_the_fixed_point_input_transform():
+    """Points 0, +-1/2, +-1/4, +-1/8 have integer rows up to 4096: their two-pass transform would
+    overflow int32, so BT' stays k-bit fixed point (with its shift) and the kernel still matches."""
+    from fractions import Fraction as Fr
+
+    pts = (0, Fr(1, 2), Fr(-1, 2), Fr(1, 4), Fr(-1, 4), Fr(1, 8), Fr(-1, 8))
+    layer = QuantWinogradConv2d(8, 8, 3, 6, padding=1, group_size=4, points=pts).eval()
+    layer.input_tapwise = True
+    assert fp.exact_input_rows(layer) is None
+    p = fp.plan(layer)
+    assert p.kb > 0 and not p.input16
+    x = torch.randn(1, 8, 9, 9, generator=torch.Generator().manual_seed(3)).relu()
+    ref = fp.reference_forward(layer, x)
+    if cpu.available():
+        assert torch.equal(cpu.forward(layer, x), ref)
+
+
 def test_emulation_with_per_tap_v_runs_the_unrounded_input_transform():
     layer = make_layer(8, 8, 4, group_size=4)
     layer.input_tapwise = True

@@ -134,9 +134,11 @@ def exact_input_rows(layer) -> tuple[torch.Tensor, torch.Tensor] | None:
     With one V scale per tap a positive factor per tap cancels in V's codes, so the kernel
     transforms with the exact integers (no fixed-point rounding of S_B BT) and folds
     ``f_a f_b`` into V's per-tap scale. A shared V scale (or free PAW transforms) cannot
-    absorb per-tap factors: those keep the k-bit fixed-point BT'."""
-    if layer.free_transforms is not None or not layer.granularity.v.keeps("tap"):
-        return None
+    absorb per-tap factors: those keep the k-bit fixed-point BT', as do interpolation points
+    whose integer rows would overflow int32 (e.g. 0, +-1/2, +-1/4, +-1/8: entries up to 4096)."""
+    fin = layer.formats.input
+    if layer.free_transforms is not None or not layer.granularity.v.keeps("tap") or fin is None or fin.is_float:
+        return None  # (a float input stage never reaches the integer pipeline: the layer runs emulated)
     rows, factors = [], []
     for row in layer.tc.BT_exact:
         d = math.lcm(*(f.denominator for f in row))
@@ -144,9 +146,12 @@ def exact_input_rows(layer) -> tuple[torch.Tensor, torch.Tensor] | None:
         g = math.gcd(*ints)
         rows.append([i // g for i in ints])
         factors.append(g / d)
+    b_int = torch.tensor(rows, dtype=torch.int64)
+    if _int_transform_bound(b_int, 0, input_code_bound(layer)) > _INT32:
+        return None
     s_b = layer.log_sb.detach().exp().double().cpu()  # exp in the parameter's dtype, as transforms() takes it
     f = torch.tensor(factors, dtype=torch.float64) * s_b
-    return torch.tensor(rows, dtype=torch.int64), f
+    return b_int, f
 
 
 # ----------------------------------------------------------------------------- what runs where
