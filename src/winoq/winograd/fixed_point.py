@@ -122,8 +122,12 @@ def rounded_transforms(at: torch.Tensor, bt: torch.Tensor, bits: int,
     """(AT', BT') rounded to the fixed point the integer kernel uses (same dtype); ``wide_output``:
     the layer's M is wider than 8 bits (:func:`wide_m`); ``exact_input``: the kernel runs BT'
     exactly (:func:`exact_input_rows`), so it stays unrounded."""
-    kb, ka = effective_bits(bt, bits), (bits if wide_output else effective_bits(at, bits))
-    bt_q = bt if exact_input else fixed(bt, kb).to(bt.dtype) / 2.0**kb
+    ka = bits if wide_output else effective_bits(at, bits)
+    if exact_input:
+        bt_q = bt
+    else:
+        kb = effective_bits(bt, bits)
+        bt_q = fixed(bt, kb).to(bt.dtype) / 2.0**kb
     return fixed(at, ka).to(at.dtype) / 2.0**ka, bt_q
 
 
@@ -139,13 +143,7 @@ def exact_input_rows(layer) -> tuple[torch.Tensor, torch.Tensor] | None:
     fin = layer.formats.input
     if layer.free_transforms is not None or not layer.granularity.v.keeps("tap") or fin is None or fin.is_float:
         return None  # (a float input stage never reaches the integer pipeline: the layer runs emulated)
-    rows, factors = [], []
-    for row in layer.tc.BT_exact:
-        d = math.lcm(*(f.denominator for f in row))
-        ints = [int(f * d) for f in row]
-        g = math.gcd(*ints)
-        rows.append([i // g for i in ints])
-        factors.append(g / d)
+    rows, factors = layer.tc.BT_integer_rows
     b_int = torch.tensor(rows, dtype=torch.int64)
     if _int_transform_bound(b_int, 0, input_code_bound(layer)) > _INT32:
         return None

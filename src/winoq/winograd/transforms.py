@@ -19,9 +19,10 @@ integer points, as in the usual published matrices.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from fractions import Fraction
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Sequence
 
 import torch
@@ -122,6 +123,19 @@ class ToomCook:
     @property
     def BT(self) -> torch.Tensor:
         return _to_tensor(self.BT_exact)
+
+    @cached_property
+    def BT_integer_rows(self) -> tuple[tuple[tuple[int, ...], ...], tuple[float, ...]]:
+        """``(rows, factors)``: each row of BT as coprime integers and the factor that gives it back
+        (``BT[i] = factors[i] * rows[i]``), exactly; what an integer input transform multiplies by."""
+        rows, factors = [], []
+        for row in self.BT_exact:
+            d = math.lcm(*(f.denominator for f in row))
+            ints = [int(f * d) for f in row]
+            g = math.gcd(*ints)
+            rows.append(tuple(i // g for i in ints))
+            factors.append(g / d)
+        return tuple(rows), tuple(factors)
 
     def multiplies_saved_2d(self) -> float:
         """Direct multiplies per output / Winograd multiplies per output (2-D)."""
