@@ -64,4 +64,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # the rows already appended are whole lines: keep them
+        sys.exit("interrupted; the shapes finished so far are in --out")
