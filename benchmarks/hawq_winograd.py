@@ -71,6 +71,10 @@ def main(argv=None):
                     help="also check each ILP plan against the uniform choices within its budget by top-1 "
                          "agreement with the float model on N unlabelled calibration images (winograd_choice."
                          "checked_plan; disjoint from the test images); 0: no check")
+    ap.add_argument("--eval-kernel", default="emulated", choices=("emulated", "cpu"),
+                    help="kernel of the Winograd layers when models are evaluated and checked (the tables always "
+                         "use the emulated layers): 'cpu' = the compiled fixed-point kernel users deploy, about 10x "
+                         "faster than the emulation, which makes a test set of thousands of images affordable")
     add_cifar_args(ap, n_images=500, calib_images=32, out="benchmarks/out/hawq_winograd.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -91,6 +95,16 @@ def main(argv=None):
     choices = build_choices(model)
     sens, costs = joint_tables(model, choices, calib, samples=args.calib_images, sensitivity=args.sensitivity)
     res["build_s"] = time.perf_counter() - t0
+    if args.eval_kernel != "emulated":
+        from winoq import set_kernel
+        from winoq.kernels import cpu
+
+        if not cpu.available():
+            raise SystemExit("--eval-kernel cpu needs the compiled kernel: run `bash setup.sh`")
+        for label, qm in choices.items():
+            if label[0] != "direct":
+                set_kernel(qm, args.eval_kernel)   # assembled plans copy these layers, kernel included
+    res["eval_kernel"] = args.eval_kernel
     res["sensitivity"] = {n: {f"{t}/{b}": v for (t, b), v in s.items()} for n, s in sens.items()}
     res["costs"] = {k: {n: {f"{t}/{b}": v for (t, b), v in s.items()} for n, s in c.items()} for k, c in costs.items()}
     print(f"FP {res['fp_top1']:.2f}; tables built in {res['build_s']:.0f} s", flush=True)
