@@ -27,7 +27,8 @@ from common import add_cifar_args, cifar_result, cifar_setup, dump_json, top1  #
 import torch  # noqa: E402
 
 from winoq.integer import IntegerConfig, convert  # noqa: E402
-from winoq.mixed_precision import PlanConfig, TraceEstimate, hutchinson_traces, model_layers, plan_bits, solve_ilp  # noqa: E402
+from winoq.mixed_precision import PlanConfig, TraceEstimate, model_layers, plan_bits, solve_ilp  # noqa: E402
+from winoq.mixed_precision.planner import TRACES  # noqa: E402
 from winoq.models import load_cifar_resnet  # noqa: E402
 
 
@@ -81,13 +82,16 @@ def ilp_timing(n_layers=100, n_choices=8, repeats=5):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--depth", type=int, default=20)
+    ap.add_argument("--trace", choices=tuple(TRACES), default="hutchinson",
+                    help="layer curvature: Hutchinson's Hessian trace (HAWQ-V3) or the exact Fisher trace per image")
     ap.add_argument("--trace-samples", type=int, default=128)
     ap.add_argument("--trace-tol", type=float, default=0.02)
     ap.add_argument("--trace-iters", type=int, default=60)
     ap.add_argument("--kinds", nargs="+", default=["size", "bops", "latency"])
     ap.add_argument("--uniform", action=argparse.BooleanOptionalAction, default=True,
                     help="evaluate FP and the uniform integer models (off: only the mixed plans)")
-    ap.add_argument("--traces-file", type=Path, help="reuse Hutchinson traces saved here, else compute and save")
+    ap.add_argument("--traces-file", type=Path, help="reuse traces of the same --trace kind saved here, else compute "
+                                                      "and save")
     add_cifar_args(ap, n_images=2000, calib_images=256, out="benchmarks/out/hawq.json")
     args = ap.parse_args(argv)
     x, y, calib = cifar_setup(args)
@@ -120,21 +124,24 @@ def main(argv=None):
     names = [l.name for l in model_layers(model, x)[0]]
     if args.traces_file and args.traces_file.exists():
         saved = json.loads(args.traces_file.read_text())
+        if saved.get("kind", "hutchinson") != args.trace:
+            raise SystemExit(f"{args.traces_file} holds {saved.get('kind', 'hutchinson')} traces, not --trace {args.trace}")
         traces = {n: TraceEstimate(e["trace"], e["stderr"], e["samples"], tuple(e["history"]))
                   for n, e in saved["traces"].items()}
         res["trace_seconds"] = saved["trace_seconds"]
     else:
         t0 = time.perf_counter()
-        traces = hutchinson_traces(model, names, calib, tol=args.trace_tol, max_iters=args.trace_iters,
-                                   max_samples=args.trace_samples)
+        traces = TRACES[args.trace](model, names, calib, tol=args.trace_tol, max_iters=args.trace_iters,
+                                    max_samples=args.trace_samples)
         res["trace_seconds"] = time.perf_counter() - t0
     res["traces"] = {n: {"trace": e.trace, "stderr": e.stderr, "samples": e.samples,
                          "history": list(e.history)} for n, e in traces.items()}
     if args.traces_file and not args.traces_file.exists():
-        dump_json(args.traces_file, {"traces": res["traces"], "trace_seconds": res["trace_seconds"]})
+        dump_json(args.traces_file, {"kind": args.trace, "traces": res["traces"], "trace_seconds": res["trace_seconds"]})
     dump_json(args.out, res)
     worst = max(e.relative_spread for e in traces.values())
-    print(f"traces: {next(iter(traces.values())).samples} Hutchinson samples, {res['trace_seconds']:.0f} s, "
+    res["trace_kind"] = args.trace
+    print(f"traces: {args.trace}, {next(iter(traces.values())).samples} samples, {res['trace_seconds']:.0f} s, "
           f"worst relative spread {worst:.3f}", flush=True)
 
     lat8, lat4 = layer_latency(uniform["W8A8"], x), layer_latency(uniform["W4A4"], x)
@@ -144,7 +151,8 @@ def main(argv=None):
         # latency: the integer kernels run 4-bit codes as fast as 8-bit ones on this CPU (no 4-bit
         # kernel), so the measured table hardly separates the choices; one r shows what it does
         for r in ((0.5,) if kind == "latency" else (0.75, 0.5, 0.25)):
-            plan = plan_bits(model, calib, PlanConfig(budget=kind, r=r), traces=traces, latency=latency)
+            plan = plan_bits(model, calib, PlanConfig(budget=kind, r=r, trace=args.trace), traces=traces,
+                             latency=latency)
             im = convert(model, calib, IntegerConfig(layer_bits=plan.bits))
             record(f"mixed {kind} r={r}", im, im)
             res["rows"][f"mixed {kind} r={r}"].update(plan=plan.bits, solve_s=plan.solve_seconds)

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from winoq.integer import IntegerConfig, convert
-from winoq.mixed_precision import Plan, PlanConfig, hutchinson_traces, plan_bits
+from winoq.mixed_precision import Plan, PlanConfig, fisher_traces, hutchinson_traces, plan_bits
 from winoq.models import fmnist_resnet
 
 
@@ -29,6 +29,36 @@ def test_hutchinson_trace_converges_to_exact_trace():
         e = est[name]
         assert abs(e.trace - exact) < 4 * e.stderr + 1e-9, (name, e.trace, exact, e.stderr)
         assert e.samples == len(e.history) >= 200
+
+
+def test_fisher_trace_is_the_exact_hessian_trace_of_a_model_linear_in_its_weights():
+    # logits = W2 relu(W1 x): linear in W2, so d2L/dW2^2 is exactly the Gauss-Newton matrix, whose trace
+    # the Fisher of the model's own distribution gives (the labels do not enter it)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4)).double()
+    x = torch.randn(7, 6, dtype=torch.float64)
+    est = fisher_traces(model, ["2"], x)["2"]
+    exact = sum(_exact_trace(model, x[i:i + 1], torch.tensor([0]), "2") for i in range(len(x))) / len(x)
+    assert est.trace == pytest.approx(exact, rel=1e-10)
+    assert est.samples == len(est.history) == 7 and est.history[-1] == pytest.approx(est.trace)
+
+
+def test_fisher_trace_is_the_gauss_newton_trace_and_never_negative():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    w = model[0].weight
+    ggn = 0.0
+    for i in range(len(x)):  # Tr(J^T (diag p - p p^T) J) from the full Jacobian of the logits
+        jac = torch.autograd.functional.jacobian(
+            lambda wt: torch.func.functional_call(model, {"0.weight": wt}, (x[i:i + 1],))[0], w).reshape(3, -1)
+        p = torch.softmax(model(x[i:i + 1])[0], -1).detach()
+        ggn += float(torch.trace(jac.T @ (torch.diag(p) - torch.outer(p, p)) @ jac)) / len(x)
+    est = fisher_traces(model, ["0", "2"], [(x, torch.zeros(5, dtype=torch.long))])
+    assert est["0"].trace == pytest.approx(ggn, rel=1e-10)
+    assert est["0"].trace > 0 and est["2"].trace > 0 and est["0"].stderr >= 0
+    with pytest.raises(ValueError, match="'nope'"):
+        fisher_traces(model, ["nope"], x)
 
 
 def _small_model():
@@ -60,6 +90,16 @@ def test_planner_meets_budget_ties_downsample_and_keeps_ends_8bit(budget):
     im = convert(model, x, IntegerConfig(layer_bits=again.bits))
     if budget == "bops":
         assert im.bops() == pytest.approx(again.totals["bops"])
+
+
+def test_planner_with_fisher_traces():
+    model = _small_model()
+    x = torch.randn(8, 1, 28, 28)
+    plan = plan_bits(model, x, PlanConfig(budget="bops", r=0.5, trace="fisher", max_samples=4))
+    assert set(plan.bits.values()) <= {4, 8} and plan.totals["bops"] <= plan.budget * (1 + 1e-9)
+    assert all(t["samples"] == 4 and t["trace"] >= 0 for t in plan.traces.values())
+    with pytest.raises(ValueError, match="trace must be one of"):
+        PlanConfig(trace="exact")
 
 
 def test_latency_budget_needs_a_table_and_bad_r():

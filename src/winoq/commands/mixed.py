@@ -18,6 +18,9 @@ def register(subparsers) -> None:
     p.add_argument("--budget", choices=("size", "bops"), default="bops",
                    help="budget kind (latency budgets need a measured table: Python API)")
     p.add_argument("--r", type=float, default=0.5, help="budget = cost(4 bit) + r (cost(8 bit) - cost(4 bit))")
+    p.add_argument("--trace", choices=("hutchinson", "fisher"), default="hutchinson",
+                   help="layer curvature: Hutchinson's Hessian trace estimate (HAWQ-V3) or the exact Fisher trace "
+                        "per image (never negative, less noisy on deep nets)")
     p.add_argument("--trace-iters", type=int, default=30, help="at most this many Hutchinson samples")
     p.add_argument("--out", type=Path, help="write the plan as JSON")
     p.add_argument("--plot", type=Path, help="write a PNG: per-layer bits and the Pareto curve")
@@ -29,7 +32,7 @@ def register(subparsers) -> None:
 
 
 def _table(plan, layers) -> str:
-    rows = [f"{'layer':28s} {'MACs':>11s} {'params':>8s} {'Tr(H)':>10s} {'Omega(4)':>10s} {'Omega(8)':>10s} bits"]
+    rows = [f"{'layer':28s} {'MACs':>11s} {'params':>8s} {'trace':>10s} {'Omega(4)':>10s} {'Omega(8)':>10s} bits"]
     for l in layers:
         s = plan.sensitivity[l.name]
         tr = plan.traces.get(l.name, {}).get("trace", float("nan"))
@@ -107,7 +110,7 @@ def run(args) -> int:
     if calib is None:
         raise CLIError("winoq mixed needs calibration images: pass --calib-data DIR (ImageFolder)")
     plan = plan_bits(model, calib, PlanConfig(budget=args.budget, r=args.r, max_iters=args.trace_iters,
-                                              max_samples=args.calib_images))
+                                              max_samples=args.calib_images, trace=args.trace))
     layers, _ = model_layers(model, calib)
     tables = cost_tables(layers, (4, 8))
     print(_table(plan, layers))

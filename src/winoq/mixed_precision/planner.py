@@ -10,18 +10,23 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..integer.convert import _fold_bn, _kind, trace
-from .hessian import TraceEstimate, hutchinson_traces, sensitivities
+from .hessian import TraceEstimate, fisher_traces, hutchinson_traces, sensitivities
 from .ilp import solve_ilp
 
 __all__ = ["PlanConfig", "LayerCost", "Plan", "model_layers", "plan_bits", "cost_tables"]
 
 BUDGETS = ("size", "bops", "latency")
+TRACES = {"hutchinson": hutchinson_traces, "fisher": fisher_traces}
 
 
 @dataclass(frozen=True)
 class PlanConfig:
     """What to plan: per-layer bits among ``choices`` under one budget
-    ``cost(lowest) + r (cost(highest) - cost(lowest))`` of kind ``budget``."""
+    ``cost(lowest) + r (cost(highest) - cost(lowest))`` of kind ``budget``. ``trace``: the
+    curvature of each layer in its sensitivity: ``"hutchinson"`` (HAWQ-V3: Hessian trace by
+    Rademacher samples, stopping at ``tol`` or ``max_iters``) or ``"fisher"`` (exact Fisher /
+    Gauss-Newton trace per image: never negative, no random vectors; see
+    :func:`~winoq.mixed_precision.hessian.fisher_traces`); both on ``max_samples`` images."""
 
     budget: str = "bops"
     r: float = 0.5
@@ -30,8 +35,11 @@ class PlanConfig:
     tol: float = 0.02
     max_iters: int = 100
     max_samples: int = 128
+    trace: str = "hutchinson"
 
     def __post_init__(self):
+        if self.trace not in TRACES:
+            raise ValueError(f"trace must be one of {tuple(TRACES)}, got {self.trace!r}")
         if self.budget not in BUDGETS:
             raise ValueError(f"budget must be one of {BUDGETS}, got {self.budget!r}")
         if not 0.0 <= self.r <= 1.0:
@@ -150,8 +158,8 @@ def plan_bits(model: nn.Module, calib_data, config: PlanConfig | None = None, *,
     layers, folded = model_layers(model, x, leaf_modules)
     names = [l.name for l in layers]
     if traces is None:
-        traces = hutchinson_traces(model, names, calib_data, tol=config.tol, max_iters=config.max_iters,
-                                   max_samples=config.max_samples)
+        traces = TRACES[config.trace](model, names, calib_data, tol=config.tol, max_iters=config.max_iters,
+                                      max_samples=config.max_samples)
     sens = sensitivities(traces, folded, config.choices)
     if config.first_last_8bit:
         top = max(config.choices)
