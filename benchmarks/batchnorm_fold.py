@@ -27,7 +27,7 @@ def models(n_images: int):
 
     x, y = fashion_mnist_tensors("test")
     yield "fmnist-resnet", load_default_fmnist_model().eval(), x[:n_images], y[:n_images]
-    xc, yc, _ = cifar_split(n_images, 1)
+    xc, yc, _ = cifar_split(n_images, 0)
     yield "cifar-resnet20", load_cifar_resnet(20).eval(), xc, yc
 
 

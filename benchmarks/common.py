@@ -50,15 +50,20 @@ def top1(model, x, y, batch: int = 250) -> float:
     return 100.0 * int(correct(model, x, y, batch).sum()) / len(x)
 
 
-def cifar_split(n_images: int, calib_images: int):
+def cifar_split(n_images: int, calib_images: int, calib_labels: bool = False):
     """CIFAR-10 test images of ../shared in a fixed random order (seed 0; the files are
     sorted by class): the first ``n_images`` are evaluated, ``calib_images`` calibration
-    images come from the other end and never overlap them. Returns (x, y, calib)."""
+    images come from the other end and never overlap them. Returns (x, y, calib), and the
+    calibration images' labels last with ``calib_labels``."""
     from winoq.data import cifar_transform, load_imagefolder_tensors
 
     x_all, y_all = load_imagefolder_tensors(str(shared_dir() / "data" / "cifar10-test"), cifar_transform())
     order = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(0))
-    return x_all[order[:n_images]], y_all[order[:n_images]], x_all[order[-calib_images:]]
+    if n_images + calib_images > len(x_all):
+        raise SystemExit(f"{n_images} test + {calib_images} calibration images overlap: the set has {len(x_all)}")
+    pool = order[len(order) - calib_images:]
+    out = x_all[order[:n_images]], y_all[order[:n_images]], x_all[pool]
+    return out + (y_all[pool],) if calib_labels else out
 
 
 def add_cifar_args(ap: argparse.ArgumentParser, n_images: int, calib_images: int, out: str) -> None:

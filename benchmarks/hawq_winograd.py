@@ -71,6 +71,9 @@ def main(argv=None):
                     help="also check each ILP plan against the uniform choices within its budget by top-1 "
                          "agreement with the float model on N unlabelled calibration images (winograd_choice."
                          "checked_plan; disjoint from the test images); 0: no check")
+    ap.add_argument("--check-labels", action="store_true",
+                    help="rank the check's candidates by top-1 accuracy on the check images' labels (a labelled "
+                         "validation set) instead of agreement with the float model")
     ap.add_argument("--eval-kernel", default="emulated", choices=("emulated", "cpu"),
                     help="kernel of the Winograd layers when models are evaluated and checked (the tables always "
                          "use the emulated layers): 'cpu' = the compiled fixed-point kernel users deploy, about 10x "
@@ -79,8 +82,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     # the calibration pool: the last images of the shuffled test set, never the evaluated ones
-    x, y, pool = cifar_split(args.n_images, max(args.calib_images, args.check_images))
+    x, y, pool, pool_y = cifar_split(args.n_images, max(args.calib_images, args.check_images), calib_labels=True)
     calib, check = pool[-args.calib_images:], pool[-args.check_images:] if args.check_images else None
+    check_y = pool_y[-args.check_images:] if args.check_images and args.check_labels else None
     model = load_cifar_resnet(args.depth)
     res = {"machine": machine(), "command": "python benchmarks/hawq_winograd.py " + " ".join(argv or sys.argv[1:]),
            "n_images": args.n_images, "fp_top1": 100 * float(correct(model, x, y).float().mean()), "uniform": {},
@@ -131,7 +135,7 @@ def main(argv=None):
                "plan": {n: f"{t}/{b}" for n, (t, b) in plan.items()}}
         if check is not None:
             cplan, info = checked_plan(model, choices, plan, costs, {args.kind: budget * (1 + 1e-12)}, check,
-                                       check_scores)
+                                       check_scores, labels=check_y)
             row["checked"] = {"chosen": info["chosen"], "scores": info["scores"],
                               "top1": row["top1"] if cplan is plan else top1(assemble(choices, cplan),
                                                                              ("checked", how, key)),

@@ -63,7 +63,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     n_s = args.search_images
-    x, y, _ = cifar_split(n_s + args.heldout_images, 1)
+    x, y, _ = cifar_split(n_s + args.heldout_images, 0)
     model = load_cifar_resnet(args.depth)
     ev = Evaluator(model, x[:n_s], y[:n_s], bits=8, n_stats=args.stats_images)
     held = Evaluator(model, x[n_s:], y[n_s:], bits=8, n_stats=1)

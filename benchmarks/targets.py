@@ -97,7 +97,7 @@ def classifier_data(name, n):
     from common import cifar_split
     from winoq.models import load_cifar_resnet
 
-    x, y, _ = cifar_split(n, 1)
+    x, y, _ = cifar_split(n, 0)
     return load_cifar_resnet(int(name.removeprefix("cifar-resnet"))), x, y
 
 

@@ -133,7 +133,7 @@ def main(argv=None):
         from common import cifar_split
         from winoq.models import load_cifar_resnet
 
-        x, y, _ = cifar_split(args.n_images, 1)
+        x, y, _ = cifar_split(args.n_images, 0)
         run_classifier(args, res, "cifar_resnet20", load_cifar_resnet(20), x, y)
     dump_json(args.out, res)
     print(f"{time.perf_counter() - t0:.0f}s; JSON: {args.out}")

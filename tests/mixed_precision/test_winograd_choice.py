@@ -82,3 +82,26 @@ def test_checked_plan_keeps_the_candidate_that_agrees_most_with_the_float_model(
     assert len(calls) == n_calls + 1 and info2["chosen"] == "ilp" and again == plan  # ties keep the ILP's plan
     with pytest.raises(ValueError, match="classifiers"):
         wc.checked_plan(nn.Sequential(model, nn.Unflatten(1, (4, 10, 10))), choices, bad, costs, budget, x)
+
+
+def test_labelled_check_ranks_by_accuracy_on_the_labels():
+    from winoq.mixed_precision import winograd_choice as wc
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+                          nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.Flatten()).eval()
+    x = torch.randn(6, 2, 10, 10)
+    with torch.no_grad():
+        ref = model(x)
+    assert wc.prediction_agreement(model, x, ref) == wc.prediction_agreement(model, x, ref, labels=ref.argmax(-1))
+    wrong = (ref.argmax(-1) + 1) % ref.shape[1]
+    assert wc.prediction_agreement(model, x, ref, labels=wrong)[0] == 0.0
+    choices = build_choices(model, tiles=("direct", 6), learn_steps=1)
+    sens, costs = joint_tables(model, choices, x, samples=4, latency_batch=2)
+    budget = {"mults": sum(costs["mults"][n][("F6", 8)] for n in sens)}
+    plan = {n: ("F6", 8) for n in sens}
+    # labels that only uniform F(6,3)/4 gets right: the labelled check must pick it
+    with torch.no_grad():
+        labels = choices[("F6", 4)](x).argmax(-1)
+    _, info = wc.checked_plan(model, choices, plan, costs, budget, x, {}, labels=labels)
+    assert info["chosen"] == "F6/4" and info["scores"]["F6/4"][0] == 1.0

@@ -147,24 +147,30 @@ def joint_tables(model: nn.Module, choices: dict, calib, samples: int = 32, late
     return sens, {"mults": mults, "latency": lat}
 
 
-def prediction_agreement(model: nn.Module, x: torch.Tensor, ref_logits: torch.Tensor, batch: int = 250) -> tuple[float, float]:
+def prediction_agreement(model: nn.Module, x: torch.Tensor, ref_logits: torch.Tensor, batch: int = 250,
+                         labels: torch.Tensor | None = None) -> tuple[float, float]:
     """(fraction of ``x`` whose top-1 class equals the float model's, relative logit error) of
-    ``model``: a task-level score that needs no labels."""
+    ``model``: a task-level score that needs no labels. With ``labels``, the first number is the
+    top-1 accuracy on them instead."""
     with torch.no_grad():
         y = torch.cat([model(x[i:i + batch]) for i in range(0, len(x), batch)])
-    agree = float((y.argmax(-1) == ref_logits.argmax(-1)).float().mean())
+    target = ref_logits.argmax(-1) if labels is None else labels
+    agree = float((y.argmax(-1) == target).float().mean())
     return agree, _relative_error(y, ref_logits)
 
 
 def checked_plan(model: nn.Module, choices: dict, plan: dict, costs: dict, budgets: dict, x: torch.Tensor,
-                 scores: dict | None = None):
+                 scores: dict | None = None, labels: torch.Tensor | None = None):
     """The ILP's ``plan`` checked against every uniform choice that fits ``budgets`` by a task-level
     score on unlabelled calibration inputs ``x`` (a classifier's: logits (N, classes)): the
     candidate whose top-1 agrees most often with the float model wins, the smaller relative logit
     error breaks ties, and a full tie keeps the ILP's plan. Returns ``(plan, {"chosen": "ilp" or
     the uniform label, "scores": {candidate: (agreement, error)}})``. ``scores``: a dict reused
     across calls, filled here with the float model's logits ("float") and the uniform candidates'
-    scores, which do not depend on the budget.
+    scores, which do not depend on the budget (one dict per ``x`` and ``labels``). ``labels``: the
+    classes of ``x`` when the check images are labelled (a validation set): candidates are then
+    ranked by top-1 accuracy on them, which also credits a candidate that is *more* accurate than
+    the float model, where agreement with the float model cannot.
 
     Why: the ILP adds single-layer output errors, and many layers at 4-bit weights together can
     err differently from that sum: on ResNet-56 the ILP's plan at uniform F(2,3)/4's cost lost 2.4
@@ -194,7 +200,7 @@ def checked_plan(model: nn.Module, choices: dict, plan: dict, costs: dict, budge
         if key != "ilp" and key in scores:
             found[key] = scores[key]
             continue
-        found[key] = prediction_agreement(assemble(choices, cand), x, ref)
+        found[key] = prediction_agreement(assemble(choices, cand), x, ref, labels=labels)
         if key != "ilp":
             scores[key] = found[key]
     best = max(found, key=lambda k: (found[k][0], -found[k][1], k == "ilp"))
