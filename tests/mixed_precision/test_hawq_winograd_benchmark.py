@@ -54,3 +54,13 @@ def test_curve_points_list_the_ilp_plan_and_a_different_checked_plan(bench):
             {"uniform": "F2/4", "top1": 79.0, "mults": 0.5, "checked": {"chosen": "F2/4", "top1": 80.5, "mults": 0.5}}]
     pts = bench.curve_points(rows, "mults")
     assert [p["key"] for p in pts] == [("ilp", "r", 0.1), ("ilp", "uniform", "F2/4"), ("checked", "uniform", "F2/4")]
+
+
+def test_each_check_has_its_own_curve(bench):
+    rows = [{"r": 0.1, "top1": 80.0, "mults": 1.0, "checked": {"chosen": "F2/4", "top1": 81.0, "mults": 0.5},
+             "checked_labels": {"chosen": "direct/4", "top1": 82.0, "mults": 0.9}}]
+    agree = bench.curve_points(rows, "mults")
+    labelled = bench.curve_points(rows, "mults", "checked_labels")
+    assert [p["key"] for p in agree] == [("ilp", "r", 0.1), ("checked", "r", 0.1)]
+    assert [p["key"] for p in labelled] == [("ilp", "r", 0.1), ("checked_labels", "r", 0.1)]
+    assert labelled[1]["name"] == "checked labels at r=0.1 (direct/4)"
