@@ -7,7 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from winoq.integer import IntegerConfig, convert
-from winoq.mixed_precision import Plan, PlanConfig, fisher_traces, hutchinson_traces, plan_bits
+from winoq.mixed_precision import Plan, PlanConfig, activation_traces, fisher_traces, hutchinson_traces, plan_bits
+from winoq.mixed_precision.hessian import activation_error, sensitivities
 from winoq.models import fmnist_resnet
 
 
@@ -100,6 +101,62 @@ def test_planner_with_fisher_traces():
     assert all(t["samples"] == 4 and t["trace"] >= 0 for t in plan.traces.values())
     with pytest.raises(ValueError, match="trace must be one of"):
         PlanConfig(trace="exact")
+
+
+def test_activation_trace_is_the_fisher_trace_of_the_layer_input():
+    # the last layer's input a: logits = W a + b, so the Fisher in a is W^T (diag p - p p^T) W per image
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    traces, values = activation_traces(model, ["0", "2"], x)
+    w = model[2].weight.detach()
+    exact = 0.0
+    for i in range(len(x)):
+        p = torch.softmax(model(x[i:i + 1])[0], -1).detach()
+        exact += float(torch.trace(w.T @ (torch.diag(p) - torch.outer(p, p)) @ w)) / len(x)
+    assert traces["2"].trace == pytest.approx(exact, rel=1e-10)
+    assert traces["0"].trace > 0 and traces["0"].samples == 5
+    assert torch.equal(values["0"].sort().values, x.flatten().sort().values)   # layer 0 reads the input
+    assert bool((values["2"] >= 0).all())                                       # layer 2 reads the ReLU
+
+
+def test_activation_error_follows_the_integer_conversion_grid():
+    grid = torch.arange(0, 256, dtype=torch.float64) * 0.01          # 255 steps: exact on an unsigned 8-bit grid,
+    assert activation_error(grid, 8) > 0                             # but 8-bit post-ReLU values are symmetric
+    sym = torch.arange(-127, 128, dtype=torch.float64) * 0.01
+    assert activation_error(sym, 8) == pytest.approx(0.0, abs=1e-20)
+    relu4 = torch.arange(0, 16, dtype=torch.float64) * 0.1           # 4 bit post-ReLU: unsigned [0, 15]
+    assert activation_error(relu4, 4) == pytest.approx(0.0, abs=1e-20)
+    v = torch.randn(4000, dtype=torch.float64).relu()
+    assert activation_error(v, 4) > activation_error(v, 8) > 0
+
+
+def test_choices_that_differ_in_activation_bits_need_the_activation_term():
+    model = _small_model()
+    x = torch.randn(6, 1, 12, 12)
+    pairs = ((4, 4), (4, 8), (8, 8))
+    with pytest.raises(ValueError, match="activation bits alone"):
+        plan_bits(model, x, PlanConfig(choices=pairs, max_iters=2, max_samples=4))
+    with pytest.raises(ValueError, match="choices must be"):
+        PlanConfig(choices=((4, 4, 4),))
+    plans = {b: plan_bits(model, x, PlanConfig(budget=b, r=0.3, choices=pairs, trace="fisher", activation_term=True,
+                                               max_samples=4)) for b in ("size", "bops")}
+    size = plans["size"]
+    assert size.bits["conv1"] == (8, 8) and size.bits["fc"] == (8, 8)
+    # 4-bit activations save no bytes: the size plan never takes them (they only add error)
+    assert (4, 8) in size.bits.values() and (4, 4) not in size.bits.values()
+    for layer, t in size.sensitivity.items():
+        if (4, 4) in t:
+            assert t[(4, 4)] > t[(4, 8)]
+    assert all("activation_trace" in t for t in size.traces.values())
+    bops = plans["bops"]
+    assert bops.totals["bops"] <= bops.budget * (1 + 1e-9)
+    again = Plan.from_json(bops.to_json())
+    assert again.bits == bops.bits and again.sensitivity == bops.sensitivity
+    im = convert(model, x, IntegerConfig(layer_bits=again.bits))
+    assert im.bops() == pytest.approx(again.totals["bops"])
+    layer = next(n for n, b in size.bits.items() if b == (4, 8))
+    assert size.recipe().plan_for(layer) == {"weights": "int4", "activations": "int8"}
 
 
 def test_latency_budget_needs_a_table_and_bad_r():

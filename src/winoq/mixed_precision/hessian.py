@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from ..calibration import _calls
 
-__all__ = ["TraceEstimate", "hutchinson_traces", "fisher_traces", "weight_error", "sensitivities"]
+__all__ = ["TraceEstimate", "hutchinson_traces", "fisher_traces", "activation_traces", "activation_error",
+           "weight_error", "sensitivities", "bits_of_choice"]
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,69 @@ def fisher_traces(model: nn.Module, layers: list[str], calib_data, *, max_sample
     return {layer: _estimate(s) for layer, s in zip(layers, per_image)}
 
 
+def activation_traces(model: nn.Module, layers: list[str], calib_data, *, max_samples: int = 256,
+                      keep: int = 1 << 15) -> tuple[dict[str, TraceEstimate], dict[str, torch.Tensor]]:
+    """Per layer: ``Tr(F_a)``, the Fisher trace of the model's predictive distribution with respect
+    to the layer's *input activation* ``a`` (per image: ``sum_c p(c|x) ||d log p(c|x) / da||^2``;
+    one backward per class serves every layer and image, as each image's ``a`` is its own), and up
+    to ``keep`` of the activation's values, for its quantization error. ``Tr(F_a) * mse(a)`` is the
+    activation's term of the sensitivity (HAWQ-V3's Omega counts only the weights, so it cannot
+    tell W4A4 from W4A8)."""
+    mods = dict(model.named_modules())
+    missing = [l for l in layers if l not in mods]
+    if missing:
+        raise ValueError(f"layer {missing[0]!r} is not a module of the model")
+    images = torch.cat([x for x, _ in _batches(calib_data, max_samples)])
+    acts: dict[str, torch.Tensor] = {}
+    hooks = [mods[l].register_forward_pre_hook(lambda m, args, _l=l: acts.__setitem__(_l, args[0])) for l in layers]
+    was_training = model.training
+    model.eval()
+    per_image = {l: [] for l in layers}
+    values = {l: [] for l in layers}
+    try:
+        for x in images.split(32):
+            acts.clear()
+            logp = F.log_softmax(model(x.clone().requires_grad_()), dim=-1)
+            p = logp.detach().exp()
+            t = {l: torch.zeros(len(x), dtype=torch.float64) for l in layers}
+            for c in range(logp.shape[1]):
+                grads = torch.autograd.grad(logp[:, c].sum(), [acts[l] for l in layers],
+                                            retain_graph=c + 1 < logp.shape[1])
+                for l, g in zip(layers, grads):
+                    t[l] += p[:, c].double() * (g.double() ** 2).flatten(1).sum(1)
+            for l in layers:
+                per_image[l].extend(t[l].tolist())
+                values[l].append(acts[l].detach().flatten())
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    gen = torch.Generator().manual_seed(0)
+    kept = {}
+    for l in layers:
+        v = torch.cat(values[l])
+        kept[l] = v[torch.randperm(len(v), generator=gen)[:keep]] if len(v) > keep else v
+    return {l: _estimate(per_image[l]) for l in layers}, kept
+
+
+def activation_error(values: torch.Tensor, bits: int, unsigned_max_bits: int = 4) -> float:
+    """Mean squared error per element of quantizing ``values`` to ``bits`` as
+    ``winoq.integer.convert`` does by default: one static scale, the calibrated max (8 bits and
+    more) or the MSE-searched clipping (fewer), non-negative values on the unsigned grid up to
+    ``unsigned_max_bits``."""
+    from ..integer.convert import _act_range, _mse_clip
+
+    v = values.double()
+    qmin, qmax = _act_range(bits, bool(v.min() >= 0), unsigned_max_bits)
+    amax = float(v.abs().max())
+    if amax == 0:
+        return 0.0
+    if bits < 8:
+        amax = _mse_clip(v, amax, qmin, qmax)
+    s = amax / qmax
+    return float(((torch.round(v / s).clamp(qmin, qmax) * s - v) ** 2).mean())
+
+
 def _estimate(samples: list[float]) -> TraceEstimate:
     """Mean, its standard error and running means of per-sample trace values."""
     n = len(samples)
@@ -154,11 +218,29 @@ def weight_error(w_folded: torch.Tensor, fold: torch.Tensor, bits: int) -> float
     return float((scaled ** 2).sum())
 
 
+def bits_of_choice(choice) -> tuple[int, int]:
+    """(weight bits, activation bits) of a choice: ``b`` (both, as HAWQ-V3) or a ``(w, a)`` pair."""
+    return (choice, choice) if isinstance(choice, int) else (int(choice[0]), int(choice[1]))
+
+
 def sensitivities(traces: dict[str, TraceEstimate], folded: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                  choices=(4, 8)) -> dict[str, dict[int, float]]:
-    """``Omega_i(b) = Tr(H_i) / n_i * ||W_i - Q_b(W_i)||^2`` for each layer and bit width."""
+                  choices=(4, 8), activations: tuple[dict, dict] | None = None) -> dict[str, dict]:
+    """``Omega_i(b) = Tr(H_i) / n_i * ||W_i - Q_b(W_i)||^2`` for each layer and choice (a bit width,
+    or a ``(weight, activation)`` pair). ``activations``: ``activation_traces``' output; adds the
+    activation term ``Tr(F_a,i) * mse(a_i, b_a)``, which choices that differ only in activation bits
+    need (without it they would tie and the cheaper one would always win)."""
+    pairs = [bits_of_choice(c) for c in choices]
+    if activations is None and len({w for w, _ in pairs}) < len(set(pairs)):
+        raise ValueError(f"choices {tuple(choices)} differ in activation bits alone: pass activations="
+                         "activation_traces(...) (PlanConfig(activation_term=True)) so that Omega sees them")
     out = {}
     for layer, est in traces.items():
         w, fold = folded[layer]
-        out[layer] = {b: est.trace / w.numel() * weight_error(w, fold, b) for b in choices}
+        out[layer] = {}
+        for c, (wb, ab) in zip(choices, pairs):
+            omega = est.trace / w.numel() * weight_error(w, fold, wb)
+            if activations is not None:
+                act_tr, values = activations
+                omega += act_tr[layer].trace * activation_error(values[layer], ab)
+            out[layer][c] = omega
     return out

@@ -10,7 +10,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..integer.convert import _fold_bn, _kind, trace
-from .hessian import TraceEstimate, fisher_traces, hutchinson_traces, sensitivities
+from .hessian import TraceEstimate, activation_traces, bits_of_choice, fisher_traces, hutchinson_traces, sensitivities
 from .ilp import solve_ilp
 
 __all__ = ["PlanConfig", "LayerCost", "Plan", "model_layers", "plan_bits", "cost_tables"]
@@ -26,7 +26,11 @@ class PlanConfig:
     curvature of each layer in its sensitivity: ``"hutchinson"`` (HAWQ-V3: Hessian trace by
     Rademacher samples, stopping at ``tol`` or ``max_iters``) or ``"fisher"`` (exact Fisher /
     Gauss-Newton trace per image: never negative, no random vectors; see
-    :func:`~winoq.mixed_precision.hessian.fisher_traces`); both on ``max_samples`` images."""
+    :func:`~winoq.mixed_precision.hessian.fisher_traces`); both on ``max_samples`` images.
+    ``choices``: bit widths for weights and activations together (HAWQ-V3), or ``(weight,
+    activation)`` pairs such as ``((4, 4), (4, 8), (8, 8))``. ``activation_term``: add each
+    layer's activation term ``Tr(F_a) * mse(a)`` to Omega (HAWQ-V3's counts only the weights, so
+    it cannot see what 4-bit activations cost); pairs that differ in activation bits alone need it."""
 
     budget: str = "bops"
     r: float = 0.5
@@ -36,6 +40,7 @@ class PlanConfig:
     max_iters: int = 100
     max_samples: int = 128
     trace: str = "hutchinson"
+    activation_term: bool = False
 
     def __post_init__(self):
         if self.trace not in TRACES:
@@ -44,8 +49,13 @@ class PlanConfig:
             raise ValueError(f"budget must be one of {BUDGETS}, got {self.budget!r}")
         if not 0.0 <= self.r <= 1.0:
             raise ValueError(f"r must be in [0, 1] (e.g. 0.75, 0.5, 0.25), got {self.r}")
-        if not self.choices or any(not isinstance(b, int) or not 2 <= b <= 16 for b in self.choices):
-            raise ValueError(f"choices must be bit widths in [2, 16], got {self.choices!r}")
+        def valid(c):
+            pair = (c, c) if isinstance(c, int) else c
+            return isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(b, int) and 2 <= b <= 16 for b in pair)
+
+        if not self.choices or not all(valid(c) for c in self.choices):
+            raise ValueError(f"choices must be bit widths in [2, 16] or (weight, activation) pairs of them, "
+                             f"got {self.choices!r}")
 
 
 @dataclass(frozen=True)
@@ -58,7 +68,7 @@ class LayerCost:
 
 @dataclass
 class Plan:
-    bits: dict[str, int]
+    bits: dict[str, int | tuple[int, int]]   # a bit width, or (weight, activation) bits
     budget_kind: str
     r: float
     budget: float
@@ -70,7 +80,7 @@ class Plan:
 
     def to_json(self) -> str:
         d = asdict(self)
-        d["sensitivity"] = {l: {str(b): v for b, v in t.items()} for l, t in self.sensitivity.items()}
+        d["sensitivity"] = {l: {_choice_key(b): v for b, v in t.items()} for l, t in self.sensitivity.items()}
         return json.dumps(d, indent=1)
 
     def recipe(self, base=None):
@@ -80,13 +90,24 @@ class Plan:
         from ..recipe import Recipe
 
         base = base or Recipe(winograd=None)
-        return base.replace(layer_plan={n: {"weights": f"int{b}", "activations": f"int{b}"} for n, b in self.bits.items()})
+        return base.replace(layer_plan={n: {"weights": f"int{w}", "activations": f"int{a}"}
+                                        for n, (w, a) in ((n, bits_of_choice(b)) for n, b in self.bits.items())})
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
         d = json.loads(text)
-        d["sensitivity"] = {l: {int(b): v for b, v in t.items()} for l, t in d["sensitivity"].items()}
+        d["sensitivity"] = {l: {_parse_choice(b): v for b, v in t.items()} for l, t in d["sensitivity"].items()}
+        d["bits"] = {l: b if isinstance(b, int) else tuple(b) for l, b in d["bits"].items()}
         return cls(**d)
+
+
+def _choice_key(choice) -> str:
+    """A choice as a JSON key: "4", or "4/8" for (weight, activation) bits."""
+    return str(choice) if isinstance(choice, int) else "/".join(map(str, choice))
+
+
+def _parse_choice(key: str):
+    return int(key) if "/" not in key else tuple(int(b) for b in key.split("/"))
 
 
 class _Shapes(fx.Interpreter):
@@ -136,22 +157,24 @@ def model_layers(model: nn.Module, example: torch.Tensor, leaf_modules=()) -> tu
 
 
 def cost_tables(layers: list[LayerCost], choices, latency: dict[str, dict[int, float]] | None = None) -> dict:
-    """``{kind: {layer: {bits: cost}}}``: size in bytes (params x b / 8), BOPs (MACs x b_w x b_a with
-    the choice setting both), and ``latency`` when a measured table is given."""
-    tables = {"size": {l.name: {b: l.params * b / 8 for b in choices} for l in layers},
-              "bops": {l.name: {b: float(l.macs * b * b) for b in choices} for l in layers}}
+    """``{kind: {layer: {choice: cost}}}``: size in bytes (params x b_w / 8), BOPs (MACs x b_w x b_a;
+    a bit-width choice sets both), and ``latency`` when a measured table is given."""
+    bits = {c: bits_of_choice(c) for c in choices}
+    tables = {"size": {l.name: {c: l.params * bits[c][0] / 8 for c in choices} for l in layers},
+              "bops": {l.name: {c: float(l.macs * bits[c][0] * bits[c][1]) for c in choices} for l in layers}}
     if latency is not None:
         tables["latency"] = {l.name: {b: float(latency[l.name][b]) for b in choices} for l in layers}
     return tables
 
 
 def plan_bits(model: nn.Module, calib_data, config: PlanConfig | None = None, *, latency=None,
-              traces: dict[str, TraceEstimate] | None = None, leaf_modules=()) -> Plan:
+              traces: dict[str, TraceEstimate] | None = None, activations=None, leaf_modules=()) -> Plan:
     """Per-layer bits for ``model`` minimising the HAWQ-V3 sensitivity under the configured budget.
 
     Layers reading the same value (a block's first conv and its downsample conv) are tied; the
     first and last layers are kept at the largest choice. ``latency``: ``{layer: {bits: seconds}}``
-    measured by the caller (needed for ``budget="latency"``). ``traces`` reuses earlier estimates."""
+    measured by the caller (needed for ``budget="latency"``). ``traces`` and ``activations`` (the output
+    of :func:`~winoq.mixed_precision.hessian.activation_traces`) reuse earlier estimates."""
     config = config or PlanConfig()
     x = calib_data if isinstance(calib_data, torch.Tensor) else next(iter(calib_data))
     x = x[0] if isinstance(x, (tuple, list)) else x
@@ -160,9 +183,12 @@ def plan_bits(model: nn.Module, calib_data, config: PlanConfig | None = None, *,
     if traces is None:
         traces = TRACES[config.trace](model, names, calib_data, tol=config.tol, max_iters=config.max_iters,
                                       max_samples=config.max_samples)
-    sens = sensitivities(traces, folded, config.choices)
+    acts = None
+    if config.activation_term:
+        acts = activations or activation_traces(model, names, calib_data, max_samples=config.max_samples)
+    sens = sensitivities(traces, folded, config.choices, acts)
     if config.first_last_8bit:
-        top = max(config.choices)
+        top = max(config.choices, key=bits_of_choice)
         for end in (names[0], names[-1]):
             sens[end] = {top: sens[end][top]}
     if config.budget == "latency" and latency is None:
@@ -181,4 +207,7 @@ def plan_bits(model: nn.Module, calib_data, config: PlanConfig | None = None, *,
     solve_s = time.perf_counter() - t0
     totals = {k: sum(t[n][bits[n]] for n in names) for k, t in tables.items()}
     tr = {n: {"trace": e.trace, "stderr": e.stderr, "samples": e.samples} for n, e in traces.items()}
+    if acts is not None:
+        for n, e in acts[0].items():
+            tr[n].update(activation_trace=e.trace, activation_stderr=e.stderr)
     return Plan(bits, config.budget, config.r, budget, totals, sens, tr, ties, solve_s)
