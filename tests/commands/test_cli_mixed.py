@@ -52,3 +52,25 @@ def test_mixed_command_saves_the_plan_in_a_checkpoint(tmp_path, capsys):
     assert "layer-plan" in capsys.readouterr().out
     assert main(["mixed", "--model", "cifar-resnet20", "--calib-data", str(tmp_path / "imgs"), "--save", str(tmp_path)]) != 0
     assert "is a directory" in capsys.readouterr().err
+
+
+def test_mixed_command_with_activation_pairs(tmp_path, capsys):
+    import winoq
+    from winoq.mixed_precision import Plan
+    from winoq.models import cifar_resnet20
+
+    _images(tmp_path)
+    out = tmp_path / "pairs.safetensors"
+    rc = main(["mixed", "--model", "cifar-resnet20", "--calib-data", str(tmp_path / "imgs"), "--calib-images", "4",
+               "--trace", "fisher", "--activation-term", "--budget", "bops", "--r", "0.3",
+               "--out", str(tmp_path / "plan.json"), "--plot", str(tmp_path / "plan.png"), "--save", str(out)])
+    assert rc in (0, None)
+    text = capsys.readouterr().out
+    assert "Omega(W4A8)" in text and "4-bit activations" in text
+    plan = Plan.from_json((tmp_path / "plan.json").read_text())
+    assert plan.bits["conv1"] == (8, 8) and set(plan.bits.values()) <= {(4, 4), (4, 8), (8, 8)}
+    assert plan.totals["bops"] <= plan.budget * (1 + 1e-9)
+    q = winoq.load(out, cifar_resnet20())
+    saved = {n: dict(c) for n, c in dict(q.winoq_recipe.layer_plan).items()}
+    assert saved == {n: {"weights": f"int{w}", "activations": f"int{a}"} for n, (w, a) in plan.bits.items()}
+    assert (tmp_path / "plan.png").stat().st_size > 1000

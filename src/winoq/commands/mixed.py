@@ -21,6 +21,9 @@ def register(subparsers) -> None:
     p.add_argument("--trace", choices=("hutchinson", "fisher"), default="hutchinson",
                    help="layer curvature: Hutchinson's Hessian trace estimate (HAWQ-V3) or the exact Fisher trace "
                         "per image (never negative, less noisy on deep nets)")
+    p.add_argument("--activation-term", action="store_true",
+                   help="choose W4A4 / W4A8 / W8A8 per layer, with the activation term Tr(F_a) mse(a) in Omega "
+                        "(HAWQ-V3's Omega counts only the weights and chooses W4A4 or W8A8)")
     p.add_argument("--trace-iters", type=int, default=30, help="at most this many Hutchinson samples")
     p.add_argument("--out", type=Path, help="write the plan as JSON")
     p.add_argument("--plot", type=Path, help="write a PNG: per-layer bits and the Pareto curve")
@@ -31,13 +34,19 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _table(plan, layers) -> str:
-    rows = [f"{'layer':28s} {'MACs':>11s} {'params':>8s} {'trace':>10s} {'Omega(4)':>10s} {'Omega(8)':>10s} bits"]
+def _name(choice) -> str:
+    """4 -> "4", (4, 8) -> "W4A8"."""
+    return str(choice) if isinstance(choice, int) else f"W{choice[0]}A{choice[1]}"
+
+
+def _table(plan, layers, choices) -> str:
+    head = "".join(f" {'Omega(' + _name(c) + ')':>13s}" for c in choices)
+    rows = [f"{'layer':28s} {'MACs':>11s} {'params':>8s} {'trace':>10s}{head} bits"]
     for l in layers:
         s = plan.sensitivity[l.name]
         tr = plan.traces.get(l.name, {}).get("trace", float("nan"))
-        om = [f"{s[b]:10.3g}" if b in s else f"{'(fixed)':>10s}" for b in (4, 8)]
-        rows.append(f"{l.name:28s} {l.macs:11d} {l.params:8d} {tr:10.3g} {om[0]} {om[1]} {plan.bits[l.name]:4d}")
+        om = "".join(f" {s[c]:13.3g}" if c in s else f" {'(fixed)':>13s}" for c in choices)
+        rows.append(f"{l.name:28s} {l.macs:11d} {l.params:8d} {tr:10.3g}{om} {_name(plan.bits[l.name]):>4s}")
     return "\n".join(rows)
 
 
@@ -54,7 +63,7 @@ def pareto(sens, tables, kind, ties, rs):
     return out
 
 
-def plot_plan(plan, layers, tables, path) -> str:
+def plot_plan(plan, layers, tables, path, choices=(4, 8)) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,16 +72,23 @@ def plot_plan(plan, layers, tables, path) -> str:
     kind = plan.budget_kind
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4))
     names = [l.name for l in layers]
-    a.bar(range(len(names)), [plan.bits[n] for n in names], color="tab:blue")
+    from ..mixed_precision.hessian import bits_of_choice
+
+    pairs = [bits_of_choice(plan.bits[n]) for n in names]
+    a.bar([i - 0.2 for i in range(len(names))], [w for w, _ in pairs], width=0.4, color="tab:blue", label="weights")
+    a.bar([i + 0.2 for i in range(len(names))], [b for _, b in pairs], width=0.4, color="tab:orange",
+          label="activations")
+    a.legend(fontsize=7)
     a.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
     a.set_ylabel("bits")
     a.set_title(f"plan: {kind} r={plan.r}")
     curve = pareto(plan.sensitivity, tables, kind, plan.ties, [i / 20 for i in range(21)])
-    b.plot([c for c, _ in curve], [s for _, s in curve], "o-", label="ILP (mixed 4/8)")
-    for bits, mk in ((4, "s"), (8, "^")):
-        c = sum(tables[kind][n][bits if bits in plan.sensitivity[n] else 8] for n in names)
-        s = sum(plan.sensitivity[n].get(bits, plan.sensitivity[n][8]) for n in names)
-        b.plot([c], [s], mk, ms=9, label=f"uniform {bits} bit (ends 8)")
+    b.plot([c for c, _ in curve], [s for _, s in curve], "o-", label="ILP (mixed)")
+    top = max(choices, key=bits_of_choice)
+    for choice, mk in zip(choices, "s^vD"):
+        c = sum(tables[kind][n][choice if choice in plan.sensitivity[n] else top] for n in names)
+        s = sum(plan.sensitivity[n].get(choice, plan.sensitivity[n][top]) for n in names)
+        b.plot([c], [s], mk, ms=9, label=f"uniform {_name(choice)} (ends {_name(top)})")
     b.set_xlabel(kind)
     b.set_ylabel("sum of Omega")
     b.set_yscale("symlog", linthresh=1e-9)
@@ -109,19 +125,24 @@ def run(args) -> int:
     calib = _calibration_images(name, args.calib_data, args.calib_images)
     if calib is None:
         raise CLIError("winoq mixed needs calibration images: pass --calib-data DIR (ImageFolder)")
+    from ..mixed_precision.hessian import bits_of_choice
+
+    choices = ((4, 4), (4, 8), (8, 8)) if args.activation_term else (4, 8)
     plan = plan_bits(model, calib, PlanConfig(budget=args.budget, r=args.r, max_iters=args.trace_iters,
-                                              max_samples=args.calib_images, trace=args.trace))
+                                              max_samples=args.calib_images, trace=args.trace, choices=choices,
+                                              activation_term=args.activation_term))
     layers, _ = model_layers(model, calib)
-    tables = cost_tables(layers, (4, 8))
-    print(_table(plan, layers))
+    tables = cost_tables(layers, choices)
+    print(_table(plan, layers, choices))
+    pairs = [bits_of_choice(b) for b in plan.bits.values()]
     print(f"budget {plan.budget_kind} <= {plan.budget:.4g}: size {plan.totals['size'] / 1e6:.4f} MB, "
-          f"{plan.totals['bops'] / 1e9:.3f} GBOPs; {sum(b == 4 for b in plan.bits.values())}/{len(plan.bits)} "
-          f"layers at 4 bit; ILP {plan.solve_seconds * 1e3:.1f} ms")
+          f"{plan.totals['bops'] / 1e9:.3f} GBOPs; {sum(w == 4 for w, _ in pairs)}/{len(pairs)} layers with 4-bit "
+          f"weights, {sum(a == 4 for _, a in pairs)} with 4-bit activations; ILP {plan.solve_seconds * 1e3:.1f} ms")
     if args.out:
         args.out.write_text(plan.to_json())
         print(f"plan -> {args.out}")
     if args.plot:
-        print(f"plot -> {plot_plan(plan, layers, tables, args.plot)}")
+        print(f"plot -> {plot_plan(plan, layers, tables, args.plot, choices)}")
     if args.save:
         _save_quantized(model, plan, args)
     if args.onnx:
