@@ -80,6 +80,8 @@ def main(argv=None):
                          "faster than the emulation, which makes a test set of thousands of images affordable")
     add_cifar_args(ap, n_images=500, calib_images=32, out="benchmarks/out/hawq_winograd.json")
     args = ap.parse_args(argv)
+    if args.check_labels and not args.check_images:
+        ap.error("--check-labels needs check images: pass --check-images N")
     torch.set_num_threads(args.threads)
     # the calibration pool: the last images of the shuffled test set, never the evaluated ones
     x, y, pool, pool_y = cifar_split(args.n_images, max(args.calib_images, args.check_images), calib_labels=True)

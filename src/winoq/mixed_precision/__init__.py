@@ -4,5 +4,5 @@ from .hessian import TraceEstimate, activation_traces, fisher_traces, hutchinson
 from .ilp import solve_ilp
 from .planner import Plan, PlanConfig, cost_tables, model_layers, plan_bits
 
-__all__ = ["solve_ilp", "TraceEstimate", "activation_traces", "fisher_traces", "hutchinson_traces", "sensitivities", "weight_error", "Plan",
-           "PlanConfig", "cost_tables", "model_layers", "plan_bits"]
+__all__ = ["solve_ilp", "TraceEstimate", "activation_traces", "fisher_traces", "hutchinson_traces", "sensitivities",
+           "weight_error", "Plan", "PlanConfig", "cost_tables", "model_layers", "plan_bits"]

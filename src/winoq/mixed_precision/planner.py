@@ -49,13 +49,14 @@ class PlanConfig:
             raise ValueError(f"budget must be one of {BUDGETS}, got {self.budget!r}")
         if not 0.0 <= self.r <= 1.0:
             raise ValueError(f"r must be in [0, 1] (e.g. 0.75, 0.5, 0.25), got {self.r}")
-        def valid(c):
-            pair = (c, c) if isinstance(c, int) else c
-            return isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(b, int) and 2 <= b <= 16 for b in pair)
-
-        if not self.choices or not all(valid(c) for c in self.choices):
+        if not self.choices or not all(_valid_choice(c) for c in self.choices):
             raise ValueError(f"choices must be bit widths in [2, 16] or (weight, activation) pairs of them, "
                              f"got {self.choices!r}")
+
+
+def _valid_choice(c) -> bool:
+    pair = (c, c) if isinstance(c, int) else c
+    return isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(b, int) and 2 <= b <= 16 for b in pair)
 
 
 @dataclass(frozen=True)
