@@ -27,7 +27,8 @@ from common import add_cifar_args, cifar_result, cifar_setup, dump_json, top1  #
 import torch  # noqa: E402
 
 from winoq.integer import IntegerConfig, convert  # noqa: E402
-from winoq.mixed_precision import PlanConfig, TraceEstimate, activation_traces, model_layers, plan_bits, solve_ilp  # noqa: E402
+from winoq.mixed_precision import (PlanConfig, TraceEstimate, activation_traces, model_layers,  # noqa: E402
+                                   plan_bits, solve_ilp)
 from winoq.mixed_precision.planner import TRACES  # noqa: E402
 from winoq.models import load_cifar_resnet  # noqa: E402
 
@@ -132,7 +133,8 @@ def main(argv=None):
     if args.traces_file and args.traces_file.exists():
         saved = json.loads(args.traces_file.read_text())
         if saved.get("kind", "hutchinson") != args.trace:
-            raise SystemExit(f"{args.traces_file} holds {saved.get('kind', 'hutchinson')} traces, not --trace {args.trace}")
+            raise SystemExit(f"{args.traces_file} holds {saved.get('kind', 'hutchinson')} traces, "
+                             f"not --trace {args.trace}")
         traces = {n: TraceEstimate(e["trace"], e["stderr"], e["samples"], tuple(e["history"]))
                   for n, e in saved["traces"].items()}
         res["trace_seconds"] = saved["trace_seconds"]
@@ -144,7 +146,8 @@ def main(argv=None):
     res["traces"] = {n: {"trace": e.trace, "stderr": e.stderr, "samples": e.samples,
                          "history": list(e.history)} for n, e in traces.items()}
     if args.traces_file and not args.traces_file.exists():
-        dump_json(args.traces_file, {"kind": args.trace, "traces": res["traces"], "trace_seconds": res["trace_seconds"]})
+        dump_json(args.traces_file, {"kind": args.trace, "traces": res["traces"],
+                                     "trace_seconds": res["trace_seconds"]})
     dump_json(args.out, res)
     worst = max(e.relative_spread for e in traces.values())
     res["trace_kind"] = args.trace

@@ -62,6 +62,20 @@ def test_fisher_trace_is_the_gauss_newton_trace_and_never_negative():
         fisher_traces(model, ["nope"], x)
 
 
+def test_many_classes_are_sampled_without_bias():
+    # 40 classes, 8 drawn per image: the Monte Carlo traces agree with the exact ones on the same images
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Linear(12, 40)).double()
+    x = torch.randn(200, 5, dtype=torch.float64)
+    exact = fisher_traces(model, ["0", "2"], x, max_classes=40)
+    mc = fisher_traces(model, ["0", "2"], x, max_classes=8)
+    acts_exact, _ = activation_traces(model, ["2"], x, max_classes=40)
+    acts_mc, _ = activation_traces(model, ["2"], x, max_classes=8)
+    for e, m in ((exact["0"], mc["0"]), (exact["2"], mc["2"]), (acts_exact["2"], acts_mc["2"])):
+        assert e.trace != m.trace and abs(e.trace - m.trace) < 4 * m.stderr, (e.trace, m.trace, m.stderr)
+    assert fisher_traces(model, ["2"], x[:20], max_classes=8)["2"] == fisher_traces(model, ["2"], x[:20], max_classes=8)["2"]
+
+
 def _small_model():
     torch.manual_seed(0)
     m = fmnist_resnet(widths=(4, 8), blocks=(1, 1))

@@ -92,8 +92,22 @@ def hutchinson_traces(model: nn.Module, layers: list[str], calib_data, *, tol: f
     return {layer: _estimate(s) for layer, s in zip(layers, sums)}
 
 
+def _class_weights(p: torch.Tensor, max_classes: int, gen: torch.Generator) -> list[tuple[int, torch.Tensor]]:
+    """``[(class, weight per image)]`` so that ``sum weight * f(class)`` is ``E_{c ~ p} f(c)``: every
+    class weighted by its probability when there are at most ``max_classes``, else ``max_classes``
+    classes drawn from ``p`` per image (an unbiased Monte Carlo estimate: the exact sum would cost
+    one backward pass per class, 1000 for an ImageNet model). ``p``: (N, classes)."""
+    n, classes = p.shape
+    if classes <= max_classes:
+        return [(c, p[:, c]) for c in range(classes)]
+    drawn = torch.multinomial(p.double(), max_classes, replacement=True, generator=gen)   # (N, max_classes)
+    counts = torch.zeros(n, classes, dtype=torch.float64)
+    counts.scatter_add_(1, drawn, torch.ones(drawn.shape, dtype=torch.float64))
+    return [(int(c), counts[:, c].to(p.dtype) / max_classes) for c in drawn.unique()]
+
+
 def fisher_traces(model: nn.Module, layers: list[str], calib_data, *, max_samples: int = 256,
-                  **_ignored) -> dict[str, TraceEstimate]:
+                  max_classes: int = 16, seed: int = 0, **_ignored) -> dict[str, TraceEstimate]:
     """``Tr(F_i)`` of the Fisher information of the model's own predictive distribution for the
     weight of each layer: ``mean_x sum_c p(c|x) ||d log p(c|x) / dW_i||^2``, computed exactly per
     image (one forward, one backward per class). For softmax cross-entropy this Fisher equals the
@@ -103,8 +117,9 @@ def fisher_traces(model: nn.Module, layers: list[str], calib_data, *, max_sample
     noisy or negative on a deep net (docs/results.md section 17: ResNet-56). It needs no random
     vectors and is never negative: its only noise is the choice of images, reported as the standard
     error over them. The labels of ``(input, target)`` batches are not used (the expectation is over
-    the model's classes). ``_ignored``: Hutchinson's stopping options, so callers can switch
-    estimators with the same arguments."""
+    the model's classes; over at most ``max_classes`` of them exactly, else over ``max_classes``
+    classes drawn per image, see :func:`_class_weights`). ``_ignored``: Hutchinson's stopping
+    options, so callers can switch estimators with the same arguments."""
     mods = dict(model.named_modules())
     missing = [l for l in layers if l not in mods or not hasattr(mods[l], "weight")]
     if missing:
@@ -114,15 +129,16 @@ def fisher_traces(model: nn.Module, layers: list[str], calib_data, *, max_sample
     was_training = model.training
     model.eval()
     per_image = [[] for _ in layers]
+    gen = torch.Generator().manual_seed(seed)
     try:
         for x in images.split(1):
             logp = F.log_softmax(model(x), dim=-1)[0]
-            p = logp.detach().exp()
+            weights = _class_weights(logp.detach().exp()[None], max_classes, gen)
             t = [0.0] * len(layers)
-            for c in range(len(logp)):
-                grads = torch.autograd.grad(logp[c], params, retain_graph=c + 1 < len(logp))
+            for k, (c, wt) in enumerate(weights):
+                grads = torch.autograd.grad(logp[c], params, retain_graph=k + 1 < len(weights))
                 for i, g in enumerate(grads):
-                    t[i] += float(p[c]) * float((g.double() ** 2).sum())
+                    t[i] += float(wt[0]) * float((g.double() ** 2).sum())
             for i, v in enumerate(t):
                 per_image[i].append(v)
     finally:
@@ -131,13 +147,14 @@ def fisher_traces(model: nn.Module, layers: list[str], calib_data, *, max_sample
 
 
 def activation_traces(model: nn.Module, layers: list[str], calib_data, *, max_samples: int = 256,
-                      keep: int = 1 << 15) -> tuple[dict[str, TraceEstimate], dict[str, torch.Tensor]]:
+                      keep: int = 1 << 15, max_classes: int = 16,
+                      seed: int = 0) -> tuple[dict[str, TraceEstimate], dict[str, torch.Tensor]]:
     """Per layer: ``Tr(F_a)``, the Fisher trace of the model's predictive distribution with respect
     to the layer's *input activation* ``a`` (per image: ``sum_c p(c|x) ||d log p(c|x) / da||^2``;
     one backward per class serves every layer and image, as each image's ``a`` is its own), and up
     to ``keep`` of the activation's values, for its quantization error. ``Tr(F_a) * mse(a)`` is the
     activation's term of the sensitivity (HAWQ-V3's Omega counts only the weights, so it cannot
-    tell W4A4 from W4A8)."""
+    tell W4A4 from W4A8). Classes as in :func:`fisher_traces` (``max_classes``)."""
     mods = dict(model.named_modules())
     missing = [l for l in layers if l not in mods]
     if missing:
@@ -149,17 +166,18 @@ def activation_traces(model: nn.Module, layers: list[str], calib_data, *, max_sa
     model.eval()
     per_image = {l: [] for l in layers}
     values = {l: [] for l in layers}
+    gen = torch.Generator().manual_seed(seed)
     try:
         for x in images.split(32):
             acts.clear()
             logp = F.log_softmax(model(x.clone().requires_grad_()), dim=-1)
-            p = logp.detach().exp()
+            weights = _class_weights(logp.detach().exp(), max_classes, gen)
             t = {l: torch.zeros(len(x), dtype=torch.float64) for l in layers}
-            for c in range(logp.shape[1]):
+            for k, (c, wt) in enumerate(weights):
                 grads = torch.autograd.grad(logp[:, c].sum(), [acts[l] for l in layers],
-                                            retain_graph=c + 1 < logp.shape[1])
+                                            retain_graph=k + 1 < len(weights))
                 for l, g in zip(layers, grads):
-                    t[l] += p[:, c].double() * (g.double() ** 2).flatten(1).sum(1)
+                    t[l] += wt.double() * (g.double() ** 2).flatten(1).sum(1)
             for l in layers:
                 per_image[l].extend(t[l].tolist())
                 values[l].append(acts[l].detach().flatten())
@@ -167,7 +185,6 @@ def activation_traces(model: nn.Module, layers: list[str], calib_data, *, max_sa
         for h in hooks:
             h.remove()
         model.train(was_training)
-    gen = torch.Generator().manual_seed(0)
     kept = {}
     for l in layers:
         v = torch.cat(values[l])
