@@ -355,6 +355,19 @@ class _QVal:
     bound: float = 0.0           # largest possible |code| (for overflow checks)
 
 
+def activation_grid(values: torch.Tensor | list[torch.Tensor], amax: float, bits: int, unsigned: bool,
+                    unsigned_max_bits: int, clip: str = "auto") -> tuple[float, int, int]:
+    """(scale, qmin, qmax) of an activation's static grid: the calibrated ``amax``, or with ``clip``
+    "mse" ("auto": below 8 bits) the clipping with least squared error on ``values`` (a tensor, or
+    sampled pieces, joined only then); non-negative values on the unsigned grid up to
+    ``unsigned_max_bits``. The integer conversion and the mixed-precision planner's activation term
+    both read this rule."""
+    qmin, qmax = _act_range(bits, unsigned, unsigned_max_bits)
+    if (clip == "mse" or (clip == "auto" and bits < 8)) and amax > 0:
+        amax = _mse_clip(torch.cat(values) if isinstance(values, list) else values, amax, qmin, qmax)
+    return (amax / qmax if amax > 0 else 1.0), qmin, qmax
+
+
 def _act_range(bits: int, unsigned: bool, unsigned_max_bits: int) -> tuple[int, int]:
     if unsigned and bits <= unsigned_max_bits:
         return 0, (1 << bits) - 1
@@ -494,14 +507,11 @@ class _Builder:
         return max(bits) if bits else self.cfg.act_bits
 
     def _scale_for(self, node: fx.Node, bits: int, unsigned: bool) -> tuple[torch.Tensor, int, int]:
-        qmin, qmax = _act_range(bits, unsigned, self.cfg.unsigned_max_bits)
         amax = self.rec.amax.get(node.name)
         if amax is None:
             raise IntegerConversionError(f"op {node.name!r} was not reached on calib_data; cannot calibrate it")
-        clip = self.cfg.act_clip
-        if (clip == "mse" or (clip == "auto" and bits < 8)) and amax > 0:
-            amax = _mse_clip(torch.cat(self.rec.samples[node.name]), amax, qmin, qmax)
-        scale = amax / qmax if amax > 0 else 1.0
+        scale, qmin, qmax = activation_grid(self.rec.samples[node.name], amax, bits, unsigned,
+                                            self.cfg.unsigned_max_bits, self.cfg.act_clip)
         return torch.tensor(scale, dtype=torch.float64), qmin, qmax
 
     def requant_to(self, node: fx.Node, src: list[_QVal], unsigned: bool, where: str, make) -> _QVal:

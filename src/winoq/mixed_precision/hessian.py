@@ -28,6 +28,16 @@ class TraceEstimate:
         return self.stderr / abs(self.trace) if self.trace else math.inf
 
 
+def _modules(model: nn.Module, layers: list[str], weights: bool) -> list[nn.Module]:
+    """The modules named ``layers`` (with a weight when ``weights``), or a ValueError naming the first
+    that is not there."""
+    mods = dict(model.named_modules())
+    missing = [l for l in layers if l not in mods or (weights and not hasattr(mods[l], "weight"))]
+    if missing:
+        raise ValueError(f"layer {missing[0]!r} is not a module{' with a weight' if weights else ''} in the model")
+    return [mods[l] for l in layers]
+
+
 def _batches(calib_data, max_samples: int):
     """(inputs, targets or None) with at most ``max_samples`` samples in total."""
     out, n = [], 0
@@ -56,11 +66,7 @@ def hutchinson_traces(model: nn.Module, layers: list[str], calib_data, *, tol: f
     serves every layer, as the ``v_i`` are independent). Targets are the labels of
     ``(input, target)`` batches, else the model's own predictions. Stops once every layer's running
     mean changes by less than ``tol`` (relative) between iterations, after ``min_iters``."""
-    mods = dict(model.named_modules())
-    missing = [l for l in layers if l not in mods or not hasattr(mods[l], "weight")]
-    if missing:
-        raise ValueError(f"layer {missing[0]!r} is not a module with a weight in the model")
-    params = [mods[l].weight for l in layers]
+    params = [m.weight for m in _modules(model, layers, weights=True)]
     batches = _batches(calib_data, max_samples)
     was_training = model.training
     model.eval()
@@ -120,11 +126,7 @@ def fisher_traces(model: nn.Module, layers: list[str], calib_data, *, max_sample
     the model's classes; over at most ``max_classes`` of them exactly, else over ``max_classes``
     classes drawn per image, see :func:`_class_weights`). ``_ignored``: Hutchinson's stopping
     options, so callers can switch estimators with the same arguments."""
-    mods = dict(model.named_modules())
-    missing = [l for l in layers if l not in mods or not hasattr(mods[l], "weight")]
-    if missing:
-        raise ValueError(f"layer {missing[0]!r} is not a module with a weight in the model")
-    params = [mods[l].weight for l in layers]
+    params = [m.weight for m in _modules(model, layers, weights=True)]
     images = torch.cat([x for x, _ in _batches(calib_data, max_samples)])
     was_training = model.training
     model.eval()
@@ -155,10 +157,7 @@ def activation_traces(model: nn.Module, layers: list[str], calib_data, *, max_sa
     to ``keep`` of the activation's values, for its quantization error. ``Tr(F_a) * mse(a)`` is the
     activation's term of the sensitivity (HAWQ-V3's Omega counts only the weights, so it cannot
     tell W4A4 from W4A8). Classes as in :func:`fisher_traces` (``max_classes``)."""
-    mods = dict(model.named_modules())
-    missing = [l for l in layers if l not in mods]
-    if missing:
-        raise ValueError(f"layer {missing[0]!r} is not a module of the model")
+    mods = dict(zip(layers, _modules(model, layers, weights=False)))
     images = torch.cat([x for x, _ in _batches(calib_data, max_samples)])
     acts: dict[str, torch.Tensor] = {}
     hooks = [mods[l].register_forward_pre_hook(lambda m, args, _l=l: acts.__setitem__(_l, args[0])) for l in layers]
@@ -197,16 +196,13 @@ def activation_error(values: torch.Tensor, bits: int, unsigned_max_bits: int = 4
     ``winoq.integer.convert`` does by default: one static scale, the calibrated max (8 bits and
     more) or the MSE-searched clipping (fewer), non-negative values on the unsigned grid up to
     ``unsigned_max_bits``."""
-    from ..integer.convert import _act_range, _mse_clip
+    from ..integer.convert import activation_grid
 
     v = values.double()
-    qmin, qmax = _act_range(bits, bool(v.min() >= 0), unsigned_max_bits)
     amax = float(v.abs().max())
     if amax == 0:
         return 0.0
-    if bits < 8:
-        amax = _mse_clip(v, amax, qmin, qmax)
-    s = amax / qmax
+    s, qmin, qmax = activation_grid(v, amax, bits, bool(v.min() >= 0), unsigned_max_bits)
     return float(((torch.round(v / s).clamp(qmin, qmax) * s - v) ** 2).mean())
 
 
@@ -253,11 +249,10 @@ def sensitivities(traces: dict[str, TraceEstimate], folded: dict[str, tuple[torc
     out = {}
     for layer, est in traces.items():
         w, fold = folded[layer]
-        out[layer] = {}
-        for c, (wb, ab) in zip(choices, pairs):
-            omega = est.trace / w.numel() * weight_error(w, fold, wb)
-            if activations is not None:
-                act_tr, values = activations
-                omega += act_tr[layer].trace * activation_error(values[layer], ab)
-            out[layer][c] = omega
+        w_term = {wb: est.trace / w.numel() * weight_error(w, fold, wb) for wb, _ in pairs}
+        a_term = {ab: 0.0 for _, ab in pairs}
+        if activations is not None:
+            act_tr, values = activations
+            a_term = {ab: act_tr[layer].trace * activation_error(values[layer], ab) for ab in a_term}
+        out[layer] = {c: w_term[wb] + a_term[ab] for c, (wb, ab) in zip(choices, pairs)}
     return out
