@@ -74,3 +74,14 @@ def test_mixed_command_with_activation_pairs(tmp_path, capsys):
     saved = {n: dict(c) for n, c in dict(q.winoq_recipe.layer_plan).items()}
     assert saved == {n: {"weights": f"int{w}", "activations": f"int{a}"} for n, (w, a) in plan.bits.items()}
     assert (tmp_path / "plan.png").stat().st_size > 1000
+
+
+def test_mixed_command_checks_every_output_path_before_any_work(tmp_path, capsys):
+    base = ["mixed", "--model", "cifar-resnet20", "--calib-data", str(tmp_path / "no-images")]
+    assert main(base + ["--out", str(tmp_path / "missing" / "plan.json")]) != 0
+    assert "does not exist" in capsys.readouterr().err
+    assert main(base + ["--plot", str(tmp_path)]) != 0
+    err = capsys.readouterr().err
+    assert "--plot" in err and "is a directory" in err and "plan.png" in err
+    assert main(base + ["--onnx", str(tmp_path)]) != 0
+    assert "--onnx" in capsys.readouterr().err

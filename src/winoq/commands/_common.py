@@ -263,20 +263,20 @@ def _same_file(a: Path, b: Path) -> bool:
     return a.resolve() == b.resolve()
 
 
-def check_output(out: Path, inputs: list[Path]) -> None:
-    """Fail before any work when ``--out`` cannot be written or would destroy an input (the
-    ``.tmp`` beside it is where ``winoq quantize`` writes first)."""
+def check_output(out: Path, inputs: list[Path], flag: str = "--out", example: str = "model.safetensors") -> None:
+    """Fail before any work when the output ``flag`` cannot be written or would destroy an input
+    (the ``.tmp`` beside it is where ``winoq quantize`` writes first)."""
     if out.is_dir():
-        raise CLIError(f"--out {out} is a directory; give a file name such as {out / 'model.safetensors'}")
+        raise CLIError(f"{flag} {out} is a directory; give a file name such as {out / example}")
     if not out.parent.is_dir():
         raise CLIError(f"output folder {out.parent} does not exist")
     if not os.access(out.parent, os.W_OK | os.X_OK):
         raise CLIError(f"output folder {out.parent} is not writable; choose another --out")
     for src in inputs:
         if _same_file(out, src):
-            raise CLIError(f"--out {out} is the input file {src}: writing it would overwrite the float weights; "
-                           "choose another --out")
+            raise CLIError(f"{flag} {out} is the input file {src}: writing it would overwrite the float weights; "
+                           f"choose another {flag}")
     tmp = Path(f"{out}.tmp")
     if tmp.exists() or tmp.is_symlink():
         raise CLIError(f"{tmp} already exists (left by an interrupted run, or another run is writing {out}); "
-                       "remove it if no run is writing, or choose another --out")
+                       f"remove it if no run is writing, or choose another {flag}")

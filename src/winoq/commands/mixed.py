@@ -94,6 +94,7 @@ def plot_plan(plan, layers, tables, path, choices=(4, 8)) -> str:
     b.set_yscale("symlog", linthresh=1e-9)
     b.legend()
     fig.tight_layout()
+    path = Path(path) if Path(path).suffix else Path(f"{path}.png")  # say the name matplotlib writes
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return str(path)
@@ -119,8 +120,11 @@ def run(args) -> int:
 
     if not 0 <= args.r <= 1:
         raise CLIError(f"--r must be in [0, 1], got {args.r}")
-    if args.save:
-        check_output(args.save, [Path(p) for p in (args.model, args.weights) if p])
+    inputs = [Path(p) for p in (args.model, args.weights) if p]
+    for flag, path, example in (("--out", args.out, "plan.json"), ("--plot", args.plot, "plan.png"),
+                                ("--onnx", args.onnx, "model.onnx"), ("--save", args.save, "mixed.safetensors")):
+        if path:  # before any work: a bad path would otherwise fail after the traces and the ILP
+            check_output(path, inputs, flag, example)
     model, name = load_float_model(args.model, args.weights)
     calib = _calibration_images(name, args.calib_data, args.calib_images)
     if calib is None:
