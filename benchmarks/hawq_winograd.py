@@ -3,9 +3,11 @@
     python benchmarks/hawq_winograd.py --depth 20 --n-images 500 --out benchmarks/out/hawq_winograd_r20.json
 
 Choices {direct, F(2,3), F(4,3), F(6,3)} x {int4, int8 weights} (activations int8, group 32, data-free
-learned transform scales, emulated kernel for accuracy) for each 3x3 stride-1 conv; other layers
-int8 direct. Sensitivity (``--sensitivity``): relative error of the network's output with only that
-layer quantized as the choice (default), or of the layer's own output, on ``--calib-images`` images;
+learned transform scales, emulated kernel for accuracy) for each 3x3 stride-1 conv; the other convs
+and the classifier choose direct int4 or int8 (``--layers all``, the default: each uniform model is
+then itself a plan) or stay int8 direct (``--layers eligible``). Sensitivity (``--sensitivity``):
+relative error of the network's output with only that layer quantized as the choice (default), or
+of the layer's own output, on ``--calib-images`` images;
 costs: multiplications x bits (``mults``) and measured layer latency (``latency``, thread CPU
 time; Winograd on the integer CPU kernel). The ILP is solved for budgets from the cheapest to the
 dearest plan (``--rs``) and at each uniform choice's own cost (``--match-uniform``: the ILP plan at
@@ -27,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_cifar_args, cifar_split, correct, dump_json, machine  # noqa: E402
 
 from winoq.mixed_precision import solve_ilp  # noqa: E402
-from winoq.mixed_precision.winograd_choice import assemble, build_choices, checked_plan, joint_tables  # noqa: E402
+from winoq.mixed_precision.winograd_choice import (  # noqa: E402
+    LAYERS, assemble, build_choices, checked_plan, joint_tables, uniform_plan)
 from winoq.models import load_cifar_resnet  # noqa: E402
 
 
@@ -50,9 +53,11 @@ def dominance(uniform: dict, points: list[dict], kind: str, hits: dict) -> list[
         cheaper = [p for p in points if p[kind] <= u[kind] * (1 + 1e-9)]
         if not cheaper:
             continue
-        best = max(cheaper, key=lambda p: (p["top1"], -p[kind]))
+        same = lambda p: u.get("plan") is not None and p.get("plan") == u["plan"]  # noqa: E731
+        best = max(cheaper, key=lambda p: (p["top1"], -p[kind], same(p)))
         pd = paired_difference(hits[best["key"]], hits[("uniform", label)])
-        verdict = ("dominates" if pd["diff"] >= 0 else "below, not significant" if pd["p"] >= 0.05 else "dominated")
+        verdict = ("on the curve (the plan is this uniform model)" if same(best) else
+                   "dominates" if pd["diff"] >= 0 else "below, not significant" if pd["p"] >= 0.05 else "dominated")
         out.append({"uniform": label, "uniform_top1": u["top1"], "uniform_cost": u[kind], "point": best["name"],
                     "point_top1": best["top1"], "point_cost": best[kind], **pd, "verdict": verdict})
     return out
@@ -65,6 +70,9 @@ def main(argv=None):
     ap.add_argument("--rs", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.35, 0.5])
     ap.add_argument("--sensitivity", default="output", choices=("output", "layer"),
                     help="output: network output error with one layer quantized; layer: that layer's own error")
+    ap.add_argument("--layers", default="all", choices=LAYERS,
+                    help="all: every conv and linear is planned (non-Winograd layers: direct int4 or int8); "
+                         "eligible: only the Winograd-eligible convs, the rest int8 direct")
     ap.add_argument("--match-uniform", action=argparse.BooleanOptionalAction, default=True,
                     help="also solve the ILP at each uniform choice's cost (the dominance check)")
     ap.add_argument("--check-images", type=int, default=0, metavar="N",
@@ -101,7 +109,8 @@ def main(argv=None):
 
     t0 = time.perf_counter()
     choices = build_choices(model)
-    sens, costs = joint_tables(model, choices, calib, samples=args.calib_images, sensitivity=args.sensitivity)
+    sens, costs = joint_tables(model, choices, calib, samples=args.calib_images, sensitivity=args.sensitivity,
+                                 layers=args.layers)
     res["build_s"] = time.perf_counter() - t0
     if args.eval_kernel != "emulated":
         from winoq import set_kernel
@@ -112,16 +121,18 @@ def main(argv=None):
         for label, qm in choices.items():
             if label[0] != "direct":
                 set_kernel(qm, args.eval_kernel)   # assembled plans copy these layers, kernel included
-    res["eval_kernel"] = args.eval_kernel
+    res["eval_kernel"], res["layers"] = args.eval_kernel, args.layers
     res["sensitivity"] = {n: {f"{t}/{b}": v for (t, b), v in s.items()} for n, s in sens.items()}
     res["costs"] = {k: {n: {f"{t}/{b}": v for (t, b), v in s.items()} for n, s in c.items()} for k, c in costs.items()}
     print(f"FP {res['fp_top1']:.2f}; tables built in {res['build_s']:.0f} s", flush=True)
     names = list(sens)
     for label in choices:
-        row = {"top1": top1(choices[label], ("uniform", f"{label[0]}/{label[1]}")), **{k: sum(costs[k][n][label] for n in names) for k in costs},
-               "sum_sensitivity": sum(sens[n][label] for n in names)}
+        plan = uniform_plan(label, sens)
+        row = {"top1": top1(choices[label], ("uniform", f"{label[0]}/{label[1]}")),
+               **{k: sum(costs[k][n][plan[n]] for n in names) for k in costs},
+               "sum_sensitivity": sum(sens[n][plan[n]] for n in names), "plan": {n: f"{t}/{b}" for n, (t, b) in plan.items()}}
         res["uniform"][f"{label[0]}/{label[1]}"] = row
-        print("uniform", label, {k: round(v, 4) for k, v in row.items()}, flush=True)
+        print("uniform", label, {k: round(v, 4) for k, v in row.items() if k != "plan"}, flush=True)
         dump_json(args.out, res)
     lo = sum(min(t.values()) for t in costs[args.kind].values())
     hi = sum(max(t.values()) for t in costs[args.kind].values())
@@ -148,7 +159,8 @@ def main(argv=None):
             else:
                 acc = top1(assemble(choices, cplan), (cname, how, key))
             row[cname] = {"chosen": info["chosen"], "scores": info["scores"], "top1": acc,
-                          **{k: sum(costs[k][n][cplan[n]] for n in names) for k in costs}}
+                          **{k: sum(costs[k][n][cplan[n]] for n in names) for k in costs},
+                          "plan": {n: f"{t}/{b}" for n, (t, b) in cplan.items()}}
         res["ilp"].append(row)
         print("ilp", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "plan"},
               flush=True)
@@ -171,11 +183,11 @@ def curve_points(rows: list[dict], kind: str, check: str = "checked") -> list[di
     for row in rows:
         how = "r" if "r" in row else "uniform"
         points.append({"name": f"ILP at {how}={row[how]}", "key": ("ilp", how, row[how]), "top1": row["top1"],
-                       kind: row[kind]})
+                       kind: row[kind], "plan": row.get("plan")})
         c = row.get(check)
         if c is not None and c["chosen"] != "ilp":
             points.append({"name": f"{check.replace('_', ' ')} at {how}={row[how]} ({c['chosen']})",
-                           "key": (check, how, row[how]), "top1": c["top1"], kind: c[kind]})
+                           "key": (check, how, row[how]), "top1": c["top1"], kind: c[kind], "plan": c.get("plan")})
     return points
 
 

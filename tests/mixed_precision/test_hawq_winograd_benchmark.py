@@ -47,6 +47,12 @@ def test_dominance_takes_the_best_point_no_dearer_and_says_how_sure(bench):
     points[0]["top1"] = 0.0
     rows = {r["uniform"]: r for r in bench.dominance(uniform, points, "mults", hits)}
     assert rows["F2/4"]["verdict"] == "dominated"
+    # a planned point that is the uniform model itself (same plan, same images right) is on the curve
+    hits[("ilp", "r", 0.1)] = hits[("uniform", "F2/4")]
+    points[0].update(top1=100.0, mults=1.0, plan={"a": "F2/4"})
+    uniform["F2/4"]["plan"] = {"a": "F2/4"}
+    rows = {r["uniform"]: r for r in bench.dominance(uniform, points, "mults", hits)}
+    assert rows["F2/4"]["point"] == "a" and rows["F2/4"]["verdict"].startswith("on the curve")
 
 
 def test_curve_points_list_the_ilp_plan_and_a_different_checked_plan(bench):

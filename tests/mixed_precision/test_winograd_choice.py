@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from winoq.mixed_precision import solve_ilp
-from winoq.mixed_precision.winograd_choice import assemble, build_choices, joint_tables
+from winoq.mixed_precision.winograd_choice import assemble, build_choices, joint_tables, planned_layers, uniform_plan
 from winoq.modules import QuantConv2d
 from winoq.winograd.quantized import QuantWinogradConv2d
 
@@ -17,7 +17,7 @@ def test_joint_tables_ilp_and_assembly():
                           nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2), nn.Flatten()).eval()
     calib = torch.randn(4, 2, 12, 12)
     choices = build_choices(model, tiles=("direct", 2, 6), learn_steps=2)
-    sens, costs = joint_tables(model, choices, calib, samples=4, latency_batch=2)
+    sens, costs = joint_tables(model, choices, calib, samples=4, latency_batch=2, layers="eligible")
     assert set(sens) == {"0", "2"}  # the stride-2 conv is not a choice
     for n in sens:
         assert sens[n][("direct", 8)] < sens[n][("direct", 4)]
@@ -31,6 +31,30 @@ def test_joint_tables_ilp_and_assembly():
     m = assemble(choices, {"0": ("F6", 4), "2": ("direct", 8)})
     assert isinstance(m[0], QuantWinogradConv2d) and m[0].m == 6 and isinstance(m[2], QuantConv2d)
     assert m(calib).shape == model(calib).shape
+
+
+def test_all_layers_are_planned_and_a_uniform_model_is_a_plan():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(4 * 5 * 5, 3)).eval()
+    calib = torch.randn(4, 2, 12, 12)
+    choices = build_choices(model, tiles=("direct", 2), learn_steps=2)
+    allowed = planned_layers(model, choices)
+    assert allowed == {"0": list(choices), "2": [("direct", 4), ("direct", 8)], "5": [("direct", 4), ("direct", 8)]}
+    assert list(planned_layers(model, choices, "eligible")) == ["0"]
+    with pytest.raises(ValueError, match="layers must be one of"):
+        planned_layers(model, choices, "some")
+    sens, costs = joint_tables(model, choices, calib, samples=4, latency_batch=2)
+    assert {n: sorted(t) for n, t in sens.items()} == {n: sorted(v) for n, v in allowed.items()}
+    assert costs["mults"]["5"] == {("direct", 4): 100 * 3 * 4 * 8, ("direct", 8): 100 * 3 * 8 * 8}
+    assert costs["mults"]["2"][("direct", 8)] == 5 * 5 * 4 * 4 * 9 * 8 * 8
+    plan = uniform_plan(("F2", 4), sens)
+    assert plan == {"0": ("F2", 4), "2": ("direct", 4), "5": ("direct", 4)}
+    with torch.no_grad():  # the assembled uniform plan is the uniform model, bit for bit
+        assert torch.equal(assemble(choices, plan)(calib), choices[("F2", 4)](calib))
+    # the cheapest budget is the all-4-bit plan with the stride-2 conv and the classifier at 4 bits too
+    cheapest = solve_ilp(sens, costs, {"mults": sum(min(t.values()) for t in costs["mults"].values())})
+    assert cheapest["2"] == cheapest["5"] == ("direct", 4)
 
 
 def test_output_sensitivity_is_zero_for_the_float_layer_and_ranks_bits():

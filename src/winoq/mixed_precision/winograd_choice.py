@@ -1,9 +1,13 @@
 """Joint choice of each 3x3 layer's algorithm and weight bits by the same exact ILP.
 
 Choices per Winograd-eligible conv (square kernel > 1, stride 1): ``(tile, bits)`` with tile in
-``"direct"``, 2, 4, 6 (F(m,3)) and weight bits in (4, 8); activations stay int8. Every choice is the
-project's own quantized layer, built by ``winoq.quantize`` with a uniform recipe (data-free learned
-transform scales for the Winograd tiles), so a plan is assembled from already quantized layers.
+``"direct"``, 2, 4, 6 (F(m,3)) and weight bits in (4, 8); activations stay int8. By default every
+other conv and linear that ``winoq.quantize`` quantizes (stride-2 convs, 1x1 convs, the classifier)
+is planned too, with the direct choices only, so that each uniform model is itself a plan and the
+ILP can give those layers 4-bit weights as the uniform models do (``layers="eligible"`` plans the
+eligible convs only and keeps the rest int8 direct). Every choice is the project's own quantized
+layer, built by ``winoq.quantize`` with a uniform recipe (data-free learned transform scales for the
+Winograd tiles), so a plan is assembled from already quantized layers.
 
 * sensitivity (``sensitivity="layer"``): the layer's relative output error ``||y_q - y||^2 / ||y||^2``
   on its calibration inputs (the float model's inputs to that layer); or (``"output"``, the
@@ -12,7 +16,8 @@ transform scales for the Winograd tiles), so a plan is assembled from already qu
   by how much of it reaches the logits, which the summed layer errors do not (measured:
   docs/results.md section 17);
 * costs: ``mults`` = general multiplications per sample times weight bits times 8 activation bits
-  (direct: one per MAC; F(m,3): ``(m+2)^2`` per m x m output tile and channel pair), and
+  (direct: one per MAC, a linear's in x out; F(m,3): ``(m+2)^2`` per m x m output tile and channel
+  pair), and
   ``latency``: measured thread CPU time of the layer on its calibration inputs (Winograd layers on
   the compiled fixed-point CPU kernel when built, else the PyTorch integer kernel; direct layers on
   the emulated path).
@@ -60,15 +65,42 @@ def eligible_layers(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and winograd_ineligibility(m) is None]
 
 
-def _mults(conv: nn.Conv2d, x: torch.Tensor, tile) -> float:
-    h, w = x.shape[-2:]
-    k = conv.kernel_size[0]
-    cin, cout = conv.in_channels // conv.groups, conv.out_channels
-    oh, ow = h + 2 * conv.padding[0] - k + 1, w + 2 * conv.padding[1] - k + 1
+LAYERS = ("all", "eligible")
+
+
+def planned_layers(model: nn.Module, choices: dict, layers: str = "all") -> dict[str, list]:
+    """``{layer: [labels it may take]}``: each Winograd-eligible conv takes every label of
+    ``choices``; with ``layers="all"`` every other conv / linear that the choices quantized takes the
+    direct labels (a uniform model is then exactly a plan)."""
+    if layers not in LAYERS:
+        raise ValueError(f"layers must be one of {LAYERS}, got {layers!r}")
+    eligible = set(eligible_layers(model))
+    base = next(iter(choices.values()))
+    out = {}
+    for n, m in model.named_modules():
+        if n in eligible:
+            out[n] = list(choices)
+        elif (layers == "all" and isinstance(m, (nn.Conv2d, nn.Linear))
+              and type(base.get_submodule(n)) is not type(m)):  # quantized by winoq.quantize
+            out[n] = [label for label in choices if label[0] == "direct"]
+    return out
+
+
+def uniform_plan(label, tables: dict) -> dict:
+    """The plan of the uniform model ``label``: each layer of ``tables`` (``{layer: {label: ...}}``)
+    takes ``label``, or the direct choice of the same bits where it cannot run ``label``'s tile."""
+    return {n: label if label in t else ("direct", label[1]) for n, t in tables.items()}
+
+
+def _mults(layer: nn.Module, y: torch.Tensor, tile) -> float:
+    """Multiplications per sample of ``layer`` computing its output ``y`` (a batch) with ``tile``."""
+    per_output = layer.in_features if isinstance(layer, nn.Linear) else \
+        layer.in_channels // layer.groups * layer.kernel_size[0] * layer.kernel_size[1]
     if tile == "direct":
-        return float(oh * ow * cin * cout * k * k)
-    m = int(tile[1:])
-    return float(math.ceil(oh / m) * math.ceil(ow / m) * (m + k - 1) ** 2 * cin * cout)
+        return float(y[0].numel() * per_output)
+    m, k = int(tile[1:]), layer.kernel_size[0]  # Winograd-eligible: square kernel, stride 1
+    cout, oh, ow = y.shape[-3:]
+    return float(math.ceil(oh / m) * math.ceil(ow / m) * (m + k - 1) ** 2 * layer.in_channels * cout)
 
 
 def _thread_time(fn, repeats=3) -> float:
@@ -91,9 +123,10 @@ def _relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float(((y - ref) ** 2).sum() / (ref ** 2).sum().clamp_min(1e-30))
 
 
-def output_sensitivity(model: nn.Module, choices: dict, names: list[str], x: torch.Tensor) -> dict:
+def output_sensitivity(model: nn.Module, choices: dict, names, x: torch.Tensor) -> dict:
     """``{layer: {label: relative network output error}}`` with only ``layer`` quantized as ``label``
-    (in the BatchNorm-folded float model, the layout of every choice's quantized model)."""
+    (in the BatchNorm-folded float model, the layout of every choice's quantized model). ``names``:
+    a list of layers (each takes every label) or ``{layer: [labels]}``."""
     from ..api import _replace
     from ..batchnorm import fold_batchnorm
 
@@ -106,22 +139,23 @@ def output_sensitivity(model: nn.Module, choices: dict, names: list[str], x: tor
         ref = folded(x)
         for n in names:
             original = folded.get_submodule(n)
-            for label, qm in choices.items():
-                _replace(folded, n, qm.get_submodule(n))
+            for label in (names[n] if isinstance(names, dict) else choices):
+                _replace(folded, n, choices[label].get_submodule(n))
                 out.setdefault(n, {})[label] = _relative_error(folded(x), ref)
             _replace(folded, n, original)
     return out
 
 
 def joint_tables(model: nn.Module, choices: dict, calib, samples: int = 32, latency_batch: int = 8,
-                 sensitivity: str = "output"):
-    """Sensitivity and cost tables of the joint ILP: ``(sensitivity, {"mults": ..., "latency": ...})``."""
+                 sensitivity: str = "output", layers: str = "all"):
+    """Sensitivity and cost tables of the joint ILP: ``(sensitivity, {"mults": ..., "latency": ...})``,
+    each ``{layer: {label: value}}`` over :func:`planned_layers`."""
     import winoq
 
     if sensitivity not in ("output", "layer"):
         raise ValueError(f"sensitivity must be 'output' or 'layer', got {sensitivity!r}")
-    names = eligible_layers(model)
-    inputs = capture_layer_inputs(model, names, calib, max_samples=samples)
+    allowed = planned_layers(model, choices, layers)
+    inputs = capture_layer_inputs(model, list(allowed), calib, max_samples=samples)
     mods = dict(model.named_modules())
     sens, mults, lat = {}, {}, {}
     for label, qm in choices.items():
@@ -130,20 +164,20 @@ def joint_tables(model: nn.Module, choices: dict, calib, samples: int = 32, late
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 winoq.set_kernel(qm, _fastest_cpu_kernel())
-        for n in names:
+        for n in (n for n, labels in allowed.items() if label in labels):
             x = inputs[n]
             with torch.no_grad():
                 y = mods[n](x)
                 yq = qmods[n](x)
                 sens.setdefault(n, {})[label] = float(((yq - y) ** 2).sum() / (y ** 2).sum())
                 lat.setdefault(n, {})[label] = _thread_time(lambda: qmods[n](x[:latency_batch])) / latency_batch
-            mults.setdefault(n, {})[label] = _mults(mods[n], x, label[0]) * label[1] * 8
+            mults.setdefault(n, {})[label] = _mults(mods[n], y, label[0]) * label[1] * 8
         if label[0] != "direct":
             winoq.set_kernel(qm, "emulated")
     if sensitivity == "output":
         x = calib if isinstance(calib, torch.Tensor) else next(iter(calib))
         x = (x[0] if isinstance(x, (tuple, list)) else x)[:samples]
-        sens = output_sensitivity(model, choices, names, x)
+        sens = output_sensitivity(model, choices, allowed, x)
     return sens, {"mults": mults, "latency": lat}
 
 
@@ -190,11 +224,11 @@ def checked_plan(model: nn.Module, choices: dict, plan: dict, costs: dict, budge
     ref = scores["float"]
     if ref.ndim != 2:
         raise ValueError(f"checked_plan scores classifiers (logits (N, classes)); this model returns {tuple(ref.shape)}")
-    names = list(plan)
     candidates = {"ilp": plan}
     for label in choices:
-        if all(sum(costs[k][n][label] for n in names) <= b for k, b in budgets.items()):
-            candidates[f"{label[0]}/{label[1]}"] = {n: label for n in names}
+        uniform = uniform_plan(label, costs[next(iter(costs))])
+        if all(sum(costs[k][n][uniform[n]] for n in uniform) <= b for k, b in budgets.items()):
+            candidates[f"{label[0]}/{label[1]}"] = uniform
     found = {}
     for key, cand in candidates.items():
         if key != "ilp" and key in scores:
