@@ -139,7 +139,7 @@ def main(argv=None):
     budgets = [("r", r, lo + r * (hi - lo)) for r in args.rs]
     if args.match_uniform:
         budgets += [("uniform", k, row[args.kind]) for k, row in res["uniform"].items()]
-    check_scores = {c: {} for c in checks}  # per check: the uniform candidates' scores, shared by every budget
+    check_cache = {}  # the check images' logits of every candidate scored, shared by both checks and every budget
     for how, key, budget in budgets:
         t1 = time.thread_time()
         plan = solve_ilp(sens, costs, {args.kind: budget * (1 + 1e-12)})
@@ -150,7 +150,7 @@ def main(argv=None):
                "plan": {n: f"{t}/{b}" for n, (t, b) in plan.items()}}
         for cname, labels in (checks.items() if check is not None else ()):
             cplan, info = checked_plan(model, choices, plan, costs, {args.kind: budget * (1 + 1e-12)}, check,
-                                       check_scores[cname], labels=labels)
+                                       check_cache, labels=labels)
             done = [c for c in checks if c in row and row[c]["chosen"] == info["chosen"]]
             if cplan is plan:
                 hits[(cname, how, key)], acc = hits[("ilp", how, key)], row["top1"]

@@ -92,18 +92,21 @@ def test_checked_plan_keeps_the_candidate_that_agrees_most_with_the_float_model(
     budget = {"mults": sum(costs["mults"][n][("F6", 8)] for n in sens)}
     bad = {n: ("F6", 4) for n in sens}  # a deliberately bad "ILP" plan within the budget
     calls = []
-    real = wc.prediction_agreement
-    monkeypatch.setattr(wc, "prediction_agreement", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = wc.logits_of
+    monkeypatch.setattr(wc, "logits_of", lambda *a, **k: calls.append(1) or real(*a, **k))
     cache = {}
     plan, info = wc.checked_plan(model, choices, bad, costs, budget, x, cache)
+    assert len(calls) == 3  # the float model, the ILP's plan (= uniform F6/4: run once) and F6/8
     assert set(info["scores"]) == {"ilp", "F6/8", "F6/4"}  # direct/8 is over budget: no candidate
     best = max(v[0] for v in info["scores"].values())
     assert info["scores"][info["chosen"]][0] == best
     assert info["chosen"] == "F6/8" and plan == {n: ("F6", 8) for n in sens}
-    # the uniform candidates' scores are reused: a second budget only scores its ILP plan
-    n_calls = len(calls)
+    # every candidate's logits are reused: a second budget whose plan was scored before runs no model,
+    # and neither does a labelled check on the same images
     again, info2 = wc.checked_plan(model, choices, plan, costs, budget, x, cache)
-    assert len(calls) == n_calls + 1 and info2["chosen"] == "ilp" and again == plan  # ties keep the ILP's plan
+    assert len(calls) == 3 and info2["chosen"] == "ilp" and again == plan  # ties keep the ILP's plan
+    _, info3 = wc.checked_plan(model, choices, plan, costs, budget, x, cache, labels=torch.zeros(6, dtype=torch.long))
+    assert len(calls) == 3 and set(info3["scores"]) == set(info2["scores"])
     with pytest.raises(ValueError, match="classifiers"):
         wc.checked_plan(nn.Sequential(model, nn.Unflatten(1, (4, 10, 10))), choices, bad, costs, budget, x)
 

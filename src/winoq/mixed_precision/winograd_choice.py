@@ -181,30 +181,37 @@ def joint_tables(model: nn.Module, choices: dict, calib, samples: int = 32, late
     return sens, {"mults": mults, "latency": lat}
 
 
+def logits_of(model: nn.Module, x: torch.Tensor, batch: int = 250) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model(x[i:i + batch]) for i in range(0, len(x), batch)])
+
+
+def score_logits(y: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[float, float]:
+    """(fraction of rows whose top-1 class equals the float model's, relative logit error) of the
+    logits ``y``: a task-level score that needs no labels. With ``labels``, the first number is the
+    top-1 accuracy on them instead."""
+    target = ref_logits.argmax(-1) if labels is None else labels
+    return float((y.argmax(-1) == target).float().mean()), _relative_error(y, ref_logits)
+
+
 def prediction_agreement(model: nn.Module, x: torch.Tensor, ref_logits: torch.Tensor, batch: int = 250,
                          labels: torch.Tensor | None = None) -> tuple[float, float]:
-    """(fraction of ``x`` whose top-1 class equals the float model's, relative logit error) of
-    ``model``: a task-level score that needs no labels. With ``labels``, the first number is the
-    top-1 accuracy on them instead."""
-    with torch.no_grad():
-        y = torch.cat([model(x[i:i + batch]) for i in range(0, len(x), batch)])
-    target = ref_logits.argmax(-1) if labels is None else labels
-    agree = float((y.argmax(-1) == target).float().mean())
-    return agree, _relative_error(y, ref_logits)
+    """:func:`score_logits` of ``model`` on ``x``."""
+    return score_logits(logits_of(model, x, batch), ref_logits, labels)
 
 
 def checked_plan(model: nn.Module, choices: dict, plan: dict, costs: dict, budgets: dict, x: torch.Tensor,
-                 scores: dict | None = None, labels: torch.Tensor | None = None):
+                 cache: dict | None = None, labels: torch.Tensor | None = None):
     """The ILP's ``plan`` checked against every uniform choice that fits ``budgets`` by a task-level
     score on unlabelled calibration inputs ``x`` (a classifier's: logits (N, classes)): the
     candidate whose top-1 agrees most often with the float model wins, the smaller relative logit
     error breaks ties, and a full tie keeps the ILP's plan. Returns ``(plan, {"chosen": "ilp" or
-    the uniform label, "scores": {candidate: (agreement, error)}})``. ``scores``: a dict reused
-    across calls, filled here with the float model's logits ("float") and the uniform candidates'
-    scores, which do not depend on the budget (one dict per ``x`` and ``labels``). ``labels``: the
-    classes of ``x`` when the check images are labelled (a validation set): candidates are then
-    ranked by top-1 accuracy on them, which also credits a candidate that is *more* accurate than
-    the float model, where agreement with the float model cannot.
+    the uniform label, "scores": {candidate: (agreement, error)}})``. ``cache``: a dict reused
+    across calls with the same ``x`` (any budget, with or without labels), filled here with the
+    logits of the float model and of every candidate scored, so that no model is run twice.
+    ``labels``: the classes of ``x`` when the check images are labelled (a validation set):
+    candidates are then ranked by top-1 accuracy on them, which also credits a candidate that is
+    *more* accurate than the float model, where agreement with the float model cannot.
 
     Why: the ILP adds single-layer output errors, and many layers at 4-bit weights together can
     err differently from that sum: on ResNet-56 the ILP's plan at uniform F(2,3)/4's cost lost 2.4
@@ -213,15 +220,14 @@ def checked_plan(model: nn.Module, choices: dict, plan: dict, costs: dict, budge
     measures, without labels."""
     from ..batchnorm import fold_batchnorm
 
-    scores = {} if scores is None else scores
-    if "float" not in scores:
+    cache = {} if cache is None else cache
+    if "float" not in cache:
         folded = copy.deepcopy(model).eval()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             fold_batchnorm(folded)
-        with torch.no_grad():
-            scores["float"] = torch.cat([folded(x[i:i + 250]) for i in range(0, len(x), 250)])
-    ref = scores["float"]
+        cache["float"] = logits_of(folded, x)
+    ref = cache["float"]
     if ref.ndim != 2:
         raise ValueError(f"checked_plan scores classifiers (logits (N, classes)); this model returns {tuple(ref.shape)}")
     candidates = {"ilp": plan}
@@ -231,12 +237,10 @@ def checked_plan(model: nn.Module, choices: dict, plan: dict, costs: dict, budge
             candidates[f"{label[0]}/{label[1]}"] = uniform
     found = {}
     for key, cand in candidates.items():
-        if key != "ilp" and key in scores:
-            found[key] = scores[key]
-            continue
-        found[key] = prediction_agreement(assemble(choices, cand), x, ref, labels=labels)
-        if key != "ilp":
-            scores[key] = found[key]
+        logits_key = ("plan", tuple(sorted(cand.items())))
+        if logits_key not in cache:
+            cache[logits_key] = logits_of(assemble(choices, cand), x)
+        found[key] = score_logits(cache[logits_key], ref, labels)
     best = max(found, key=lambda k: (found[k][0], -found[k][1], k == "ilp"))
     return candidates[best], {"chosen": best, "scores": found}
 
