@@ -85,3 +85,39 @@ def test_mixed_command_checks_every_output_path_before_any_work(tmp_path, capsys
     assert "--plot" in err and "is a directory" in err and "plan.png" in err
     assert main(base + ["--onnx", str(tmp_path)]) != 0
     assert "--onnx" in capsys.readouterr().err
+
+
+def test_mixed_tiles_plans_tiles_and_bits_and_saves_them(tmp_path, capsys):
+    import winoq
+    from winoq.mixed_precision.winograd_choice import JointPlan
+    from winoq.models import cifar_resnet20
+    from winoq.winograd.quantized import QuantWinogradConv2d
+
+    _images(tmp_path)
+    out = tmp_path / "joint.safetensors"
+    rc = main(["mixed", "--tiles", "--model", "cifar-resnet20", "--calib-data", str(tmp_path / "imgs"),
+               "--calib-images", "2", "--check-images", "2", "--learn-steps", "1", "--r", "0.3",
+               "--out", str(tmp_path / "plan.json"), "--plot", str(tmp_path / "plan.png"), "--save", str(out)])
+    assert rc in (0, None)
+    text = capsys.readouterr().out
+    assert "layer1.0.conv1" in text and "of int8 direct" in text and "check on 2 held-out images" in text
+    plan = JointPlan.from_json((tmp_path / "plan.json").read_text())
+    assert plan.totals["mults"] <= plan.budget * (1 + 1e-9) and len(plan.plan) == 20  # every conv and the linear
+    assert plan.plan["layer2.0.conv1"][0] == "direct"                                  # stride 2: direct only
+    q = winoq.load(out, cifar_resnet20())
+    for n, (tile, _) in plan.plan.items():
+        assert isinstance(q.get_submodule(n), QuantWinogradConv2d) == (tile != "direct"), n
+    assert (tmp_path / "plan.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tiles", "--budget", "bops"], "with --tiles use --budget mults or latency"),
+    (["--tiles", "--trace", "fisher"], "belong to the HAWQ-V3 plan"),
+    (["--budget", "mults"], "add --tiles"),
+    (["--check-images", "4"], "checks the joint plan"),
+    (["--tiles", "--check-images", "-1"], "--check-images and --learn-steps >= 0"),
+])
+def test_mixed_tiles_rejects_flags_of_the_other_plan(tmp_path, capsys, args, message):
+    _images(tmp_path)
+    assert main(["mixed", "--model", "cifar-resnet20", "--calib-data", str(tmp_path / "imgs"), *args]) != 0
+    assert message in capsys.readouterr().err

@@ -132,3 +132,46 @@ def test_labelled_check_ranks_by_accuracy_on_the_labels():
         labels = choices[("F6", 4)](x).argmax(-1)
     _, info = wc.checked_plan(model, choices, plan, costs, budget, x, {}, labels=labels)
     assert info["chosen"] == "F6/4" and info["scores"]["F6/4"][0] == 1.0
+
+
+def test_plan_tiles_is_applied_by_quantize_and_converts_to_integer():
+    import warnings
+
+    import winoq
+    from winoq.integer import convert
+    from winoq.mixed_precision.winograd_choice import JointPlan, JointPlanConfig, plan_tiles
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    x = torch.randn(16, 3, 12, 12)
+    plan, choices = plan_tiles(model, x[:8], JointPlanConfig(r=0.3, samples=8, learn_steps=1), check=x[8:],
+                               progress=False)
+    assert set(plan.plan) == {"0", "2", "4", "7"} and plan.plan["4"][0] == plan.plan["7"][0] == "direct"
+    assert plan.totals["mults"] <= plan.budget * (1 + 1e-9) and plan.check["chosen"] in plan.check["scores"]
+    assert any(t != "direct" for t, _ in plan.plan.values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = winoq.quantize(model, plan.recipe(), progress=False)
+    with torch.no_grad():  # the recipe rebuilds exactly the model the plan was scored as
+        assert torch.equal(q(x), assemble(choices, plan.plan)(x))
+    assert JointPlan.from_json(plan.to_json()) == plan
+    cfg = plan.integer_config()
+    assert cfg.winograd_layers == {n: int(t[1:]) for n, (t, _) in plan.plan.items() if t != "direct"}
+    assert {n: w for n, (w, _) in cfg.layer_bits.items()} == {n: b for n, (_, b) in plan.plan.items()}
+    im = convert(model.eval(), x[:8], cfg)
+    with torch.no_grad():
+        assert im(x[:2]).shape == (2, 4)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"budget": "bops"}, "budget must be one of"), ({"r": 1.5}, "r must be in"), ({"tiles": (3, 9)}, "tiles must"),
+    ({"tiles": (4,)}, "must include 'direct'"), ({"bits": (16,)}, "bits must"), ({"layers": "x"}, "layers must"),
+    ({"sensitivity": "loss"}, "sensitivity must"), ({"samples": 0}, "samples must"),
+])
+def test_joint_plan_config_rejects_bad_values(kw, message):
+    from winoq.mixed_precision.winograd_choice import JointPlanConfig
+
+    with pytest.raises(ValueError, match=message):
+        JointPlanConfig(**kw)
+    assert JointPlanConfig(tiles=(4,), layers="eligible").tiles == (4,)

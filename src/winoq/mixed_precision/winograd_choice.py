@@ -25,15 +25,20 @@ Winograd tiles), so a plan is assembled from already quantized layers.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import statistics
 import time
 import warnings
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 
+from tqdm.auto import tqdm
+
 from ..calibration import capture_layer_inputs
+from .ilp import solve_ilp
 
 TILES = ("direct", 2, 4, 6)
 BITS = (4, 8)
@@ -43,20 +48,26 @@ def _label(tile, bits):
     return ("direct" if tile == "direct" else f"F{tile}", bits)
 
 
-def build_choices(model: nn.Module, tiles=TILES, bits=BITS, learn_steps: int = 20) -> dict:
+def build_choices(model: nn.Module, tiles=TILES, bits=BITS, learn_steps: int = 20, progress: bool = False) -> dict:
     """``{(tile label, bits): quantized model}`` for every uniform choice (winoq.quantize, group 32)."""
     import winoq
 
     out = {}
-    for tile in tiles:
-        for b in bits:
-            recipe = winoq.Recipe(weights=f"int{b}", activations="int8", winograd=None if tile == "direct" else tile,
-                                  winograd_min_channels=None,  # the ILP chooses the algorithm of every layer
-                                  scales="learned", learn_steps=learn_steps)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                out[_label(tile, b)] = winoq.quantize(model, recipe, progress=False)
+    for tile, b in tqdm([(t, b) for t in tiles for b in bits], desc="quantizing the uniform choices", unit="choice",
+                        disable=not progress):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out[_label(tile, b)] = winoq.quantize(model, choice_recipe(tile, b, learn_steps), progress=False)
     return out
+
+
+def choice_recipe(tile="direct", bits: int = 8, learn_steps: int = 20):
+    """The uniform recipe of one choice: int``bits`` weights, int8 activations, F(``tile``,3) on every
+    eligible conv (the ILP chooses each layer's algorithm: no channel rule) or direct."""
+    import winoq
+
+    return winoq.Recipe(weights=f"int{bits}", activations="int8", winograd=None if tile == "direct" else tile,
+                        winograd_min_channels=None, scales="learned", learn_steps=learn_steps)
 
 
 def eligible_layers(model: nn.Module) -> list[str]:
@@ -123,7 +134,7 @@ def _relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float(((y - ref) ** 2).sum() / (ref ** 2).sum().clamp_min(1e-30))
 
 
-def output_sensitivity(model: nn.Module, choices: dict, names, x: torch.Tensor) -> dict:
+def output_sensitivity(model: nn.Module, choices: dict, names, x: torch.Tensor, progress: bool = False) -> dict:
     """``{layer: {label: relative network output error}}`` with only ``layer`` quantized as ``label``
     (in the BatchNorm-folded float model, the layout of every choice's quantized model). ``names``:
     a list of layers (each takes every label) or ``{layer: [labels]}``."""
@@ -137,7 +148,7 @@ def output_sensitivity(model: nn.Module, choices: dict, names, x: torch.Tensor) 
     out = {}
     with torch.no_grad():
         ref = folded(x)
-        for n in names:
+        for n in tqdm(names, desc="network output error per layer", unit="layer", disable=not progress):
             original = folded.get_submodule(n)
             for label in (names[n] if isinstance(names, dict) else choices):
                 _replace(folded, n, choices[label].get_submodule(n))
@@ -147,7 +158,7 @@ def output_sensitivity(model: nn.Module, choices: dict, names, x: torch.Tensor) 
 
 
 def joint_tables(model: nn.Module, choices: dict, calib, samples: int = 32, latency_batch: int = 8,
-                 sensitivity: str = "output", layers: str = "all"):
+                 sensitivity: str = "output", layers: str = "all", progress: bool = False):
     """Sensitivity and cost tables of the joint ILP: ``(sensitivity, {"mults": ..., "latency": ...})``,
     each ``{layer: {label: value}}`` over :func:`planned_layers`."""
     import winoq
@@ -158,7 +169,7 @@ def joint_tables(model: nn.Module, choices: dict, calib, samples: int = 32, late
     inputs = capture_layer_inputs(model, list(allowed), calib, max_samples=samples)
     mods = dict(model.named_modules())
     sens, mults, lat = {}, {}, {}
-    for label, qm in choices.items():
+    for label, qm in tqdm(choices.items(), desc="measuring each layer's choices", unit="choice", disable=not progress):
         qmods = dict(qm.named_modules())
         if label[0] != "direct":
             with warnings.catch_warnings():
@@ -177,7 +188,7 @@ def joint_tables(model: nn.Module, choices: dict, calib, samples: int = 32, late
     if sensitivity == "output":
         x = calib if isinstance(calib, torch.Tensor) else next(iter(calib))
         x = (x[0] if isinstance(x, (tuple, list)) else x)[:samples]
-        sens = output_sensitivity(model, choices, allowed, x)
+        sens = output_sensitivity(model, choices, allowed, x, progress)
     return sens, {"mults": mults, "latency": lat}
 
 
@@ -245,13 +256,12 @@ def checked_plan(model: nn.Module, choices: dict, plan: dict, costs: dict, budge
     return candidates[best], {"chosen": best, "scores": found}
 
 
-def plan_recipe(plan: dict, base=None):
+def plan_recipe(plan: dict, base=None, learn_steps: int = 20):
     """A :class:`winoq.Recipe` whose ``layer_plan`` gives each planned layer its tile and weight bits
     (``plan``: ``{layer: (tile label, bits)}`` from the joint ILP); ``winoq.quantize`` applies it and
-    the checkpoint keeps it."""
-    import winoq
-
-    base = base or winoq.Recipe(winograd=None, winograd_min_channels=None)
+    the checkpoint keeps it. ``base``: the recipe of the layers the plan does not name (default:
+    the choices' own recipe, int8 direct)."""
+    base = base or choice_recipe("direct", 8, learn_steps)
     return base.replace(layer_plan={n: {"weights": f"int{b}", "winograd": None if t == "direct" else int(str(t).lstrip("F"))}
                                     for n, (t, b) in plan.items()})
 
@@ -264,3 +274,126 @@ def assemble(choices: dict, plan: dict, base=("direct", 8)) -> nn.Module:
     for layer, label in plan.items():
         _replace(model, layer, copy.deepcopy(choices[label].get_submodule(layer)))
     return model
+
+
+# ----------------------------------------------------------------------------- model-level planner
+BUDGETS = ("mults", "latency")
+
+
+@dataclass(frozen=True)
+class JointPlanConfig:
+    """What the joint tile + bits ILP plans: each layer's ``(tile, bits)`` among ``tiles`` x ``bits``
+    under one budget ``cost(cheapest) + r (cost(dearest) - cost(cheapest))`` of kind ``budget``
+    (``"mults"``: multiplications x weight bits x 8; ``"latency"``: measured CPU time). ``layers``:
+    ``"all"`` (every conv and linear; non-Winograd layers choose direct bits) or ``"eligible"``;
+    ``sensitivity``: ``"output"`` or ``"layer"`` (module docstring), on ``samples`` calibration
+    images; ``learn_steps``: data-free steps of each Winograd choice's learned transform scales."""
+
+    budget: str = "mults"
+    r: float = 0.5
+    tiles: tuple = TILES
+    bits: tuple = BITS
+    layers: str = "all"
+    sensitivity: str = "output"
+    samples: int = 32
+    learn_steps: int = 20
+
+    def __post_init__(self):
+        if self.budget not in BUDGETS:
+            raise ValueError(f"budget must be one of {BUDGETS} for the joint tile + bits plan, got {self.budget!r}")
+        if not 0.0 <= self.r <= 1.0:
+            raise ValueError(f"r must be in [0, 1] (e.g. 0.75, 0.5, 0.25), got {self.r}")
+        bad = [t for t in self.tiles if t != "direct" and t not in (2, 3, 4, 5, 6)]
+        if not self.tiles or bad:
+            raise ValueError(f"tiles must be 'direct' and/or output tiles 2..6 of F(m,3), got {self.tiles!r}")
+        if "direct" not in self.tiles and self.layers == "all":
+            raise ValueError("tiles must include 'direct' when every layer is planned (layers='all'): the layers "
+                             "Winograd cannot run (stride 2, 1x1, linear) choose among the direct choices")
+        if not self.bits or not all(isinstance(b, int) and 2 <= b <= 8 for b in self.bits):
+            raise ValueError(f"bits must be weight bit widths in [2, 8], got {self.bits!r}")
+        if self.layers not in LAYERS:
+            raise ValueError(f"layers must be one of {LAYERS}, got {self.layers!r}")
+        if self.sensitivity not in ("output", "layer"):
+            raise ValueError(f"sensitivity must be 'output' or 'layer', got {self.sensitivity!r}")
+        if self.samples < 1 or self.learn_steps < 0:
+            raise ValueError(f"samples must be >= 1 and learn_steps >= 0, got {self.samples}, {self.learn_steps}")
+
+
+@dataclass
+class JointPlan:
+    """The joint ILP's answer: ``plan`` ``{layer: (tile label, weight bits)}`` (tile label ``"direct"``
+    or ``"F4"``), its ``totals`` per cost kind, the tables it was solved on, and, when the plan was
+    checked on held-out images, ``check`` (``{"chosen": "ilp" or a uniform label, "scores": ...}``)."""
+
+    plan: dict
+    budget_kind: str
+    r: float
+    budget: float
+    totals: dict
+    sensitivity: dict
+    costs: dict
+    solve_seconds: float = 0.0
+    check: dict | None = None
+    learn_steps: int = 20
+
+    def recipe(self, base=None):
+        """A :class:`winoq.Recipe` that applies the plan with ``winoq.quantize`` (saved with the checkpoint)."""
+        return plan_recipe(self.plan, base, self.learn_steps)
+
+    def integer_config(self, **overrides):
+        """An :class:`winoq.integer.IntegerConfig` for the integer-only conversion of the plan: each
+        layer's weight bits (int8 activations) and Winograd tile (every other layer direct)."""
+        from ..integer import IntegerConfig
+
+        return IntegerConfig(layer_bits={n: (b, 8) for n, (_, b) in self.plan.items()}, first_last_8bit=False,
+                             winograd_layers={n: int(t[1:]) for n, (t, _) in self.plan.items() if t != "direct"},
+                             **overrides)
+
+    def to_json(self) -> str:
+        key = lambda label: f"{label[0]}/{label[1]}"  # noqa: E731
+        d = asdict(self)
+        d["plan"] = {n: key(c) for n, c in self.plan.items()}
+        d["sensitivity"] = {n: {key(c): v for c, v in t.items()} for n, t in self.sensitivity.items()}
+        d["costs"] = {k: {n: {key(c): v for c, v in t.items()} for n, t in c.items()} for k, c in self.costs.items()}
+        return json.dumps(d, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "JointPlan":
+        parse = lambda key: (lambda t, b: (t, int(b)))(*key.split("/"))  # noqa: E731
+        d = json.loads(text)
+        d["plan"] = {n: parse(c) for n, c in d["plan"].items()}
+        d["sensitivity"] = {n: {parse(c): v for c, v in t.items()} for n, t in d["sensitivity"].items()}
+        d["costs"] = {k: {n: {parse(c): v for c, v in t.items()} for n, t in c.items()} for k, c in d["costs"].items()}
+        return cls(**d)
+
+
+def budget_range(costs: dict, kind: str) -> tuple[float, float]:
+    """(cheapest, dearest) total ``kind`` cost over every plan of the tables."""
+    return (sum(min(t.values()) for t in costs[kind].values()), sum(max(t.values()) for t in costs[kind].values()))
+
+
+def plan_tiles(model: nn.Module, calib, config: JointPlanConfig | None = None, *, check: torch.Tensor | None = None,
+               check_labels: torch.Tensor | None = None, progress: bool = True) -> tuple[JointPlan, dict]:
+    """Plan each layer's Winograd tile and weight bits by the joint ILP. Returns the plan and the
+    quantized choices it was assembled from (``assemble(choices, plan.plan)`` is the planned model,
+    as ``winoq.quantize(model, plan.recipe())`` is). ``check``: held-out images (disjoint from
+    ``calib``) on which the plan is compared with every uniform choice within the budget
+    (:func:`checked_plan`; by top-1 accuracy when ``check_labels`` are given)."""
+    config = config or JointPlanConfig()
+    model = model.eval()
+    choices = build_choices(model, config.tiles, config.bits, config.learn_steps, progress)
+    sens, costs = joint_tables(model, choices, calib, samples=config.samples, sensitivity=config.sensitivity,
+                               layers=config.layers, progress=progress)
+    lo, hi = budget_range(costs, config.budget)
+    budget = lo + config.r * (hi - lo)
+    t0 = time.perf_counter()
+    plan = solve_ilp(sens, costs, {config.budget: budget * (1 + 1e-12)})
+    solve_s = time.perf_counter() - t0
+    info = None
+    if check is not None:
+        plan, info = checked_plan(model, choices, plan, costs, {config.budget: budget * (1 + 1e-12)}, check,
+                                  labels=check_labels)
+        info = {"chosen": info["chosen"], "scores": {k: list(v) for k, v in info["scores"].items()}}
+    totals = {k: sum(c[n][plan[n]] for n in plan) for k, c in costs.items()}
+    return JointPlan(plan, config.budget, config.r, budget, totals, sens, costs, solve_s, info,
+                     config.learn_steps), choices
