@@ -1,12 +1,36 @@
 """Exact mixed-precision choice as an integer linear program (scipy.optimize.milp / HiGHS)."""
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from typing import Hashable, Iterable, Mapping
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 __all__ = ["solve_ilp"]
+
+
+@contextlib.contextmanager
+def _c_stdout_silenced():
+    """Silence the C-level stdout while HiGHS runs: some HiGHS builds print a stray debug line
+    ("HighsMipSolverData::transformNewIntegerFeasibleSolution tmpSolver.run();", ERGO-Code/HiGHS
+    #2783) even with display off, which lands in the middle of our tables."""
+    try:
+        fd = sys.__stdout__.fileno()
+    except (AttributeError, OSError, ValueError):  # no real stdout (embedded interpreter): nothing to silence
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(fd)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), fd)
+            yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
 
 
 def _check_tables(sensitivity, costs, budgets, ties):
@@ -75,8 +99,9 @@ def _solve(sensitivity, costs, budgets, ties):
             for c in common:
                 row = np.zeros(n); row[index[(a, c)]] = 1; row[index[(b, c)]] = -1
                 rows.append(row); lo.append(0); hi.append(0)
-    res = milp(obj, constraints=LinearConstraint(np.array(rows), lo, hi), integrality=np.ones(n),
-               bounds=Bounds(0, 1))
+    with _c_stdout_silenced():
+        res = milp(obj, constraints=LinearConstraint(np.array(rows), lo, hi), integrality=np.ones(n),
+                   bounds=Bounds(0, 1))
     if res.status != 0 or res.x is None:
         return None
     return {l: c for (l, c), x in zip(var, res.x) if x > 0.5}

@@ -123,7 +123,7 @@ def _thread_time(fn, repeats=3) -> float:
     return statistics.median(ts)
 
 
-def _fastest_cpu_kernel() -> str:
+def fastest_cpu_kernel() -> str:
     """The compiled fixed-point kernel when it is built here, else the PyTorch integer kernel."""
     from ..kernels import cpu
 
@@ -174,7 +174,7 @@ def joint_tables(model: nn.Module, choices: dict, calib, samples: int = 32, late
         if label[0] != "direct":
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                winoq.set_kernel(qm, _fastest_cpu_kernel())
+                winoq.set_kernel(qm, fastest_cpu_kernel())
         for n in (n for n, labels in allowed.items() if label in labels):
             x = inputs[n]
             with torch.no_grad():
