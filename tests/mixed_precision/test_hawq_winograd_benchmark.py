@@ -55,6 +55,28 @@ def test_dominance_takes_the_best_point_no_dearer_and_says_how_sure(bench):
     assert rows["F2/4"]["point"] == "a" and rows["F2/4"]["verdict"].startswith("on the curve")
 
 
+def test_holm_adjusts_for_the_number_of_uniform_choices(bench):
+    assert bench.holm([0.01, 0.04, 0.03, 0.5]) == pytest.approx([0.04, 0.09, 0.09, 0.5])
+    assert bench.holm([0.3, 0.9]) == pytest.approx([0.6, 0.9])     # monotone in the sorted order, capped at 1
+    assert bench.holm([]) == []
+    # a gap with p = 0.02 among eight uniform choices is not significant for the family
+    n = 1000
+    hits = {("uniform", f"u{i}"): torch.ones(n, dtype=torch.bool) for i in range(8)}
+    plan = torch.ones(n, dtype=torch.bool)
+    plan[:14] = False                                              # 0 / 14 discordant: p = 2^-13
+    hits[("ilp", "r", 0.1)] = plan
+    uniform = {f"u{i}": {"top1": 100.0, "mults": 1.0} for i in range(8)}
+    points = [{"name": "a", "key": ("ilp", "r", 0.1), "top1": 98.6, "mults": 1.0}]
+    rows = bench.dominance(uniform, points, "mults", hits)
+    assert all(r["p"] < 0.05 / 8 and r["p_holm"] == pytest.approx(8 * r["p"]) for r in rows)
+    assert all(r["verdict"] == "dominated" for r in rows)
+    plan[:] = True
+    plan[:7] = False                                               # 0 / 7: p = 0.016, Holm 0.125
+    rows = bench.dominance(uniform, points, "mults", hits)
+    assert all(0.01 < r["p"] < 0.05 and r["p_holm"] > 0.05 for r in rows)
+    assert all(r["verdict"] == "below, not significant" for r in rows)
+
+
 def test_curve_points_list_the_ilp_plan_and_a_different_checked_plan(bench):
     rows = [{"r": 0.1, "top1": 80.0, "mults": 1.0, "checked": {"chosen": "ilp", "top1": 80.0, "mults": 1.0}},
             {"uniform": "F2/4", "top1": 79.0, "mults": 0.5, "checked": {"chosen": "F2/4", "top1": 80.5, "mults": 0.5}}]
