@@ -166,9 +166,9 @@ def run(args) -> int:
     calib = _calibration_images(name, args.calib_data, args.calib_images + args.check_images)
     if calib is None:
         raise CLIError("winoq mixed needs calibration images: pass --calib-data DIR (ImageFolder)")
-    if len(calib) < args.calib_images + args.check_images:
+    if args.check_images and len(calib) < args.calib_images + args.check_images:  # the two sets must not overlap
         raise CLIError(f"found {len(calib)} calibration images, fewer than --calib-images {args.calib_images} + "
-                       f"--check-images {args.check_images}")
+                       f"--check-images {args.check_images}; lower either")
     if args.tiles:
         return _run_tiles(model, calib[:args.calib_images], calib[args.calib_images:] if args.check_images else None,
                           args)
