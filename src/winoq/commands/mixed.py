@@ -190,27 +190,25 @@ def _run_hawq(model, calib, args) -> int:
     print(f"budget {plan.budget_kind} <= {plan.budget:.4g}: size {plan.totals['size'] / 1e6:.4f} MB, "
           f"{plan.totals['bops'] / 1e9:.3f} GBOPs; {sum(w == 4 for w, _ in pairs)}/{len(pairs)} layers with 4-bit "
           f"weights, {sum(a == 4 for _, a in pairs)} with 4-bit activations; ILP {plan.solve_seconds * 1e3:.1f} ms")
+    _write_outputs(model, calib, plan, args, lambda: plot_plan(plan, layers, tables, args.plot, choices))
+    return 0
+
+
+def _write_outputs(model, calib, plan, args, plot, onnx_note: str = "") -> None:
+    """``--out``, ``--plot`` (``plot()`` writes it), ``--save`` and ``--onnx`` of either kind of plan."""
     if args.out:
         args.out.write_text(plan.to_json())
         print(f"plan -> {args.out}")
     if args.plot:
-        print(f"plot -> {plot_plan(plan, layers, tables, args.plot, choices)}")
+        print(f"plot -> {plot()}")
     if args.save:
         _save_quantized(model, plan, args)
     if args.onnx:
-        from ..integer import IntegerConfig
+        from ..integer import convert
+        from ..integer.onnx_export import export_onnx
 
-        _export_onnx(model, calib, IntegerConfig(layer_bits=plan.bits), args.onnx)
-    return 0
-
-
-def _export_onnx(model, calib, config, path) -> None:
-    from ..integer import convert
-    from ..integer.onnx_export import export_onnx
-
-    im = convert(model, calib, config)
-    export_onnx(im, path, calib[:1])
-    print(f"integer-only model (ONNX, opset 13) -> {path}")
+        export_onnx(convert(model, calib, plan.integer_config()), args.onnx, calib[:1])
+        print(f"integer-only model (ONNX, opset 13) -> {args.onnx}{onnx_note}")
 
 
 # ----------------------------------------------------------------------------- joint tile + bits plan
@@ -252,16 +250,8 @@ def _run_tiles(model, calib, check, args) -> int:
         print(f"check on {len(check)} held-out images (top-1 agreement with the float model): "
               + ", ".join(f"{k} {v[0]:.3f}" for k, v in plan.check["scores"].items())
               + f"; kept: {plan.check['chosen']}")
-    if args.out:
-        args.out.write_text(plan.to_json())
-        print(f"plan -> {args.out}")
-    if args.plot:
-        print(f"plot -> {plot_tiles(plan, args.plot)}")
-    if args.save:
-        _save_quantized(model, plan, args)
-    if args.onnx:
-        _export_onnx(model, calib, plan.integer_config(), args.onnx)
-        print("  (ONNX has no Winograd operator: the Winograd layers are exported as their direct integer twins)")
+    _write_outputs(model, calib, plan, args, lambda: plot_tiles(plan, args.plot),
+                   "\n  (ONNX has no Winograd operator: the Winograd layers are exported as their direct integer twins)")
     return 0
 
 

@@ -94,6 +94,12 @@ class Plan:
         return base.replace(layer_plan={n: {"weights": f"int{w}", "activations": f"int{a}"}
                                         for n, (w, a) in ((n, bits_of_choice(b)) for n, b in self.bits.items())})
 
+    def integer_config(self, **overrides):
+        """An :class:`winoq.integer.IntegerConfig` that converts the model to integer-only with this plan."""
+        from ..integer import IntegerConfig
+
+        return IntegerConfig(layer_bits=self.bits, **overrides)
+
     @classmethod
     def from_json(cls, text: str) -> "Plan":
         d = json.loads(text)
