@@ -213,8 +213,8 @@ def print_dominance(rows: list[dict], kind: str) -> None:
     print(f"\n| uniform | top-1 | {kind} | best plan at no more cost | top-1 | {kind} | difference | images only "
           f"plan / only uniform right | McNemar p | Holm p | verdict |\n|---|---:|---:|---|---:|---:|---:|---|---:|---:|---|")
     for d in rows:
-        print(f"| {d['uniform']} | {d['uniform_top1']:.1f} | {d['uniform_cost']:.3f} | {d['point']} | "
-              f"{d['point_top1']:.1f} | {d['point_cost']:.3f} | {d['diff']:+.1f} | {d['only_a']} / {d['only_b']} | "
+        print(f"| {d['uniform']} | {d['uniform_top1']:.1f} | {d['uniform_cost']:.4g} | {d['point']} | "
+              f"{d['point_top1']:.1f} | {d['point_cost']:.4g} | {d['diff']:+.1f} | {d['only_a']} / {d['only_b']} | "
               f"{d['p']:.2f} | {d['p_holm']:.2f} | {d['verdict']} |")
 
 
