@@ -23,6 +23,8 @@ def test_joint_tables_ilp_and_assembly():
         assert sens[n][("direct", 8)] < sens[n][("direct", 4)]
         assert costs["mults"][n][("F6", 8)] < costs["mults"][n][("F2", 8)] < costs["mults"][n][("direct", 8)]
         assert all(v > 0 for v in costs["latency"][n].values())
+        # one timing per tile: int4 and int8 weights run the same kernel
+        assert all(costs["latency"][n][(t, 4)] == costs["latency"][n][(t, 8)] for t in ("direct", "F2", "F6"))
     cheapest = sum(min(t.values()) for t in costs["mults"].values())
     plan = solve_ilp(sens, costs, {"mults": cheapest})
     assert sum(costs["mults"][n][plan[n]] for n in plan) <= cheapest
