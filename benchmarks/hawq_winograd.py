@@ -31,7 +31,7 @@ from common import add_cifar_args, cifar_split, correct, dump_json, machine  # n
 
 from winoq.mixed_precision import solve_ilp  # noqa: E402
 from winoq.mixed_precision.winograd_choice import (  # noqa: E402
-    LAYERS, assemble, build_choices, checked_plan, joint_tables, uniform_plan)
+    LAYERS, assemble, budget_range, build_choices, checked_plan, joint_tables, uniform_plan)
 from winoq.models import load_cifar_resnet  # noqa: E402
 
 
@@ -152,8 +152,7 @@ def main(argv=None):
         res["uniform"][f"{label[0]}/{label[1]}"] = row
         print("uniform", label, {k: round(v, 4) for k, v in row.items() if k != "plan"}, flush=True)
         dump_json(args.out, res)
-    lo = sum(min(t.values()) for t in costs[args.kind].values())
-    hi = sum(max(t.values()) for t in costs[args.kind].values())
+    lo, hi = budget_range(costs, args.kind)
     budgets = [("r", r, lo + r * (hi - lo)) for r in args.rs]
     if args.match_uniform:
         budgets += [("uniform", k, row[args.kind]) for k, row in res["uniform"].items()]
