@@ -31,7 +31,7 @@ from common import add_cifar_args, cifar_split, correct, dump_json, machine  # n
 
 from winoq.mixed_precision import solve_ilp  # noqa: E402
 from winoq.mixed_precision.winograd_choice import (  # noqa: E402
-    LAYERS, assemble, budget_range, build_choices, checked_plan, joint_tables, uniform_plan)
+    LAYERS, assemble, budget_range, build_choices, checked_plan, joint_tables, label_key, uniform_plan)
 from winoq.models import load_cifar_resnet  # noqa: E402
 
 
@@ -140,16 +140,16 @@ def main(argv=None):
             if label[0] != "direct":
                 set_kernel(qm, args.eval_kernel)   # assembled plans copy these layers, kernel included
     res["eval_kernel"], res["layers"] = args.eval_kernel, args.layers
-    res["sensitivity"] = {n: {f"{t}/{b}": v for (t, b), v in s.items()} for n, s in sens.items()}
-    res["costs"] = {k: {n: {f"{t}/{b}": v for (t, b), v in s.items()} for n, s in c.items()} for k, c in costs.items()}
+    res["sensitivity"] = {n: {label_key(c): v for c, v in s.items()} for n, s in sens.items()}
+    res["costs"] = {k: {n: {label_key(c): v for c, v in s.items()} for n, s in t.items()} for k, t in costs.items()}
     print(f"FP {res['fp_top1']:.2f}; tables built in {res['build_s']:.0f} s", flush=True)
     names = list(sens)
     for label in choices:
         plan = uniform_plan(label, sens)
-        row = {"top1": top1(choices[label], ("uniform", f"{label[0]}/{label[1]}")),
+        row = {"top1": top1(choices[label], ("uniform", label_key(label))),
                **{k: sum(costs[k][n][plan[n]] for n in names) for k in costs},
-               "sum_sensitivity": sum(sens[n][plan[n]] for n in names), "plan": {n: f"{t}/{b}" for n, (t, b) in plan.items()}}
-        res["uniform"][f"{label[0]}/{label[1]}"] = row
+               "sum_sensitivity": sum(sens[n][plan[n]] for n in names), "plan": {n: label_key(c) for n, c in plan.items()}}
+        res["uniform"][label_key(label)] = row
         print("uniform", label, {k: round(v, 4) for k, v in row.items() if k != "plan"}, flush=True)
         dump_json(args.out, res)
     lo, hi = budget_range(costs, args.kind)
@@ -164,7 +164,7 @@ def main(argv=None):
         m = assemble(choices, plan)
         row = {how: key, "top1": top1(m, ("ilp", how, key)), **{k: sum(costs[k][n][plan[n]] for n in names) for k in costs},
                "sum_sensitivity": sum(sens[n][plan[n]] for n in names), "solve_s": solve_s,
-               "plan": {n: f"{t}/{b}" for n, (t, b) in plan.items()}}
+               "plan": {n: label_key(c) for n, c in plan.items()}}
         for cname, labels in (checks.items() if check is not None else ()):
             cplan, info = checked_plan(model, choices, plan, costs, {args.kind: budget * (1 + 1e-12)}, check,
                                        check_cache, labels=labels)
@@ -177,7 +177,7 @@ def main(argv=None):
                 acc = top1(assemble(choices, cplan), (cname, how, key))
             row[cname] = {"chosen": info["chosen"], "scores": info["scores"], "top1": acc,
                           **{k: sum(costs[k][n][cplan[n]] for n in names) for k in costs},
-                          "plan": {n: f"{t}/{b}" for n, (t, b) in cplan.items()}}
+                          "plan": {n: label_key(c) for n, c in cplan.items()}}
         res["ilp"].append(row)
         print("ilp", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "plan"},
               flush=True)

@@ -49,6 +49,17 @@ def _label(tile, bits):
     return ("direct" if tile == "direct" else f"F{tile}", bits)
 
 
+def label_key(label) -> str:
+    """A choice as text (JSON keys, candidate names): ``("F4", 8)`` -> ``"F4/8"``."""
+    return f"{label[0]}/{label[1]}"
+
+
+def parse_label_key(key: str) -> tuple:
+    """``"F4/8"`` -> ``("F4", 8)``, the inverse of :func:`label_key`."""
+    tile, bits = key.split("/")
+    return tile, int(bits)
+
+
 def build_choices(model: nn.Module, tiles=TILES, bits=BITS, learn_steps: int = 20, progress: bool = False) -> dict:
     """``{(tile label, bits): quantized model}`` for every uniform choice (winoq.quantize, group 32)."""
     import winoq
@@ -248,7 +259,7 @@ def checked_plan(model: nn.Module, choices: dict, plan: dict, costs: dict, budge
     for label in choices:
         uniform = uniform_plan(label, costs[next(iter(costs))])
         if all(sum(costs[k][n][uniform[n]] for n in uniform) <= b for k, b in budgets.items()):
-            candidates[f"{label[0]}/{label[1]}"] = uniform
+            candidates[label_key(label)] = uniform
     found = {}
     for key, cand in candidates.items():
         logits_key = ("plan", tuple(sorted(cand.items())))
@@ -353,20 +364,20 @@ class JointPlan:
                              **overrides)
 
     def to_json(self) -> str:
-        key = lambda label: f"{label[0]}/{label[1]}"  # noqa: E731
         d = asdict(self)
-        d["plan"] = {n: key(c) for n, c in self.plan.items()}
-        d["sensitivity"] = {n: {key(c): v for c, v in t.items()} for n, t in self.sensitivity.items()}
-        d["costs"] = {k: {n: {key(c): v for c, v in t.items()} for n, t in c.items()} for k, c in self.costs.items()}
+        d["plan"] = {n: label_key(c) for n, c in self.plan.items()}
+        d["sensitivity"] = {n: {label_key(c): v for c, v in t.items()} for n, t in self.sensitivity.items()}
+        d["costs"] = {k: {n: {label_key(c): v for c, v in t.items()} for n, t in c.items()}
+                      for k, c in self.costs.items()}
         return json.dumps(d, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> "JointPlan":
-        parse = lambda key: (lambda t, b: (t, int(b)))(*key.split("/"))  # noqa: E731
         d = json.loads(text)
-        d["plan"] = {n: parse(c) for n, c in d["plan"].items()}
-        d["sensitivity"] = {n: {parse(c): v for c, v in t.items()} for n, t in d["sensitivity"].items()}
-        d["costs"] = {k: {n: {parse(c): v for c, v in t.items()} for n, t in c.items()} for k, c in d["costs"].items()}
+        d["plan"] = {n: parse_label_key(c) for n, c in d["plan"].items()}
+        d["sensitivity"] = {n: {parse_label_key(c): v for c, v in t.items()} for n, t in d["sensitivity"].items()}
+        d["costs"] = {k: {n: {parse_label_key(c): v for c, v in t.items()} for n, t in c.items()}
+                      for k, c in d["costs"].items()}
         return cls(**d)
 
 
