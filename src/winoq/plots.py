@@ -79,7 +79,7 @@ def plot_layer_sqnr(reports_by_label: Mapping[str, Sequence], path: str | os.Pat
         ax.set_ylim(lo - pad, hi + 2 * pad)
         ax.legend(loc="upper right", fontsize=8, ncol=3)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 @torch.no_grad()
@@ -149,7 +149,7 @@ def plot_tap_ranges(qlayer_standard, qlayer_learned, path: str | os.PathLike, *,
     head = title or f"Per-tap ranges of a F({lay.m},{lay.kernel_size}) layer on Gaussian noise"
     fig.suptitle(head + "\n(log10 of the largest |value| of each tap, before quantization)", fontsize=12)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _ratio(log10_spread: float) -> str:
@@ -159,9 +159,11 @@ def _ratio(log10_spread: float) -> str:
     return f"{r:,.0f}x" if r < 1e5 else f"{r:.1e}x"
 
 
-def _save(fig, path) -> str:
-    path = Path(path)
+def save_figure(fig, path, dpi: int = 110) -> str:
+    """Write ``fig`` to ``path`` and close it; returns the name matplotlib wrote (``path.png`` when
+    ``path`` has no suffix)."""
+    path = Path(path) if Path(path).suffix else Path(f"{path}.png")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return str(path)

@@ -76,9 +76,8 @@ def pareto(sens, tables, kind, ties, rs):
 
 
 def plot_plan(plan, layers, tables, path, choices=(4, 8)) -> str:
-    import matplotlib
+    from ..plots import save_figure  # first: it sets the Agg backend before pyplot loads
 
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     kind = plan.budget_kind
@@ -106,10 +105,7 @@ def plot_plan(plan, layers, tables, path, choices=(4, 8)) -> str:
     b.set_yscale("symlog", linthresh=1e-9)
     b.legend()
     fig.tight_layout()
-    path = Path(path) if Path(path).suffix else Path(f"{path}.png")  # say the name matplotlib writes
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, path, dpi=120)
 
 
 def _save_quantized(model, plan, args) -> None:
@@ -264,9 +260,8 @@ def _kernel_name() -> str:
 def plot_tiles(plan, path) -> str:
     """Per-layer weight bits coloured by tile, and the ILP's sensitivity vs cost curve with every
     uniform choice marked."""
-    import matplotlib
+    from ..plots import save_figure  # first: it sets the Agg backend before pyplot loads
 
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from ..mixed_precision.winograd_choice import uniform_plan
@@ -296,7 +291,4 @@ def plot_tiles(plan, path) -> str:
     b.set_yscale("log")
     b.legend(fontsize=7)
     fig.tight_layout()
-    path = Path(path) if Path(path).suffix else Path(f"{path}.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, path, dpi=120)
