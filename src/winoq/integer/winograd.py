@@ -124,6 +124,7 @@ class IntWinogradConv2d(nn.Module):
                      ("bias", bias)):
             self.register_buffer(n, v.to(torch.int64))
         self.wide = False  # the accumulator fits int32 by construction (``so``)
+        self.kernel = "auto"  # "auto": the compiled step where it can run; "torch": forward_torch
 
     @property
     def n(self) -> int:
@@ -201,6 +202,17 @@ class IntWinogradConv2d(nn.Module):
         return y.to(torch.int32) if integer else y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The int32 accumulator: on the compiled step (:mod:`winoq.kernels.int_step`, same integers)
+        where it runs this layer and ``kernel`` is "auto", else :meth:`forward_torch`."""
+        if self.kernel == "auto" and x.device.type == "cpu":
+            from ..kernels import int_step
+
+            if int_step.available() and int_step.cached_reason(self) is None:
+                return int_step.forward(self, x)
+        return self.forward_torch(x)
+
+    def forward_torch(self, x: torch.Tensor) -> torch.Tensor:
+        """The definition in PyTorch int64 tensor ops."""
         return self._run(x, True)
 
     def simulate(self, x: torch.Tensor) -> torch.Tensor:
@@ -252,6 +264,30 @@ def _static_v(name, v: torch.Tensor, q: int, clip: str) -> tuple[torch.Tensor, t
     return vb, vc, 2.0 ** vc.double() / vb.double()
 
 
+def _input_rows(bt: torch.Tensor, m: int, r: int, bits: int, in_max: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """The input transform's integer rows, its first-pass shift and the real value of one unit of
+    V_int per tap. ``BT' = diag(f) B_int`` with ``B_int`` the Toom-Cook rows as coprime integers
+    (F(4,3): entries 0, +-1, +-2, +-4, +-5), so the exact integer rows are used and ``f_a f_b`` goes
+    into the tap's scale: no rounding of the learned S_B, and at F(2,3) / F(4,3) V_int fits int16
+    (the compiled step's lanes). Rows that leave int32 (or transforms that are not scaled
+    Toom-Cook rows) keep ``round(BT' 2^kb)`` with its shift instead."""
+    from ..winograd.transforms import toom_cook
+
+    b_int = torch.tensor(toom_cook(m, r).BT_integer_rows[0], dtype=torch.int64)
+    f = (bt * b_int).sum(1) / (b_int * b_int).sum(1)
+    if b_int.shape == bt.shape and torch.allclose(f[:, None] * b_int, bt, rtol=1e-12, atol=1e-15) \
+            and _int_transform_bound_rows(b_int, in_max) <= INT32_MAX:
+        return b_int, 0, torch.outer(f, f).reshape(-1)
+    kb = effective_bits(bt, bits, in_max)
+    sb = first_pass_shift(bt, kb, in_max)
+    return fixed(bt, kb), sb, torch.full((bt.shape[0] ** 2,), 2.0 ** (sb - 2 * kb), dtype=torch.float64)
+
+
+def _int_transform_bound_rows(rows: torch.Tensor, in_max: int) -> int:
+    l1 = int(rows.abs().sum(1).max())
+    return l1 * l1 * in_max
+
+
 def build_int_winograd(name: str, conv: nn.Conv2d, w: torch.Tensor, b: torch.Tensor, s_in: float, in_qmax: int,
                        calib_inputs: torch.Tensor, *, m: int, weight_bits: int, v_bits: int, m_bits: int,
                        transform_bits: int, scales: str, v_clip: str, learn_steps: int, seed: int,
@@ -262,10 +298,9 @@ def build_int_winograd(name: str, conv: nn.Conv2d, w: torch.Tensor, b: torch.Ten
     for static per-tap V scales, g > 0 for power-of-two V scales per tile, tap and g channels."""
     r, kout, cin = conv.kernel_size[0], w.shape[0], w.shape[1]
     at, g, bt = learned_transforms(w, b, conv, m, weight_bits, scales, learn_steps, seed)
-    kb = effective_bits(bt, transform_bits, in_qmax + 1)
-    sb = first_pass_shift(bt, kb, in_qmax + 1)
+    bq, sb, tap_unit = _input_rows(bt, m, r, transform_bits, in_qmax + 1)
     ka = transform_bits
-    bq, aq = fixed(bt, kb), fixed(at, ka)
+    aq = fixed(at, ka)
     u_q, s_u = _quantized_u(g, w, weight_bits)                                  # (T, K, C), (T, K)
     qv_max, qm_max = (1 << (v_bits - 1)) - 1, (1 << (m_bits - 1)) - 1
     if qv_max * int(u_q.abs().max()) * min(cin, v_group or cin) > INT32_MAX:
@@ -283,12 +318,12 @@ def build_int_winograd(name: str, conv: nn.Conv2d, w: torch.Tensor, b: torch.Ten
     v = torch.cat([probe.input_transform(c) for c in chunks])                   # V_int (N, th, tw, C, T)
     if int(v.abs().max()) > INT32_MAX:
         raise ValueError(f"layer {name!r}: the integer input transform leaves int32")
-    unit = s_in * 2.0 ** (sb - 2 * kb)                                          # real value of one V_int unit
+    unit = s_in * tap_unit                                                      # real value of one V_int unit, per tap
     if v_group:  # the tap sums come out in V_int units (times U's scale), shifted right by pre_shift
         peak = max(float(probe.tap_sums(v[i:i + chunk], shifted=False).abs().max()) for i in range(0, len(v), chunk))
         pre_shift = _shift_to(peak, 30)
         probe, vb, vc, sum_unit = step(pre_shift=pre_shift), None, None, unit * 2.0 ** pre_shift
-        sum_scale = sum_unit * s_u                                              # (T, K)
+        sum_scale = sum_unit[:, None] * s_u                                     # (T, K)
     else:
         vb, vc, per_code = _static_v(name, v.double(), qv_max, v_clip)
         pre_shift, probe = 0, step(vb=vb, vc=vc)

@@ -30,33 +30,41 @@ _FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off", "-fno-fast-math"
 _STATE: dict = {}
 
 
-def build_dir() -> Path:
+def build_dir(name: str = "winograd_int8", sources: tuple[str, ...] = _SOURCES) -> Path:
+    """Where extension ``name`` is built: a folder per source digest, flags and torch version."""
     root = Path(os.environ.get("WINOQ_EXT_DIR", Path.home() / ".cache" / "winoq" / "ext"))
-    digest = hashlib.sha1(b"".join((_CSRC / s).read_bytes() for s in _SOURCES) + " ".join(_FLAGS).encode()
+    digest = hashlib.sha1(b"".join((_CSRC / s).read_bytes() for s in sources) + " ".join(_FLAGS).encode()
                           + torch.__version__.encode()).hexdigest()[:12]
-    return root / f"winograd_int8-{digest}"
+    return root / f"{name}-{digest}"
 
 
-def load(verbose: bool = False):
-    """The compiled module, building it if needed; None (with one warning) when it cannot be built."""
-    if "mod" in _STATE:
-        return _STATE["mod"]
+def compile_extension(name: str, sources: tuple[str, ...], state: dict, what: str, verbose: bool = False):
+    """The compiled module ``winoq_<name>`` (``sources[0]`` is its one translation unit; the rest are
+    headers it includes), built if needed and cached in ``state``; None, with one warning naming
+    ``what`` runs instead, when it cannot be built."""
+    if "mod" in state:
+        return state["mod"]
     try:
         from torch.utils import cpp_extension
 
-        d = build_dir()
+        d = build_dir(name, sources)
         d.mkdir(parents=True, exist_ok=True)
-        mod = cpp_extension.load(name="winoq_winograd_int8", sources=[str(_CSRC / _SOURCES[0])],
+        mod = cpp_extension.load(name=f"winoq_{name}", sources=[str(_CSRC / sources[0])],
                                  extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], build_directory=str(d),
                                  verbose=verbose)
     except Exception as err:  # no compiler, no ninja, unsupported platform
         first = (str(err).strip().splitlines() or [type(err).__name__])[-1]
-        warnings.warn(f"winoq: the compiled 'cpu' kernel could not be built ({first}); it runs the PyTorch "
-                      "fixed-point twin instead (same results, slower). Install g++ and ninja and run setup.sh.",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(f"winoq: the compiled {name} kernel could not be built ({first}); {what} instead (same "
+                      "results, slower). Install g++ and ninja and run setup.sh.", RuntimeWarning, stacklevel=3)
         mod = None
-    _STATE["mod"] = mod
+    state["mod"] = mod
     return mod
+
+
+def load(verbose: bool = False):
+    """The compiled module, building it if needed; None (with one warning) when it cannot be built."""
+    return compile_extension("winograd_int8", _SOURCES, _STATE, "kernel='cpu' runs the PyTorch fixed-point twin",
+                             verbose)
 
 
 def available() -> bool:
