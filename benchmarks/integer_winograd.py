@@ -61,6 +61,8 @@ def main(argv=None):
     ap.add_argument("--onnx", action="store_true",
                     help="also export each Winograd row to ONNX (direct twins) and score it in onnxruntime")
     ap.add_argument("--scales", nargs="+", default=["learned"])
+    ap.add_argument("--input-rows", nargs="+", default=["fixed"], choices=["fixed", "exact"],
+                    help="the integer input transform's rows (IntegerConfig.winograd_input_rows)")
     add_cifar_args(ap, n_images=1000, calib_images=256, out="benchmarks/out/integer_winograd.json")
     args = ap.parse_args(argv)
     x, y, calib = cifar_setup(args)
@@ -73,9 +75,11 @@ def main(argv=None):
         for vs in args.v_scales:
             for clip in (args.clips if vs == "static" else ["-"]):
                 for sc in args.scales:
-                    name = f"int W8A8 F({m},3) V {vs}{'' if clip == '-' else ' ' + clip} {sc}"
-                    configs[name] = IntegerConfig(winograd=m, winograd_v_scales=vs, winograd_scales=sc,
-                                                  winograd_v_clip="minmax" if clip == "-" else clip)
+                    for rows in args.input_rows:
+                        name = f"int W8A8 F({m},3) V {vs}{'' if clip == '-' else ' ' + clip} {sc} rows {rows}"
+                        configs[name] = IntegerConfig(winograd=m, winograd_v_scales=vs, winograd_scales=sc,
+                                                      winograd_v_clip="minmax" if clip == "-" else clip,
+                                                      winograd_input_rows=rows)
     for name, cfg in configs.items():
         t0 = time.perf_counter()
         im = convert(model, calib, cfg)

@@ -76,6 +76,10 @@ class IntegerConfig:
     winograd_m_bits: bits of M before the output transform (int16 by default).
     winograd_scales: the transforms' diagonal scales, "learned" (data-free) or "standard".
     transform_bits: fractional bits of the fixed-point transforms.
+    winograd_input_rows: the integer input transform: "fixed" (default): ``round(S_B BT 2^kb)``, the
+        learned S_B inside V's codes; "exact": the Toom-Cook rows as small integers with S_B in the
+        per-tap scales (int16 lanes at F(2,3) / F(4,3) in the compiled step, no rounded S_B; measured
+        less accurate with V in block floating point, docs/results.md section 30).
     layer_calib_samples: calibration samples whose full layer inputs are kept, for V and M's static
         scales and for learned rounding.
     weight_rounding: "nearest", "learned" (AdaRound: each weight rounded up or down to reproduce the
@@ -101,6 +105,7 @@ class IntegerConfig:
     winograd_m_bits: int = 16
     winograd_scales: str = "learned"
     transform_bits: int = 10
+    winograd_input_rows: str = "fixed"
     layer_calib_samples: int = 64
     weight_rounding: str = "auto"
     rounding_iters: int = 300
@@ -126,6 +131,8 @@ class IntegerConfig:
                              f"most 8x8), got winograd={self.winograd!r}, winograd_layers={dict(self.winograd_layers)!r}")
         if self.winograd_v_scales not in ("tile", "static"):
             raise ValueError(f"winograd_v_scales must be 'tile' or 'static', got {self.winograd_v_scales!r}")
+        if self.winograd_input_rows not in ("fixed", "exact"):
+            raise ValueError(f"winograd_input_rows must be 'fixed' or 'exact', got {self.winograd_input_rows!r}")
         if self.winograd_v_clip not in ("mse", "minmax"):
             raise ValueError(f"winograd_v_clip must be 'mse' or 'minmax', got {self.winograd_v_clip!r}")
         if self.weight_rounding not in ("auto", "nearest", "learned"):
@@ -592,7 +599,8 @@ class _Builder:
             node.target, mod, w, b, float(x.scale), max(abs(x.qmin), abs(x.qmax)), inputs, m=tile, weight_bits=wb,
             v_bits=ab, m_bits=cfg.winograd_m_bits, transform_bits=cfg.transform_bits, scales=cfg.winograd_scales,
             v_clip=cfg.winograd_v_clip, learn_steps=cfg.learn_steps, seed=cfg.seed,
-            v_group=cfg.winograd_group_size if cfg.winograd_v_scales == "tile" else 0)
+            v_group=cfg.winograd_group_size if cfg.winograd_v_scales == "tile" else 0,
+            input_rows=cfg.winograd_input_rows)
         # the direct integer conv of the same layer, rescaled to the Winograd accumulator's scale: what
         # an export to a format without a Winograd operator (ONNX) runs in its place
         direct, s_direct, _ = convert_conv(node.target, mod, w, b, x, wb, cfg.weight_clip)

@@ -264,18 +264,20 @@ def _static_v(name, v: torch.Tensor, q: int, clip: str) -> tuple[torch.Tensor, t
     return vb, vc, 2.0 ** vc.double() / vb.double()
 
 
-def _input_rows(bt: torch.Tensor, m: int, r: int, bits: int, in_max: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+def _input_rows(bt: torch.Tensor, m: int, r: int, bits: int, in_max: int,
+                rows: str = "fixed") -> tuple[torch.Tensor, int, torch.Tensor]:
     """The input transform's integer rows, its first-pass shift and the real value of one unit of
-    V_int per tap. ``BT' = diag(f) B_int`` with ``B_int`` the Toom-Cook rows as coprime integers
-    (F(4,3): entries 0, +-1, +-2, +-4, +-5), so the exact integer rows are used and ``f_a f_b`` goes
-    into the tap's scale: no rounding of the learned S_B, and at F(2,3) / F(4,3) V_int fits int16
-    (the compiled step's lanes). Rows that leave int32 (or transforms that are not scaled
-    Toom-Cook rows) keep ``round(BT' 2^kb)`` with its shift instead."""
+    V_int per tap. "fixed": ``round(BT' 2^kb)`` with its shift. "exact": ``BT' = diag(f) B_int``
+    with ``B_int`` the Toom-Cook rows as coprime integers (F(4,3): entries 0, +-1, +-2, +-4, +-5),
+    so the exact integer rows are used and ``f_a f_b`` goes into the tap's scale: no rounding of the
+    learned S_B, and at F(2,3) / F(4,3) V_int fits int16 (the compiled step's lanes); but S_B then
+    no longer shapes V's codes. "exact" rows that leave int32 (or transforms that are not scaled
+    Toom-Cook rows) fall back to "fixed"."""
     from ..winograd.transforms import toom_cook
 
     b_int = torch.tensor(toom_cook(m, r).BT_integer_rows[0], dtype=torch.int64)
     f = (bt * b_int).sum(1) / (b_int * b_int).sum(1)
-    if b_int.shape == bt.shape and torch.allclose(f[:, None] * b_int, bt, rtol=1e-12, atol=1e-15) \
+    if rows == "exact" and b_int.shape == bt.shape and torch.allclose(f[:, None] * b_int, bt, rtol=1e-12, atol=1e-15) \
             and _int_transform_bound_rows(b_int, in_max) <= INT32_MAX:
         return b_int, 0, torch.outer(f, f).reshape(-1)
     kb = effective_bits(bt, bits, in_max)
@@ -291,14 +293,14 @@ def _int_transform_bound_rows(rows: torch.Tensor, in_max: int) -> int:
 def build_int_winograd(name: str, conv: nn.Conv2d, w: torch.Tensor, b: torch.Tensor, s_in: float, in_qmax: int,
                        calib_inputs: torch.Tensor, *, m: int, weight_bits: int, v_bits: int, m_bits: int,
                        transform_bits: int, scales: str, v_clip: str, learn_steps: int, seed: int,
-                       v_group: int = 0, chunk: int = 16) -> tuple[IntWinogradConv2d, torch.Tensor, float]:
+                       v_group: int = 0, chunk: int = 16, input_rows: str = "fixed") -> tuple[IntWinogradConv2d, torch.Tensor, float]:
     """The integer Winograd step of ``conv`` (folded float64 ``w, b``) reading codes at ``s_in``;
     returns it, its accumulator scale (1, K, 1, 1) and the accumulator's worst-case |code|.
     ``calib_inputs``: the float model's inputs of this layer on calibration data. ``v_group``: 0
     for static per-tap V scales, g > 0 for power-of-two V scales per tile, tap and g channels."""
     r, kout, cin = conv.kernel_size[0], w.shape[0], w.shape[1]
     at, g, bt = learned_transforms(w, b, conv, m, weight_bits, scales, learn_steps, seed)
-    bq, sb, tap_unit = _input_rows(bt, m, r, transform_bits, in_qmax + 1)
+    bq, sb, tap_unit = _input_rows(bt, m, r, transform_bits, in_qmax + 1, input_rows)
     ka = transform_bits
     aq = fixed(at, ka)
     u_q, s_u = _quantized_u(g, w, weight_bits)                                  # (T, K, C), (T, K)

@@ -124,7 +124,7 @@ def _prepared(step, mod) -> tuple:
     half = torch.bitwise_left_shift(torch.ones_like(mc), mc - 1)
     bias = torch.nn.functional.pad(step.bias.to(torch.int32), (0, kp - k))
     shifts = [step.sb, int(lanes(step) == 16), step.pre_shift, step.so, int(wide_sums(step))]
-    tables = (up, uoff, upad, mb, mc, half, bias, step.bq.to(torch.int32), step.aq.double(), shifts)
+    tables = (up, uoff, upad, mb, mc, half, bias, step.bq.to(torch.int32), step.aq.to(torch.int64), shifts)
     step._compiled = (key, tables)
     return tables
 

@@ -508,11 +508,16 @@ torch::Tensor forward(torch::Tensor x, std::vector<int64_t> geom, torch::Tensor 
   a.K = upad.size(1); a.Kp = uoff.size(2);
   TORCH_CHECK(upad.size(0) == a.n * a.n && upad.size(2) == a.Cp, "U does not match the layer");
   auto bqc = bq.to(torch::kInt32).contiguous();
-  auto aqc = aq.to(torch::kFloat64).contiguous();
+  TORCH_CHECK(aq.dtype() == torch::kInt64 && aq.numel() == a.m * a.n, "aq: (m, n) int64");
+  // the output rows as float64 lanes hold them: exact integers (|entry| < 2^53, and every product and
+  // sum the transform forms stays below 2^53: checked by the caller)
+  auto aqi = aq.contiguous();
+  std::vector<double> aqd(a.m * a.n);
+  for (int i = 0; i < a.m * a.n; ++i) aqd[i] = (double)aqi.data_ptr<int64_t>()[i];
   auto mbc = mb.to(torch::kInt64).contiguous(), mcc = mc.to(torch::kInt64).contiguous(), mhc = mhalf.to(torch::kInt64).contiguous();
   auto bc = bias.to(torch::kInt32).contiguous();
   TORCH_CHECK(mbc.numel() == a.n * a.n * a.Kp && bc.numel() == a.Kp, "M multipliers / bias: (taps, Kp) / (Kp,)");
-  a.bq = bqc.data_ptr<int32_t>(); a.aq = aqc.data_ptr<double>();
+  a.bq = bqc.data_ptr<int32_t>(); a.aq = aqd.data();
   a.up = up.data_ptr<int8_t>(); a.uoff = uoff.data_ptr<int32_t>(); a.u = upad.data_ptr<int8_t>();
   a.mb = mbc.data_ptr<int64_t>(); a.mc = mcc.data_ptr<int64_t>(); a.mhalf = mhc.data_ptr<int64_t>();
   a.m_range = (int)m_range; a.bias = bc.data_ptr<int32_t>();
