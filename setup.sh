@@ -12,6 +12,9 @@ echo "setup: building the compiled cpu kernel (a few minutes on 2 cores)"
 $PY -c "from winoq.kernels import cpu; import sys; sys.exit(0 if cpu.available() else 1)" \
   && echo "setup: cpu kernel built ($($PY -c 'from winoq.kernels import cpu; print(cpu.isa())'))" \
   || echo "setup: the cpu kernel could not be built; kernel='cpu' will run its PyTorch twin (same results, slower)"
+$PY -c "from winoq.kernels import int_step; import sys; sys.exit(0 if int_step.available() else 1)" \
+  && echo "setup: integer Winograd step built ($($PY -c 'from winoq.kernels import int_step; print(int_step.isa())'))" \
+  || echo "setup: the integer Winograd step could not be built; integer-only models run it in PyTorch (same results, slower)"
 FMNIST=/usr/share/datasets/fashion-mnist
 if [ -d "$FMNIST" ]; then
   echo "setup: Fashion-MNIST found at $FMNIST"

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from winoq.integer.winograd import IntWinogradConv2d, build_int_winograd
 from winoq.kernels import int_step
-from winoq.winograd.fixed_point import fixed
+from winoq.winograd.fixed_point import effective_bits, first_pass_shift, fixed
 from winoq.winograd.transforms import toom_cook
 
 ISAS = ["portable", "avx2"] + (["avx512-vnni"] if int_step.isa() == "avx512-vnni" else [])
@@ -21,19 +21,24 @@ needs_build = pytest.mark.skipif(not int_step.available(), reason="the compiled 
 
 
 def random_step(c: int, k: int, m: int, g: int = 32, seed: int = 0, pre_shift: int = 0, so: int = 16,
-                u_max: int = 127) -> IntWinogradConv2d:
-    """A step with random codes and multipliers (exact integer input rows, 10-bit scaled output rows)."""
+                u_max: int = 127, rows: str = "exact") -> IntWinogradConv2d:
+    """A step with random codes and multipliers: exact integer input rows, or ("fixed") randomly
+    scaled 10-bit fixed-point rows with their first-pass shift; 10-bit scaled output rows."""
     gen = torch.Generator().manual_seed(seed)
     tc = toom_cook(m, 3)
     n = m + 2
-    b_int = torch.tensor(tc.BT_integer_rows[0], dtype=torch.int64)
     scale = torch.rand(n, generator=gen, dtype=torch.float64) + 0.5
+    b_int, sb = torch.tensor(tc.BT_integer_rows[0], dtype=torch.int64), 0
+    if rows == "fixed":
+        bt = tc.BT.double() * scale[:, None]
+        kb = effective_bits(bt, 10, 128)
+        b_int, sb = fixed(bt, kb), first_pass_shift(bt, kb, 128)
     aq = fixed(tc.AT.double() * scale, 10)
     u = torch.randint(-u_max, u_max + 1, (n * n, k, c), generator=gen)
     mb = torch.randint(2**29, 2**31 - 1, (n * n, k), generator=gen)
     mc = torch.randint(40, 51, (n * n, k), generator=gen)
     bias = torch.randint(-5000, 5000, (k,), generator=gen)
-    return IntWinogradConv2d("t", m, 3, (1, 1), bq=b_int, sb=0, aq=aq, so=so, u=u, v_range=127, mb=mb, mc=mc,
+    return IntWinogradConv2d("t", m, 3, (1, 1), bq=b_int, sb=sb, aq=aq, so=so, u=u, v_range=127, mb=mb, mc=mc,
                              m_range=2**15 - 1, bias=bias, v_group=g, pre_shift=pre_shift)
 
 
@@ -70,11 +75,23 @@ def test_rounding_shifts_and_wide_sums(isa):
 
 
 @needs_build
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m", [2, 4, 6])
+def test_fixed_point_rows_with_a_first_pass_shift(isa, m):
+    step = random_step(40, 36, m, rows="fixed", seed=m)
+    assert int_step.lanes(step) == 32 and int(step.bq.abs().max()) > 100
+    check(step, codes(2, 40, 11, 9), isa)
+    if m == 6:
+        assert step.sb > 0  # F(6,3)'s 10-bit rows need the shift to stay inside int32
+
+
+@needs_build
 @settings(max_examples=12, deadline=None)
 @given(m=st.sampled_from([2, 4, 6]), c=st.integers(1, 70), k=st.integers(1, 40), h=st.integers(1, 13),
-       w=st.integers(1, 13), nb=st.integers(1, 3), seed=st.integers(0, 1000), pre=st.integers(0, 4))
-def test_property_any_shape_matches(m, c, k, h, w, nb, seed, pre):
-    step = random_step(c, k, m, seed=seed, pre_shift=pre)
+       w=st.integers(1, 13), nb=st.integers(1, 3), seed=st.integers(0, 1000), pre=st.integers(0, 4),
+       rows=st.sampled_from(["exact", "fixed"]))
+def test_property_any_shape_matches(m, c, k, h, w, nb, seed, pre, rows):
+    step = random_step(c, k, m, seed=seed, pre_shift=pre, rows=rows)
     x = codes(nb, c, h, w, seed=seed)
     for isa in ISAS:
         check(step, x, isa)
@@ -117,11 +134,13 @@ def test_a_built_layer_runs_compiled_inside_forward_and_equals_torch():
     conv = nn.Conv2d(32, 40, 3, padding=1)
     calib = torch.randn(4, 32, 12, 12).relu()
     s_in = float(calib.abs().max()) / 127
-    for m in (2, 4, 6):
+    for m, rows in ((2, "exact"), (4, "exact"), (6, "exact"), (4, "fixed"), (6, "fixed")):
         step, _, _ = build_int_winograd("l", conv, conv.weight.detach().double(), conv.bias.detach().double(), s_in, 127,
                                         calib, m=m, weight_bits=8, v_bits=8, m_bits=16, transform_bits=10,
-                                        scales="learned", v_clip="minmax", learn_steps=1, seed=0, v_group=32)
-        assert step.sb == 0 and int(step.bq.abs().max()) == {2: 1, 4: 5, 6: 21}[m]  # the exact integer rows
+                                        scales="learned", v_clip="minmax", learn_steps=1, seed=0, v_group=32,
+                                        input_rows=rows)
+        if rows == "exact":
+            assert step.sb == 0 and int(step.bq.abs().max()) == {2: 1, 4: 5, 6: 21}[m]  # the Toom-Cook integers
         assert int_step.cached_reason(step) is None
         x = torch.round(torch.randn(2, 32, 12, 12).relu() / s_in).clamp(-127, 127).to(torch.int32)
         y = step(x)

@@ -1,0 +1,143 @@
+"""The compiled integer Winograd step against the int8 direct convs users already have (issue 11).
+
+    OMP_NUM_THREADS=1 python benchmarks/int_step_cpu.py --out benchmarks/out/int_step_cpu.json
+    OMP_NUM_THREADS=1 python benchmarks/int_step_cpu.py --end-to-end --out benchmarks/out/int_step_e2e.json
+
+Per layer (3x3 stride 1, C = K, ReLU'd noise; the shapes of benchmarks/kernels_cpu.py), median thread
+CPU ms of interleaved calls, 1 thread: fp32 oneDNN (``F.conv2d``), int8 fbgemm and int8 oneDNN
+(``torch.ao.nn.quantized.Conv2d``, quint8 channels-last input prepared outside the timing), and the
+integer Winograd step of winoq's integer-only graphs (``IntWinogradConv2d``, V in block floating
+point per tile, tap and 32 channels; int8 channels-last codes in, int32 accumulator out) on the
+compiled kernel, F(2,3) / F(4,3) / F(6,3), with the input transform's rows "fixed" (the default,
+learned S_B in 10-bit fixed point) or "exact" (Toom-Cook integers, int16 lanes). ``--check`` compares
+each step with its PyTorch definition on the first image (bit for bit).
+
+``--end-to-end``: a CIFAR ResNet-20 (random BN statistics unless ../shared has the weights) as an
+integer-only model with Winograd F(4,3) layers, its steps on the compiled kernel against the same
+model with every step in PyTorch, and the float model.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import dump_json, machine  # noqa: E402
+from kernels_cpu import PEER_SHAPES, ao_int8_fns, median_ms, peer_problem  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from winoq.integer.winograd import build_int_winograd  # noqa: E402
+from winoq.kernels import int_step  # noqa: E402
+
+
+def make_step(conv, x, m: int, rows: str, s_in: float):
+    step, _, _ = build_int_winograd("bench", conv, conv.weight.detach().double(), conv.bias.detach().double(), s_in,
+                                    127, x[:2], m=m, weight_bits=8, v_bits=8, m_bits=16, transform_bits=10,
+                                    scales="learned", v_clip="minmax", learn_steps=20, seed=0, v_group=32,
+                                    input_rows=rows)
+    return step
+
+
+def run_layers(args) -> list[dict]:
+    rows = []
+    for name, nb, c, hw in PEER_SHAPES:
+        if args.shapes and name not in args.shapes:
+            continue
+        x, conv = peer_problem(nb, c, hw)
+        s_in = float(x.abs().max()) / 127
+        qx = torch.round(x / s_in).clamp(-127, 127).to(torch.int8).contiguous(memory_format=torch.channels_last)
+        fns = {"fp32": lambda: F.conv2d(x, conv.weight, conv.bias, padding=1), **ao_int8_fns(conv, x)}
+        checks = {}
+        for m in args.tiles:
+            for r in args.rows:
+                step = make_step(conv, x, m, r, s_in)
+                key = f"F{m}-{r}"
+                fns[key] = (lambda step=step: int_step.forward(step, qx))
+                if args.check:
+                    checks[key] = bool(torch.equal(int_step.forward(step, qx[:1]), step.forward_torch(qx[:1].int())))
+        ms = {k: v[0] for k, v in median_ms(fns, args.reps, budget_s=args.budget).items()}
+        wino = {k: v for k, v in ms.items() if k.startswith("F")}
+        best = min(wino, key=wino.get)
+        row = {"shape": name, "N": nb, "C": c, "HW": hw, "ms": ms, "best": best, "checks": checks,
+               "best_vs_onednn": ms["int8_onednn"] / wino[best], "best_vs_fbgemm": ms["int8_fbgemm"] / wino[best],
+               "best_vs_fp32": ms["fp32"] / wino[best]}
+        rows.append(row)
+        print_row(row, fns)
+        dump_json(args.out, {"machine": machine(), "isa": int_step.isa(), "threads": torch.get_num_threads(),
+                             "rows": rows})
+    return rows
+
+
+def print_row(r: dict, fns) -> None:
+    if not hasattr(print_row, "head"):
+        print("| shape | N | C | H=W | " + " | ".join(k for k in fns) + " | best | vs oneDNN int8 | vs fbgemm | vs fp32 |")
+        print("|" + "---|" * (len(fns) + 8))
+        print_row.head = True
+    cells = " | ".join(f"{r['ms'][k]:.2f}" for k in fns)
+    print(f"| {r['shape']} | {r['N']} | {r['C']} | {r['HW']} | {cells} | {r['best']} | {r['best_vs_onednn']:.2f}x | "
+          f"{r['best_vs_fbgemm']:.2f}x | {r['best_vs_fp32']:.2f}x |" + ("" if not r["checks"] else
+                                                                       f" exact: {all(r['checks'].values())}"),
+          flush=True)
+
+
+def run_end_to_end(args) -> dict:
+    from winoq.integer import IntegerConfig, convert
+    from winoq.models import cifar_resnet20
+
+    try:
+        from winoq.models import load_cifar_resnet
+
+        model, source = load_cifar_resnet(20), "../shared pretrained"
+    except Exception:  # no ../shared: random weights (the timing does not depend on them)
+        torch.manual_seed(0)
+        model, source = cifar_resnet20().eval(), "random weights"
+    x = torch.randn(args.batch, 3, 32, 32)
+    calib = torch.randn(32, 3, 32, 32)
+    im = convert(model, calib, IntegerConfig(winograd=4, learn_steps=20))
+    q = im.quantize_input(x)
+
+    def with_kernel(kind):
+        for s in im.steps:
+            if hasattr(s, "kernel"):
+                s.kernel = kind
+        return im.forward_integer(q)
+
+    same = torch.equal(with_kernel("auto"), with_kernel("torch"))
+    fns = {"fp32": lambda: model(x), "integer, steps compiled": lambda: with_kernel("auto"),
+           "integer, steps in PyTorch": lambda: with_kernel("torch")}
+    with torch.no_grad():
+        ms = {k: v[0] for k, v in median_ms(fns, args.reps, budget_s=args.budget).items()}
+    res = {"model": f"CIFAR ResNet-20 ({source}), integer-only W8A8, F(4,3) Winograd layers", "batch": args.batch,
+           "ms": ms, "codes_equal": same}
+    print(res, flush=True)
+    return res
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="*", help="names from kernels_cpu.PEER_SHAPES (default: all)")
+    ap.add_argument("--tiles", type=int, nargs="+", default=[2, 4, 6])
+    ap.add_argument("--rows", nargs="+", default=["fixed", "exact"], choices=["fixed", "exact"])
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--budget", type=float, default=30.0, help="seconds per shape before stopping at >= 3 reps")
+    ap.add_argument("--check", action="store_true", help="compare each step with its PyTorch definition (1 image)")
+    ap.add_argument("--end-to-end", action="store_true")
+    ap.add_argument("--batch", type=int, default=32, help="batch of the end-to-end run")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/out/int_step_cpu.json"))
+    args = ap.parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*quantize_per.*deprecated")
+    if not int_step.available():
+        raise SystemExit("the compiled integer step is not built (bash setup.sh)")
+    if args.end_to_end:
+        dump_json(args.out, {"machine": machine(), "isa": int_step.isa(), "threads": torch.get_num_threads(),
+                             "end_to_end": run_end_to_end(args)})
+    else:
+        run_layers(args)
+
+
+if __name__ == "__main__":
+    main()
