@@ -121,7 +121,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="*", help="names from kernels_cpu.PEER_SHAPES (default: all)")
     ap.add_argument("--tiles", type=int, nargs="+", default=[2, 4, 6])
-    ap.add_argument("--rows", nargs="+", default=["fixed", "exact"], choices=["fixed", "exact"])
+    ap.add_argument("--rows", nargs="+", default=["fixed", "exact"], choices=["fixed", "exact"],
+                    help="input transform rows (IntegerConfig.winograd_input_rows; its default takes exact up to F(4,3))")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--budget", type=float, default=30.0, help="seconds per shape before stopping at >= 3 reps")
     ap.add_argument("--check", action="store_true", help="compare each step with its PyTorch definition (1 image)")

@@ -61,7 +61,7 @@ def main(argv=None):
     ap.add_argument("--onnx", action="store_true",
                     help="also export each Winograd row to ONNX (direct twins) and score it in onnxruntime")
     ap.add_argument("--scales", nargs="+", default=["learned"])
-    ap.add_argument("--input-rows", nargs="+", default=["fixed"], choices=["fixed", "exact"],
+    ap.add_argument("--input-rows", nargs="+", default=["auto"], choices=["auto", "fixed", "exact"],
                     help="the integer input transform's rows (IntegerConfig.winograd_input_rows)")
     add_cifar_args(ap, n_images=1000, calib_images=256, out="benchmarks/out/integer_winograd.json")
     args = ap.parse_args(argv)

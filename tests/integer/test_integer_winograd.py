@@ -177,3 +177,14 @@ def test_qlinear_export_runs_winograd_layers_as_fused_direct_twins(converted, tm
         got, direct = run_onnx(tmp_path / "q.onnx", x[:4]), twin(x[:4])
     # the twin's two dyadic steps are one float32 multiplier here: close to the twin model
     assert float(((got - direct) ** 2).sum() / (direct ** 2).sum()) < 1e-3
+
+
+def test_input_rows_default_exact_up_to_f4_and_fixed_at_f6(converted):
+    _, _, im = converted
+    steps = [s for s in im.steps if isinstance(s, IntWinogradConv2d)]
+    assert all(s.sb == 0 and int(s.bq.abs().max()) == 5 for s in steps)  # F(4,3): the Toom-Cook integers
+    cfg = IntegerConfig(winograd=6)
+    assert (cfg.input_rows(2), cfg.input_rows(4), cfg.input_rows(6)) == ("exact", "exact", "fixed")
+    assert IntegerConfig(winograd=4, winograd_input_rows="fixed").input_rows(4) == "fixed"
+    with pytest.raises(ValueError, match="winograd_input_rows must be"):
+        IntegerConfig(winograd_input_rows="integer")

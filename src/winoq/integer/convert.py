@@ -76,10 +76,11 @@ class IntegerConfig:
     winograd_m_bits: bits of M before the output transform (int16 by default).
     winograd_scales: the transforms' diagonal scales, "learned" (data-free) or "standard".
     transform_bits: fractional bits of the fixed-point transforms.
-    winograd_input_rows: the integer input transform: "fixed" (default): ``round(S_B BT 2^kb)``, the
-        learned S_B inside V's codes; "exact": the Toom-Cook rows as small integers with S_B in the
-        per-tap scales (int16 lanes at F(2,3) / F(4,3) in the compiled step, no rounded S_B; measured
-        less accurate with V in block floating point, docs/results.md section 30).
+    winograd_input_rows: the integer input transform: "fixed": ``round(S_B BT 2^kb)``, the learned
+        S_B inside V's codes; "exact": the Toom-Cook rows as small integers with S_B in the per-tap
+        scales (int16 lanes at F(2,3) / F(4,3) in the compiled step, no rounded S_B); "auto"
+        (default): exact at F(2,3) and F(4,3), fixed at F(6,3), as measured (docs/results.md
+        section 30: ResNet-20 F(4,3) exact 81.5 vs fixed 81.0, F(6,3) exact 77.4 vs fixed 78.7).
     layer_calib_samples: calibration samples whose full layer inputs are kept, for V and M's static
         scales and for learned rounding.
     weight_rounding: "nearest", "learned" (AdaRound: each weight rounded up or down to reproduce the
@@ -105,7 +106,7 @@ class IntegerConfig:
     winograd_m_bits: int = 16
     winograd_scales: str = "learned"
     transform_bits: int = 10
-    winograd_input_rows: str = "fixed"
+    winograd_input_rows: str = "auto"
     layer_calib_samples: int = 64
     weight_rounding: str = "auto"
     rounding_iters: int = 300
@@ -131,8 +132,8 @@ class IntegerConfig:
                              f"most 8x8), got winograd={self.winograd!r}, winograd_layers={dict(self.winograd_layers)!r}")
         if self.winograd_v_scales not in ("tile", "static"):
             raise ValueError(f"winograd_v_scales must be 'tile' or 'static', got {self.winograd_v_scales!r}")
-        if self.winograd_input_rows not in ("fixed", "exact"):
-            raise ValueError(f"winograd_input_rows must be 'fixed' or 'exact', got {self.winograd_input_rows!r}")
+        if self.winograd_input_rows not in ("auto", "fixed", "exact"):
+            raise ValueError(f"winograd_input_rows must be 'auto', 'fixed' or 'exact', got {self.winograd_input_rows!r}")
         if self.winograd_v_clip not in ("mse", "minmax"):
             raise ValueError(f"winograd_v_clip must be 'mse' or 'minmax', got {self.winograd_v_clip!r}")
         if self.weight_rounding not in ("auto", "nearest", "learned"):
@@ -150,6 +151,12 @@ class IntegerConfig:
 
     def learned_rounding(self, weight_bits: int) -> bool:
         return self.weight_rounding == "learned" or (self.weight_rounding == "auto" and weight_bits < 8)
+
+    def input_rows(self, tile: int) -> str:
+        """The input transform's rows of an F(tile, 3) layer ("auto": exact up to F(4,3))."""
+        if self.winograd_input_rows != "auto":
+            return self.winograd_input_rows
+        return "exact" if tile <= 4 else "fixed"
 
     def tile_of(self, name: str, conv: nn.Module) -> int | None:
         """The Winograd tile of layer ``name`` (None: direct); raises for a named ineligible layer."""
@@ -600,7 +607,7 @@ class _Builder:
             v_bits=ab, m_bits=cfg.winograd_m_bits, transform_bits=cfg.transform_bits, scales=cfg.winograd_scales,
             v_clip=cfg.winograd_v_clip, learn_steps=cfg.learn_steps, seed=cfg.seed,
             v_group=cfg.winograd_group_size if cfg.winograd_v_scales == "tile" else 0,
-            input_rows=cfg.winograd_input_rows)
+            input_rows=cfg.winograd_input_rows if cfg.winograd_input_rows != "auto" else "exact" if tile <= 4 else "fixed")
         # the direct integer conv of the same layer, rescaled to the Winograd accumulator's scale: what
         # an export to a format without a Winograd operator (ONNX) runs in its place
         direct, s_direct, _ = convert_conv(node.target, mod, w, b, x, wb, cfg.weight_clip)

@@ -7,7 +7,8 @@ graph requantizes it exactly like a direct conv's. Every stage is integer arithm
 1. zero-padded n x n tiles of the codes (n = m + 2);
 2. input transform with the fixed-point ``Bq = round(S_B BT 2^kb)`` of the layer's learned
    (data-free) transform scales: ``V = rshift(Bq d, sb) Bq^T`` (``winograd.fixed_point``, the
-   same rounding and shifts the compiled CPU kernel uses);
+   same rounding and shifts the compiled CPU kernel uses); or (``IntegerConfig.winograd_input_rows
+   = "exact"``) the Toom-Cook rows as small integers, S_B folded into the per-tap scales;
 3. V requantized per tap to int8 by a dyadic multiplier (one static scale per tap, calibrated);
 4. per tap an integer GEMM over the input channels with int8 ``U`` (``S_G G g G^T S_G``, one
    symmetric scale per tap and output channel), int32 sums;
@@ -18,7 +19,9 @@ graph requantizes it exactly like a direct conv's. Every stage is integer arithm
 6. output transform in int64 with ``Aq = round(AT (S_B S_G)^-1 2^ka)``, a rounding right shift
    ``so`` back into int32 range, plus the int32 bias.
 
-The static scales of V and M are calibrated on the float model's inputs of the layer (quantized
+``forward`` runs on the compiled step (:mod:`winoq.kernels.int_step`: VNNI int8 GEMMs, the same
+integers) where it can, else in PyTorch int64 ops (:meth:`IntWinogradConv2d.forward_torch`, the
+definition). The static scales of V and M are calibrated on the float model's inputs of the layer (quantized
 with ``S_in``), V's with a clipping search (``IntegerConfig.winograd_v_clip``). ``simulate``
 computes the same codes with float64 arithmetic only.
 
