@@ -119,7 +119,7 @@ def run_end_to_end(args) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", nargs="*", help="names from kernels_cpu.PEER_SHAPES (default: all)")
+    ap.add_argument("--shapes", nargs="*", choices=[s[0] for s in PEER_SHAPES], help="layer shapes (default: all)")
     ap.add_argument("--tiles", type=int, nargs="+", default=[2, 4, 6])
     ap.add_argument("--rows", nargs="+", default=["fixed", "exact"], choices=["fixed", "exact"],
                     help="input transform rows (IntegerConfig.winograd_input_rows; its default takes exact up to F(4,3))")
