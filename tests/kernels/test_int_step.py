@@ -38,6 +38,8 @@ def random_step(c: int, k: int, m: int, g: int = 32, seed: int = 0, pre_shift: i
     mb = torch.randint(2**29, 2**31 - 1, (n * n, k), generator=gen)
     mc = torch.randint(40, 51, (n * n, k), generator=gen)
     bias = torch.randint(-5000, 5000, (k,), generator=gen)
+    l1 = int(aq.abs().sum(1).max())
+    so = max(so, ((2**15 - 1) * l1 * l1).bit_length() - 30)  # the worst output inside int32, as the builder does
     return IntWinogradConv2d("t", m, 3, (1, 1), bq=b_int, sb=sb, aq=aq, so=so, u=u, v_range=127, mb=mb, mc=mc,
                              m_range=2**15 - 1, bias=bias, v_group=g, pre_shift=pre_shift)
 
@@ -146,6 +148,12 @@ def test_a_built_layer_runs_compiled_inside_forward_and_equals_torch():
         y = step(x)
         assert y.is_contiguous(memory_format=torch.channels_last)  # the compiled step's layout
         assert torch.equal(y, step.forward_torch(x))
+
+
+def test_an_output_that_could_leave_int32_runs_in_torch():
+    step = random_step(8, 8, 6, rows="fixed")
+    step.so = 0
+    assert "leaves int32" in int_step.unsupported_reason(step)
 
 
 def test_static_v_scales_run_in_torch_with_a_reason():

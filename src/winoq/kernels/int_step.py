@@ -64,8 +64,11 @@ def unsupported_reason(step) -> str | None:
         return "V wider than 8 bits or M wider than 16 bits"
     if _transform_bound(step.bq, step.sb, 128) > _INT32:
         return "the input transform leaves int32"
-    if _transform_bound(step.aq, 0, step.m_range) >= 2**53:
+    y_max = _transform_bound(step.aq, 0, step.m_range)
+    if y_max >= 2**53:
         return "its output transform leaves the 2^53 the kernel's float64 lanes hold exactly"
+    if (y_max >> step.so) + 1 + int(step.bias.abs().max()) > _INT32:
+        return "its worst-case output leaves int32 (build_int_winograd chooses the final shift so that it cannot)"
     return None
 
 
