@@ -122,7 +122,7 @@ def test_effective_bits_fit_int32(m, bits, spread):
     for mat in (at, bt):
         k = fp.effective_bits(mat, bits)
         assert 0 <= k <= bits
-        assert fp._int_transform_bound(fp.fixed(mat, k), k, 128) < 2**31
+        assert fp.int_transform_bound(fp.fixed(mat, k), k, 128) < 2**31
         # rounding error of a coefficient is at most half a step
         assert float((fp.fixed(mat, k) / 2.0**k - mat).abs().max()) <= 2.0 ** -(k + 1) + 1e-12
 
@@ -472,7 +472,7 @@ def test_input_zero_points_match_the_emulation_and_beat_symmetric(m):
     # the int32 bounds of the input transform are planned for codes up to qmax - qmin
     assert fp.input_code_bound(layer) == 255
     p = fp.plan(layer)
-    assert fp._int_transform_bound(p.bq, p.sb, 255) <= 2**31 - 1
+    assert fp.int_transform_bound(p.bq, p.sb, 255) <= 2**31 - 1
 
 
 SCHEDULE_CASES = [  # c, k, m, group_size, (h, w), batch: what the kernel's schedule branches on

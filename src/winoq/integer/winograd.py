@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..winograd.conv import transform_2d
-from ..winograd.fixed_point import effective_bits, first_pass_shift, fixed, rshift
+from ..winograd.fixed_point import effective_bits, first_pass_shift, fixed, int_transform_bound, rshift
 from .dyadic import dyadic_tensor, requantize, requantize_float
 
 INT32_MAX = (1 << 31) - 1
@@ -281,16 +281,11 @@ def _input_rows(bt: torch.Tensor, m: int, r: int, bits: int, in_max: int,
     b_int = torch.tensor(toom_cook(m, r).BT_integer_rows[0], dtype=torch.int64)
     f = (bt * b_int).sum(1) / (b_int * b_int).sum(1)
     if rows == "exact" and b_int.shape == bt.shape and torch.allclose(f[:, None] * b_int, bt, rtol=1e-12, atol=1e-15) \
-            and _int_transform_bound_rows(b_int, in_max) <= INT32_MAX:
+            and int_transform_bound(b_int, 0, in_max) <= INT32_MAX:
         return b_int, 0, torch.outer(f, f).reshape(-1)
     kb = effective_bits(bt, bits, in_max)
     sb = first_pass_shift(bt, kb, in_max)
     return fixed(bt, kb), sb, torch.full((bt.shape[0] ** 2,), 2.0 ** (sb - 2 * kb), dtype=torch.float64)
-
-
-def _int_transform_bound_rows(rows: torch.Tensor, in_max: int) -> int:
-    l1 = int(rows.abs().sum(1).max())
-    return l1 * l1 * in_max
 
 
 def build_int_winograd(name: str, conv: nn.Conv2d, w: torch.Tensor, b: torch.Tensor, s_in: float, in_qmax: int,

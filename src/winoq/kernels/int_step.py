@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from ..winograd.fixed_point import int_transform_bound
 from . import cpu
 
 _SOURCES = ("winograd_int_step.cpp",)
@@ -40,16 +41,9 @@ def isa() -> str | None:
     return None if mod is None else mod.best_isa()
 
 
-def _transform_bound(mat: torch.Tensor, shift: int, in_max: int) -> int:
-    """Worst |value| of ``rshift(mat d, shift) mat^T`` for |d| <= in_max."""
-    l1 = int(mat.abs().sum(1).max())
-    first = l1 * in_max
-    return l1 * (((first + (1 << shift >> 1)) >> shift) if shift else first)
-
-
 def lanes(step) -> int:
     """Bits of the lanes the input transform runs in: 16 when every value fits int16, else 32."""
-    return 16 if step.sb == 0 and _transform_bound(step.bq, 0, 128) <= 2**15 - 1 else 32
+    return 16 if step.sb == 0 and int_transform_bound(step.bq, 0, 128) <= 2**15 - 1 else 32
 
 
 def unsupported_reason(step) -> str | None:
@@ -62,9 +56,9 @@ def unsupported_reason(step) -> str | None:
         return f"V groups of {step.v_group} channels (the compiled step needs a multiple of 4)"
     if step.v_range > 127 or step.m_range > 2**15 - 1:
         return "V wider than 8 bits or M wider than 16 bits"
-    if _transform_bound(step.bq, step.sb, 128) > _INT32:
+    if int_transform_bound(step.bq, step.sb, 128) > _INT32:
         return "the input transform leaves int32"
-    y_max = _transform_bound(step.aq, 0, step.m_range)
+    y_max = int_transform_bound(step.aq, 0, step.m_range)
     if y_max >= 2**53:
         return "its output transform leaves the 2^53 the kernel's float64 lanes hold exactly"
     if (y_max >> step.so) + 1 + int(step.bias.abs().max()) > _INT32:
@@ -75,7 +69,7 @@ def unsupported_reason(step) -> str | None:
 def wide_sums(step) -> bool:
     """Can a tap's sum of shifted group sums leave int32 (then the kernel keeps it in int64)? Each
     code times 2^e is at most |V_int| + 2^(e-1) <= V_max + 2^(e_max-1)."""
-    v_max = _transform_bound(step.bq, step.sb, 128)
+    v_max = int_transform_bound(step.bq, step.sb, 128)
     e_max = max(0, v_max.bit_length() - step.v_range.bit_length())
     per_code = min(step.v_range << e_max, v_max + (1 << e_max >> 1))
     return per_code * int(step.u.abs().sum(-1).max()) > _INT32

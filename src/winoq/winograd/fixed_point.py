@@ -84,7 +84,7 @@ def fixed(mat: torch.Tensor, k: int) -> torch.Tensor:
     return rha(mat.double() * 2.0**k).long()
 
 
-def _int_transform_bound(mq: torch.Tensor, k: int, in_max: int) -> int:
+def int_transform_bound(mq: torch.Tensor, k: int, in_max: int) -> int:
     """Worst |value| of the two-pass integer transform of codes bounded by ``in_max``."""
     l1 = int(mq.abs().sum(1).max())
     first = l1 * in_max
@@ -94,7 +94,7 @@ def _int_transform_bound(mq: torch.Tensor, k: int, in_max: int) -> int:
 def effective_bits(mat: torch.Tensor, bits: int, in_max: int = 128) -> int:
     """The largest k <= ``bits`` whose two-pass transform stays inside int32."""
     for k in range(bits, -1, -1):
-        if _int_transform_bound(fixed(mat, k), k, in_max) <= _INT32:
+        if int_transform_bound(fixed(mat, k), k, in_max) <= _INT32:
             return k
     raise ValueError("transform too large for int32 arithmetic even at 0 fractional bits")
 
@@ -104,7 +104,7 @@ def first_pass_shift(mat: torch.Tensor, k: int, in_max: int = 128) -> int:
     (0 when it fits unshifted: rounding the first pass to whole codes costs ~4 dB)."""
     mq = fixed(mat, k)
     for s in range(0, k + 1):
-        if _int_transform_bound(mq, s, in_max) <= _INT32:
+        if int_transform_bound(mq, s, in_max) <= _INT32:
             return s
     raise ValueError("transform too large for int32 arithmetic")
 
@@ -145,7 +145,7 @@ def exact_input_rows(layer) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None  # (a float input stage never reaches the integer pipeline: the layer runs emulated)
     rows, factors = layer.tc.BT_integer_rows
     b_int = torch.tensor(rows, dtype=torch.int64)
-    if _int_transform_bound(b_int, 0, input_code_bound(layer)) > _INT32:
+    if int_transform_bound(b_int, 0, input_code_bound(layer)) > _INT32:
         return None
     s_b = layer.log_sb.detach().exp().double().cpu()  # exp in the parameter's dtype, as transforms() takes it
     f = torch.tensor(factors, dtype=torch.float64) * s_b
@@ -269,11 +269,11 @@ def plan(layer) -> Plan:
         bq, f = exact
         kb, sb = 0, first_pass_shift(bq.double(), 0, in_max)
         v_factor = (torch.outer(f, f) * 2.0**sb).reshape(-1).float()
-    input16 = exact is not None and sb == 0 and _int_transform_bound(bq, 0, in_max) <= 2**15 - 1
+    input16 = exact is not None and sb == 0 and int_transform_bound(bq, 0, in_max) <= 2**15 - 1
     if wide_m(layer):  # exact-integer output transform (int64 here, float64 lanes in the kernel): no shift
         ka, sa = bits, 0
         fm_out = layer.formats.output
-        if _int_transform_bound(fixed(at, ka), 0, max(fm_out.qmax, -fm_out.qmin)) > 2**53:
+        if int_transform_bound(fixed(at, ka), 0, max(fm_out.qmax, -fm_out.qmin)) > 2**53:
             raise ValueError(f"the output transform of {fm_out.name} M codes at {ka} fractional bits exceeds 2^53, "
                              "which the kernel's float64 lanes hold exactly; use fewer transform_bits")
     else:
