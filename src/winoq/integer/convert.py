@@ -607,7 +607,7 @@ class _Builder:
             v_bits=ab, m_bits=cfg.winograd_m_bits, transform_bits=cfg.transform_bits, scales=cfg.winograd_scales,
             v_clip=cfg.winograd_v_clip, learn_steps=cfg.learn_steps, seed=cfg.seed,
             v_group=cfg.winograd_group_size if cfg.winograd_v_scales == "tile" else 0,
-            input_rows=cfg.winograd_input_rows if cfg.winograd_input_rows != "auto" else "exact" if tile <= 4 else "fixed")
+            input_rows=cfg.input_rows(tile))
         # the direct integer conv of the same layer, rescaled to the Winograd accumulator's scale: what
         # an export to a format without a Winograd operator (ONNX) runs in its place
         direct, s_direct, _ = convert_conv(node.target, mod, w, b, x, wb, cfg.weight_clip)
