@@ -81,10 +81,10 @@ def _best_isa(mod) -> str:
     return _STATE["isa"]
 
 
-def _vector_isa(step, isa: str) -> str:
+def _vector_isa(step, isa: str, lanes16: bool) -> str:
     """The requested instruction set, or "portable" where the vector path's shapes do not fit."""
     g = step.v_group
-    fits = g % 32 == 0 and g <= 128 if lanes(step) == 16 else g % 16 == 0 and g <= 64
+    fits = g % 32 == 0 and g <= 128 if lanes16 else g % 16 == 0 and g <= 64
     return isa if fits or isa == "portable" else "portable"
 
 
@@ -140,7 +140,7 @@ def forward(step, x: torch.Tensor, isa: str = "", chunk: int = 0) -> torch.Tenso
     up, uoff, upad, mb, mc, half, bias, bq, aq, shifts = _prepared(step, mod)
     ph, pw = step.padding
     oh, ow = x.shape[2] + 2 * ph - step.r + 1, x.shape[3] + 2 * pw - step.r + 1
-    isa = _vector_isa(step, isa or _best_isa(mod))
+    isa = _vector_isa(step, isa or _best_isa(mod), bool(shifts[1]))  # shifts[1]: int16 lanes, from the cache
     return mod.forward(x, [step.m, step.n, ph, pw, oh, ow], bq,
                        [step.v_group, step.v_range, step.v_range.bit_length()],
                        shifts,
