@@ -88,11 +88,11 @@ def run_end_to_end(args) -> dict:
     from winoq.integer import IntegerConfig, convert
     from winoq.models import cifar_resnet20
 
-    try:
-        from winoq.models import load_cifar_resnet
+    from winoq.models import load_cifar_resnet
 
+    try:
         model, source = load_cifar_resnet(20), "../shared pretrained"
-    except Exception:  # no ../shared: random weights (the timing does not depend on them)
+    except FileNotFoundError:  # no ../shared: random weights (the timing does not depend on them)
         torch.manual_seed(0)
         model, source = cifar_resnet20().eval(), "random weights"
     x = torch.randn(args.batch, 3, 32, 32)
