@@ -141,4 +141,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # --out is rewritten whole after each shape: it holds the shapes finished so far
+        sys.exit("interrupted; the shapes finished so far are in --out")
