@@ -236,6 +236,8 @@ inline void gemm_block(const StepArgs& a, int t, int64_t kb, const uint8_t* v, c
     const uint8_t* vj = v + (int64_t)j * a.g;
 #pragma GCC unroll 16
     for (int s = 0; s < g4; ++s) {
+      _mm_prefetch((const char*)(uj + s * 128 + 1024), _MM_HINT_T0);  // 1 KB ahead (the next 32-channel group): U from L2 / L3
+      _mm_prefetch((const char*)(uj + s * 128 + 1088), _MM_HINT_T0);
       const __m512i u0 = _mm512_loadu_si512(uj + s * 128), u1 = _mm512_loadu_si512(uj + s * 128 + 64);
       for (int i = 0; i < TB; ++i) {
         int32_t w; std::memcpy(&w, vj + i * a.Cp + 4 * s, 4);
