@@ -188,14 +188,8 @@ def test_unsupported_layer_runs_emulated_with_a_warning():
         fp.reference_forward(layer, x)
 
 
-def test_missing_extension_warns_once_and_falls_back(monkeypatch):
-    from torch.utils import cpp_extension
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("Ninja is required to load C++ extensions")
-
-    monkeypatch.setattr(cpu, "_STATE", {})
-    monkeypatch.setattr(cpp_extension, "load", broken)
+def test_missing_extension_warns_once_and_falls_back(no_compiler):
+    no_compiler(cpu)
     layer = make_layer(8, 8, 4, group_size=4)
     x = torch.randn(1, 8, 9, 9)
     with pytest.warns(RuntimeWarning, match="could not be built.*Ninja is required"):
