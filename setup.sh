@@ -15,6 +15,9 @@ $PY -c "from winoq.kernels import cpu; import sys; sys.exit(0 if cpu.available()
 $PY -c "from winoq.kernels import int_step; import sys; sys.exit(0 if int_step.available() else 1)" \
   && echo "setup: integer Winograd step built ($($PY -c 'from winoq.kernels import int_step; print(int_step.isa())'))" \
   || echo "setup: the integer Winograd step could not be built; integer-only models run it in PyTorch (same results, slower)"
+$PY -c "from winoq.kernels import int_graph; import sys; sys.exit(0 if int_graph.available() else 1)" \
+  && echo "setup: integer-graph kernels built ($($PY -c 'from winoq.kernels import int_graph; print(int_graph.isa())'))" \
+  || echo "setup: the integer-graph kernels could not be built; integer-only models run in PyTorch (same results, slower)"
 FMNIST=/usr/share/datasets/fashion-mnist
 if [ -d "$FMNIST" ]; then
   echo "setup: Fashion-MNIST found at $FMNIST"

@@ -11,9 +11,12 @@ batch of
 * torch.ao int8: FX graph mode post-training quantization, ``x86`` backend (per-channel int8
   weights, uint8 activations, calibrated on the same images);
 * onnxruntime's own int8 quantizer: ``quantize_static`` QOperator, per-channel, on the same images;
-* winoq integer-only W8A8 (``winoq.integer.convert``): in torch (the bit-exact int32 / int64
-  reference), as exact ONNX (``ConvInteger`` + int64 dyadic requantization) and as fast ONNX
-  (``ops="qlinear"``: ``QLinearConv`` / ``QLinearAdd``) in onnxruntime.
+* winoq integer-only W8A8 (``winoq.integer.convert``): every step in PyTorch (the bit-exact int32 /
+  int64 reference), on winoq's compiled runtime (``winoq.integer.compile_model``: fused int8 kernels,
+  the same output codes), as exact ONNX (``ConvInteger`` + int64 dyadic requantization) and as fast
+  ONNX (``ops="qlinear"``: ``QLinearConv`` / ``QLinearAdd``) in onnxruntime;
+* winoq integer-only W8A8 with its eligible 3x3 convs as integer Winograd F(m,3) (``--winograd``,
+  default m = 4) on the compiled runtime.
 """
 from __future__ import annotations
 
@@ -95,21 +98,39 @@ def load(name, n_images, calib_images):
     return model, x, None, torch.randn(calib_images, 3, 224, 224, generator=g)
 
 
+REF = "winoq integer (PyTorch steps)"
+
+
+def pytorch_steps(im):
+    """``im`` with every step on its PyTorch definition (the compiled kernels off)."""
+    def run(x):
+        kinds = {s: s.kernel for s in im.steps if hasattr(s, "kernel")}
+        try:
+            for s in kinds:
+                s.kernel = "torch"
+            return im(x)
+        finally:
+            for s, k in kinds.items():
+                s.kernel = k
+    return run
+
+
 def run_model(name, args, tmp: Path, n_images: int, calib_images: int) -> dict:
-    from winoq.integer import convert
+    from winoq.integer import IntegerConfig, compile_model, convert
     from winoq.integer.onnx_export import export_onnx
 
     model, x, y, calib = load(name, n_images, calib_images)
     torch.set_num_threads(max(args.threads_list))
     paths = {k: tmp / f"{name}_{k}.onnx" for k in ("fp", "ortq", "exact", "qlinear")}
     t0 = time.perf_counter()
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, x[:1], str(paths["fp"]), input_names=["x"], output_names=["logits"],
                           dynamic_axes={"x": {0: "N"}}, dynamo=False)
         ao = torch_ao(model, calib, x[:1])
         ort_quantized(paths["fp"], calib, paths["ortq"])
         im = convert(model, calib)
+        wino = {m: compile_model(convert(model, calib, IntegerConfig(winograd=m))) for m in args.winograd}
         export_onnx(im, paths["exact"], x[:1])
         export_onnx(im, paths["qlinear"], x[:1], ops="qlinear", calib=calib[:64])
     print(f"{name}: built the models in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -117,7 +138,9 @@ def run_model(name, args, tmp: Path, n_images: int, calib_images: int) -> dict:
     def runners(threads):   # every column's callable, the onnxruntime ones at ``threads`` threads
         sess = {k: cpu_session(p, threads) for k, p in paths.items()}
         return {"float torch": model, "float onnxruntime": ort_fn(sess["fp"]), "torch.ao int8 (x86)": ao,
-                "onnxruntime quantize_static int8": ort_fn(sess["ortq"]), "winoq integer (torch, exact)": im,
+                "onnxruntime quantize_static int8": ort_fn(sess["ortq"]), REF: pytorch_steps(im),
+                "winoq integer (compiled)": compile_model(im),
+                **{f"winoq integer F({m},3) (compiled)": w for m, w in wino.items()},
                 "winoq ONNX exact (ConvInteger)": ort_fn(sess["exact"]),
                 "winoq ONNX fast (QLinearConv)": ort_fn(sess["qlinear"])}
 
@@ -125,8 +148,8 @@ def run_model(name, args, tmp: Path, n_images: int, calib_images: int) -> dict:
     fns = runners(1)
     with torch.no_grad():
         preds = {k: torch.cat([f(x[i:i + 100]).argmax(1) for i in range(0, len(x), 100)]) for k, f in fns.items()
-                 if y is not None or k in ("winoq integer (torch, exact)", "winoq ONNX fast (QLinearConv)")}
-    ref = preds["winoq integer (torch, exact)"]
+                 if y is not None or k in (REF, "winoq integer (compiled)", "winoq ONNX fast (QLinearConv)")}
+    ref = preds[REF]
     for k, p in preds.items():
         row["accuracy"][k] = {"top1": None if y is None else 100.0 * float((p == y).float().mean()),
                               "same_as_winoq_integer": 100.0 * float((p == ref).float().mean())}
@@ -139,7 +162,7 @@ def run_model(name, args, tmp: Path, n_images: int, calib_images: int) -> dict:
             row["ms"][key] = {}
             with torch.no_grad():
                 for k, f in fns.items():
-                    slow = k in ("winoq integer (torch, exact)", "winoq ONNX exact (ConvInteger)")
+                    slow = k in (REF, "winoq ONNX exact (ConvInteger)")
                     if slow and name == "r18" and batch > 1:
                         continue  # the reference paths take seconds per 224x224 image
                     row["ms"][key][k] = median_ms(lambda: f(xb), 3 if slow else args.reps, args.budget)
@@ -158,6 +181,8 @@ def main(argv=None):
     ap.add_argument("--threads-list", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--r18-batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--winograd", type=int, nargs="*", default=[4], choices=[2, 4, 6],
+                    help="tiles m of the integer Winograd models on the compiled runtime (none: skip them)")
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--budget", type=float, default=20.0, help="seconds of timing per cell at most")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out/deploy_e2e.json"))

@@ -9,12 +9,15 @@ CPU ms of interleaved calls, 1 thread: fp32 oneDNN (``F.conv2d``), int8 fbgemm a
 integer Winograd step of winoq's integer-only graphs (``IntWinogradConv2d``, V in block floating
 point per tile, tap and 32 channels; int8 channels-last codes in, int32 accumulator out) on the
 compiled kernel, F(2,3) / F(4,3) / F(6,3), with the input transform's rows "fixed" (the default,
-learned S_B in 10-bit fixed point) or "exact" (Toom-Cook integers, int16 lanes). ``--check`` compares
-each step with its PyTorch definition on the first image (bit for bit).
+learned S_B in 10-bit fixed point) or "exact" (Toom-Cook integers, int16 lanes); and "direct": the
+same layer as winoq's compiled int8 direct conv (``IntConv2d``, weights per output channel, int32
+accumulator out). ``--check`` compares each step with its PyTorch definition on the first image
+(bit for bit).
 
 ``--end-to-end``: a CIFAR ResNet-20 (random BN statistics unless ../shared has the weights) as an
-integer-only model with Winograd F(4,3) layers, its steps on the compiled kernel against the same
-model with every step in PyTorch, and the float model.
+integer-only model, all convs direct and with Winograd F(2,3) / F(4,3) layers, on the compiled
+runtime (``winoq.integer.compile_model``), against the same model with every step in PyTorch, the
+float model and a torch.ao int8 model (FX post-training quantization, x86 backend).
 """
 from __future__ import annotations
 
@@ -42,7 +45,18 @@ def make_step(conv, x, m: int, rows: str, s_in: float):
     return step
 
 
+def make_direct(conv):
+    """The layer as an integer direct conv: int8 weights per output channel, zero bias."""
+    from winoq.integer.layers import IntConv2d
+
+    w = conv.weight.detach()
+    s_w = w.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12) / 127
+    return IntConv2d("bench", torch.round(w / s_w), torch.zeros(w.shape[0]), conv, wide=False)
+
+
 def run_layers(args) -> list[dict]:
+    from winoq.kernels import int_graph
+
     rows = []
     for name, nb, c, hw in PEER_SHAPES:
         if args.shapes and name not in args.shapes:
@@ -51,7 +65,10 @@ def run_layers(args) -> list[dict]:
         s_in = float(x.abs().max()) / 127
         qx = torch.round(x / s_in).clamp(-127, 127).to(torch.int8).contiguous(memory_format=torch.channels_last)
         fns = {"fp32": lambda: F.conv2d(x, conv.weight, conv.bias, padding=1), **ao_int8_fns(conv, x)}
-        checks = {}
+        direct = make_direct(conv)
+        fns["direct"] = lambda: int_graph.conv(direct, qx)
+        checks = {"direct": bool(torch.equal(int_graph.conv(direct, qx[:1]), direct.forward_torch(qx[:1].int())))} \
+            if args.check else {}
         for m in args.tiles:
             for r in args.rows:
                 step = make_step(conv, x, m, r, s_in)
@@ -64,7 +81,8 @@ def run_layers(args) -> list[dict]:
         best = min(wino, key=wino.get)
         row = {"shape": name, "N": nb, "C": c, "HW": hw, "ms": ms, "best": best, "checks": checks,
                "best_vs_onednn": ms["int8_onednn"] / wino[best], "best_vs_fbgemm": ms["int8_fbgemm"] / wino[best],
-               "best_vs_fp32": ms["fp32"] / wino[best]}
+               "best_vs_fp32": ms["fp32"] / wino[best], "direct_vs_onednn": ms["int8_onednn"] / ms["direct"],
+               "direct_vs_fbgemm": ms["int8_fbgemm"] / ms["direct"]}
         rows.append(row)
         print_row(row, fns)
         dump_json(args.out, {"machine": machine(), "isa": int_step.isa(), "threads": torch.get_num_threads(),
@@ -74,21 +92,26 @@ def run_layers(args) -> list[dict]:
 
 def print_row(r: dict, fns) -> None:
     if not hasattr(print_row, "head"):
-        print("| shape | N | C | H=W | " + " | ".join(k for k in fns) + " | best | vs oneDNN int8 | vs fbgemm | vs fp32 |")
-        print("|" + "---|" * (len(fns) + 8))
+        print("| shape | N | C | H=W | " + " | ".join(k for k in fns) + " | best | vs oneDNN int8 | vs fbgemm | vs fp32 "
+              "| direct vs oneDNN | direct vs fbgemm |")
+        print("|" + "---|" * (len(fns) + 10))
         print_row.head = True
     cells = " | ".join(f"{r['ms'][k]:.2f}" for k in fns)
     print(f"| {r['shape']} | {r['N']} | {r['C']} | {r['HW']} | {cells} | {r['best']} | {r['best_vs_onednn']:.2f}x | "
-          f"{r['best_vs_fbgemm']:.2f}x | {r['best_vs_fp32']:.2f}x |" + ("" if not r["checks"] else
+          f"{r['best_vs_fbgemm']:.2f}x | {r['best_vs_fp32']:.2f}x | {r['direct_vs_onednn']:.2f}x | "
+          f"{r['direct_vs_fbgemm']:.2f}x |" + ("" if not r["checks"] else
                                                                        f" exact: {all(r['checks'].values())}"),
           flush=True)
 
 
 def run_end_to_end(args) -> dict:
-    from winoq.integer import IntegerConfig, convert
-    from winoq.models import cifar_resnet20
+    import copy
 
-    from winoq.models import load_cifar_resnet
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    from winoq.integer import IntegerConfig, compile_model, convert
+    from winoq.models import cifar_resnet20, load_cifar_resnet
 
     try:
         model, source = load_cifar_resnet(20), "../shared pretrained"
@@ -97,24 +120,41 @@ def run_end_to_end(args) -> dict:
         model, source = cifar_resnet20().eval(), "random weights"
     x = torch.randn(args.batch, 3, 32, 32)
     calib = torch.randn(32, 3, 32, 32)
-    im = convert(model, calib, IntegerConfig(winograd=4, learn_steps=20))
-    q = im.quantize_input(x)
-
-    def with_kernel(kind):
-        for s in im.steps:
-            if hasattr(s, "kernel"):
-                s.kernel = kind
-        return im.forward_integer(q)
-
-    same = torch.equal(with_kernel("auto"), with_kernel("torch"))
-    fns = {"fp32": lambda: model(x), "integer, steps compiled": lambda: with_kernel("auto"),
-           "integer, steps in PyTorch": lambda: with_kernel("torch")}
+    torch.backends.quantized.engine = "x86"
+    ao = prepare_fx(copy.deepcopy(model).eval(), get_default_qconfig_mapping("x86"), (x[:1],))
+    with torch.no_grad():
+        ao(calib)
+    ao = convert_fx(ao)
+    fns = {"fp32": lambda: model(x), "torch.ao int8 (x86)": lambda: ao(x)}
+    same = {}
+    for m in (None, 2, 4):
+        im = convert(model, calib, IntegerConfig(winograd=m, learn_steps=20))
+        q, cm = im.quantize_input(x), compile_model(im)
+        name = "direct" if m is None else f"F({m},3)"
+        fns[f"winoq integer {name}, compiled"] = (lambda cm=cm, q=q: cm.forward_integer(q))
+        with torch.no_grad():
+            same[name] = bool(torch.equal(cm.forward_integer(q), _pytorch_steps(im, q)))
+        if m == 4:
+            fns[f"winoq integer {name}, PyTorch steps"] = (lambda im=im, q=q: _pytorch_steps(im, q))
     with torch.no_grad():
         ms = {k: v[0] for k, v in median_ms(fns, args.reps, budget_s=args.budget).items()}
-    res = {"model": f"CIFAR ResNet-20 ({source}), integer-only W8A8, F(4,3) Winograd layers", "batch": args.batch,
-           "ms": ms, "codes_equal": same}
-    print(res, flush=True)
+    res = {"model": f"CIFAR ResNet-20 ({source}), integer-only W8A8", "batch": args.batch, "ms": ms,
+           "codes_equal_to_pytorch_steps": same}
+    for k, v in ms.items():
+        print(f"| {k} | {v:.1f} |", flush=True)
+    print(res["codes_equal_to_pytorch_steps"], flush=True)
     return res
+
+
+def _pytorch_steps(im, q):
+    kinds = {s: s.kernel for s in im.steps if hasattr(s, "kernel")}
+    try:
+        for s in kinds:
+            s.kernel = "torch"
+        return im.forward_integer(q)
+    finally:
+        for s, k in kinds.items():
+            s.kernel = k
 
 
 def main(argv=None) -> None:

@@ -101,12 +101,21 @@ def test_forward_integer_uses_no_floating_point_op():
     x = torch.randn(8, 3, 32, 32)
     im = convert(model, x)
     q = im.quantize_input(x)
+    convs = [s for s in im.steps if hasattr(s, "kernel")]
+    for s in convs:  # the definition: every step in aten ops
+        s.kernel = "torch"
     with RecordOps() as rec:
         z = im.forward_integer(q)
+    for s in convs:  # the compiled convs (integer C++ kernels) and the aten ops around them
+        s.kernel = "auto"
+    with RecordOps() as rec_compiled:
+        z_compiled = im.forward_integer(q)
     assert len(rec.ops) > 50 and any("convolution" in op for op, _, _ in rec.ops)
-    floating = [(op, i, o) for op, i, o in rec.ops if any(d.is_floating_point for d in i + o)]
-    assert not floating, f"floating-point ops between input quantization and dequantization: {floating[:5]}"
-    assert not any("div" in op for op, _, _ in rec.ops)
+    for ops in (rec.ops, rec_compiled.ops):
+        floating = [(op, i, o) for op, i, o in ops if any(d.is_floating_point for d in i + o)]
+        assert not floating, f"floating-point ops between input quantization and dequantization: {floating[:5]}"
+        assert not any("div" in op for op, _, _ in ops)
+    assert torch.equal(z_compiled, z)
     assert torch.equal(im.dequantize(z), im(x))
 
 

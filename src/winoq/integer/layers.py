@@ -26,7 +26,9 @@ def _clamp(x: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
 class IntConv2d(nn.Module):
     """Integer conv: int32 codes in, int32 accumulator ``conv(x, W_q) + bias_q`` out.
 
-    ``wide=True`` accumulates in int64 (chosen when the worst-case sum could pass int32)."""
+    ``wide=True`` accumulates in int64 (chosen when the worst-case sum could pass int32).
+    ``kernel``: "auto" runs the compiled int8 conv (:mod:`winoq.kernels.int_graph`, same integers,
+    channels-last) where it can, "torch" always :meth:`forward_torch`."""
 
     def __init__(self, name: str, weight_q: torch.Tensor, bias_q: torch.Tensor, conv: nn.Conv2d, wide: bool):
         super().__init__()
@@ -35,11 +37,29 @@ class IntConv2d(nn.Module):
         self.register_buffer("bias", bias_q.to(torch.int64 if wide else torch.int32))
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
         self.wide = wide
+        self.kernel = "auto"
 
     def _conv(self, x, w, b):
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
 
+    def compiled(self) -> bool:
+        """Does ``forward`` run the compiled conv (for 8-bit codes)?"""
+        if self.kernel != "auto" or self.weight.device.type != "cpu":
+            return False
+        from ..kernels import int_graph
+
+        return int_graph.available() and int_graph.cached_reason(self) is None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in (torch.int8, torch.int32) and x.dim() == 4 and self.compiled():
+            from ..kernels import int_graph
+
+            if x.dtype == torch.int8 or int_graph.fits_int8(*(int(v) for v in torch.aminmax(x))):
+                return int_graph.conv(self, x)
+        return self.forward_torch(x)
+
+    def forward_torch(self, x: torch.Tensor) -> torch.Tensor:
+        """The definition in PyTorch integer ops."""
         return self._conv(x.to(self.weight.dtype), self.weight, self.bias)
 
     def simulate(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,9 +158,12 @@ class MaxPool(nn.Module):
         self.args = (kernel_size, stride, padding, dilation, ceil_mode)
 
     def forward(self, x):
+        if x.dtype in (torch.int8, torch.uint8, torch.int16):  # torch's integer max pool counts positions in the input's type
+            return F.max_pool2d(x.int(), *self.args).to(x.dtype)
         return F.max_pool2d(x, *self.args)
 
-    simulate = forward
+    def simulate(self, x):
+        return F.max_pool2d(x, *self.args)
 
 
 class Slice(nn.Module):

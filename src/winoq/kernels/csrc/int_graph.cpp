@@ -1,0 +1,421 @@
+// The direct conv and the requantization steps of winoq's integer-only graphs, compiled for CPUs.
+//
+// conv: winoq.integer.layers.IntConv2d.forward (int32 accumulator conv(x, W) + bias), bit for bit,
+// as an int8 implicit GEMM. The input codes are copied once, + 128 as u8, into zero-padded planes
+// [image][C/4][position][4] (position = row * Wp + column of the padded map; code 0 = 128 in the
+// padding and the channels past C). Output pixel (oy, ox) is numbered q = oy * Wq + ox with
+// Wq = sh Wp / sw, so that its window starts at position sw q + tap offset: a block of consecutive
+// q reads consecutive dwords of a plane at every tap, with one pointer (the columns ox >= OW are
+// computed and dropped). The weights are packed once as [K/16][tap][C/4][16][4]; per block of
+// output pixels x 16-64 output channels the sums over taps and channels run with VNNI vpdpbusd,
+// started at bias - 128 sum(W) (which removes the u8 offset). Every sum is exact modulo 2^32 and
+// the converter keeps these convs' results inside int32, so the int32 result is exact.
+//
+// epilogue (fused into the conv, or on its own): the accumulator out as int32, or requantized to the
+// next value's int8 codes, clamp((z b + 2^(c-1)) >> c) (winoq.integer.layers.Requantize), or a
+// residual add of two requantized values, clamp(rq(z) + rq(other)) (IntAdd), in int64 lanes: with
+// |z| <= 2^31 and b < 2^31 nothing leaves int64.
+//
+// The instruction set is picked at run time: AVX-512 VNNI, or portable C++ (also compiled for AVX2).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include <immintrin.h>
+
+namespace {
+
+struct Epi {
+  int mode;                          // 0: int32 out; 1: requantize to int8 codes; 2: requantize + add other
+  const int64_t *b, *c, *half;       // [Kp] the main input's dyadic multiplier, shift, 2^(c-1)
+  const void* other; int other32;    // mode 2: NHWC int8 codes or int32 accumulator, K channels
+  const int64_t *ob, *oc, *ohalf;    // [Kp] the other input's multiplier
+  int64_t qmin, qmax;
+  void* y;                           // NHWC out, K channels: int32 (mode 0) or int8
+  int64_t K;
+};
+
+struct ConvArgs {
+  const uint8_t* xp; int64_t Hp, Wp, Cq, plane;  // planes [N][Cq/4][plane][4] of codes + 128 (see above)
+  int kh, kw, sh, sw, dh, dw; int64_t N, OH, OW, Wq;
+  const int64_t* toff;                     // [taps] position offset of each tap
+  const int8_t* wp; const int32_t* w0;     // packed weights [Kp/16][taps][Cq/4][16][4]; bias - 128 sum W [Kp]
+  const int8_t* wq;                        // (K, taps, Cq) codes (portable path)
+  const int32_t* bias;                     // [K]
+  int64_t K, Kp, rows;                     // rows: output rows per parallel job
+  Epi e;
+};
+
+inline const uint8_t* image_planes(const ConvArgs& a, int64_t b) { return a.xp + b * (a.Cq / 4) * a.plane * 4; }
+
+// the codes of one pixel (channels-last int8, n a multiple of 4) + 128, a dword per plane
+inline void offset_copy_quads(uint8_t* dst, const int8_t* src, int64_t n, int64_t plane_bytes) {
+  for (int64_t s = 0; s < n / 4; ++s) {
+    uint32_t v; std::memcpy(&v, src + 4 * s, 4);
+    v ^= 0x80808080u;
+    std::memcpy(dst + s * plane_bytes, &v, 4);
+  }
+}
+
+inline void epilogue_one(const Epi& e, int64_t p, int64_t k, int64_t z) {
+  const int64_t i = p * e.K + k;
+  if (e.mode == 0) { ((int32_t*)e.y)[i] = (int32_t)z; return; }
+  int64_t v = (z * e.b[k] + e.half[k]) >> e.c[k];
+  if (e.mode == 2) {
+    const int64_t o = e.other32 ? ((const int32_t*)e.other)[i] : ((const int8_t*)e.other)[i];
+    v += (o * e.ob[k] + e.ohalf[k]) >> e.oc[k];
+  }
+  ((int8_t*)e.y)[i] = (int8_t)std::min(std::max(v, e.qmin), e.qmax);
+}
+
+}  // namespace
+
+namespace graph_portable {
+#include "int_graph_portable.h"
+}  // namespace graph_portable
+
+#pragma GCC push_options
+#pragma GCC target("avx2")
+namespace graph_avx2 {
+#include "int_graph_portable.h"
+}  // namespace graph_avx2
+#pragma GCC pop_options
+
+// ------------------------------------------------------------------------------------------ AVX-512 VNNI
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
+namespace graph_vnni {
+
+// 8 channels of one value: rq(z) = (z b + 2^(c-1)) >> c in int64 lanes (mul_epi32: the low 32
+// bits of each lane, signed)
+inline __m512i rq8(__m512i z, __m512i b, __m512i half, __m512i c) {
+  return _mm512_srav_epi64(_mm512_add_epi64(_mm512_mul_epi32(z, b), half), c);
+}
+
+inline __m512i load8(const void* p, int is32, __mmask8 m) {  // 8 int8 or int32 values as int64 lanes
+  return is32 ? _mm512_cvtepi32_epi64(_mm256_maskz_loadu_epi32(m, (const int32_t*)p))
+              : _mm512_cvtepi8_epi64(_mm_maskz_loadu_epi8((__mmask16)m, (const int8_t*)p));
+}
+
+struct Tabs8 {  // one 8-channel group's tables, loaded once for all pixels
+  __m512i b, half, c;
+  Tabs8(const int64_t* pb, const int64_t* ph, const int64_t* pc, int64_t k, __mmask8 m)
+      : b(_mm512_maskz_loadu_epi64(m, pb + k)), half(_mm512_maskz_loadu_epi64(m, ph + k)), c(_mm512_maskz_loadu_epi64(m, pc + k)) {}
+};
+
+// 16-channel groups outer, pixels inner (the group's tables stay in registers); each pixel's 16
+// codes leave in one store
+void epilogue(const Epi& e, int64_t p0, int64_t np, const void* z, int z32, int64_t ldz) {
+  if (e.mode == 0) {  // the accumulator as it is (the conv's int32 block)
+    for (int64_t i = 0; i < np; ++i)
+      if (z32) std::memcpy((int32_t*)e.y + (p0 + i) * e.K, (const int32_t*)z + i * ldz, e.K * 4);
+      else for (int64_t k = 0; k < e.K; ++k) ((int32_t*)e.y)[(p0 + i) * e.K + k] = ((const int8_t*)z)[i * ldz + k];
+    return;
+  }
+  const __m512i lo = _mm512_set1_epi64(e.qmin), hi = _mm512_set1_epi64(e.qmax);
+  const int zb = z32 ? 4 : 1, ob = e.other32 ? 4 : 1;
+  for (int64_t k = 0; k < e.K; k += 16) {
+    const int64_t left = e.K - k;
+    const __mmask8 m0 = (__mmask8)(left >= 8 ? 0xFF : (1u << left) - 1);
+    const __mmask8 m1 = (__mmask8)(left >= 16 ? 0xFF : left <= 8 ? 0 : (1u << (left - 8)) - 1);
+    const __mmask16 m16 = (__mmask16)(left >= 16 ? 0xFFFF : (1u << left) - 1);
+    const Tabs8 t0(e.b, e.half, e.c, k, m0), t1(e.b, e.half, e.c, k + 8, m1);
+    const Tabs8 o0 = e.mode == 2 ? Tabs8(e.ob, e.ohalf, e.oc, k, m0) : t0;
+    const Tabs8 o1 = e.mode == 2 ? Tabs8(e.ob, e.ohalf, e.oc, k + 8, m1) : t1;
+    for (int64_t i = 0; i < np; ++i) {
+      const int64_t at = (p0 + i) * e.K + k;
+      const char* zi = (const char*)z + (i * ldz + k) * zb;
+      __m512i v0 = rq8(load8(zi, z32, m0), t0.b, t0.half, t0.c);
+      __m512i v1 = rq8(load8(zi + 8 * zb, z32, m1), t1.b, t1.half, t1.c);
+      if (e.mode == 2) {
+        const char* oi = (const char*)e.other + at * ob;
+        v0 = _mm512_add_epi64(v0, rq8(load8(oi, e.other32, m0), o0.b, o0.half, o0.c));
+        v1 = _mm512_add_epi64(v1, rq8(load8(oi + 8 * ob, e.other32, m1), o1.b, o1.half, o1.c));
+      }
+      v0 = _mm512_min_epi64(_mm512_max_epi64(v0, lo), hi);
+      v1 = _mm512_min_epi64(_mm512_max_epi64(v1, lo), hi);
+      const __m128i codes = _mm_unpacklo_epi64(_mm512_cvtepi64_epi8(v0), _mm512_cvtepi64_epi8(v1));
+      _mm_mask_storeu_epi8((int8_t*)e.y + at, m16, codes);
+    }
+  }
+}
+
+// the codes of n pixels (channels-last int8 rows, C a multiple of 4, pixel stride C) + 128 into
+// the planes: 16 pixels' dwords of a channel quad per gather
+void copy_quads(uint8_t* dst, const int8_t* src, int64_t n, int64_t C, int64_t plane_bytes) {
+  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm512_set1_epi32((int)C));
+  const __m512i flip = _mm512_set1_epi32((int)0x80808080u);
+  int64_t w = 0;
+  for (; w + 16 <= n; w += 16)
+    for (int64_t s = 0; s < C / 4; ++s) {
+      const __m512i v = _mm512_i32gather_epi32(idx, (const void*)(src + w * C + 4 * s), 1);
+      _mm512_storeu_si512(dst + s * plane_bytes + w * 4, _mm512_xor_si512(v, flip));
+    }
+  for (; w < n; ++w)
+    for (int64_t s = 0; s < C / 4; ++s) {
+      uint32_t v; std::memcpy(&v, src + w * C + 4 * s, 4);
+      v ^= 0x80808080u;
+      std::memcpy(dst + s * plane_bytes + w * 4, &v, 4);
+    }
+}
+
+// One block of TB consecutive output pixels (q0 ..) of an image x NB blocks of 16 output channels
+// from block kb: int32 sums into out (rows ldo apart). SW: the column stride. The channel loop is
+// unrolled by 4 so that GCC keeps the accumulators in place (in a plain run-time loop it copies
+// them around the tied vpdpbusd operand).
+template <int TB, int NB, int SW>
+inline void conv_block(const ConvArgs& a, const uint8_t* img, int64_t q0, int64_t kb, int32_t* out, int64_t ldo) {
+  const int taps = a.kh * a.kw;
+  const int64_t s4 = a.Cq / 4, pstride = a.plane * 4;
+  __m512i acc[TB][NB];
+  const int8_t* w[NB];
+  for (int nb = 0; nb < NB; ++nb) {
+    const __m512i w0 = _mm512_loadu_si512(a.w0 + (kb + nb) * 16);
+    for (int i = 0; i < TB; ++i) acc[i][nb] = w0;
+    w[nb] = a.wp + (kb + nb) * taps * s4 * 64;
+  }
+  for (int t = 0; t < taps; ++t) {
+    const uint8_t* at = img + (SW * q0 + a.toff[t]) * 4;
+    const int64_t wt = (int64_t)t * s4 * 64;
+    auto step = [&](int64_t s) __attribute__((always_inline)) {
+      __m512i wv[NB];
+      for (int nb = 0; nb < NB; ++nb) wv[nb] = _mm512_loadu_si512(w[nb] + wt + s * 64);
+      const uint8_t* as = at + s * pstride;
+      for (int i = 0; i < TB; ++i) {
+        int32_t v; std::memcpy(&v, as + 4 * SW * i, 4);
+        const __m512i bv = _mm512_set1_epi32(v);
+        for (int nb = 0; nb < NB; ++nb) acc[i][nb] = _mm512_dpbusd_epi32(acc[i][nb], bv, wv[nb]);
+      }
+    };
+    int64_t s = 0;
+    for (; s + 4 <= s4; s += 4) { step(s); step(s + 1); step(s + 2); step(s + 3); }
+    for (; s < s4; ++s) step(s);
+  }
+  for (int i = 0; i < TB; ++i)
+    for (int nb = 0; nb < NB; ++nb) _mm512_storeu_si512(out + i * ldo + (kb + nb) * 16, acc[i][nb]);
+}
+
+// Output rows oy0 .. oy1 of image b: every q of those rows in blocks of TB (the last block runs past
+// the rows into the planes' slack), each block of output channels over all of them (its weights stay
+// in cache), then the epilogue on each row's OW valid pixels.
+template <int TB, int NB, int SW>
+void conv_rows_t(const ConvArgs& a, int64_t b, int64_t oy0, int64_t oy1) {
+  const int64_t q0 = oy0 * a.Wq, nq = (oy1 - oy0) * a.Wq, nblk = (nq + TB - 1) / TB;
+  const uint8_t* img = image_planes(a, b);
+  thread_local std::vector<int32_t> buf;
+  buf.resize((size_t)nblk * TB * a.Kp);
+  for (int64_t kb = 0; kb < a.Kp / 16; kb += NB)
+    for (int64_t blk = 0; blk < nblk; ++blk)
+      conv_block<TB, NB, SW>(a, img, q0 + blk * TB, kb, buf.data() + blk * TB * a.Kp, a.Kp);
+  for (int64_t oy = oy0; oy < oy1; ++oy)
+    epilogue(a.e, (b * a.OH + oy) * a.OW, a.OW, buf.data() + (oy - oy0) * a.Wq * a.Kp, 1, a.Kp);
+}
+
+template <int SW>
+void conv_rows_s(const ConvArgs& a, int64_t b, int64_t oy0, int64_t oy1) {
+  const int64_t blocks = a.Kp / 16;
+  if (blocks % 4 == 0) conv_rows_t<6, 4, SW>(a, b, oy0, oy1);
+  else if (blocks % 2 == 0) conv_rows_t<12, 2, SW>(a, b, oy0, oy1);
+  else conv_rows_t<16, 1, SW>(a, b, oy0, oy1);
+}
+
+void conv_rows(const ConvArgs& a, int64_t b, int64_t oy0, int64_t oy1) {
+  if (a.sw == 1) conv_rows_s<1>(a, b, oy0, oy1);
+  else if (a.sw == 2) conv_rows_s<2>(a, b, oy0, oy1);
+  else graph_portable::conv_rows(a, b, oy0, oy1);  // wider column strides: rare, the plain loops
+}
+
+}  // namespace graph_vnni
+#pragma GCC pop_options
+
+namespace {
+
+std::string best_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vnni"))
+    return "avx512-vnni";
+  if (__builtin_cpu_supports("avx2")) return "avx2";
+  return "portable";
+}
+
+std::string checked_isa(std::string isa) {
+  if (isa.empty()) isa = best_isa();
+  TORCH_CHECK(isa == "avx512-vnni" || isa == "avx2" || isa == "portable", "isa must be avx512-vnni, avx2 or portable, got ", isa);
+  return isa;
+}
+
+// w: (K, C, kh, kw) integer weight codes in [-128, 127]. Returns the VNNI packing [Kp/16][taps][Cq/4][16][4],
+// the codes as (K, taps, Cq), and bias - 128 sum(W) per [Kp].
+std::vector<torch::Tensor> pack(torch::Tensor w, torch::Tensor bias) {
+  TORCH_CHECK(w.dim() == 4, "pack: weight as (K, C, kh, kw)");
+  auto wl = w.to(torch::kInt64).contiguous();
+  auto bl = bias.to(torch::kInt64).contiguous();
+  const int64_t K = w.size(0), C = w.size(1), taps = w.size(2) * w.size(3);
+  const int64_t Cq = (C + 3) / 4 * 4, Kp = (K + 15) / 16 * 16;
+  TORCH_CHECK(bl.numel() == K, "pack: one bias per output channel");
+  auto wp = torch::zeros({Kp / 16, taps, Cq / 4, 16, 4}, torch::kInt8);
+  auto wq = torch::zeros({K, taps, Cq}, torch::kInt8);
+  auto w0 = torch::zeros({Kp}, torch::kInt32);
+  const int64_t* s = wl.data_ptr<int64_t>();
+  int8_t* d = wp.data_ptr<int8_t>();
+  int8_t* q = wq.data_ptr<int8_t>();
+  int32_t* o = w0.data_ptr<int32_t>();
+  for (int64_t k = 0; k < K; ++k) {
+    int64_t off = bl.data_ptr<int64_t>()[k];
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t t = 0; t < taps; ++t) {
+        const int64_t v = s[(k * C + c) * taps + t];
+        TORCH_CHECK(v >= -128 && v <= 127, "pack: weight codes must fit int8, got ", v);
+        d[((((k / 16) * taps + t) * (Cq / 4) + c / 4) * 16 + k % 16) * 4 + c % 4] = (int8_t)v;
+        q[(k * taps + t) * Cq + c] = (int8_t)v;
+        off -= 128 * v;
+      }
+    o[k] = (int32_t)off;  // modulo 2^32, as the sums are
+  }
+  return {wp, wq, w0};
+}
+
+// The epilogue's tables: tabs = [b, c, half] (and [ob, oc, ohalf] in mode 2), each (Kp,) int64.
+Epi make_epi(int64_t mode, const std::vector<torch::Tensor>& tabs, torch::Tensor other, int64_t qmin, int64_t qmax,
+             int64_t K, int64_t P) {
+  Epi e{};
+  e.mode = (int)mode; e.K = K; e.qmin = qmin; e.qmax = qmax;
+  TORCH_CHECK(mode >= 0 && mode <= 2, "epilogue mode must be 0, 1 or 2");
+  TORCH_CHECK(tabs.size() == (mode == 0 ? 0u : mode == 1 ? 3u : 6u), "epilogue: 3 tables per requantized input");
+  for (auto& t : tabs) TORCH_CHECK(t.dtype() == torch::kInt64 && t.is_contiguous() && t.numel() >= K, "epilogue tables: int64 (Kp,)");
+  if (mode >= 1) { e.b = tabs[0].data_ptr<int64_t>(); e.c = tabs[1].data_ptr<int64_t>(); e.half = tabs[2].data_ptr<int64_t>(); }
+  if (mode == 2) {
+    e.ob = tabs[3].data_ptr<int64_t>(); e.oc = tabs[4].data_ptr<int64_t>(); e.ohalf = tabs[5].data_ptr<int64_t>();
+    TORCH_CHECK(other.dtype() == torch::kInt8 || other.dtype() == torch::kInt32, "the added value: int8 codes or int32");
+    TORCH_CHECK(other.is_contiguous(at::MemoryFormat::ChannelsLast) && other.numel() == P * K,
+                "the added value: channels-last, the output's shape");
+    e.other = other.data_ptr(); e.other32 = other.dtype() == torch::kInt32;
+  }
+  return e;
+}
+
+// x: (N, C, H, W) int8 or int32 codes, any strides; geom: kh, kw, sh, sw, ph, pw, dh, dw.
+torch::Tensor conv(torch::Tensor x, std::vector<int64_t> geom, torch::Tensor wp, torch::Tensor wq, torch::Tensor w0,
+                   torch::Tensor bias, int64_t mode, std::vector<torch::Tensor> tabs, torch::Tensor other, int64_t qmin,
+                   int64_t qmax, std::string isa, int64_t chunk) {
+  TORCH_CHECK(x.dim() == 4 && (x.dtype() == torch::kInt8 || x.dtype() == torch::kInt32), "x: (N, C, H, W) int8 or int32 codes");
+  TORCH_CHECK(geom.size() == 8, "geom: kh, kw, sh, sw, ph, pw, dh, dw");
+  ConvArgs a{};
+  a.kh = (int)geom[0]; a.kw = (int)geom[1]; a.sh = (int)geom[2]; a.sw = (int)geom[3];
+  const int64_t ph = geom[4], pw = geom[5];
+  a.dh = (int)geom[6]; a.dw = (int)geom[7];
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  a.K = wq.size(0); a.Cq = wq.size(2); a.Kp = w0.size(0);
+  TORCH_CHECK(wq.size(1) == a.kh * a.kw && a.Cq == (C + 3) / 4 * 4, "the packed weights do not match the input");
+  isa = checked_isa(isa);
+  a.Hp = H + 2 * ph;
+  a.OH = (a.Hp - (int64_t)a.dh * (a.kh - 1) - 1) / a.sh + 1;
+  a.OW = (W + 2 * pw - (int64_t)a.dw * (a.kw - 1) - 1) / a.sw + 1;
+  TORCH_CHECK(a.OH > 0 && a.OW > 0, "the conv's output would be empty");
+  a.Wp = (W + 2 * pw + a.sw - 1) / a.sw * a.sw;  // a multiple of sw, so that Wq is an integer
+  a.Wq = a.sh * a.Wp / a.sw;
+  a.N = N;
+  const int taps = a.kh * a.kw;
+  std::vector<int64_t> toff(taps);
+  int64_t reach = 0;
+  for (int t = 0; t < taps; ++t) {
+    toff[t] = (int64_t)(t / a.kw) * a.dh * a.Wp + (int64_t)(t % a.kw) * a.dw;
+    reach = std::max(reach, toff[t]);
+  }
+  a.toff = toff.data();
+  // the last block of a job may run up to 16 pixels past the map: slack so that it reads inside the plane
+  a.plane = std::max(a.Hp * a.Wp, a.sw * (a.OH * a.Wq + 16) + reach + 1);
+  auto bc = bias.to(torch::kInt32).contiguous();
+  a.wp = wp.data_ptr<int8_t>(); a.wq = wq.data_ptr<int8_t>(); a.w0 = w0.data_ptr<int32_t>(); a.bias = bc.data_ptr<int32_t>();
+  const int64_t s4 = a.Cq / 4;
+  auto xp = torch::full({N, s4, a.plane, 4}, 128, torch::kUInt8);
+  uint8_t* xpd = xp.data_ptr<uint8_t>();
+  const int64_t sN = x.stride(0), sC = x.stride(1), sH = x.stride(2), sW = x.stride(3);
+  const bool i8 = x.dtype() == torch::kInt8;
+  const int8_t* x8 = i8 ? x.data_ptr<int8_t>() : nullptr;
+  const int32_t* x32 = i8 ? nullptr : x.data_ptr<int32_t>();
+  const bool whole_rows = i8 && sC == 1 && sW == C && C % 4 == 0;  // channels-last int8 rows: dword copies
+  std::atomic<bool> out_of_range{false};
+  at::parallel_for(0, N * H, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / H, h = r % H;
+      uint8_t* row = xpd + (b * s4 * a.plane + (h + ph) * a.Wp + pw) * 4;
+      if (whole_rows && isa == "avx512-vnni" && (int64_t)W * C < ((int64_t)1 << 31)) {
+        graph_vnni::copy_quads(row, x8 + b * sN + h * sH, W, C, a.plane * 4);
+        continue;
+      }
+      for (int64_t w = 0; w < W; ++w) {
+        const int64_t src = b * sN + h * sH + w * sW;
+        if (whole_rows) { offset_copy_quads(row + w * 4, x8 + src, C, a.plane * 4); continue; }
+        for (int64_t c = 0; c < C; ++c) {
+          int32_t v;
+          if (i8) v = x8[src + c * sC];
+          else {
+            v = x32[src + c * sC];
+            if (v < -128 || v > 127) out_of_range = true;
+          }
+          row[((c / 4) * a.plane + w) * 4 + c % 4] = (uint8_t)(v + 128);
+        }
+      }
+    }
+  });
+  TORCH_CHECK(!out_of_range, "the compiled integer conv takes 8-bit input codes; got a code outside [-128, 127]");
+  a.xp = xpd;
+  auto y = torch::empty({N, a.K, a.OH, a.OW}, torch::TensorOptions().dtype(mode == 0 ? torch::kInt32 : torch::kInt8)
+                                                  .memory_format(at::MemoryFormat::ChannelsLast));
+  a.e = make_epi(mode, tabs, other, qmin, qmax, a.K, N * a.OH * a.OW);
+  a.e.y = y.data_ptr();
+  // output rows per job: about 2^16 / Kp pixels (their int32 block within 256 KB), whole rows, and
+  // no fewer jobs than threads
+  const int64_t threads = at::get_num_threads();
+  a.rows = chunk > 0 ? chunk : std::max<int64_t>(1, (((int64_t)1 << 16) / a.Kp) / a.Wq);
+  a.rows = std::min(a.rows, std::max<int64_t>(1, (N * a.OH + threads - 1) / threads));
+  const int64_t per_image = (a.OH + a.rows - 1) / a.rows;
+  at::parallel_for(0, N * per_image, 1, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t b = j / per_image, oy0 = (j % per_image) * a.rows, oy1 = std::min(a.OH, oy0 + a.rows);
+      if (isa == "avx512-vnni") graph_vnni::conv_rows(a, b, oy0, oy1);
+      else if (isa == "avx2") graph_avx2::conv_rows(a, b, oy0, oy1);
+      else graph_portable::conv_rows(a, b, oy0, oy1);
+    }
+  });
+  return y;
+}
+
+// z: (N, K, H, W) channels-last int32 or int8 (the main input); the epilogue as in conv (mode 1 or 2).
+torch::Tensor requantize(torch::Tensor z, int64_t mode, std::vector<torch::Tensor> tabs, torch::Tensor other,
+                         int64_t qmin, int64_t qmax, std::string isa) {
+  TORCH_CHECK(z.dim() == 4 && (z.dtype() == torch::kInt8 || z.dtype() == torch::kInt32) &&
+              z.is_contiguous(at::MemoryFormat::ChannelsLast), "z: (N, K, H, W) channels-last int8 or int32");
+  TORCH_CHECK(mode == 1 || mode == 2, "requantize: mode 1 or 2");
+  const int64_t K = z.size(1), P = z.numel() / std::max<int64_t>(K, 1);
+  Epi e = make_epi(mode, tabs, other, qmin, qmax, K, P);
+  auto y = torch::empty(z.sizes(), torch::TensorOptions().dtype(torch::kInt8).memory_format(at::MemoryFormat::ChannelsLast));
+  e.y = y.data_ptr();
+  isa = checked_isa(isa);
+  const void* zd = z.data_ptr();
+  const int z32 = z.dtype() == torch::kInt32;
+  at::parallel_for(0, P, 256, [&](int64_t p0, int64_t p1) {
+    const char* zp = (const char*)zd + p0 * K * (z32 ? 4 : 1);
+    if (isa == "avx512-vnni") graph_vnni::epilogue(e, p0, p1 - p0, zp, z32, K);
+    else if (isa == "avx2") graph_avx2::epilogue(e, p0, p1 - p0, zp, z32, K);
+    else graph_portable::epilogue(e, p0, p1 - p0, zp, z32, K);
+  });
+  return y;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.def("pack", &pack, "pack int8 weight codes of a direct integer conv");
+  mod.def("conv", &conv, "direct integer conv with a fused requantization epilogue");
+  mod.def("requantize", &requantize, "requantization / residual add of integer-graph values");
+  mod.def("best_isa", &best_isa, "instruction set the kernels pick on this CPU");
+}

@@ -1,0 +1,173 @@
+"""Compiled steps of integer-only graphs besides the Winograd step: the direct integer conv
+(:class:`winoq.integer.layers.IntConv2d`) with its requantization fused in, and the requantization
+and residual add on their own (``csrc/int_graph.cpp``).
+
+Every function returns exactly what the PyTorch steps return (the same integers), in the layout
+fast kernels pass between layers: channels-last, int8 activation codes (or the int32 accumulator).
+The conv is an int8 implicit GEMM with VNNI ``vpdpbusd`` (the input copied once into a padded
+NHWC buffer, the weights packed once per layer); the requantization ``clamp((z b + 2^(c-1)) >> c)``
+runs in int64 lanes on the conv's int32 block while it is in cache.
+
+Built like the other kernels (:func:`winoq.kernels.cpu.compile_extension`); without a compiler the
+callers run the PyTorch steps (:mod:`winoq.integer.runtime` does so on its own).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import cpu
+
+_SOURCES = ("int_graph.cpp", "int_graph_portable.h")
+_STATE: dict = {}
+INT8_RANGE = (-128, 127)
+
+
+def load(verbose: bool = False):
+    return cpu.compile_extension("int_graph", _SOURCES, _STATE, "integer-graph steps run in PyTorch", verbose)
+
+
+def available() -> bool:
+    return load() is not None
+
+
+def isa() -> str | None:
+    """Instruction set the compiled steps pick on this CPU ("avx512-vnni", "avx2", "portable")."""
+    mod = load()
+    return None if mod is None else mod.best_isa()
+
+
+def fits_int8(qmin: int, qmax: int) -> bool:
+    return INT8_RANGE[0] <= qmin and qmax <= INT8_RANGE[1]
+
+
+def conv_unsupported_reason(step) -> str | None:
+    """Why the compiled conv cannot run the ``IntConv2d`` ``step`` (None when it can)."""
+    if step.wide:
+        return "its accumulator is int64 (the worst case leaves int32)"
+    if step.groups != 1:
+        return f"groups={step.groups}"
+    if isinstance(step.padding, str) or len(step.padding) != 2:
+        return f"padding={step.padding!r}"
+    if step.weight.dim() != 4:
+        return "not a 2-d conv"
+    lo, hi = int(step.weight.min()), int(step.weight.max())
+    if lo < -128 or hi > 127:
+        return "weight codes wider than 8 bits"
+    return None
+
+
+def cached_reason(step) -> str | None:
+    """:func:`conv_unsupported_reason`, computed once per set of buffers (it reads all the weights)."""
+    key = (step.weight.data_ptr(), step.weight._version, step.wide, step.groups, step.padding)
+    hit = getattr(step, "_compiled_reason", None)
+    if hit is None or hit[0] != key:
+        hit = (key, conv_unsupported_reason(step))
+        step._compiled_reason = hit
+    return hit[1]
+
+
+@dataclass(frozen=True)
+class Epilogue:
+    """What a step does with its int32 result ``z`` (K channels): ``clamp(rq(z, b, c) [+ rq(other,
+    ob, oc)], qmin, qmax)`` as int8 codes, where ``rq`` is the dyadic requantization; ``b, c`` (and
+    ``ob, oc``, the multiplier of an added value) per channel or one for all. ``qmin, qmax`` must lie
+    in int8's range."""
+
+    b: torch.Tensor
+    c: torch.Tensor
+    qmin: int
+    qmax: int
+    ob: torch.Tensor | None = None
+    oc: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if not fits_int8(self.qmin, self.qmax):
+            raise ValueError(f"the compiled epilogue writes int8 codes; range [{self.qmin}, {self.qmax}] does not fit")
+        if (self.ob is None) != (self.oc is None):
+            raise ValueError("an added value's multiplier needs both ob and oc")
+
+    @property
+    def adds(self) -> bool:
+        return self.ob is not None
+
+    def tables(self, k: int) -> list[torch.Tensor]:
+        """``[b, c, 2^(c-1)]`` (and the added value's) as int64 (Kp,), Kp = k rounded up to 16; cached."""
+        cache = self.__dict__.setdefault("_table_cache", {})
+        if k not in cache:
+            cache[k] = self._tables(k)
+        return cache[k]
+
+    def _tables(self, k: int) -> list[torch.Tensor]:
+        kp = -(-k // 16) * 16
+        out = []
+        for b, c in ((self.b, self.c), (self.ob, self.oc))[: 2 if self.adds else 1]:
+            b, c = (t.to(torch.int64).flatten() for t in (b, c))
+            if b.numel() not in (1, k) or c.numel() not in (1, k):
+                raise ValueError(f"multipliers of {b.numel()} / {c.numel()} channels for a value of {k}")
+            b = F.pad(b.expand(k), (0, kp - k))
+            c = F.pad(c.expand(k), (0, kp - k), value=1)
+            out += [b.contiguous(), c.contiguous(), torch.bitwise_left_shift(torch.ones_like(c), c - 1)]
+        return out
+
+    def _args(self, k: int, other: torch.Tensor | None) -> tuple:
+        if self.adds != (other is not None):
+            raise ValueError("pass the added value (other=) exactly when the epilogue has its multiplier")
+        if other is None:
+            other = _NONE
+        elif other.dtype not in (torch.int8, torch.int32):
+            raise ValueError(f"the added value must be int8 codes or an int32 accumulator, got {other.dtype}")
+        else:
+            other = other.contiguous(memory_format=torch.channels_last)
+        return 2 if self.adds else 1, self.tables(k), other, self.qmin, self.qmax
+
+
+_NONE = torch.empty(0, dtype=torch.int8)
+
+
+def _packed(step, mod) -> tuple:
+    key = tuple((t.data_ptr(), t._version) for t in (step.weight, step.bias))
+    hit = getattr(step, "_compiled_graph", None)
+    if hit is None or hit[0] != key:
+        hit = (key, tuple(mod.pack(step.weight, step.bias)))
+        step._compiled_graph = hit
+    return hit[1]
+
+
+@torch.no_grad()
+def conv(step, x: torch.Tensor, epilogue: Epilogue | None = None, other: torch.Tensor | None = None,
+         isa: str = "", chunk: int = 0) -> torch.Tensor:
+    """``step(x)`` (an ``IntConv2d``) from 8-bit codes ``x`` (int8 or int32, any layout), channels-last:
+    the int32 accumulator, or with ``epilogue`` its int8 result (``other``: the value it adds). ``isa``: force "avx512-vnni", "avx2"
+    or "portable"; ``chunk``: output pixels per parallel job (0: by the layer's size)."""
+    why = cached_reason(step)
+    if why is not None:
+        raise ValueError(f"compiled integer conv {step.name!r}: {why}")
+    mod = load()
+    if mod is None:
+        raise RuntimeError("the compiled integer-graph kernels are not built (run setup.sh)")
+    wp, wq, w0 = _packed(step, mod)
+    kh, kw = step.weight.shape[2:]
+    geom = [kh, kw, *step.stride, *step.padding, *step.dilation]
+    k = step.weight.shape[0]
+    if epilogue is None:
+        if other is not None:
+            raise ValueError("an added value needs an epilogue with its multiplier")
+        return mod.conv(x, geom, wp, wq, w0, step.bias, 0, [], _NONE, 0, 0, isa, chunk)
+    return mod.conv(x, geom, wp, wq, w0, step.bias, *epilogue._args(k, other), isa, chunk)
+
+
+@torch.no_grad()
+def requantize(z: torch.Tensor, epilogue: Epilogue, other: torch.Tensor | None = None, isa: str = "") -> torch.Tensor:
+    """The epilogue on its own: ``z`` (N, K, H, W) int32 or int8, any layout, to int8 codes, channels-last."""
+    mod = load()
+    if mod is None:
+        raise RuntimeError("the compiled integer-graph kernels are not built (run setup.sh)")
+    if z.dtype not in (torch.int8, torch.int32):
+        raise ValueError(f"requantize takes int8 codes or an int32 accumulator, got {z.dtype}")
+    if z.dim() != 4:
+        raise ValueError(f"requantize takes (N, K, H, W) values, got shape {tuple(z.shape)}")
+    z = z.contiguous(memory_format=torch.channels_last)
+    return mod.requantize(z, *epilogue._args(z.shape[1], other), isa)

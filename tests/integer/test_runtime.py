@@ -1,0 +1,116 @@
+"""The compiled runtime of integer-only models (winoq.integer.runtime): the fused plan gives the
+same output codes as the PyTorch steps, on every kind of graph the converter makes."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from winoq.integer import IntegerConfig, compile_model, convert
+from winoq.integer import layers as L
+from winoq.integer.runtime import plan
+from winoq.kernels import int_graph
+from winoq.models import cifar_resnet20, fmnist_resnet, resnet18
+
+needs_build = pytest.mark.skipif(not int_graph.available(), reason="the compiled kernels could not be built here")
+
+
+def _random_bn(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model.eval()
+
+
+def reference_codes(im, q):
+    """The output codes with every step on its PyTorch definition."""
+    kinds = {s: s.kernel for s in im.steps if hasattr(s, "kernel")}
+    try:
+        for s in kinds:
+            s.kernel = "torch"
+        return im.forward_integer(q)
+    finally:
+        for s, k in kinds.items():
+            s.kernel = k
+
+
+def check(im, x):
+    q = im.quantize_input(x)
+    ref = reference_codes(im, q)
+    cm = compile_model(im)
+    y = cm.forward_integer(q)
+    assert y.dtype == ref.dtype and torch.equal(y, ref)
+    assert torch.equal(cm(x), im(x))
+    return cm
+
+
+@pytest.fixture(scope="module")
+def r20():
+    torch.manual_seed(0)
+    return _random_bn(cifar_resnet20())
+
+
+@needs_build
+@pytest.mark.parametrize("tile", [None, 4])
+def test_cifar_resnet_same_codes(r20, tile):
+    calib = torch.randn(16, 3, 32, 32)
+    im = convert(r20, calib, IntegerConfig(winograd=tile, learn_steps=2, calib_samples=16, layer_calib_samples=8))
+    cm = check(im, torch.randn(3, 3, 32, 32))
+    s = cm.summary()
+    assert s["conv+requantize"] == 10 and s["conv+add"] == 9  # every conv but the classifier fused
+    assert "epilogue" not in s
+
+
+@needs_build
+def test_low_bits_and_two_threads(r20):
+    calib = torch.randn(16, 3, 32, 32)
+    im = convert(r20, calib, IntegerConfig(weight_bits=4, act_bits=4, calib_samples=16, layer_calib_samples=8,
+                                           rounding_iters=5))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        check(im, torch.randn(5, 3, 32, 32))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_build
+def test_torchvision_resnet_with_maxpool_and_downsample_convs():
+    torch.manual_seed(1)
+    model = _random_bn(resnet18(num_classes=10))
+    calib = torch.randn(4, 3, 64, 64)
+    im = convert(model, calib, IntegerConfig(calib_samples=4, layer_calib_samples=4))
+    cm = check(im, torch.randn(2, 3, 64, 64))
+    assert cm.summary()["conv+add"] >= 8
+
+
+@needs_build
+def test_unsigned_8bit_codes_stay_in_pytorch():
+    """8-bit unsigned activations ([0, 255]) do not fit int8: their steps run in PyTorch, same codes."""
+    torch.manual_seed(2)
+    model = _random_bn(fmnist_resnet())
+    calib = torch.randn(16, 1, 28, 28)
+    im = convert(model, calib, IntegerConfig(unsigned_max_bits=8, calib_samples=16))
+    assert any(isinstance(s, L.Requantize) and s.qmax == 255 for s in im.steps)
+    cm = check(im, torch.randn(3, 1, 28, 28))
+    assert cm.summary().get("step", 0) > 3
+
+
+def test_without_the_kernels_the_plan_is_the_program(r20, no_compiler):
+    no_compiler(int_graph)
+    calib = torch.randn(8, 3, 32, 32)
+    im = convert(r20, calib, IntegerConfig(calib_samples=8))
+    ops = plan(im)
+    assert len(ops) == len(im.steps) and all(op.kind == "step" for op in ops)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(compile_model(im)(x), im(x))
+
+
+def test_forward_integer_refuses_floats(r20):
+    im = convert(r20, torch.randn(8, 3, 32, 32), IntegerConfig(calib_samples=8))
+    with pytest.raises(TypeError, match="quantize_input"):
+        compile_model(im).forward_integer(torch.randn(1, 3, 32, 32))

@@ -1,0 +1,179 @@
+"""The compiled steps of integer graphs (winoq.kernels.int_graph) against their definitions:
+IntConv2d.forward_torch, Requantize.forward and IntAdd.forward, bit for bit on every
+instruction-set build; the fallbacks and the errors."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from winoq.integer.layers import IntAdd, IntConv2d, Requantize
+from winoq.kernels import int_graph
+
+ISAS = ["portable", "avx2"] + (["avx512-vnni"] if int_graph.isa() == "avx512-vnni" else [])
+needs_build = pytest.mark.skipif(not int_graph.available(), reason="the compiled kernels could not be built here")
+
+
+def random_conv(c, k, ks=3, stride=1, pad=1, seed=0, w_max=127, bias_max=100000) -> IntConv2d:
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randint(-w_max, w_max + 1, (k, c, ks, ks), generator=gen)
+    b = torch.randint(-bias_max, bias_max + 1, (k,), generator=gen)
+    return IntConv2d("t", w, b, nn.Conv2d(c, k, ks, stride, pad), wide=False)
+
+
+def codes(shape, seed=1, lo=-127, hi=127, dtype=torch.int32):
+    return torch.randint(lo, hi + 1, shape, generator=torch.Generator().manual_seed(seed), dtype=torch.int64).to(dtype)
+
+
+def multipliers(k, seed=2, per_channel=True):
+    gen = torch.Generator().manual_seed(seed)
+    n = k if per_channel else 1
+    b = torch.randint(2**29, 2**31 - 1, (n,), generator=gen)
+    c = torch.randint(20, 34, (n,), generator=gen)
+    return (b.reshape(1, -1, 1, 1), c.reshape(1, -1, 1, 1)) if per_channel else (b[0], c[0])
+
+
+def channels_last_int8(x):
+    return x.to(torch.int8).contiguous(memory_format=torch.channels_last)
+
+
+SHAPES = [  # c, k, kernel, stride, pad, (h, w)
+    (16, 16, 3, 1, 1, (9, 7)), (3, 16, 3, 1, 1, (8, 8)), (40, 70, 3, 2, 1, (11, 12)), (64, 128, 1, 2, 0, (8, 8)),
+    (13, 33, 5, 1, 2, (10, 9)), (8, 48, 3, 1, 0, (6, 6)), (32, 64, 1, 1, 0, (5, 3)), (24, 40, 7, 2, 3, (13, 13)),
+    (16, 32, 3, 3, 1, (10, 11)), (20, 16, 3, 1, 1, (1, 1)),
+]
+
+
+@needs_build
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("c, k, ks, s, p, hw", SHAPES)
+def test_conv_equals_definition(isa, c, k, ks, s, p, hw):
+    step = random_conv(c, k, ks, s, p)
+    x = codes((2, c, *hw))
+    ref = step.forward_torch(x)
+    y = int_graph.conv(step, x, isa=isa)
+    assert y.dtype == torch.int32 and y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y, ref)
+    assert torch.equal(int_graph.conv(step, channels_last_int8(x), isa=isa), ref)  # int8 channels-last input
+
+
+@needs_build
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("c, k, ks, s, p, hw", SHAPES[:6])
+def test_fused_requantize_and_add(isa, c, k, ks, s, p, hw):
+    step = random_conv(c, k, ks, s, p, bias_max=5000)
+    x = codes((2, c, *hw))
+    acc = step.forward_torch(x)
+    b, cc = multipliers(k)
+    rq = Requantize(b, cc, -127, 127)
+    y = int_graph.conv(step, x, int_graph.Epilogue(b, cc, -127, 127), isa=isa)
+    assert y.dtype == torch.int8 and torch.equal(y.int(), rq(acc))
+    ob, oc = multipliers(k, seed=5, per_channel=False)
+    add = IntAdd(b, cc, ob, oc, 0, 127)  # the conv as the add's first input, ReLU clamp
+    epi = int_graph.Epilogue(b, cc, 0, 127, ob, oc)
+    for other in (codes(acc.shape, seed=7), codes(acc.shape, seed=8, lo=-2**20, hi=2**20)):  # codes, an accumulator
+        o = other.to(torch.int8) if int(other.abs().max()) < 128 else other
+        y = int_graph.conv(step, x, epi, other=o, isa=isa)
+        assert torch.equal(y.int(), add(acc, other))
+        assert torch.equal(int_graph.requantize(acc, epi, other=o, isa=isa).int(), add(acc, other))
+
+
+@needs_build
+def test_conv_two_threads_and_chunks():
+    step = random_conv(48, 64, 3, 1, 1)
+    x = codes((3, 48, 13, 11))
+    ref = step.forward_torch(x)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for chunk in (0, 1, 2, 5):
+            assert torch.equal(int_graph.conv(step, x, chunk=chunk), ref)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_build
+@settings(max_examples=25, deadline=None)
+@given(c=st.integers(1, 40), k=st.integers(1, 70), ks=st.sampled_from([1, 3, 5]), s=st.sampled_from([1, 2]),
+       h=st.integers(1, 12), w=st.integers(1, 12), n=st.integers(1, 3), seed=st.integers(0, 1000))
+def test_conv_any_shape(c, k, ks, s, h, w, n, seed):
+    step = random_conv(c, k, ks, s, ks // 2, seed=seed)
+    x = codes((n, c, h, w), seed=seed)
+    ref = step.forward_torch(x)
+    b, cc = multipliers(k, seed=seed)
+    for isa in ISAS:
+        assert torch.equal(int_graph.conv(step, x, isa=isa), ref)
+        assert torch.equal(int_graph.conv(step, x, int_graph.Epilogue(b, cc, -8, 7), isa=isa).int(),
+                           Requantize(b, cc, -8, 7)(ref))
+
+
+@needs_build
+def test_extreme_codes_and_shifts():
+    """Codes at -128 / 127, weights at +-127, and shifts up to 62: every int64 step exact."""
+    step = random_conv(64, 16, 3, 1, 1, w_max=127, bias_max=2**20)
+    x = torch.full((1, 64, 5, 5), -128, dtype=torch.int32)
+    x[..., ::2] = 127
+    acc = step.forward_torch(x)
+    b = torch.full((1, 16, 1, 1), 2**31 - 1)
+    for c in (1, 31, 45, 62):
+        cc = torch.full((1, 16, 1, 1), c)
+        for isa in ISAS:
+            assert torch.equal(int_graph.conv(step, x, int_graph.Epilogue(b, cc, -128, 127), isa=isa).int(),
+                               Requantize(b, cc, -128, 127)(acc))
+
+
+@needs_build
+def test_intconv_forward_uses_the_kernel_for_codes_only():
+    step = random_conv(16, 16)
+    x = codes((1, 16, 6, 6))
+    assert step.compiled()
+    assert step(x).is_contiguous(memory_format=torch.channels_last)  # the kernel's layout
+    assert torch.equal(step(x), step.forward_torch(x))
+    wide = codes((1, 16, 6, 6), lo=0, hi=255)  # 8-bit unsigned codes: not int8, PyTorch runs it
+    assert torch.equal(step(wide), step.forward_torch(wide))
+    step.kernel = "torch"
+    assert not step.compiled()
+
+
+@needs_build
+def test_errors():
+    step = random_conv(8, 16)
+    with pytest.raises(RuntimeError, match="8-bit input codes"):
+        int_graph.conv(step, codes((1, 8, 4, 4), lo=0, hi=300))
+    with pytest.raises(ValueError, match="does not fit"):
+        int_graph.Epilogue(torch.tensor(2**30), torch.tensor(31), 0, 255)
+    with pytest.raises(ValueError, match="both ob and oc"):
+        int_graph.Epilogue(torch.tensor(2**30), torch.tensor(31), 0, 127, ob=torch.tensor(1))
+    epi = int_graph.Epilogue(torch.tensor(2**30), torch.tensor(31), 0, 127)
+    with pytest.raises(ValueError, match="added value"):
+        int_graph.conv(step, codes((1, 8, 4, 4)), epi, other=codes((1, 16, 4, 4)))
+    with pytest.raises(ValueError, match="int8 codes or an int32"):
+        int_graph.requantize(codes((1, 16, 4, 4), dtype=torch.int64), epi)
+    with pytest.raises(ValueError, match="channels"):
+        int_graph.conv(step, codes((1, 8, 4, 4)), int_graph.Epilogue(torch.ones(3, dtype=torch.int64) * 2**30,
+                                                                     torch.full((3,), 31), 0, 127))
+    wide = IntConv2d("w", torch.ones(4, 4, 3, 3), torch.zeros(4), nn.Conv2d(4, 4, 3), wide=True)
+    assert "int64" in int_graph.conv_unsupported_reason(wide)
+    with pytest.raises(ValueError, match="int64"):
+        int_graph.conv(wide, codes((1, 4, 5, 5)))
+    grouped = IntConv2d("g", torch.ones(4, 2, 3, 3), torch.zeros(4), nn.Conv2d(4, 4, 3, groups=2), wide=False)
+    assert "groups" in int_graph.conv_unsupported_reason(grouped)
+    assert not grouped.compiled()
+
+
+def test_without_a_compiler(no_compiler):
+    no_compiler(int_graph)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not int_graph.available()
+    assert any("could not be built" in str(w.message) for w in caught)
+    step = random_conv(8, 16)
+    x = codes((1, 8, 5, 5))
+    assert not step.compiled()
+    assert torch.equal(step(x), step.forward_torch(x))  # the PyTorch definition runs
+    with pytest.raises(RuntimeError, match="setup.sh"):
+        int_graph.conv(step, x)
