@@ -36,7 +36,8 @@ def test_deploy_writes_a_fused_int8_onnx_and_reports_accuracy_size_speed(tmp_pat
     ops = {n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node}
     assert "QLinearConv" in ops and "ConvInteger" not in ops
     r = json.loads((tmp_path / "r.json").read_text())
-    assert set(r["ms_per_batch"]) == {"float torch", "float onnxruntime", "int8 onnxruntime"}
+    assert set(r["ms_per_batch"]) == {"float torch", "float onnxruntime", "winoq int8 kernels", "int8 onnxruntime"}
+    assert "winoq int8 kernels" in out
     assert all(v > 0 for v in r["ms_per_batch"].values())
     assert 0 <= r["top1"]["onnx_same_prediction_as_integer"] <= 100 and r["batch"] == 2
 
@@ -90,6 +91,6 @@ def test_demo_deployment_step_writes_the_int8_model_and_its_measurements(tmp_pat
     y = torch.randint(0, 10, (16,), generator=g)
     d = demo._deploy(load_default_fmnist_model(), x, y, held_out, tmp_path)
     assert (tmp_path / "model_int8.onnx").stat().st_size > 10_000 and d["calibration_images"] == 8
-    assert set(d["ms_per_batch"]) == {"float torch", "float onnxruntime", "int8 onnxruntime"}
+    assert set(d["ms_per_batch"]) == {"float torch", "float onnxruntime", "winoq int8 kernels", "int8 onnxruntime"}
     lines = demo._deploy_lines(d)
-    assert "4.0x smaller" in lines[1] and "int8 onnxruntime" in lines[2]
+    assert "4.0x smaller" in lines[1] and "int8 onnxruntime" in lines[2] and "winoq int8 kernels" in lines[2]

@@ -180,7 +180,8 @@ def _deploy_lines(d: dict) -> list[str]:
             f"integer ({sz['float32 weights'] / max(sz['integer weights + int32 bias'], 1):.1f}x smaller)",
             f"ms per batch of {d['batch']} ({d['threads']} thread(s)): float torch {ms['float torch']:.1f}, float "
             f"onnxruntime {ms['float onnxruntime']:.1f}, int8 onnxruntime {ms['int8 onnxruntime']:.1f} "
-            f"({ms['float onnxruntime'] / ms['int8 onnxruntime']:.2f}x vs float onnxruntime)",
+            f"({ms['float onnxruntime'] / ms['int8 onnxruntime']:.2f}x vs float onnxruntime), winoq int8 kernels "
+            f"{ms['winoq int8 kernels']:.1f} ({ms['float torch'] / ms['winoq int8 kernels']:.2f}x vs float torch)",
             "",
             f"The file is `model_int8.onnx` (`winoq deploy` does this for any model; static ranges on "
             f"{d['calibration_images']} images that are not evaluated). The five methods above are emulated in "

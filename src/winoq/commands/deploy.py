@@ -1,7 +1,9 @@
 """``winoq deploy``: convert a model to integer-only inference (HAWQ-V3 dyadic arithmetic, optionally
 a mixed-precision plan or integer Winograd layers), export it to ONNX for onnxruntime's fused int8
 kernels, and report what it cost in accuracy and gained in size and speed against the float model
-(torch and onnxruntime, same batch and threads)."""
+(torch and onnxruntime, same batch and threads). The integer model also runs on winoq's own compiled
+int8 kernels (``winoq.integer.compile_model``; the only path that runs its Winograd layers as
+Winograd), timed beside the ONNX file."""
 from __future__ import annotations
 
 import json
@@ -96,19 +98,22 @@ def _top1(fn, x, y, batch: int = 250):
 
 
 def measure_deployment(model, im, onnx_path, x, y, batch: int, threads: int, reps: int) -> dict:
-    """Top-1 of the float model, the integer model and the ONNX file (with the share of images where the
-    file predicts the integer model's class), the median ms per batch of float torch, float onnxruntime
-    and the file in onnxruntime, and the sizes."""
+    """Top-1 of the float model, the integer model (run by winoq's compiled runtime: the same codes as
+    its PyTorch steps) and the ONNX file (with the share of images where the file predicts the integer
+    model's class), the median ms per batch of float torch, float onnxruntime, the integer model on
+    winoq's compiled int8 kernels and the file in onnxruntime, and the sizes."""
     import numpy as np
     import torch
 
+    from ..integer import compile_model
     from ..integer.onnx_export import cpu_session
 
     sess = cpu_session(onnx_path, threads)
     run_int8 = lambda t: torch.from_numpy(sess.run(["logits"], {"x": t.numpy().astype(np.float32)})[0])  # noqa: E731
+    compiled = compile_model(im)
     with torch.no_grad():
         acc_fp, _ = _top1(model, x, y)
-        acc_int, p_int = _top1(im, x, y)
+        acc_int, p_int = _top1(compiled, x, y)
         acc_onnx, p_onnx = _top1(run_int8, x, y)
     result = {"batch": batch, "threads": threads,
               "top1": {"float": acc_fp, "integer": acc_int, "onnx": acc_onnx,
@@ -127,6 +132,7 @@ def measure_deployment(model, im, onnx_path, x, y, batch: int, threads: int, rep
         with torch.no_grad():
             result["ms_per_batch"] = {"float torch": _median_ms(lambda: model(xb), reps),
                                       "float onnxruntime": _median_ms(lambda: fp_sess.run(None, {"x": xn}), reps),
+                                      "winoq int8 kernels": _median_ms(lambda: compiled(xb), reps),
                                       "int8 onnxruntime": _median_ms(lambda: sess.run(None, {"x": xn}), reps)}
     float_bytes = sum(p.numel() * p.element_size() for p in model.state_dict().values() if p.is_floating_point())
     result["size_bytes"] = {"float32 weights": float_bytes, "onnx file": Path(onnx_path).stat().st_size,

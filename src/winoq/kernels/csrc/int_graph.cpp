@@ -354,14 +354,17 @@ torch::Tensor conv(torch::Tensor x, std::vector<int64_t> geom, torch::Tensor wp,
       for (int64_t w = 0; w < W; ++w) {
         const int64_t src = b * sN + h * sH + w * sW;
         if (whole_rows) { offset_copy_quads(row + w * 4, x8 + src, C, a.plane * 4); continue; }
-        for (int64_t c = 0; c < C; ++c) {
-          int32_t v;
-          if (i8) v = x8[src + c * sC];
-          else {
-            v = x32[src + c * sC];
-            if (v < -128 || v > 127) out_of_range = true;
+        for (int64_t q = 0; q < s4; ++q) {  // a channel quad per plane (the last one may be short)
+          uint8_t* d = row + (q * a.plane + w) * 4;
+          for (int64_t c = 4 * q; c < std::min(C, 4 * q + 4); ++c) {
+            int32_t v;
+            if (i8) v = x8[src + c * sC];
+            else {
+              v = x32[src + c * sC];
+              if (v < -128 || v > 127) out_of_range = true;
+            }
+            d[c - 4 * q] = (uint8_t)(v + 128);
           }
-          row[((c / 4) * a.plane + w) * 4 + c % 4] = (uint8_t)(v + 128);
         }
       }
     }
