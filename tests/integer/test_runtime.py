@@ -114,3 +114,12 @@ def test_forward_integer_refuses_floats(r20):
     im = convert(r20, torch.randn(8, 3, 32, 32), IntegerConfig(calib_samples=8))
     with pytest.raises(TypeError, match="quantize_input"):
         compile_model(im).forward_integer(torch.randn(1, 3, 32, 32))
+
+
+@pytest.mark.parametrize("args", [(3, 2, 1, 1, False), (2, 2, 0, 1, False), (3, 1, 1, 1, False),
+                                  ((3, 2), (2, 1), (1, 0), 1, False), (3, None, 0, 1, False), (3, 2, 1, 1, True)])
+def test_int8_max_pool_equals_torch(args):
+    x = torch.randint(-128, 128, (2, 5, 11, 13), dtype=torch.int8)
+    for t in (x, x.contiguous(memory_format=torch.channels_last)):
+        y = L.MaxPool(*args)(t)
+        assert y.dtype == torch.int8 and torch.equal(y.int(), torch.nn.functional.max_pool2d(t.int(), *args))

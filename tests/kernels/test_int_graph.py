@@ -177,3 +177,14 @@ def test_without_a_compiler(no_compiler):
     assert torch.equal(step(x), step.forward_torch(x))  # the PyTorch definition runs
     with pytest.raises(RuntimeError, match="setup.sh"):
         int_graph.conv(step, x)
+
+
+@needs_build
+@pytest.mark.parametrize("stride", [(2, 1), (1, 2), (3, 2)])
+def test_unequal_strides(stride):
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randint(-127, 128, (32, 12, 3, 3), generator=gen)
+    step = IntConv2d("s", w, torch.zeros(32), nn.Conv2d(12, 32, 3, stride, 1), wide=False)
+    x = codes((2, 12, 13, 11))
+    for isa in ISAS:
+        assert torch.equal(int_graph.conv(step, x, isa=isa), step.forward_torch(x))

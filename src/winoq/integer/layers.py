@@ -152,15 +152,35 @@ class ClampMin(nn.Module):
     simulate = forward
 
 
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
 class MaxPool(nn.Module):
     def __init__(self, kernel_size, stride, padding, dilation, ceil_mode):
         super().__init__()
         self.args = (kernel_size, stride, padding, dilation, ceil_mode)
 
     def forward(self, x):
-        if x.dtype in (torch.int8, torch.uint8, torch.int16):  # torch's integer max pool counts positions in the input's type
-            return F.max_pool2d(x.int(), *self.args).to(x.dtype)
+        if x.dtype == torch.int8:  # torch's integer max pool counts positions in the input's type (int8 fails)
+            return self._int8(x)
         return F.max_pool2d(x, *self.args)
+
+    def _int8(self, x):
+        """The maximum of the window's strided slices, padded with -128 (no code is below it, so the
+        padding never wins, as max_pool2d's); the layout of ``x`` kept. Dilation and ceil mode: via int32."""
+        k, s, p, d, ceil = self.args
+        k, s, p, d = (_pair(v) for v in (k, k if s is None or s == [] else s, p, d))
+        if ceil or d != (1, 1):
+            return F.max_pool2d(x.int(), *self.args).to(torch.int8)
+        oh, ow = (x.shape[2] + 2 * p[0] - k[0]) // s[0] + 1, (x.shape[3] + 2 * p[1] - k[1]) // s[1] + 1
+        xp = F.pad(x, (p[1], p[1], p[0], p[0]), value=-128)
+        out = None
+        for i in range(k[0]):
+            for j in range(k[1]):
+                v = xp[:, :, i:i + s[0] * (oh - 1) + 1:s[0], j:j + s[1] * (ow - 1) + 1:s[1]]
+                out = v.clone(memory_format=torch.preserve_format) if out is None else torch.maximum(out, v, out=out)
+        return out
 
     def simulate(self, x):
         return F.max_pool2d(x, *self.args)

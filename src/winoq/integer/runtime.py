@@ -86,6 +86,11 @@ def _compiled_conv(step: nn.Module) -> bool:
     return False
 
 
+def _weights(step: nn.Module) -> int:
+    """Weight codes of a conv step (a Winograd step's transformed weights U)."""
+    return (step.weight if isinstance(step, L.IntConv2d) else step.u).numel()
+
+
 def _epilogue_of(step: nn.Module, ins: tuple[int, ...], acc: int):
     """The compiled epilogue doing the work of ``step`` (a ``Requantize`` or ``IntAdd`` on ``ins``)
     on value ``acc``, and the value it adds (None for a requantization)."""
@@ -128,8 +133,10 @@ def plan(model: IntegerModel) -> list[_Op]:
         consumer, (c_ins, c_out) = model.steps[j], model.program[j]
         if isinstance(consumer, (L.Requantize, L.IntAdd)) and _fits((consumer.qmin, consumer.qmax)) \
                 and c_ins.count(op.out) == 1:
+            if j in fused_at and _weights(ops[fused_at[j][0]].step) >= _weights(op.step):
+                continue  # two convs into one add: the larger one fuses (the other writes its int32 accumulator)
             epi, other = _epilogue_of(consumer, c_ins, op.out)
-            fused_at[j] = (i, _Op(op.step, op.ins, c_out, epi, other, consumer, c_ins))  # a second conv into j replaces the first
+            fused_at[j] = (i, _Op(op.step, op.ins, c_out, epi, other, consumer, c_ins))
     moved = {i for i, _ in fused_at.values()}
     planned = []
     for i, op in enumerate(ops):

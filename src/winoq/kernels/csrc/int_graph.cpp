@@ -3,10 +3,11 @@
 // conv: winoq.integer.layers.IntConv2d.forward (int32 accumulator conv(x, W) + bias), bit for bit,
 // as an int8 implicit GEMM. The input codes are copied once, + 128 as u8, into zero-padded planes
 // [image][C/4][position][4] (position = row * Wp + column of the padded map; code 0 = 128 in the
-// padding and the channels past C). Output pixel (oy, ox) is numbered q = oy * Wq + ox with
-// Wq = sh Wp / sw, so that its window starts at position sw q + tap offset: a block of consecutive
-// q reads consecutive dwords of a plane at every tap, with one pointer (the columns ox >= OW are
-// computed and dropped). The weights are packed once as [K/16][tap][C/4][16][4]; per block of
+// padding and the channels past C). With Wq = Wp / sw, output pixel (oy, ox) is number q = ox of its
+// row, whose window starts at position oy sh Wp + sw q + tap offset: a block of consecutive q reads
+// consecutive dwords of a plane at every tap, with one pointer (the columns ox >= OW are computed
+// and dropped). Without vertical stride the rows follow each other (q = oy Wq + ox), so blocks run
+// across rows. The weights are packed once as [K/16][tap][C/4][16][4]; per block of
 // output pixels x 16-64 output channels the sums over taps and channels run with VNNI vpdpbusd,
 // started at bias - 128 sum(W) (which removes the u8 offset). Every sum is exact modulo 2^32 and
 // the converter keeps these convs' results inside int32, so the int32 result is exact.
@@ -42,8 +43,9 @@ struct Epi {
 
 struct ConvArgs {
   const uint8_t* xp; int64_t Hp, Wp, Cq, plane;  // planes [N][Cq/4][plane][4] of codes + 128 (see above)
-  int kh, kw, sh, sw, dh, dw; int64_t N, OH, OW, Wq;
+  int kh, kw, sh, sw, dh, dw; int64_t N, OH, OW, Wq;  // Wq = Wp / sw: output columns per row incl. dropped ones
   const int64_t* toff;                     // [taps] position offset of each tap
+  const int64_t* soff;                     // [taps * Cq/4] byte offset of each (tap, channel quad) step
   const int8_t* wp; const int32_t* w0;     // packed weights [Kp/16][taps][Cq/4][16][4]; bias - 128 sum W [Kp]
   const int8_t* wq;                        // (K, taps, Cq) codes (portable path)
   const int32_t* bias;                     // [K]
@@ -165,56 +167,69 @@ void copy_quads(uint8_t* dst, const int8_t* src, int64_t n, int64_t C, int64_t p
     }
 }
 
-// One block of TB consecutive output pixels (q0 ..) of an image x NB blocks of 16 output channels
-// from block kb: int32 sums into out (rows ldo apart). SW: the column stride. The channel loop is
-// unrolled by 4 so that GCC keeps the accumulators in place (in a plain run-time loop it copies
-// them around the tied vpdpbusd operand).
-template <int TB, int NB, int SW>
-inline void conv_block(const ConvArgs& a, const uint8_t* img, int64_t q0, int64_t kb, int32_t* out, int64_t ldo) {
-  const int taps = a.kh * a.kw;
-  const int64_t s4 = a.Cq / 4, pstride = a.plane * 4;
+// One block of TB consecutive output pixels, the first one's window at plane position pos, x NB
+// blocks of 16 output channels from block kb: int32 sums into out (rows ldo apart). SW: the column
+// stride. One loop over (tap, channel quad) steps, their input offsets precomputed (soff), the
+// weights read in order; unrolled by 4 so that GCC keeps the accumulators in place.
+template <int TB, int NB, int SW, int U>
+inline void conv_block(const ConvArgs& a, const uint8_t* img, int64_t pos, int64_t kb, int32_t* out, int64_t ldo) {
+  const int64_t steps = (int64_t)a.kh * a.kw * (a.Cq / 4);
+  const uint8_t* base = img + pos * 4;
   __m512i acc[TB][NB];
   const int8_t* w[NB];
   for (int nb = 0; nb < NB; ++nb) {
     const __m512i w0 = _mm512_loadu_si512(a.w0 + (kb + nb) * 16);
     for (int i = 0; i < TB; ++i) acc[i][nb] = w0;
-    w[nb] = a.wp + (kb + nb) * taps * s4 * 64;
+    w[nb] = a.wp + (kb + nb) * steps * 64;
   }
-  for (int t = 0; t < taps; ++t) {
-    const uint8_t* at = img + (SW * q0 + a.toff[t]) * 4;
-    const int64_t wt = (int64_t)t * s4 * 64;
-    auto step = [&](int64_t s) __attribute__((always_inline)) {
-      __m512i wv[NB];
-      for (int nb = 0; nb < NB; ++nb) wv[nb] = _mm512_loadu_si512(w[nb] + wt + s * 64);
-      const uint8_t* as = at + s * pstride;
-      for (int i = 0; i < TB; ++i) {
-        int32_t v; std::memcpy(&v, as + 4 * SW * i, 4);
-        const __m512i bv = _mm512_set1_epi32(v);
-        for (int nb = 0; nb < NB; ++nb) acc[i][nb] = _mm512_dpbusd_epi32(acc[i][nb], bv, wv[nb]);
-      }
-    };
-    int64_t s = 0;
-    for (; s + 4 <= s4; s += 4) { step(s); step(s + 1); step(s + 2); step(s + 3); }
-    for (; s < s4; ++s) step(s);
+#define WINOQ_CONV_STEP(S)                                                                   \
+  {                                                                                            \
+    __m512i wv[NB];                                                                            \
+    for (int nb = 0; nb < NB; ++nb) wv[nb] = _mm512_loadu_si512(w[nb] + (S) * 64);            \
+    const uint8_t* as = base + a.soff[S];                                                      \
+    for (int i = 0; i < TB; ++i) {                                                             \
+      int32_t v; std::memcpy(&v, as + 4 * SW * i, 4);                                          \
+      const __m512i bv = _mm512_set1_epi32(v);                                                 \
+      for (int nb = 0; nb < NB; ++nb) acc[i][nb] = _mm512_dpbusd_epi32(acc[i][nb], bv, wv[nb]); \
+    }                                                                                          \
   }
+  // U steps per iteration, U dividing the steps: no remainder loop (its phis make GCC copy the
+  // accumulators), and the accumulators' spills at the loop's back edge paid once per U steps
+  for (int64_t s = 0; s < steps; s += U) {
+#pragma GCC unroll 16
+    for (int u = 0; u < U; ++u) WINOQ_CONV_STEP(s + u)
+  }
+#undef WINOQ_CONV_STEP
   for (int i = 0; i < TB; ++i)
     for (int nb = 0; nb < NB; ++nb) _mm512_storeu_si512(out + i * ldo + (kb + nb) * 16, acc[i][nb]);
 }
 
-// Output rows oy0 .. oy1 of image b: every q of those rows in blocks of TB (the last block runs past
-// the rows into the planes' slack), each block of output channels over all of them (its weights stay
-// in cache), then the epilogue on each row's OW valid pixels.
+// Output rows oy0 .. oy1 of image b in segments of consecutive q (one segment for all the rows
+// without vertical stride, else one per row, so that the rows the stride skips are not computed),
+// in blocks of TB (a segment's last block runs past it into the planes' slack); each block of output
+// channels over all segments (its weights stay in cache), then the epilogue on each row's OW pixels.
 template <int TB, int NB, int SW>
 void conv_rows_t(const ConvArgs& a, int64_t b, int64_t oy0, int64_t oy1) {
-  const int64_t q0 = oy0 * a.Wq, nq = (oy1 - oy0) * a.Wq, nblk = (nq + TB - 1) / TB;
+  const bool flat = a.sh == 1;
+  const int64_t nseg = flat ? 1 : oy1 - oy0, seg_q = flat ? (oy1 - oy0) * a.Wq : a.Wq;
+  const int64_t seg_blk = (seg_q + TB - 1) / TB;
   const uint8_t* img = image_planes(a, b);
+  const int64_t steps = (int64_t)a.kh * a.kw * (a.Cq / 4);
+  const auto block = steps % 16 == 0 ? conv_block<TB, NB, SW, 16> : steps % 8 == 0 ? conv_block<TB, NB, SW, 8>
+                   : steps % 4 == 0 ? conv_block<TB, NB, SW, 4> : conv_block<TB, NB, SW, 1>;
   thread_local std::vector<int32_t> buf;
-  buf.resize((size_t)nblk * TB * a.Kp);
+  buf.resize((size_t)nseg * seg_blk * TB * a.Kp);
   for (int64_t kb = 0; kb < a.Kp / 16; kb += NB)
-    for (int64_t blk = 0; blk < nblk; ++blk)
-      conv_block<TB, NB, SW>(a, img, q0 + blk * TB, kb, buf.data() + blk * TB * a.Kp, a.Kp);
-  for (int64_t oy = oy0; oy < oy1; ++oy)
-    epilogue(a.e, (b * a.OH + oy) * a.OW, a.OW, buf.data() + (oy - oy0) * a.Wq * a.Kp, 1, a.Kp);
+    for (int64_t g = 0; g < nseg; ++g) {
+      const int64_t pos0 = (oy0 + g) * a.sh * a.Wp;
+      int32_t* out = buf.data() + g * seg_blk * TB * a.Kp;
+      for (int64_t blk = 0; blk < seg_blk; ++blk)
+        block(a, img, pos0 + SW * blk * TB, kb, out + blk * TB * a.Kp, a.Kp);
+    }
+  for (int64_t oy = oy0; oy < oy1; ++oy) {
+    const int64_t first = flat ? (oy - oy0) * a.Wq : (oy - oy0) * seg_blk * TB;
+    epilogue(a.e, (b * a.OH + oy) * a.OW, a.OW, buf.data() + first * a.Kp, 1, a.Kp);
+  }
 }
 
 template <int SW>
@@ -320,7 +335,7 @@ torch::Tensor conv(torch::Tensor x, std::vector<int64_t> geom, torch::Tensor wp,
   a.OW = (W + 2 * pw - (int64_t)a.dw * (a.kw - 1) - 1) / a.sw + 1;
   TORCH_CHECK(a.OH > 0 && a.OW > 0, "the conv's output would be empty");
   a.Wp = (W + 2 * pw + a.sw - 1) / a.sw * a.sw;  // a multiple of sw, so that Wq is an integer
-  a.Wq = a.sh * a.Wp / a.sw;
+  a.Wq = a.Wp / a.sw;
   a.N = N;
   const int taps = a.kh * a.kw;
   std::vector<int64_t> toff(taps);
@@ -330,8 +345,12 @@ torch::Tensor conv(torch::Tensor x, std::vector<int64_t> geom, torch::Tensor wp,
     reach = std::max(reach, toff[t]);
   }
   a.toff = toff.data();
-  // the last block of a job may run up to 16 pixels past the map: slack so that it reads inside the plane
-  a.plane = std::max(a.Hp * a.Wp, a.sw * (a.OH * a.Wq + 16) + reach + 1);
+  // a segment's last block may run up to 16 pixels past it: slack so that it reads inside the plane
+  a.plane = std::max(a.Hp * a.Wp, ((a.OH - 1) * a.sh + 1) * a.Wp + a.sw * 16 + reach + 1);
+  std::vector<int64_t> soff((size_t)taps * (a.Cq / 4));
+  for (int t = 0; t < taps; ++t)
+    for (int64_t q = 0; q < a.Cq / 4; ++q) soff[t * (a.Cq / 4) + q] = (q * a.plane + toff[t]) * 4;
+  a.soff = soff.data();
   auto bc = bias.to(torch::kInt32).contiguous();
   a.wp = wp.data_ptr<int8_t>(); a.wq = wq.data_ptr<int8_t>(); a.w0 = w0.data_ptr<int32_t>(); a.bias = bc.data_ptr<int32_t>();
   const int64_t s4 = a.Cq / 4;
