@@ -4,10 +4,10 @@
 ``compile_model(model)`` plans the program once:
 
 * a conv step (direct :class:`~winoq.integer.layers.IntConv2d` or the integer Winograd step) whose
-  accumulator is read only by a requantization, or only by a residual add whose other input is
-  already computed, becomes one fused op: the conv, then the requantization (and the add) in its
-  epilogue, int8 codes out (:mod:`winoq.kernels.int_graph`; the Winograd step's epilogue runs as
-  a separate pass over its int32 result);
+  accumulator is read only by one requantization or one residual add becomes one fused op, run
+  where that step was: the conv, then the requantization (and the add) in its epilogue, int8
+  codes out (:mod:`winoq.kernels.int_graph`; the Winograd step's epilogue runs as a separate pass
+  over its int32 result). When two convs feed one add, the larger one fuses;
 * a requantization or add on its own runs the compiled epilogue;
 * every other step (pooling, slicing, the classifier) runs its PyTorch forward.
 
