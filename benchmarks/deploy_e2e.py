@@ -104,14 +104,8 @@ REF = "winoq integer (PyTorch steps)"
 def pytorch_steps(im):
     """``im`` with every step on its PyTorch definition (the compiled kernels off)."""
     def run(x):
-        kinds = {s: s.kernel for s in im.steps if hasattr(s, "kernel")}
-        try:
-            for s in kinds:
-                s.kernel = "torch"
+        with im.kernels("torch"):
             return im(x)
-        finally:
-            for s, k in kinds.items():
-                s.kernel = k
     return run
 
 

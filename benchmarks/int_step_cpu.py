@@ -147,14 +147,8 @@ def run_end_to_end(args) -> dict:
 
 
 def _pytorch_steps(im, q):
-    kinds = {s: s.kernel for s in im.steps if hasattr(s, "kernel")}
-    try:
-        for s in kinds:
-            s.kernel = "torch"
+    with im.kernels("torch"):
         return im.forward_integer(q)
-    finally:
-        for s, k in kinds.items():
-            s.kernel = k
 
 
 def main(argv=None) -> None:

@@ -101,14 +101,9 @@ def test_forward_integer_uses_no_floating_point_op():
     x = torch.randn(8, 3, 32, 32)
     im = convert(model, x)
     q = im.quantize_input(x)
-    convs = [s for s in im.steps if hasattr(s, "kernel")]
-    for s in convs:  # the definition: every step in aten ops
-        s.kernel = "torch"
-    with RecordOps() as rec:
+    with im.kernels("torch"), RecordOps() as rec:  # the definition: every step in aten ops
         z = im.forward_integer(q)
-    for s in convs:  # the compiled convs (integer C++ kernels) and the aten ops around them
-        s.kernel = "auto"
-    with RecordOps() as rec_compiled:
+    with RecordOps() as rec_compiled:  # the compiled convs (integer C++ kernels) and the aten ops around them
         z_compiled = im.forward_integer(q)
     assert len(rec.ops) > 50 and any("convolution" in op for op, _, _ in rec.ops)
     for ops in (rec.ops, rec_compiled.ops):

@@ -4,38 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
 
 from winoq.integer import IntegerConfig, compile_model, convert
 from winoq.integer import layers as L
 from winoq.integer.runtime import plan
 from winoq.kernels import int_graph
 from winoq.models import cifar_resnet20, fmnist_resnet, resnet18
+from test_integer_convert import _random_bn  # noqa: E402  (the same BatchNorm statistics)
 
 needs_build = pytest.mark.skipif(not int_graph.available(), reason="the compiled kernels could not be built here")
 
 
-def _random_bn(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model.eval()
-
-
 def reference_codes(im, q):
     """The output codes with every step on its PyTorch definition."""
-    kinds = {s: s.kernel for s in im.steps if hasattr(s, "kernel")}
-    try:
-        for s in kinds:
-            s.kernel = "torch"
+    with im.kernels("torch"):
         return im.forward_integer(q)
-    finally:
-        for s, k in kinds.items():
-            s.kernel = k
 
 
 def check(im, x):
@@ -108,6 +91,17 @@ def test_without_the_kernels_the_plan_is_the_program(r20, no_compiler):
     assert len(ops) == len(im.steps) and all(op.kind == "step" for op in ops)
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(compile_model(im)(x), im(x))
+
+
+def test_kernels_context_restores(r20):
+    im = convert(r20, torch.randn(8, 3, 32, 32), IntegerConfig(calib_samples=8))
+    convs = [s for s in im.steps if hasattr(s, "kernel")]
+    with im.kernels("torch"):
+        assert all(s.kernel == "torch" for s in convs)
+    assert all(s.kernel == "auto" for s in convs)
+    with pytest.raises(ValueError, match="'auto' or 'torch'"):
+        with im.kernels("fast"):
+            pass
 
 
 def test_forward_integer_refuses_floats(r20):

@@ -2,6 +2,7 @@
 and one dequantization of the output."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +70,21 @@ class IntegerModel(nn.Module):
             last.pop(self.output_id, None)
             self._last_use_cache = last
         return self._last_use_cache
+
+    @contextmanager
+    def kernels(self, kind: str):
+        """Within the block, every step with a compiled kernel uses ``kind``: "torch" (its PyTorch
+        definition) or "auto" (the kernel where it can run); restored afterwards."""
+        if kind not in ("auto", "torch"):
+            raise ValueError(f"kernel kind must be 'auto' or 'torch', got {kind!r}")
+        saved = {s: s.kernel for s in self.steps if hasattr(s, "kernel")}
+        try:
+            for s in saved:
+                s.kernel = kind
+            yield self
+        finally:
+            for s, k in saved.items():
+                s.kernel = k
 
     def forward_integer(self, q: torch.Tensor) -> torch.Tensor:
         if q.is_floating_point():

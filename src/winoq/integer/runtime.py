@@ -77,7 +77,7 @@ def _code_ranges(model: IntegerModel) -> dict[int, tuple[int, int] | None]:
 
 
 def _compiled_conv(step: nn.Module) -> bool:
-    from ..kernels import int_graph, int_step
+    from ..kernels import int_step
 
     if isinstance(step, L.IntConv2d):
         return step.compiled()

@@ -25,7 +25,7 @@ import torch
 from ..winograd import fixed_point as fp
 
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = ("winograd_int8.cpp", "winograd_int8_body.h")
+_SOURCES = ("winograd_int8.cpp", "winograd_int8_body.h", "cpu_isa.h")
 _FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off", "-fno-fast-math"]
 _STATE: dict = {}
 

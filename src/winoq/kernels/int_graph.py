@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from . import cpu
 
-_SOURCES = ("int_graph.cpp", "int_graph_portable.h")
+_SOURCES = ("int_graph.cpp", "int_graph_portable.h", "cpu_isa.h")
 _STATE: dict = {}
 INT8_RANGE = (-128, 127)
 

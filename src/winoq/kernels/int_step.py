@@ -21,7 +21,7 @@ import torch
 from ..winograd.fixed_point import int_transform_bound
 from . import cpu
 
-_SOURCES = ("winograd_int_step.cpp", "winograd_int_step_portable.h")
+_SOURCES = ("winograd_int_step.cpp", "winograd_int_step_portable.h", "cpu_isa.h")
 _STATE: dict = {}
 _INT32 = 2**31 - 1
 

@@ -29,6 +29,8 @@
 
 #include <immintrin.h>
 
+#include "cpu_isa.h"
+
 namespace {
 
 struct Epi {
@@ -251,21 +253,6 @@ void conv_rows(const ConvArgs& a, int64_t b, int64_t oy0, int64_t oy1) {
 
 namespace {
 
-std::string best_isa() {
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vnni"))
-    return "avx512-vnni";
-  if (__builtin_cpu_supports("avx2")) return "avx2";
-  return "portable";
-}
-
-std::string checked_isa(std::string isa) {
-  if (isa.empty()) isa = best_isa();
-  TORCH_CHECK(isa == "avx512-vnni" || isa == "avx2" || isa == "portable", "isa must be avx512-vnni, avx2 or portable, got ", isa);
-  return isa;
-}
-
 // w: (K, C, kh, kw) integer weight codes in [-128, 127]. Returns the VNNI packing [Kp/16][taps][Cq/4][16][4],
 // the codes as (K, taps, Cq), and bias - 128 sum(W) per [Kp].
 std::vector<torch::Tensor> pack(torch::Tensor w, torch::Tensor bias) {
@@ -329,7 +316,7 @@ torch::Tensor conv(torch::Tensor x, std::vector<int64_t> geom, torch::Tensor wp,
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   a.K = wq.size(0); a.Cq = wq.size(2); a.Kp = w0.size(0);
   TORCH_CHECK(wq.size(1) == a.kh * a.kw && a.Cq == (C + 3) / 4 * 4, "the packed weights do not match the input");
-  isa = checked_isa(isa);
+  isa = winoq_isa::checked(isa);
   a.Hp = H + 2 * ph;
   a.OH = (a.Hp - (int64_t)a.dh * (a.kh - 1) - 1) / a.sh + 1;
   a.OW = (W + 2 * pw - (int64_t)a.dw * (a.kw - 1) - 1) / a.sw + 1;
@@ -421,7 +408,7 @@ torch::Tensor requantize(torch::Tensor z, int64_t mode, std::vector<torch::Tenso
   Epi e = make_epi(mode, tabs, other, qmin, qmax, K, P);
   auto y = torch::empty(z.sizes(), torch::TensorOptions().dtype(torch::kInt8).memory_format(at::MemoryFormat::ChannelsLast));
   e.y = y.data_ptr();
-  isa = checked_isa(isa);
+  isa = winoq_isa::checked(isa);
   const void* zd = z.data_ptr();
   const int z32 = z.dtype() == torch::kInt32;
   at::parallel_for(0, P, 256, [&](int64_t p0, int64_t p1) {
@@ -439,5 +426,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("pack", &pack, "pack int8 weight codes of a direct integer conv");
   mod.def("conv", &conv, "direct integer conv with a fused requantization epilogue");
   mod.def("requantize", &requantize, "requantization / residual add of integer-graph values");
-  mod.def("best_isa", &best_isa, "instruction set the kernels pick on this CPU");
+  mod.def("best_isa", &winoq_isa::best, "instruction set the kernels pick on this CPU");
 }

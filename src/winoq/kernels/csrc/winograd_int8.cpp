@@ -30,6 +30,8 @@
 
 #include <immintrin.h>
 
+#include "cpu_isa.h"
+
 namespace {
 
 struct Args {
@@ -84,15 +86,6 @@ namespace isa_portable {
 }  // namespace isa_portable
 
 namespace {
-
-std::string best_isa() {
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
-    return "avx512-vnni";
-  if (__builtin_cpu_supports("avx2")) return "avx2";
-  return "portable";
-}
 
 // u: (taps, K, cg) int8 codes, groups G; returns packed U and usum (sum of U per group) as
 // [taps][G][J][kgp] int32, kgp = K/G rounded up to 32.
@@ -180,7 +173,7 @@ torch::Tensor forward(torch::Tensor x, std::vector<int64_t> pad_tl, std::vector<
   // channels-last output: contiguous stores, and the next Winograd layer's input layout as it is
   auto y = torch::empty({a.N, K, a.OH, a.OW}, torch::TensorOptions().dtype(torch::kFloat32).memory_format(at::MemoryFormat::ChannelsLast));
   a.y = y.data_ptr<float>();
-  if (isa.empty()) isa = best_isa();
+  if (isa.empty()) isa = winoq_isa::best();
   if (isa == "avx512-vnni") isa_vnni::run(a);
   else if (isa == "avx2") isa_avx2::run(a);
   else if (isa == "portable") isa_portable::run(a);
@@ -193,5 +186,5 @@ torch::Tensor forward(torch::Tensor x, std::vector<int64_t> pad_tl, std::vector<
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("pack_u", &pack_u, "pack int8 U codes for the GEMM");
   mod.def("forward", &forward, "fixed-point int8 Winograd conv");
-  mod.def("best_isa", &best_isa, "instruction set the kernel picks on this CPU");
+  mod.def("best_isa", &winoq_isa::best, "instruction set the kernel picks on this CPU");
 }

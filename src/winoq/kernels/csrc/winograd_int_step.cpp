@@ -36,6 +36,8 @@
 
 #include <immintrin.h>
 
+#include "cpu_isa.h"
+
 namespace {
 
 struct StepArgs {
@@ -388,15 +390,6 @@ void run_chunk(const StepArgs& a, int64_t p0, int64_t p1) {
 
 namespace {
 
-std::string best_isa() {
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vnni"))
-    return "avx512-vnni";
-  if (__builtin_cpu_supports("avx2")) return "avx2";
-  return "portable";
-}
-
 // u: (taps, K, C) int8 codes; g: V's channel group. Returns the VNNI packing
 // [taps][Kp/32][J][g/4][32][4], -128 sum U per [taps][J][Kp], and U zero-padded to (taps, K, Cp).
 std::vector<torch::Tensor> pack(torch::Tensor u, int64_t g) {
@@ -489,8 +482,7 @@ torch::Tensor forward(torch::Tensor x, std::vector<int64_t> geom, torch::Tensor 
   a.xp = xpd;
   auto y = torch::empty({a.N, a.K, a.OH, a.OW}, torch::TensorOptions().dtype(torch::kInt32).memory_format(at::MemoryFormat::ChannelsLast));
   a.y = y.data_ptr<int32_t>();
-  if (isa.empty()) isa = best_isa();
-  TORCH_CHECK(isa == "avx512-vnni" || isa == "avx2" || isa == "portable", "isa must be avx512-vnni, avx2 or portable, got ", isa);
+  isa = winoq_isa::checked(isa);
   // tiles per chunk: each chunk streams all of U once, so long chunks reuse it (SD-1.5 640 channels: 12
   // tiles 1.14x oneDNN int8, 24-42 tiles 1.5x); V of about 1 MB per chunk stays in L2; 24-48 tiles, and
   // no longer than gives every thread a chunk
@@ -524,5 +516,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("profile", &profile, "per-phase thread ms since the last call (WINOQ_KERNEL_PROFILE=1)");
   mod.def("pack", &pack, "pack int8 U codes of the integer Winograd step");
   mod.def("forward", &forward, "integer Winograd step (V in block floating point)");
-  mod.def("best_isa", &best_isa, "instruction set the step picks on this CPU");
+  mod.def("best_isa", &winoq_isa::best, "instruction set the step picks on this CPU");
 }
