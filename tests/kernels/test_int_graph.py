@@ -83,15 +83,15 @@ def test_fused_requantize_and_add(isa, c, k, ks, s, p, hw):
 
 
 @needs_build
-def test_conv_two_threads_and_chunks():
+def test_conv_two_threads_and_row_jobs():
     step = random_conv(48, 64, 3, 1, 1)
     x = codes((3, 48, 13, 11))
     ref = step.forward_torch(x)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        for chunk in (0, 1, 2, 5):
-            assert torch.equal(int_graph.conv(step, x, chunk=chunk), ref)
+        for rows in (0, 1, 2, 5):
+            assert torch.equal(int_graph.conv(step, x, rows=rows), ref)
     finally:
         torch.set_num_threads(threads)
 

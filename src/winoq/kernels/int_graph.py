@@ -138,10 +138,11 @@ def _packed(step, mod) -> tuple:
 
 @torch.no_grad()
 def conv(step, x: torch.Tensor, epilogue: Epilogue | None = None, other: torch.Tensor | None = None,
-         isa: str = "", chunk: int = 0) -> torch.Tensor:
+         isa: str = "", rows: int = 0) -> torch.Tensor:
     """``step(x)`` (an ``IntConv2d``) from 8-bit codes ``x`` (int8 or int32, any layout), channels-last:
-    the int32 accumulator, or with ``epilogue`` its int8 result (``other``: the value it adds). ``isa``: force "avx512-vnni", "avx2"
-    or "portable"; ``chunk``: output pixels per parallel job (0: by the layer's size)."""
+    the int32 accumulator, or with ``epilogue`` its int8 result (``other``: the value it adds).
+    ``isa``: force "avx512-vnni", "avx2" or "portable"; ``rows``: output rows per parallel job (0: by
+    the layer's size)."""
     why = cached_reason(step)
     if why is not None:
         raise ValueError(f"compiled integer conv {step.name!r}: {why}")
@@ -155,8 +156,8 @@ def conv(step, x: torch.Tensor, epilogue: Epilogue | None = None, other: torch.T
     if epilogue is None:
         if other is not None:
             raise ValueError("an added value needs an epilogue with its multiplier")
-        return mod.conv(x, geom, wp, wq, w0, step.bias, 0, [], _NONE, 0, 0, isa, chunk)
-    return mod.conv(x, geom, wp, wq, w0, step.bias, *epilogue._args(k, other), isa, chunk)
+        return mod.conv(x, geom, wp, wq, w0, step.bias, 0, [], _NONE, 0, 0, isa, rows)
+    return mod.conv(x, geom, wp, wq, w0, step.bias, *epilogue._args(k, other), isa, rows)
 
 
 @torch.no_grad()

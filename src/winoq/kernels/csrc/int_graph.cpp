@@ -306,7 +306,7 @@ Epi make_epi(int64_t mode, const std::vector<torch::Tensor>& tabs, torch::Tensor
 // x: (N, C, H, W) int8 or int32 codes, any strides; geom: kh, kw, sh, sw, ph, pw, dh, dw.
 torch::Tensor conv(torch::Tensor x, std::vector<int64_t> geom, torch::Tensor wp, torch::Tensor wq, torch::Tensor w0,
                    torch::Tensor bias, int64_t mode, std::vector<torch::Tensor> tabs, torch::Tensor other, int64_t qmin,
-                   int64_t qmax, std::string isa, int64_t chunk) {
+                   int64_t qmax, std::string isa, int64_t rows) {
   TORCH_CHECK(x.dim() == 4 && (x.dtype() == torch::kInt8 || x.dtype() == torch::kInt32), "x: (N, C, H, W) int8 or int32 codes");
   TORCH_CHECK(geom.size() == 8, "geom: kh, kw, sh, sw, ph, pw, dh, dw");
   ConvArgs a{};
@@ -384,7 +384,7 @@ torch::Tensor conv(torch::Tensor x, std::vector<int64_t> geom, torch::Tensor wp,
   // output rows per job: about 2^16 / Kp pixels (their int32 block within 256 KB), whole rows, and
   // no fewer jobs than threads
   const int64_t threads = at::get_num_threads();
-  a.rows = chunk > 0 ? chunk : std::max<int64_t>(1, (((int64_t)1 << 16) / a.Kp) / a.Wq);
+  a.rows = rows > 0 ? rows : std::max<int64_t>(1, (((int64_t)1 << 16) / a.Kp) / a.Wq);
   a.rows = std::min(a.rows, std::max<int64_t>(1, (N * a.OH + threads - 1) / threads));
   const int64_t per_image = (a.OH + a.rows - 1) / a.rows;
   at::parallel_for(0, N * per_image, 1, [&](int64_t j0, int64_t j1) {
