@@ -177,3 +177,29 @@ def test_joint_plan_config_rejects_bad_values(kw, message):
     with pytest.raises(ValueError, match=message):
         JointPlanConfig(**kw)
     assert JointPlanConfig(tiles=(4,), layers="eligible").tiles == (4,)
+
+
+def test_latency_on_the_integer_runtime_kernels():
+    """The default latency times each conv on the compiled integer runtime (direct int8 conv or the
+    integer Winograd step); a linear, or latency="recipe", times the quantized layer itself."""
+    from winoq.kernels import int_graph
+    from winoq.mixed_precision.winograd_choice import JointPlanConfig, integer_latency
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(32, 32, 3, padding=1)
+    x = torch.randn(2, 32, 12, 12)
+    assert integer_latency(nn.Linear(4, 3), torch.randn(2, 4), "direct") is None
+    if int_graph.available():
+        for tile in ("direct", "F2", "F4", "F6"):
+            t = integer_latency(conv, x, tile)
+            assert t is not None and 0 < t < 1.0
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+    calib = torch.randn(4, 2, 6, 6)
+    choices = build_choices(model, tiles=("direct", 2), learn_steps=2)
+    for source in ("integer", "recipe"):
+        _, costs = joint_tables(model, choices, calib, samples=4, latency_batch=2, latency=source)
+        assert all(v > 0 for t in costs["latency"].values() for v in t.values())
+    with pytest.raises(ValueError, match="latency must be one of"):
+        joint_tables(model, choices, calib, samples=4, latency="fast")
+    with pytest.raises(ValueError, match="latency must be one of"):
+        JointPlanConfig(latency="fast")

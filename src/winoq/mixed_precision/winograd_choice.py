@@ -18,10 +18,13 @@ Winograd tiles), so a plan is assembled from already quantized layers.
 * costs: ``mults`` = general multiplications per sample times weight bits times 8 activation bits
   (direct: one per MAC, a linear's in x out; F(m,3): ``(m+2)^2`` per m x m output tile and channel
   pair), and
-  ``latency``: measured thread CPU time of the layer on its calibration inputs (Winograd layers on
-  the compiled fixed-point CPU kernel when built, else the PyTorch integer kernel; direct layers on
-  the emulated path), once per layer and tile: both weight widths run the same kernel on int8
-  codes, and timing them apart let the ILP trade accuracy for timing noise (measured: section 29).
+  ``latency``: measured thread CPU time of the layer on its calibration inputs, once per layer and
+  tile (both weight widths run the same kernel on int8 codes, and timing them apart let the ILP
+  trade accuracy for timing noise: section 29). By default (``latency="integer"``) on the kernels
+  the layer deploys on, winoq's compiled integer runtime (:func:`integer_latency`: the int8
+  direct conv or the integer Winograd step, requantization included); layers those kernels do not
+  run (linears), or ``latency="recipe"``, time the quantized layer itself (Winograd on the compiled
+  fixed-point kernel when built, direct on the emulated path).
 """
 from __future__ import annotations
 
@@ -169,14 +172,55 @@ def output_sensitivity(model: nn.Module, choices: dict, names, x: torch.Tensor, 
     return out
 
 
+def integer_latency(layer: nn.Module, x: torch.Tensor, tile: str, repeats: int = 3) -> float | None:
+    """Thread seconds per sample of ``layer`` (a conv) on input ``x`` as a step of winoq's compiled
+    integer runtime, its requantization included, as it deploys: ``tile`` "direct" on the int8 direct
+    conv, "F<m>" on the integer Winograd step (standard transforms: the kernel's speed does not depend
+    on the values). None where those kernels do not run the layer (not built, a linear, grouped)."""
+    from ..integer.layers import IntConv2d
+    from ..integer.winograd import build_int_winograd
+    from ..kernels import int_graph, int_step
+
+    if not isinstance(layer, nn.Conv2d) or not int_graph.available():
+        return None
+    w = layer.weight.detach()
+    s_in = float(x.abs().max().clamp_min(1e-12)) / 127
+    codes = torch.round(x / s_in).clamp(-127, 127).to(torch.int8).contiguous(memory_format=torch.channels_last)
+    epi = int_graph.Epilogue(torch.tensor(2**30), torch.tensor(40), -127, 127)
+    if tile == "direct":
+        s_w = w.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12) / 127
+        step = IntConv2d("latency", torch.round(w / s_w), torch.zeros(w.shape[0]), layer, wide=False)
+        if int_graph.cached_reason(step) is not None:
+            return None
+        fn = lambda: int_graph.conv(step, codes, epi)  # noqa: E731
+    else:
+        from ..integer import IntegerConfig
+
+        m = int(tile[1:])
+        b = layer.bias.detach().double() if layer.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+        step, _, _ = build_int_winograd("latency", layer, w.double(), b, s_in, 127, x[:2], m=m, weight_bits=8,
+                                        v_bits=8, m_bits=16, transform_bits=10, scales="standard", v_clip="minmax",
+                                        learn_steps=0, seed=0, v_group=32,
+                                        input_rows=IntegerConfig().input_rows(m))
+        if not int_step.available() or int_step.cached_reason(step) is not None:
+            return None
+        fn = lambda: int_graph.requantize(int_step.forward(step, codes), epi)  # noqa: E731
+    with torch.no_grad():
+        fn()  # warm-up: packing, first-touch of the buffers
+        return _thread_time(fn, repeats) / len(x)
+
+
 def joint_tables(model: nn.Module, choices: dict, calib, samples: int = 32, latency_batch: int = 8,
-                 sensitivity: str = "output", layers: str = "all", progress: bool = False):
+                 sensitivity: str = "output", layers: str = "all", progress: bool = False, latency: str = "integer"):
     """Sensitivity and cost tables of the joint ILP: ``(sensitivity, {"mults": ..., "latency": ...})``,
-    each ``{layer: {label: value}}`` over :func:`planned_layers`."""
+    each ``{layer: {label: value}}`` over :func:`planned_layers`. ``latency``: "integer" (the compiled
+    integer runtime's kernels, :func:`integer_latency`) or "recipe" (the quantized layers)."""
     import winoq
 
     if sensitivity not in ("output", "layer"):
         raise ValueError(f"sensitivity must be 'output' or 'layer', got {sensitivity!r}")
+    if latency not in LATENCY:
+        raise ValueError(f"latency must be one of {LATENCY}, got {latency!r}")
     allowed = planned_layers(model, choices, layers)
     inputs = capture_layer_inputs(model, list(allowed), calib, max_samples=samples)
     mods = dict(model.named_modules())
@@ -194,7 +238,9 @@ def joint_tables(model: nn.Module, choices: dict, calib, samples: int = 32, late
                 yq = qmods[n](x)
                 sens.setdefault(n, {})[label] = float(((yq - y) ** 2).sum() / (y ** 2).sum())
                 if (n, label[0]) not in timed:  # the kernels store int4 and int8 weights alike: time each tile once
-                    timed[n, label[0]] = _thread_time(lambda: qmods[n](x[:latency_batch])) / latency_batch
+                    t = integer_latency(mods[n], x[:latency_batch], label[0]) if latency == "integer" else None
+                    timed[n, label[0]] = t if t is not None else \
+                        _thread_time(lambda: qmods[n](x[:latency_batch])) / latency_batch
                 lat.setdefault(n, {})[label] = timed[n, label[0]]
             mults.setdefault(n, {})[label] = _mults(mods[n], y, label[0]) * label[1] * 8
         if label[0] != "direct":
@@ -292,6 +338,7 @@ def assemble(choices: dict, plan: dict, base=("direct", 8)) -> nn.Module:
 
 # ----------------------------------------------------------------------------- model-level planner
 BUDGETS = ("mults", "latency")
+LATENCY = ("integer", "recipe")
 
 
 @dataclass(frozen=True)
@@ -301,7 +348,9 @@ class JointPlanConfig:
     (``"mults"``: multiplications x weight bits x 8; ``"latency"``: measured CPU time). ``layers``:
     ``"all"`` (every conv and linear; non-Winograd layers choose direct bits) or ``"eligible"``;
     ``sensitivity``: ``"output"`` or ``"layer"`` (module docstring), on ``samples`` calibration
-    images; ``learn_steps``: data-free steps of each Winograd choice's learned transform scales."""
+    images; ``learn_steps``: data-free steps of each Winograd choice's learned transform scales;
+    ``latency``: what the latency costs time, "integer" (the compiled integer runtime's kernels) or
+    "recipe" (the quantized layers; :func:`joint_tables`)."""
 
     budget: str = "mults"
     r: float = 0.5
@@ -311,8 +360,11 @@ class JointPlanConfig:
     sensitivity: str = "output"
     samples: int = 32
     learn_steps: int = 20
+    latency: str = "integer"
 
     def __post_init__(self):
+        if self.latency not in LATENCY:
+            raise ValueError(f"latency must be one of {LATENCY}, got {self.latency!r}")
         if self.budget not in BUDGETS:
             raise ValueError(f"budget must be one of {BUDGETS} for the joint tile + bits plan, got {self.budget!r}")
         if not 0.0 <= self.r <= 1.0:
@@ -397,7 +449,7 @@ def plan_tiles(model: nn.Module, calib, config: JointPlanConfig | None = None, *
     model = model.eval()
     choices = build_choices(model, config.tiles, config.bits, config.learn_steps, progress)
     sens, costs = joint_tables(model, choices, calib, samples=config.samples, sensitivity=config.sensitivity,
-                               layers=config.layers, progress=progress)
+                               layers=config.layers, progress=progress, latency=config.latency)
     lo, hi = budget_range(costs, config.budget)
     budget = lo + config.r * (hi - lo)
     t0 = time.perf_counter()
