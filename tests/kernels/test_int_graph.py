@@ -188,3 +188,12 @@ def test_unequal_strides(stride):
     x = codes((2, 12, 13, 11))
     for isa in ISAS:
         assert torch.equal(int_graph.conv(step, x, isa=isa), step.forward_torch(x))
+
+
+def test_wrong_objects_are_named():
+    from winoq.integer import compile_model
+
+    with pytest.raises(ValueError, match="not an IntConv2d"):
+        int_graph.conv(nn.Conv2d(1, 1, 1), torch.zeros(1, 1, 2, 2, dtype=torch.int8))
+    with pytest.raises(TypeError, match="IntegerModel"):
+        compile_model(nn.Conv2d(1, 1, 1))

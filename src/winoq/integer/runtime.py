@@ -46,20 +46,18 @@ class _Op:
     consumer: nn.Module | None = None
     consumer_ins: tuple[int, ...] = ()
 
-    @property
-    def kind(self) -> str:
+    def __post_init__(self):
+        self.settle()
+
+    def settle(self) -> None:
+        """Derive ``kind``, ``acc`` (the fused conv's accumulator: the consumer's input the conv
+        makes) and ``reads`` (every value the op reads) once, not on every call."""
         if self.consumer is not None:
-            return "conv+add" if self.other is not None else "conv+requantize"
-        return "epilogue" if self.epi is not None else "step"
-
-    @property
-    def reads(self) -> tuple[int, ...]:
-        return self.ins + tuple(v for v in self.consumer_ins if v not in self.ins and v != self.acc)
-
-    @property
-    def acc(self) -> int | None:
-        """The fused conv's accumulator (the consumer's input that the conv makes)."""
-        return None if self.consumer is None else next(v for v in self.consumer_ins if v != self.other)
+            self.kind = "conv+add" if self.other is not None else "conv+requantize"
+        else:
+            self.kind = "epilogue" if self.epi is not None else "step"
+        self.acc = None if self.consumer is None else next(v for v in self.consumer_ins if v != self.other)
+        self.reads = self.ins + tuple(v for v in self.consumer_ins if v not in self.ins and v != self.acc)
 
 
 def _code_ranges(model: IntegerModel) -> dict[int, tuple[int, int] | None]:
@@ -145,6 +143,7 @@ def plan(model: IntegerModel) -> list[_Op]:
         elif i not in moved:
             if isinstance(op.step, (L.Requantize, L.IntAdd)) and _fits((op.step.qmin, op.step.qmax)):
                 op.epi, op.other = _epilogue_of(op.step, op.ins, op.ins[0])
+                op.settle()
             planned.append(op)
     return planned
 
@@ -212,4 +211,7 @@ class CompiledIntegerModel(nn.Module):
 
 def compile_model(model: IntegerModel) -> CompiledIntegerModel:
     """``model`` with its program fused and run on the compiled int8 kernels (same output codes)."""
+    if not isinstance(model, IntegerModel):
+        raise TypeError(f"compile_model takes the IntegerModel of winoq.integer.convert(model, calib), got "
+                        f"{type(model).__name__}")
     return CompiledIntegerModel(model)

@@ -45,6 +45,10 @@ def fits_int8(qmin: int, qmax: int) -> bool:
 
 def conv_unsupported_reason(step) -> str | None:
     """Why the compiled conv cannot run the ``IntConv2d`` ``step`` (None when it can)."""
+    from ..integer.layers import IntConv2d
+
+    if not isinstance(step, IntConv2d):
+        return f"it is a {type(step).__name__}, not an IntConv2d (winoq.integer.layers)"
     if step.wide:
         return "its accumulator is int64 (the worst case leaves int32)"
     if step.groups != 1:
@@ -61,6 +65,8 @@ def conv_unsupported_reason(step) -> str | None:
 
 def cached_reason(step) -> str | None:
     """:func:`conv_unsupported_reason`, computed once per set of buffers (it reads all the weights)."""
+    if not hasattr(step, "wide"):
+        return conv_unsupported_reason(step)
     key = (step.weight.data_ptr(), step.weight._version, step.wide, step.groups, step.padding)
     hit = getattr(step, "_compiled_reason", None)
     if hit is None or hit[0] != key:
@@ -136,7 +142,6 @@ def _packed(step, mod) -> tuple:
     return hit[1]
 
 
-@torch.no_grad()
 def conv(step, x: torch.Tensor, epilogue: Epilogue | None = None, other: torch.Tensor | None = None,
          isa: str = "", rows: int = 0) -> torch.Tensor:
     """``step(x)`` (an ``IntConv2d``) from 8-bit codes ``x`` (int8 or int32, any layout), channels-last:
@@ -160,7 +165,6 @@ def conv(step, x: torch.Tensor, epilogue: Epilogue | None = None, other: torch.T
     return mod.conv(x, geom, wp, wq, w0, step.bias, *epilogue._args(k, other), isa, rows)
 
 
-@torch.no_grad()
 def requantize(z: torch.Tensor, epilogue: Epilogue, other: torch.Tensor | None = None, isa: str = "") -> torch.Tensor:
     """The epilogue on its own: ``z`` (N, K, H, W) int32 or int8, any layout, to int8 codes, channels-last."""
     mod = load()
