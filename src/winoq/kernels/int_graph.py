@@ -150,7 +150,7 @@ def conv(step, x: torch.Tensor, epilogue: Epilogue | None = None, other: torch.T
     the layer's size)."""
     why = cached_reason(step)
     if why is not None:
-        raise ValueError(f"compiled integer conv {step.name!r}: {why}")
+        raise ValueError(f"compiled integer conv {getattr(step, 'name', '?')!r}: {why}")
     mod = load()
     if mod is None:
         raise RuntimeError("the compiled integer-graph kernels are not built (run setup.sh)")
