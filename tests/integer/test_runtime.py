@@ -117,3 +117,21 @@ def test_int8_max_pool_equals_torch(args):
     for t in (x, x.contiguous(memory_format=torch.channels_last)):
         y = L.MaxPool(*args)(t)
         assert y.dtype == torch.int8 and torch.equal(y.int(), torch.nn.functional.max_pool2d(t.int(), *args))
+
+
+@needs_build
+def test_static_v_scales_and_a_unet():
+    """Winograd steps the compiled step does not run (static per-tap V) stay PyTorch steps; a U-Net's
+    concatenations and pixel shuffles run as PyTorch steps between compiled convs; same codes."""
+    from winoq.models.unet_seg import UNetConfig, UNetSeg
+
+    torch.manual_seed(3)
+    model = _random_bn(cifar_resnet20())
+    calib = torch.randn(8, 3, 32, 32)
+    im = convert(model, calib, IntegerConfig(winograd=2, winograd_v_scales="static", learn_steps=2, calib_samples=8,
+                                             layer_calib_samples=4))
+    check(im, torch.randn(2, 3, 32, 32))
+    unet = _random_bn(UNetSeg(UNetConfig(depth=2, base_width=8)))
+    x = torch.randn(6, 1, 32, 32)
+    cm = check(convert(unet, x, IntegerConfig(calib_samples=6)), x[:2])
+    assert cm.summary()["conv+requantize"] >= 4
