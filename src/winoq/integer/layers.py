@@ -44,7 +44,7 @@ class IntConv2d(nn.Module):
 
     def compiled(self) -> bool:
         """Does ``forward`` run the compiled conv (for 8-bit codes)?"""
-        if self.kernel != "auto" or self.weight.device.type != "cpu":
+        if getattr(self, "kernel", "auto") != "auto" or self.weight.device.type != "cpu":
             return False
         from ..kernels import int_graph
 
