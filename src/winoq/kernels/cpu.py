@@ -21,6 +21,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from ..winograd import fixed_point as fp
 
@@ -59,6 +60,26 @@ def compile_extension(name: str, sources: tuple[str, ...], state: dict, what: st
         mod = None
     state["mod"] = mod
     return mod
+
+
+def cached_on(obj, attr: str, key, make):
+    """``make()``, kept on ``obj.<attr>`` beside ``key`` and made again only when ``key`` changes (the
+    buffers a kernel's packed tables or checks were derived from)."""
+    hit = getattr(obj, attr, None)
+    if hit is None or hit[0] != key:
+        hit = (key, make())
+        setattr(obj, attr, hit)
+    return hit[1]
+
+
+def dyadic_lanes(b: torch.Tensor, c: torch.Tensor, shape: tuple[int, ...], kp: int) -> list[torch.Tensor]:
+    """A requantization's dyadic multipliers as a kernel reads them: ``b, c`` broadcast to ``shape``
+    (last dimension: the K output channels), padded to ``kp`` channels (b = 0 and the valid shift
+    c = 1 beyond K), and ``2^(c-1)``; int64, contiguous."""
+    k = shape[-1]
+    b = F.pad(b.to(torch.int64).expand(shape), (0, kp - k)).contiguous()
+    c = F.pad(c.to(torch.int64).expand(shape), (0, kp - k), value=1).contiguous()
+    return [b, c, torch.bitwise_left_shift(torch.ones_like(c), c - 1)]
 
 
 def load(verbose: bool = False):

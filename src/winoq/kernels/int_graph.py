@@ -4,8 +4,8 @@ and residual add on their own (``csrc/int_graph.cpp``).
 
 Every function returns exactly what the PyTorch steps return (the same integers), in the layout
 fast kernels pass between layers: channels-last, int8 activation codes (or the int32 accumulator).
-The conv is an int8 implicit GEMM with VNNI ``vpdpbusd`` (the input copied once into a padded
-NHWC buffer, the weights packed once per layer); the requantization ``clamp((z b + 2^(c-1)) >> c)``
+The conv is an int8 implicit GEMM with VNNI ``vpdpbusd`` (the input copied once into zero-padded
+planes of 4-channel dwords, the weights packed once per layer); the requantization ``clamp((z b + 2^(c-1)) >> c)``
 runs in int64 lanes on the conv's int32 block while it is in cache.
 
 Built like the other kernels (:func:`winoq.kernels.cpu.compile_extension`); without a compiler the
@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from . import cpu
 
@@ -68,11 +67,7 @@ def cached_reason(step) -> str | None:
     if not hasattr(step, "wide"):
         return conv_unsupported_reason(step)
     key = (step.weight.data_ptr(), step.weight._version, step.wide, step.groups, step.padding)
-    hit = getattr(step, "_compiled_reason", None)
-    if hit is None or hit[0] != key:
-        hit = (key, conv_unsupported_reason(step))
-        step._compiled_reason = hit
-    return hit[1]
+    return cpu.cached_on(step, "_compiled_reason", key, lambda: conv_unsupported_reason(step))
 
 
 @dataclass(frozen=True)
@@ -107,15 +102,12 @@ class Epilogue:
         return cache[k]
 
     def _tables(self, k: int) -> list[torch.Tensor]:
-        kp = -(-k // 16) * 16
         out = []
         for b, c in ((self.b, self.c), (self.ob, self.oc))[: 2 if self.adds else 1]:
-            b, c = (t.to(torch.int64).flatten() for t in (b, c))
+            b, c = (t.flatten() for t in (b, c))
             if b.numel() not in (1, k) or c.numel() not in (1, k):
                 raise ValueError(f"multipliers of {b.numel()} / {c.numel()} channels for a value of {k}")
-            b = F.pad(b.expand(k), (0, kp - k))
-            c = F.pad(c.expand(k), (0, kp - k), value=1)
-            out += [b.contiguous(), c.contiguous(), torch.bitwise_left_shift(torch.ones_like(c), c - 1)]
+            out += cpu.dyadic_lanes(b, c, (k,), -(-k // 16) * 16)
         return out
 
     def _args(self, k: int, other: torch.Tensor | None) -> tuple:
@@ -135,11 +127,7 @@ _NONE = torch.empty(0, dtype=torch.int8)
 
 def _packed(step, mod) -> tuple:
     key = tuple((t.data_ptr(), t._version) for t in (step.weight, step.bias))
-    hit = getattr(step, "_compiled_graph", None)
-    if hit is None or hit[0] != key:
-        hit = (key, tuple(mod.pack(step.weight, step.bias)))
-        step._compiled_graph = hit
-    return hit[1]
+    return cpu.cached_on(step, "_compiled_graph", key, lambda: tuple(mod.pack(step.weight, step.bias)))
 
 
 def conv(step, x: torch.Tensor, epilogue: Epilogue | None = None, other: torch.Tensor | None = None,

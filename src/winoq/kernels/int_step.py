@@ -95,35 +95,21 @@ def _key(step) -> tuple:
 
 def cached_reason(step) -> str | None:
     """:func:`unsupported_reason`, computed once per set of buffers (it reads all of U)."""
-    key = _key(step)
-    hit = getattr(step, "_compiled_reason", None)
-    if hit is None or hit[0] != key:
-        hit = (key, unsupported_reason(step))
-        step._compiled_reason = hit
-    return hit[1]
+    return cpu.cached_on(step, "_compiled_reason", _key(step), lambda: unsupported_reason(step))
 
 
 def _prepared(step, mod) -> tuple:
     """The packed U, the per-(tap, output channel) tables and the shifts, cached until the buffers change."""
-    key = _key(step)
-    hit = getattr(step, "_compiled", None)
-    if hit is not None and hit[0] == key:
-        return hit[1]
+    return cpu.cached_on(step, "_compiled", _key(step), lambda: _tables(step, mod))
+
+
+def _tables(step, mod) -> tuple:
     taps, k, _ = step.u.shape
     up, uoff, upad = mod.pack(step.u.to(torch.int8), step.v_group)
-    kp = uoff.shape[-1]
-
-    def per_tap_channel(t):
-        return torch.nn.functional.pad(t.expand(taps, k).to(torch.int64), (0, kp - k)).contiguous()
-
-    mb, mc = per_tap_channel(step.mb), per_tap_channel(step.mc)
-    mc = torch.where(mc > 0, mc, torch.ones_like(mc))  # padding channels: any valid shift
-    half = torch.bitwise_left_shift(torch.ones_like(mc), mc - 1)
-    bias = torch.nn.functional.pad(step.bias.to(torch.int32), (0, kp - k))
+    mb, mc, half = cpu.dyadic_lanes(step.mb, step.mc, (taps, k), uoff.shape[-1])
+    bias = torch.nn.functional.pad(step.bias.to(torch.int32), (0, uoff.shape[-1] - k))
     shifts = [step.sb, int(lanes(step) == 16), step.pre_shift, step.so, int(wide_sums(step))]
-    tables = (up, uoff, upad, mb, mc, half, bias, step.bq.to(torch.int32), step.aq.to(torch.int64), shifts)
-    step._compiled = (key, tables)
-    return tables
+    return up, uoff, upad, mb, mc, half, bias, step.bq.to(torch.int32), step.aq.to(torch.int64), shifts
 
 
 @torch.no_grad()

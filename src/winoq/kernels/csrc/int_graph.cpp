@@ -45,7 +45,7 @@ struct Epi {
 
 struct ConvArgs {
   const uint8_t* xp; int64_t Hp, Wp, Cq, plane;  // planes [N][Cq/4][plane][4] of codes + 128 (see above)
-  int kh, kw, sh, sw, dh, dw; int64_t N, OH, OW, Wq;  // Wq = Wp / sw: output columns per row incl. dropped ones
+  int kh, kw, sh, sw, dh, dw; int64_t OH, OW, Wq;  // Wq = Wp / sw: output columns per row incl. dropped ones
   const int64_t* toff;                     // [taps] position offset of each tap
   const int64_t* soff;                     // [taps * Cq/4] byte offset of each (tap, channel quad) step
   const int8_t* wp; const int32_t* w0;     // packed weights [Kp/16][taps][Cq/4][16][4]; bias - 128 sum W [Kp]
@@ -323,7 +323,6 @@ torch::Tensor conv(torch::Tensor x, std::vector<int64_t> geom, torch::Tensor wp,
   TORCH_CHECK(a.OH > 0 && a.OW > 0, "the conv's output would be empty");
   a.Wp = (W + 2 * pw + a.sw - 1) / a.sw * a.sw;  // a multiple of sw, so that Wq is an integer
   a.Wq = a.Wp / a.sw;
-  a.N = N;
   const int taps = a.kh * a.kw;
   std::vector<int64_t> toff(taps);
   int64_t reach = 0;
