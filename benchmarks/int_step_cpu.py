@@ -33,6 +33,7 @@ from kernels_cpu import PEER_SHAPES, ao_int8_fns, median_ms, peer_problem  # noq
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from winoq.integer.layers import IntConv2d  # noqa: E402
 from winoq.integer.winograd import build_int_winograd  # noqa: E402
 from winoq.kernels import int_step  # noqa: E402
 
@@ -43,15 +44,6 @@ def make_step(conv, x, m: int, rows: str, s_in: float):
                                     scales="learned", v_clip="minmax", learn_steps=20, seed=0, v_group=32,
                                     input_rows=rows)
     return step
-
-
-def make_direct(conv):
-    """The layer as an integer direct conv: int8 weights per output channel, zero bias."""
-    from winoq.integer.layers import IntConv2d
-
-    w = conv.weight.detach()
-    s_w = w.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12) / 127
-    return IntConv2d("bench", torch.round(w / s_w), torch.zeros(w.shape[0]), conv, wide=False)
 
 
 def run_layers(args) -> list[dict]:
@@ -65,7 +57,7 @@ def run_layers(args) -> list[dict]:
         s_in = float(x.abs().max()) / 127
         qx = torch.round(x / s_in).clamp(-127, 127).to(torch.int8).contiguous(memory_format=torch.channels_last)
         fns = {"fp32": lambda: F.conv2d(x, conv.weight, conv.bias, padding=1), **ao_int8_fns(conv, x)}
-        direct = make_direct(conv)
+        direct = IntConv2d.timing_twin(conv, "bench")
         fns["direct"] = lambda: int_graph.conv(direct, qx)
         checks = {"direct": bool(torch.equal(int_graph.conv(direct, qx[:1]), direct.forward_torch(qx[:1].int())))} \
             if args.check else {}

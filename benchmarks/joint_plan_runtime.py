@@ -87,4 +87,4 @@ if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt:
-        sys.exit("interrupted")
+        sys.exit("interrupted; nothing was written to --out (it is written once every model is measured)")

@@ -39,6 +39,14 @@ class IntConv2d(nn.Module):
         self.wide = wide
         self.kernel = "auto"
 
+    @classmethod
+    def timing_twin(cls, conv: nn.Conv2d, name: str = "timing") -> "IntConv2d":
+        """``conv``'s shape with int8 weights per output channel (max-abs scale) and zero bias: the
+        same work as the converted layer, for timing (the converter calibrates the real one)."""
+        w = conv.weight.detach()
+        s_w = w.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12) / 127
+        return cls(name, torch.round(w / s_w), torch.zeros(w.shape[0]), conv, wide=False)
+
     def _conv(self, x, w, b):
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
 

@@ -188,8 +188,7 @@ def integer_latency(layer: nn.Module, x: torch.Tensor, tile: str, repeats: int =
     codes = torch.round(x / s_in).clamp(-127, 127).to(torch.int8).contiguous(memory_format=torch.channels_last)
     epi = int_graph.Epilogue(torch.tensor(2**30), torch.tensor(40), -127, 127)
     if tile == "direct":
-        s_w = w.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12) / 127
-        step = IntConv2d("latency", torch.round(w / s_w), torch.zeros(w.shape[0]), layer, wide=False)
+        step = IntConv2d.timing_twin(layer, "latency")
         if int_graph.cached_reason(step) is not None:
             return None
         fn = lambda: int_graph.conv(step, codes, epi)  # noqa: E731
