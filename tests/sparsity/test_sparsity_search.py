@@ -130,7 +130,9 @@ def test_a_killed_search_resumes_without_losing_trials(tmp_path):
         proc.wait()
     before = {t.number: t.params for t in completed(optuna.load_study(study_name="crash", storage=url))}
     assert sorted(before) == [0, 1, 2]
-    time.sleep(2.5)  # past the grace period: the dead worker's trial is stale
+    # past the grace period (2 s): SQLite's now() has whole seconds, so a heartbeat just before the kill
+    # is stale only once the clock is 3 s on; 3.5 s leaves a margin
+    time.sleep(3.5)
 
     def objective(trial):
         x = trial.suggest_float("x", 0, 1)
