@@ -197,3 +197,70 @@ def test_wrong_objects_are_named():
         int_graph.conv(nn.Conv2d(1, 1, 1), torch.zeros(1, 1, 2, 2, dtype=torch.int8))
     with pytest.raises(TypeError, match="IntegerModel"):
         compile_model(nn.Conv2d(1, 1, 1))
+
+
+# ----------------------------------------------------------------------------- float input and output
+def float_conv_reference(step, x, inv, scale):
+    """conv_float's definition: codes clamp(round(x * inv)), the integer conv, times the scale."""
+    q = torch.round(x * torch.tensor(inv, dtype=torch.float32)).clamp(-128, 127).to(torch.int32)
+    return step.forward_torch(q).float() * scale.view(1, -1, 1, 1)
+
+
+FLOAT_SHAPES = [  # c, k, kernel, stride, pad, (h, w): rows shorter than, equal to and past 16 pixels
+    (16, 16, 3, 1, 1, (9, 7)), (3, 17, 3, 1, 1, (8, 16)), (40, 70, 3, 2, 1, (11, 17)), (64, 32, 1, 1, 0, (5, 33)),
+    (13, 33, 5, 1, 2, (10, 9)), (16, 32, 3, 3, 1, (10, 11)), (1, 3, 3, 1, 1, (28, 28)),
+]
+
+
+@needs_build
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("c, k, ks, s, p, hw", FLOAT_SHAPES)
+def test_conv_float_equals_definition(isa, c, k, ks, s, p, hw):
+    step = random_conv(c, k, ks, s, p, w_max=127, bias_max=1000)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, c, *hw, generator=gen) * 4
+    inv, scale = 20.0, torch.rand(k, generator=gen) * 1e-3
+    ref = float_conv_reference(step, x, inv, scale)
+    for layout in (x, x.contiguous(memory_format=torch.channels_last), x.transpose(2, 3).contiguous().transpose(2, 3)):
+        y = int_graph.conv_float(step, layout, inv, scale, isa=isa)
+        assert y.dtype == torch.float32 and y.is_contiguous() and torch.equal(y, ref)
+
+
+@needs_build
+@pytest.mark.parametrize("isa", ISAS)
+def test_conv_float_rounds_ties_to_even_and_clamps(isa):
+    step = random_conv(4, 16, 1, 1, 0)
+    # x * inv lands exactly on .5 (ties: to even, as torch.round), beyond +-128, and at the infinities
+    vals = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, 127.5, 130.0, -127.5, -128.5, -300.0,
+                         float("inf"), float("-inf"), 3.49, -3.51]) / 4
+    x = vals.repeat(2, 4, 20, 1)[:, :, :, :16]
+    scale = torch.ones(16)
+    y = int_graph.conv_float(step, x, 4.0, scale, isa=isa)
+    assert torch.equal(y, float_conv_reference(step, x, 4.0, scale))
+    q = torch.round(vals * 4).clamp(-128, 127)
+    assert q.tolist()[:12] == [0, 2, 2, -0, -2, -2, 126, 127, 127, -128, -128, -128]
+
+
+@needs_build
+def test_conv_float_errors():
+    step = random_conv(4, 8)
+    with pytest.raises(ValueError, match="float32 input"):
+        int_graph.conv_float(step, torch.zeros(1, 4, 5, 5, dtype=torch.float64), 1.0, torch.ones(8))
+    with pytest.raises(ValueError, match="one float32 scale per output channel"):
+        int_graph.conv_float(step, torch.zeros(1, 4, 5, 5), 1.0, torch.ones(7))
+    with pytest.raises(ValueError, match="conv_float"):
+        int_graph.conv(step, torch.zeros(1, 4, 5, 5), isa="portable")
+
+
+@needs_build
+def test_conv_float_two_threads():
+    step = random_conv(32, 48, 3, 1, 1)
+    x = torch.randn(3, 32, 12, 20, generator=torch.Generator().manual_seed(0))
+    scale = torch.rand(48)
+    ref = float_conv_reference(step, x, 10.0, scale)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert torch.equal(int_graph.conv_float(step, x, 10.0, scale), ref)
+    finally:
+        torch.set_num_threads(threads)

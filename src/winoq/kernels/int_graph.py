@@ -136,6 +136,29 @@ def conv(step, x: torch.Tensor, epilogue: Epilogue | None = None, other: torch.T
     the int32 accumulator, or with ``epilogue`` its int8 result (``other``: the value it adds).
     ``isa``: force "avx512-vnni", "avx2" or "portable"; ``rows``: output rows per parallel job (0: by
     the layer's size)."""
+    if x.dtype not in (torch.int8, torch.int32):
+        raise ValueError(f"the compiled integer conv takes int8 or int32 codes, got {x.dtype} (float input: conv_float)")
+    if epilogue is None:
+        if other is not None:
+            raise ValueError("an added value needs an epilogue with its multiplier")
+        return _run(step, x, 1.0, (0, [], _NONE, 0, 0), isa, rows)
+    return _run(step, x, 1.0, epilogue._args(step.weight.shape[0], other), isa, rows)
+
+
+def conv_float(step, x: torch.Tensor, inv_scale: float, scale: torch.Tensor, isa: str = "", rows: int = 0) -> torch.Tensor:
+    """A conv with float input and output around the int8 ``step``: the codes
+    ``clamp(round(x * inv_scale), -128, 127)`` (``x`` float32, any layout; ``inv_scale`` a float32 value,
+    the product rounded to float32 as PyTorch does), the int32 accumulator, and out
+    ``z.float() * scale[k]`` (float32, one per output channel) as a contiguous (NCHW) float32 tensor."""
+    if x.dtype != torch.float32:
+        raise ValueError(f"conv_float takes float32 input, got {x.dtype}")
+    k = step.weight.shape[0]
+    if scale.dtype != torch.float32 or scale.numel() != k:
+        raise ValueError(f"conv_float needs one float32 scale per output channel ({k}), got {scale.numel()} {scale.dtype}")
+    return _run(step, x, float(inv_scale), (3, [scale.contiguous().flatten()], _NONE, 0, 0), isa, rows)
+
+
+def _run(step, x, inv_scale: float, epilogue_args: tuple, isa: str, rows: int) -> torch.Tensor:
     why = cached_reason(step)
     if why is not None:
         raise ValueError(f"compiled integer conv {getattr(step, 'name', '?')!r}: {why}")
@@ -145,12 +168,7 @@ def conv(step, x: torch.Tensor, epilogue: Epilogue | None = None, other: torch.T
     wp, wq, w0 = _packed(step, mod)
     kh, kw = step.weight.shape[2:]
     geom = [kh, kw, *step.stride, *step.padding, *step.dilation]
-    k = step.weight.shape[0]
-    if epilogue is None:
-        if other is not None:
-            raise ValueError("an added value needs an epilogue with its multiplier")
-        return mod.conv(x, geom, wp, wq, w0, step.bias, 0, [], _NONE, 0, 0, isa, rows)
-    return mod.conv(x, geom, wp, wq, w0, step.bias, *epilogue._args(k, other), isa, rows)
+    return mod.conv(x, inv_scale, geom, wp, wq, w0, step.bias, *epilogue_args, isa, rows)
 
 
 def requantize(z: torch.Tensor, epilogue: Epilogue, other: torch.Tensor | None = None, isa: str = "") -> torch.Tensor:

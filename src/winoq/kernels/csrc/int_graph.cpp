@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -34,13 +35,15 @@
 namespace {
 
 struct Epi {
-  int mode;                          // 0: int32 out; 1: requantize to int8 codes; 2: requantize + add other
+  int mode;                          // 0: int32 out; 1: requantize to int8 codes; 2: requantize + add other;
+                                     // 3: float z * fs[k], NCHW (a conv with float output)
   const int64_t *b, *c, *half;       // [Kp] the main input's dyadic multiplier, shift, 2^(c-1)
   const void* other; int other32;    // mode 2: NHWC int8 codes or int32 accumulator, K channels
   const int64_t *ob, *oc, *ohalf;    // [Kp] the other input's multiplier
   int64_t qmin, qmax;
-  void* y;                           // NHWC out, K channels: int32 (mode 0) or int8
-  int64_t K;
+  const float* fs;                   // mode 3: [K] the accumulator's scale per channel
+  void* y;                           // NHWC out, K channels: int32 (mode 0) or int8; mode 3: NCHW float
+  int64_t K, hw;                     // hw: output pixels per image
 };
 
 struct ConvArgs {
@@ -64,6 +67,26 @@ inline void offset_copy_quads(uint8_t* dst, const int8_t* src, int64_t n, int64_
     v ^= 0x80808080u;
     std::memcpy(dst + s * plane_bytes, &v, 4);
   }
+}
+
+// mode 3 on np pixels p0 .. of one image: float(z) fs[k] (one rounding, as torch's z.float() * fs),
+// each channel's run of pixels written contiguously into the NCHW output
+inline void epilogue_float(const Epi& e, int64_t p0, int64_t np, const int32_t* z, int64_t ldz) {
+  float* y = (float*)e.y + (p0 / e.hw) * e.K * e.hw + p0 % e.hw;
+  for (int64_t k = 0; k < e.K; ++k) {
+    const float s = e.fs[k];
+    float* yk = y + k * e.hw;
+    for (int64_t i = 0; i < np; ++i) yk[i] = (float)z[i * ldz + k] * s;
+  }
+}
+
+// codes of a float input: clamp(round_half_even(v * inv), -128, 127) + 128, as the PyTorch definition
+// (clamping first also sends infinities to the ends). Adding and subtracting 1.5 * 2^23 rounds a
+// float below 2^22 in magnitude to the nearest integer, ties to even, without a library call.
+inline uint8_t float_code(float v, float inv) {
+  volatile float big = 12582912.0f;  // volatile: no compiler may fold (c + big) - big into c
+  const float r = (std::min(std::max(v * inv, -128.0f), 127.0f) + big) - big;
+  return (uint8_t)((int)r + 128);
 }
 
 inline void epilogue_one(const Epi& e, int64_t p, int64_t k, int64_t z) {
@@ -112,9 +135,63 @@ struct Tabs8 {  // one 8-channel group's tables, loaded once for all pixels
       : b(_mm512_maskz_loadu_epi64(m, pb + k)), half(_mm512_maskz_loadu_epi64(m, ph + k)), c(_mm512_maskz_loadu_epi64(m, pc + k)) {}
 };
 
+// r[i][c] -> r[c][i] for a 16 x 16 float tile: unpack pairs of rows, then pairs of pairs, then
+// 128-bit lanes twice
+inline void transpose16(__m512 (&r)[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    const __m512d a = _mm512_castps_pd(t[i]), b = _mm512_castps_pd(t[i + 1]);
+    const __m512d c = _mm512_castps_pd(t[i + 2]), d = _mm512_castps_pd(t[i + 3]);
+    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int i = 0; i < 16; i += 8)
+    for (int j = 0; j < 4; ++j) {
+      t[i + j] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0x88);
+      t[i + j + 4] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0xdd);
+    }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
+    r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xdd);
+  }
+}
+
+// mode 3 on np pixels p0 .. of one image, OW to a row, output row r's pixels at buffer rows
+// r * row_stride .. (the conv's buffer keeps dropped columns): tiles of 16 pixels (across output rows)
+// x 16 channels, converted and scaled per pixel, transposed, and stored as 16 runs of pixels, one per
+// channel row of the NCHW output
+void epilogue_float_rows(const Epi& e, int64_t p0, int64_t np, int64_t OW, const int32_t* z, int64_t row_stride,
+                         int64_t ldz) {
+  float* y = (float*)e.y + (p0 / e.hw) * e.K * e.hw + p0 % e.hw;
+  for (int64_t k = 0; k < e.K; k += 16) {
+    const int64_t kn = std::min<int64_t>(16, e.K - k);
+    const __mmask16 mk = (__mmask16)((1u << kn) - 1);
+    const __m512 s = _mm512_maskz_loadu_ps(mk, e.fs + k);
+    for (int64_t j0 = 0; j0 < np; j0 += 16) {
+      const int64_t pn = std::min<int64_t>(16, np - j0);
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i) {  // cvtepi32_ps rounds to nearest, as torch's int -> float
+        const int64_t j = j0 + i, at = (j / OW) * row_stride + j % OW;
+        r[i] = i < pn ? _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(mk, z + at * ldz + k)), s)
+                      : _mm512_setzero_ps();
+      }
+      transpose16(r);
+      const __mmask16 mp = (__mmask16)((1u << pn) - 1);
+      for (int64_t c = 0; c < kn; ++c) _mm512_mask_storeu_ps(y + (k + c) * e.hw + j0, mp, r[c]);
+    }
+  }
+}
+
 // 16-channel groups outer, pixels inner (the group's tables stay in registers); each pixel's 16
 // codes leave in one store
 void epilogue(const Epi& e, int64_t p0, int64_t np, const void* z, int z32, int64_t ldz) {
+  if (e.mode == 3) { epilogue_float_rows(e, p0, np, np, (const int32_t*)z, np, ldz); return; }
   if (e.mode == 0) {  // the accumulator as it is (the conv's int32 block)
     for (int64_t i = 0; i < np; ++i)
       if (z32) std::memcpy((int32_t*)e.y + (p0 + i) * e.K, (const int32_t*)z + i * ldz, e.K * 4);
@@ -167,6 +244,32 @@ void copy_quads(uint8_t* dst, const int8_t* src, int64_t n, int64_t C, int64_t p
       v ^= 0x80808080u;
       std::memcpy(dst + s * plane_bytes + w * 4, &v, 4);
     }
+}
+
+// float input: the codes of 4 channel rows (NCHW rows, the first nc of them real) of n pixels into one
+// plane's dwords, 16 pixels per step, the last step masked (the codes of each channel as in float_code;
+// the missing channels code 0, i.e. 128)
+void quantize_row_quad(uint8_t* dst, const float* const* src, int nc, int64_t n, float inv) {
+  const __m512 vinv = _mm512_set1_ps(inv), lo = _mm512_set1_ps(-128.0f), hi = _mm512_set1_ps(127.0f);
+  const __m128i flip = _mm_set1_epi8((char)0x80);
+  for (int64_t w = 0; w < n; w += 16) {
+    const int64_t left = std::min<int64_t>(16, n - w);
+    const __mmask16 m = (__mmask16)((1u << left) - 1);
+    __m128i v[4];
+    for (int c = 0; c < 4; ++c) {
+      if (c >= nc) { v[c] = flip; continue; }
+      const __m512 f = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, src[c] + w), vinv), lo), hi);
+      v[c] = _mm_xor_si128(_mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(f)), flip);  // cvtps: round half even
+    }
+    const __m128i a = _mm_unpacklo_epi8(v[0], v[1]), b = _mm_unpackhi_epi8(v[0], v[1]);
+    const __m128i c = _mm_unpacklo_epi8(v[2], v[3]), d = _mm_unpackhi_epi8(v[2], v[3]);
+    const __m128i out[4] = {_mm_unpacklo_epi16(a, c), _mm_unpackhi_epi16(a, c), _mm_unpacklo_epi16(b, d),
+                            _mm_unpackhi_epi16(b, d)};
+    for (int j = 0; j < 4 && 4 * j < left; ++j) {  // 4 pixels' dwords per store
+      const int64_t pix = std::min<int64_t>(4, left - 4 * j);
+      _mm_mask_storeu_epi8(dst + (w + 4 * j) * 4, (__mmask16)((1u << (4 * pix)) - 1), out[j]);
+    }
+  }
 }
 
 // One block of TB consecutive output pixels, the first one's window at plane position pos, x NB
@@ -228,10 +331,13 @@ void conv_rows_t(const ConvArgs& a, int64_t b, int64_t oy0, int64_t oy1) {
       for (int64_t blk = 0; blk < seg_blk; ++blk)
         block(a, img, pos0 + SW * blk * TB, kb, out + blk * TB * a.Kp, a.Kp);
     }
-  for (int64_t oy = oy0; oy < oy1; ++oy) {
-    const int64_t first = flat ? (oy - oy0) * a.Wq : (oy - oy0) * seg_blk * TB;
-    epilogue(a.e, (b * a.OH + oy) * a.OW, a.OW, buf.data() + first * a.Kp, 1, a.Kp);
+  const int64_t row_stride = flat ? a.Wq : seg_blk * TB;  // buffer rows from one output row to the next
+  if (a.e.mode == 3) {
+    epilogue_float_rows(a.e, (b * a.OH + oy0) * a.OW, (oy1 - oy0) * a.OW, a.OW, buf.data(), row_stride, a.Kp);
+    return;
   }
+  for (int64_t oy = oy0; oy < oy1; ++oy)
+    epilogue(a.e, (b * a.OH + oy) * a.OW, a.OW, buf.data() + (oy - oy0) * row_stride * a.Kp, 1, a.Kp);
 }
 
 template <int SW>
@@ -289,7 +395,13 @@ Epi make_epi(int64_t mode, const std::vector<torch::Tensor>& tabs, torch::Tensor
              int64_t K, int64_t P) {
   Epi e{};
   e.mode = (int)mode; e.K = K; e.qmin = qmin; e.qmax = qmax;
-  TORCH_CHECK(mode >= 0 && mode <= 2, "epilogue mode must be 0, 1 or 2");
+  TORCH_CHECK(mode >= 0 && mode <= 3, "epilogue mode must be 0, 1, 2 or 3");
+  if (mode == 3) {
+    TORCH_CHECK(tabs.size() == 1 && tabs[0].dtype() == torch::kFloat && tabs[0].is_contiguous() && tabs[0].numel() >= K,
+                "float epilogue: one float32 scale per output channel");
+    e.fs = tabs[0].data_ptr<float>();
+    return e;
+  }
   TORCH_CHECK(tabs.size() == (mode == 0 ? 0u : mode == 1 ? 3u : 6u), "epilogue: 3 tables per requantized input");
   for (auto& t : tabs) TORCH_CHECK(t.dtype() == torch::kInt64 && t.is_contiguous() && t.numel() >= K, "epilogue tables: int64 (Kp,)");
   if (mode >= 1) { e.b = tabs[0].data_ptr<int64_t>(); e.c = tabs[1].data_ptr<int64_t>(); e.half = tabs[2].data_ptr<int64_t>(); }
@@ -303,11 +415,13 @@ Epi make_epi(int64_t mode, const std::vector<torch::Tensor>& tabs, torch::Tensor
   return e;
 }
 
-// x: (N, C, H, W) int8 or int32 codes, any strides; geom: kh, kw, sh, sw, ph, pw, dh, dw.
-torch::Tensor conv(torch::Tensor x, std::vector<int64_t> geom, torch::Tensor wp, torch::Tensor wq, torch::Tensor w0,
-                   torch::Tensor bias, int64_t mode, std::vector<torch::Tensor> tabs, torch::Tensor other, int64_t qmin,
-                   int64_t qmax, std::string isa, int64_t rows) {
-  TORCH_CHECK(x.dim() == 4 && (x.dtype() == torch::kInt8 || x.dtype() == torch::kInt32), "x: (N, C, H, W) int8 or int32 codes");
+// x: (N, C, H, W) int8 or int32 codes, or float32 values quantized on the way in (codes
+// clamp(round(x inv), -128, 127)), any strides; geom: kh, kw, sh, sw, ph, pw, dh, dw.
+torch::Tensor conv(torch::Tensor x, double inv, std::vector<int64_t> geom, torch::Tensor wp, torch::Tensor wq,
+                   torch::Tensor w0, torch::Tensor bias, int64_t mode, std::vector<torch::Tensor> tabs, torch::Tensor other,
+                   int64_t qmin, int64_t qmax, std::string isa, int64_t rows) {
+  TORCH_CHECK(x.dim() == 4 && (x.dtype() == torch::kInt8 || x.dtype() == torch::kInt32 || x.dtype() == torch::kFloat),
+              "x: (N, C, H, W) int8 or int32 codes, or float32 values");
   TORCH_CHECK(geom.size() == 8, "geom: kh, kw, sh, sw, ph, pw, dh, dw");
   ConvArgs a{};
   a.kh = (int)geom[0]; a.kw = (int)geom[1]; a.sh = (int)geom[2]; a.sw = (int)geom[3];
@@ -340,15 +454,45 @@ torch::Tensor conv(torch::Tensor x, std::vector<int64_t> geom, torch::Tensor wp,
   auto bc = bias.to(torch::kInt32).contiguous();
   a.wp = wp.data_ptr<int8_t>(); a.wq = wq.data_ptr<int8_t>(); a.w0 = w0.data_ptr<int32_t>(); a.bias = bc.data_ptr<int32_t>();
   const int64_t s4 = a.Cq / 4;
-  auto xp = torch::full({N, s4, a.plane, 4}, 128, torch::kUInt8);
-  uint8_t* xpd = xp.data_ptr<uint8_t>();
   const int64_t sN = x.stride(0), sC = x.stride(1), sH = x.stride(2), sW = x.stride(3);
-  const bool i8 = x.dtype() == torch::kInt8;
+  const bool i8 = x.dtype() == torch::kInt8, f32 = x.dtype() == torch::kFloat;
   const int8_t* x8 = i8 ? x.data_ptr<int8_t>() : nullptr;
-  const int32_t* x32 = i8 ? nullptr : x.data_ptr<int32_t>();
+  const int32_t* x32 = x.dtype() == torch::kInt32 ? x.data_ptr<int32_t>() : nullptr;
+  const float* xf = f32 ? x.data_ptr<float>() : nullptr;
+  const float finv = (float)inv;
   const bool whole_rows = i8 && sC == 1 && sW == C && C % 4 == 0;  // channels-last int8 rows: dword copies
-  std::atomic<bool> out_of_range{false};
-  at::parallel_for(0, N * H, 1, [&](int64_t r0, int64_t r1) {
+  const bool float_rows = f32 && sW == 1;                           // NCHW float rows: quantized 16 at a time
+  // these two copies write every dword of the map (all channel quads): only the border needs its 128s
+  const bool quantize_planes = float_rows && isa == "avx512-vnni";
+  const bool fills_map = whole_rows || quantize_planes;
+  // the planes live in the calling thread's buffer, kept between calls: a fresh allocation of this
+  // size would be mapped and page-faulted in on every call
+  thread_local std::vector<uint8_t> planes;
+  const size_t plane_bytes = (size_t)N * s4 * a.plane * 4;
+  if (planes.size() < plane_bytes) planes.resize(plane_bytes);
+  uint8_t* xpd = planes.data();
+  if (!fills_map) std::memset(xpd, 128, plane_bytes);
+  if (fills_map)  // plane by plane: the float input is then read 4 channels at a time, row after row
+    at::parallel_for(0, N * s4, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        uint8_t* pl = xpd + p * a.plane * 4;
+        std::memset(pl, 128, (size_t)(ph * a.Wp + pw) * 4);  // top rows and the first row's left border
+        for (int64_t h = 0; h + 1 < H; ++h)                     // right border of row h + left of row h + 1
+          std::memset(pl + ((ph + h) * a.Wp + pw + W) * 4, 128, (size_t)(a.Wp - W) * 4);
+        const int64_t end = (ph + H - 1) * a.Wp + pw + W;      // the last row's right border onwards
+        std::memset(pl + end * 4, 128, (size_t)(a.plane - end) * 4);
+        if (!quantize_planes) continue;
+        const int64_t b = p / s4, q = p % s4;
+        const int nc = (int)std::min<int64_t>(4, C - 4 * q);
+        const float* src[4];
+        for (int c = 0; c < nc; ++c) src[c] = xf + b * sN + (4 * q + c) * sC;
+        for (int64_t h = 0; h < H; ++h) {
+          graph_vnni::quantize_row_quad(pl + ((h + ph) * a.Wp + pw) * 4, src, nc, W, finv);
+          for (int c = 0; c < nc; ++c) src[c] += sH;
+        }
+      }
+    });  std::atomic<bool> out_of_range{false};
+  if (!quantize_planes) at::parallel_for(0, N * H, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / H, h = r % H;
       uint8_t* row = xpd + (b * s4 * a.plane + (h + ph) * a.Wp + pw) * 4;
@@ -362,6 +506,7 @@ torch::Tensor conv(torch::Tensor x, std::vector<int64_t> geom, torch::Tensor wp,
         for (int64_t q = 0; q < s4; ++q) {  // a channel quad per plane (the last one may be short)
           uint8_t* d = row + (q * a.plane + w) * 4;
           for (int64_t c = 4 * q; c < std::min(C, 4 * q + 4); ++c) {
+            if (f32) { d[c - 4 * q] = float_code(xf[src + c * sC], finv); continue; }
             int32_t v;
             if (i8) v = x8[src + c * sC];
             else {
@@ -376,10 +521,12 @@ torch::Tensor conv(torch::Tensor x, std::vector<int64_t> geom, torch::Tensor wp,
   });
   TORCH_CHECK(!out_of_range, "the compiled integer conv takes 8-bit input codes; got a code outside [-128, 127]");
   a.xp = xpd;
-  auto y = torch::empty({N, a.K, a.OH, a.OW}, torch::TensorOptions().dtype(mode == 0 ? torch::kInt32 : torch::kInt8)
+  auto y = mode == 3 ? torch::empty({N, a.K, a.OH, a.OW}, torch::kFloat)  // float out: NCHW, as float layers expect
+         : torch::empty({N, a.K, a.OH, a.OW}, torch::TensorOptions().dtype(mode == 0 ? torch::kInt32 : torch::kInt8)
                                                   .memory_format(at::MemoryFormat::ChannelsLast));
   a.e = make_epi(mode, tabs, other, qmin, qmax, a.K, N * a.OH * a.OW);
   a.e.y = y.data_ptr();
+  a.e.hw = a.OH * a.OW;
   // output rows per job: about 2^16 / Kp pixels (their int32 block within 256 KB), whole rows, and
   // no fewer jobs than threads
   const int64_t threads = at::get_num_threads();
@@ -402,7 +549,7 @@ torch::Tensor requantize(torch::Tensor z, int64_t mode, std::vector<torch::Tenso
                          int64_t qmin, int64_t qmax, std::string isa) {
   TORCH_CHECK(z.dim() == 4 && (z.dtype() == torch::kInt8 || z.dtype() == torch::kInt32) &&
               z.is_contiguous(at::MemoryFormat::ChannelsLast), "z: (N, K, H, W) channels-last int8 or int32");
-  TORCH_CHECK(mode == 1 || mode == 2, "requantize: mode 1 or 2");
+  TORCH_CHECK(mode == 1 || mode == 2, "requantize: mode 1 or 2");  // (3, float out, exists only fused in a conv)
   const int64_t K = z.size(1), P = z.numel() / std::max<int64_t>(K, 1);
   Epi e = make_epi(mode, tabs, other, qmin, qmax, K, P);
   auto y = torch::empty(z.sizes(), torch::TensorOptions().dtype(torch::kInt8).memory_format(at::MemoryFormat::ChannelsLast));

@@ -4,6 +4,7 @@
 
 // rows p0 .. p0 + np of the epilogue; z: the main input's rows (ldz values apart)
 void epilogue(const Epi& e, int64_t p0, int64_t np, const void* z, int z32, int64_t ldz) {
+  if (e.mode == 3) { epilogue_float(e, p0, np, (const int32_t*)z, ldz); return; }
   for (int64_t i = 0; i < np; ++i)
     for (int64_t k = 0; k < e.K; ++k) {
       const int64_t v = z32 ? ((const int32_t*)z)[i * ldz + k] : ((const int8_t*)z)[i * ldz + k];
