@@ -56,6 +56,20 @@ def test_int8_conv2d_forward_equals_its_definition_and_the_float_conv():
         assert sqnr(ref, conv(x)) > 30
 
 
+def test_int8_conv2d_follows_its_buffers_when_they_change():
+    conv = nn.Conv2d(8, 16, 3, padding=1)
+    x = torch.randn(2, 8, 9, 9)
+    layer = Int8Conv2d("c", conv, float(x.abs().max()))
+    before = layer(x)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    state["scale"] *= 2
+    state["step.weight"], state["step.bias"] = -state["step.weight"], -state["step.bias"]
+    layer.load_state_dict(state)
+    assert torch.equal(layer(x), -2 * before)                  # exact: a sign and a power of two
+    layer.input_inv.fill_(float(layer.input_inv) / 2)          # an in-place change counts too
+    assert torch.equal(layer(x), layer.forward_torch(x))
+
+
 def test_int8_conv2d_without_the_kernel_runs_the_definition(no_compiler):
     no_compiler(int_graph)
     conv = nn.Conv2d(8, 16, 3, padding=1)

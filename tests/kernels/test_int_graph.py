@@ -59,6 +59,9 @@ def test_conv_equals_definition(isa, c, k, ks, s, p, hw):
     assert y.dtype == torch.int32 and y.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(y, ref)
     assert torch.equal(int_graph.conv(step, channels_last_int8(x), isa=isa), ref)  # int8 channels-last input
+    assert torch.equal(int_graph.conv(step, x.to(torch.int8), isa=isa), ref)        # int8 NCHW
+    assert torch.equal(int_graph.conv(step, x.contiguous(memory_format=torch.channels_last), isa=isa), ref)
+    assert torch.equal(int_graph.conv(step, x.transpose(2, 3).contiguous().transpose(2, 3), isa=isa), ref)  # strided
 
 
 @needs_build
@@ -107,6 +110,7 @@ def test_conv_any_shape(c, k, ks, s, h, w, n, seed):
     b, cc = multipliers(k, seed=seed)
     for isa in ISAS:
         assert torch.equal(int_graph.conv(step, x, isa=isa), ref)
+        assert torch.equal(int_graph.conv(step, channels_last_int8(x), isa=isa), ref)
         assert torch.equal(int_graph.conv(step, x, int_graph.Epilogue(b, cc, -8, 7), isa=isa).int(),
                            Requantize(b, cc, -8, 7)(ref))
 

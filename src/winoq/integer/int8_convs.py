@@ -46,15 +46,30 @@ class Int8Conv2d(nn.Module):
 
     def compiled(self) -> bool:
         """Does ``forward`` run the compiled kernel (float32 CPU input)?"""
-        return self.step.compiled()
+        return self._kernel() is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check(x)
-        if x.device.type == "cpu" and self.compiled():
-            from ..kernels import int_graph
-
-            return int_graph.conv_float(self.step, x, float(self.input_inv), self.scale)
+        if x.dtype is torch.float32 and x.dim() == 4 and x.shape[1] == self.in_channels and not x.is_cuda:
+            run = self._kernel()
+            if run is not None:
+                return run(x)
         return self.forward_torch(x)
+
+    def _kernel(self):
+        """The compiled conv bound to this layer's buffers (None where it cannot run), rebuilt only when a
+        buffer changes: the per-call checks and packing would cost more than a small conv."""
+        from ..kernels import cpu, int_graph
+
+        step = self.step
+        bufs = (step._buffers["weight"], step._buffers["bias"], self._buffers["input_inv"], self._buffers["scale"])
+        key = tuple((t.data_ptr(), t._version) for t in bufs)
+
+        def make():
+            if not step.compiled():
+                return None
+            return int_graph.conv_float_fn(step, float(self.input_inv), self.scale)
+
+        return cpu.cached_on(self, "_kernel_fn", key, make)
 
     def forward_torch(self, x: torch.Tensor) -> torch.Tensor:
         """The definition: codes, the integer conv (int32), times the accumulator's scale."""

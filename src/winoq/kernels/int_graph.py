@@ -152,13 +152,28 @@ def conv_float(step, x: torch.Tensor, inv_scale: float, scale: torch.Tensor, isa
     ``z.float() * scale[k]`` (float32, one per output channel) as a contiguous (NCHW) float32 tensor."""
     if x.dtype != torch.float32:
         raise ValueError(f"conv_float takes float32 input, got {x.dtype}")
+    return conv_float_fn(step, inv_scale, scale, isa, rows)(x)
+
+
+def conv_float_fn(step, inv_scale: float, scale: torch.Tensor, isa: str = "", rows: int = 0):
+    """:func:`conv_float` bound to its step and scales: the checks and the weight packing done once,
+    a function of float32 ``x`` returned (for layers that call it on every forward)."""
     k = step.weight.shape[0]
     if scale.dtype != torch.float32 or scale.numel() != k:
         raise ValueError(f"conv_float needs one float32 scale per output channel ({k}), got {scale.numel()} {scale.dtype}")
-    return _run(step, x, float(inv_scale), (3, [scale.contiguous().flatten()], _NONE, 0, 0), isa, rows)
+    mod, args = _bound(step)
+    tail = (3, [scale.contiguous().flatten()], _NONE, 0, 0, isa, rows)
+    inv = float(inv_scale)
+    return lambda x: mod.conv(x, inv, *args, *tail)
 
 
 def _run(step, x, inv_scale: float, epilogue_args: tuple, isa: str, rows: int) -> torch.Tensor:
+    mod, args = _bound(step)
+    return mod.conv(x, inv_scale, *args, *epilogue_args, isa, rows)
+
+
+def _bound(step) -> tuple:
+    """The built module and the conv's arguments that depend on ``step`` only (geometry, packed weights)."""
     why = cached_reason(step)
     if why is not None:
         raise ValueError(f"compiled integer conv {getattr(step, 'name', '?')!r}: {why}")
@@ -168,7 +183,7 @@ def _run(step, x, inv_scale: float, epilogue_args: tuple, isa: str, rows: int) -
     wp, wq, w0 = _packed(step, mod)
     kh, kw = step.weight.shape[2:]
     geom = [kh, kw, *step.stride, *step.padding, *step.dilation]
-    return mod.conv(x, inv_scale, geom, wp, wq, w0, step.bias, *epilogue_args, isa, rows)
+    return mod, (geom, wp, wq, w0, step.bias)
 
 
 def requantize(z: torch.Tensor, epilogue: Epilogue, other: torch.Tensor | None = None, isa: str = "") -> torch.Tensor:

@@ -50,8 +50,9 @@ struct ConvArgs {
   const uint8_t* xp; int64_t Hp, Wp, Cq, plane;  // planes [N][Cq/4][plane][4] of codes + 128 (see above)
   int kh, kw, sh, sw, dh, dw; int64_t OH, OW, Wq;  // Wq = Wp / sw: output columns per row incl. dropped ones
   const int64_t* toff;                     // [taps] position offset of each tap
-  const int64_t* soff;                     // [taps * Cq/4] byte offset of each (tap, channel quad) step
-  const int8_t* wp; const int32_t* w0;     // packed weights [Kp/16][taps][Cq/4][16][4]; bias - 128 sum W [Kp]
+  const int64_t* soff;                     // [steps] byte offset of each (tap, channel quad) step
+  int64_t steps;                           // taps * Cq/4 rounded up to 4 (the extra steps: zero weights)
+  const int8_t* wp; const int32_t* w0;     // packed weights [Kp/16][steps][16][4]; bias - 128 sum W [Kp]
   const int8_t* wq;                        // (K, taps, Cq) codes (portable path)
   const int32_t* bias;                     // [K]
   int64_t K, Kp, rows;                     // rows: output rows per parallel job
@@ -87,6 +88,16 @@ inline uint8_t float_code(float v, float inv) {
   volatile float big = 12582912.0f;  // volatile: no compiler may fold (c + big) - big into c
   const float r = (std::min(std::max(v * inv, -128.0f), 127.0f) + big) - big;
   return (uint8_t)((int)r + 128);
+}
+
+// one pixel's C codes (channels-last int8) + 128, a dword per plane, the last quad padded with code 0
+inline void offset_copy_pixel(uint8_t* dst, const int8_t* src, int64_t C, int64_t plane_bytes) {
+  offset_copy_quads(dst, src, C / 4 * 4, plane_bytes);
+  if (C % 4 == 0) return;
+  uint32_t v = 0;  // built in a register (bytes copied into a stacked dword would stall its load)
+  for (int64_t i = 0; i < C % 4; ++i) v |= (uint32_t)(uint8_t)src[C / 4 * 4 + i] << (8 * i);
+  v ^= 0x80808080u;
+  std::memcpy(dst + (C / 4) * plane_bytes, &v, 4);
 }
 
 inline void epilogue_one(const Epi& e, int64_t p, int64_t k, int64_t z) {
@@ -246,29 +257,24 @@ void copy_quads(uint8_t* dst, const int8_t* src, int64_t n, int64_t C, int64_t p
     }
 }
 
-// float input: the codes of 4 channel rows (NCHW rows, the first nc of them real) of n pixels into one
-// plane's dwords, 16 pixels per step, the last step masked (the codes of each channel as in float_code;
-// the missing channels code 0, i.e. 128)
-void quantize_row_quad(uint8_t* dst, const float* const* src, int nc, int64_t n, float inv) {
+// float input: the codes of one channel's row of n pixels (src; nullptr: a channel past C, code 0) into
+// byte j of each of the plane's n dwords, 16 pixels per step, the last step masked (each code as in
+// float_code)
+void quantize_row_byte(uint8_t* dst, const float* src, int j, int64_t n, float inv) {
   const __m512 vinv = _mm512_set1_ps(inv), lo = _mm512_set1_ps(-128.0f), hi = _mm512_set1_ps(127.0f);
-  const __m128i flip = _mm_set1_epi8((char)0x80);
+  const __m512i off = _mm512_set1_epi32(128);
+  const __m128i shift = _mm_cvtsi32_si128(8 * j);
+  const uint64_t bytes = 0x1111111111111111ull << j;  // byte j of every dword
   for (int64_t w = 0; w < n; w += 16) {
     const int64_t left = std::min<int64_t>(16, n - w);
-    const __mmask16 m = (__mmask16)((1u << left) - 1);
-    __m128i v[4];
-    for (int c = 0; c < 4; ++c) {
-      if (c >= nc) { v[c] = flip; continue; }
-      const __m512 f = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, src[c] + w), vinv), lo), hi);
-      v[c] = _mm_xor_si128(_mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(f)), flip);  // cvtps: round half even
+    __m512i v = off;
+    if (src) {
+      const __m512 f = _mm512_maskz_loadu_ps((__mmask16)((1u << left) - 1), src + w);
+      const __m512 c = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(f, vinv), lo), hi);
+      v = _mm512_add_epi32(_mm512_cvtps_epi32(c), off);  // cvtps: round half even; + 128: 0 .. 255
     }
-    const __m128i a = _mm_unpacklo_epi8(v[0], v[1]), b = _mm_unpackhi_epi8(v[0], v[1]);
-    const __m128i c = _mm_unpacklo_epi8(v[2], v[3]), d = _mm_unpackhi_epi8(v[2], v[3]);
-    const __m128i out[4] = {_mm_unpacklo_epi16(a, c), _mm_unpackhi_epi16(a, c), _mm_unpacklo_epi16(b, d),
-                            _mm_unpackhi_epi16(b, d)};
-    for (int j = 0; j < 4 && 4 * j < left; ++j) {  // 4 pixels' dwords per store
-      const int64_t pix = std::min<int64_t>(4, left - 4 * j);
-      _mm_mask_storeu_epi8(dst + (w + 4 * j) * 4, (__mmask16)((1u << (4 * pix)) - 1), out[j]);
-    }
+    const uint64_t m = left == 16 ? bytes : bytes & ((1ull << (4 * left)) - 1);
+    _mm512_mask_storeu_epi8(dst + w * 4, (__mmask64)m, _mm512_sll_epi32(v, shift));
   }
 }
 
@@ -278,7 +284,7 @@ void quantize_row_quad(uint8_t* dst, const float* const* src, int nc, int64_t n,
 // weights read in order; unrolled by 4 so that GCC keeps the accumulators in place.
 template <int TB, int NB, int SW, int U>
 inline void conv_block(const ConvArgs& a, const uint8_t* img, int64_t pos, int64_t kb, int32_t* out, int64_t ldo) {
-  const int64_t steps = (int64_t)a.kh * a.kw * (a.Cq / 4);
+  const int64_t steps = a.steps;
   const uint8_t* base = img + pos * 4;
   __m512i acc[TB][NB];
   const int8_t* w[NB];
@@ -319,9 +325,9 @@ void conv_rows_t(const ConvArgs& a, int64_t b, int64_t oy0, int64_t oy1) {
   const int64_t nseg = flat ? 1 : oy1 - oy0, seg_q = flat ? (oy1 - oy0) * a.Wq : a.Wq;
   const int64_t seg_blk = (seg_q + TB - 1) / TB;
   const uint8_t* img = image_planes(a, b);
-  const int64_t steps = (int64_t)a.kh * a.kw * (a.Cq / 4);
+  const int64_t steps = a.steps;  // a multiple of 4
   const auto block = steps % 16 == 0 ? conv_block<TB, NB, SW, 16> : steps % 8 == 0 ? conv_block<TB, NB, SW, 8>
-                   : steps % 4 == 0 ? conv_block<TB, NB, SW, 4> : conv_block<TB, NB, SW, 1>;
+                   : conv_block<TB, NB, SW, 4>;
   thread_local std::vector<int32_t> buf;
   buf.resize((size_t)nseg * seg_blk * TB * a.Kp);
   for (int64_t kb = 0; kb < a.Kp / 16; kb += NB)
@@ -359,7 +365,9 @@ void conv_rows(const ConvArgs& a, int64_t b, int64_t oy0, int64_t oy1) {
 
 namespace {
 
-// w: (K, C, kh, kw) integer weight codes in [-128, 127]. Returns the VNNI packing [Kp/16][taps][Cq/4][16][4],
+// w: (K, C, kh, kw) integer weight codes in [-128, 127]. Returns the VNNI packing [Kp/16][steps][16][4]
+// (step = tap * Cq/4 + channel quad; steps rounded up to 4 with zero weights, so that the GEMM loop
+// always runs unrolled: a 7x7 conv of 3 channels has 49),
 // the codes as (K, taps, Cq), and bias - 128 sum(W) per [Kp].
 std::vector<torch::Tensor> pack(torch::Tensor w, torch::Tensor bias) {
   TORCH_CHECK(w.dim() == 4, "pack: weight as (K, C, kh, kw)");
@@ -368,7 +376,8 @@ std::vector<torch::Tensor> pack(torch::Tensor w, torch::Tensor bias) {
   const int64_t K = w.size(0), C = w.size(1), taps = w.size(2) * w.size(3);
   const int64_t Cq = (C + 3) / 4 * 4, Kp = (K + 15) / 16 * 16;
   TORCH_CHECK(bl.numel() == K, "pack: one bias per output channel");
-  auto wp = torch::zeros({Kp / 16, taps, Cq / 4, 16, 4}, torch::kInt8);
+  const int64_t steps = (taps * (Cq / 4) + 3) / 4 * 4;
+  auto wp = torch::zeros({Kp / 16, steps, 16, 4}, torch::kInt8);
   auto wq = torch::zeros({K, taps, Cq}, torch::kInt8);
   auto w0 = torch::zeros({Kp}, torch::kInt32);
   const int64_t* s = wl.data_ptr<int64_t>();
@@ -381,7 +390,7 @@ std::vector<torch::Tensor> pack(torch::Tensor w, torch::Tensor bias) {
       for (int64_t t = 0; t < taps; ++t) {
         const int64_t v = s[(k * C + c) * taps + t];
         TORCH_CHECK(v >= -128 && v <= 127, "pack: weight codes must fit int8, got ", v);
-        d[((((k / 16) * taps + t) * (Cq / 4) + c / 4) * 16 + k % 16) * 4 + c % 4] = (int8_t)v;
+        d[(((k / 16) * steps + t * (Cq / 4) + c / 4) * 16 + k % 16) * 4 + c % 4] = (int8_t)v;
         q[(k * taps + t) * Cq + c] = (int8_t)v;
         off -= 128 * v;
       }
@@ -447,7 +456,9 @@ torch::Tensor conv(torch::Tensor x, double inv, std::vector<int64_t> geom, torch
   a.toff = toff.data();
   // a segment's last block may run up to 16 pixels past it: slack so that it reads inside the plane
   a.plane = std::max(a.Hp * a.Wp, ((a.OH - 1) * a.sh + 1) * a.Wp + a.sw * 16 + reach + 1);
-  std::vector<int64_t> soff((size_t)taps * (a.Cq / 4));
+  a.steps = wp.size(1);
+  TORCH_CHECK(a.steps >= taps * (a.Cq / 4) && a.steps % 4 == 0, "the packed weights do not match the input");
+  std::vector<int64_t> soff((size_t)a.steps, 0);  // the padding steps read offset 0 (times zero weights)
   for (int t = 0; t < taps; ++t)
     for (int64_t q = 0; q < a.Cq / 4; ++q) soff[t * (a.Cq / 4) + q] = (q * a.plane + toff[t]) * 4;
   a.soff = soff.data();
@@ -460,11 +471,10 @@ torch::Tensor conv(torch::Tensor x, double inv, std::vector<int64_t> geom, torch
   const int32_t* x32 = x.dtype() == torch::kInt32 ? x.data_ptr<int32_t>() : nullptr;
   const float* xf = f32 ? x.data_ptr<float>() : nullptr;
   const float finv = (float)inv;
-  const bool whole_rows = i8 && sC == 1 && sW == C && C % 4 == 0;  // channels-last int8 rows: dword copies
-  const bool float_rows = f32 && sW == 1;                           // NCHW float rows: quantized 16 at a time
+  const bool whole_rows = i8 && sC == 1 && sW == C;  // channels-last int8 rows: dword copies
+  const bool channel_rows = sW == 1 && !whole_rows;                  // NCHW-like: each channel's rows in order
   // these two copies write every dword of the map (all channel quads): only the border needs its 128s
-  const bool quantize_planes = float_rows && isa == "avx512-vnni";
-  const bool fills_map = whole_rows || quantize_planes;
+  const bool fills_map = whole_rows || channel_rows;
   // the planes live in the calling thread's buffer, kept between calls: a fresh allocation of this
   // size would be mapped and page-faulted in on every call
   thread_local std::vector<uint8_t> planes;
@@ -472,7 +482,22 @@ torch::Tensor conv(torch::Tensor x, double inv, std::vector<int64_t> geom, torch
   if (planes.size() < plane_bytes) planes.resize(plane_bytes);
   uint8_t* xpd = planes.data();
   if (!fills_map) std::memset(xpd, 128, plane_bytes);
-  if (fills_map)  // plane by plane: the float input is then read 4 channels at a time, row after row
+  std::atomic<bool> out_of_range{false};
+  // channel rows: byte j of each dword of a plane row from one input row (a channel past C: code 0)
+  auto channel_row = [&](uint8_t* d, int j, const int64_t* off, int64_t n) {
+    if (!off) { for (int64_t w = 0; w < n; ++w) d[4 * w + j] = 128; return; }
+    if (f32 && isa == "avx512-vnni") { graph_vnni::quantize_row_byte(d, xf + *off, j, n, finv); return; }
+    bool bad = false;
+    for (int64_t w = 0; w < n; ++w) {
+      const int64_t i = *off + w;
+      if (f32) { d[4 * w + j] = float_code(xf[i], finv); continue; }
+      const int32_t v = i8 ? x8[i] : x32[i];
+      bad |= v < -128 || v > 127;
+      d[4 * w + j] = (uint8_t)(v + 128);
+    }
+    if (bad) out_of_range = true;
+  };
+  if (fills_map)  // plane by plane: NCHW input is then read channel after channel, in its own order
     at::parallel_for(0, N * s4, 1, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
         uint8_t* pl = xpd + p * a.plane * 4;
@@ -481,28 +506,26 @@ torch::Tensor conv(torch::Tensor x, double inv, std::vector<int64_t> geom, torch
           std::memset(pl + ((ph + h) * a.Wp + pw + W) * 4, 128, (size_t)(a.Wp - W) * 4);
         const int64_t end = (ph + H - 1) * a.Wp + pw + W;      // the last row's right border onwards
         std::memset(pl + end * 4, 128, (size_t)(a.plane - end) * 4);
-        if (!quantize_planes) continue;
+        if (!channel_rows) continue;
         const int64_t b = p / s4, q = p % s4;
-        const int nc = (int)std::min<int64_t>(4, C - 4 * q);
-        const float* src[4];
-        for (int c = 0; c < nc; ++c) src[c] = xf + b * sN + (4 * q + c) * sC;
-        for (int64_t h = 0; h < H; ++h) {
-          graph_vnni::quantize_row_quad(pl + ((h + ph) * a.Wp + pw) * 4, src, nc, W, finv);
-          for (int c = 0; c < nc; ++c) src[c] += sH;
-        }
+        for (int j = 0; j < 4; ++j)
+          for (int64_t h = 0; h < H; ++h) {
+            const int64_t off = b * sN + (4 * q + j) * sC + h * sH;
+            channel_row(pl + ((h + ph) * a.Wp + pw) * 4, j, 4 * q + j < C ? &off : nullptr, W);
+          }
       }
-    });  std::atomic<bool> out_of_range{false};
-  if (!quantize_planes) at::parallel_for(0, N * H, 1, [&](int64_t r0, int64_t r1) {
+    });
+  if (!channel_rows) at::parallel_for(0, N * H, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / H, h = r % H;
       uint8_t* row = xpd + (b * s4 * a.plane + (h + ph) * a.Wp + pw) * 4;
-      if (whole_rows && isa == "avx512-vnni" && (int64_t)W * C < ((int64_t)1 << 31)) {
+      if (whole_rows && C % 4 == 0 && isa == "avx512-vnni" && (int64_t)W * C < ((int64_t)1 << 31)) {
         graph_vnni::copy_quads(row, x8 + b * sN + h * sH, W, C, a.plane * 4);
         continue;
       }
       for (int64_t w = 0; w < W; ++w) {
         const int64_t src = b * sN + h * sH + w * sW;
-        if (whole_rows) { offset_copy_quads(row + w * 4, x8 + src, C, a.plane * 4); continue; }
+        if (whole_rows) { offset_copy_pixel(row + w * 4, x8 + src, C, a.plane * 4); continue; }
         for (int64_t q = 0; q < s4; ++q) {  // a channel quad per plane (the last one may be short)
           uint8_t* d = row + (q * a.plane + w) * 4;
           for (int64_t c = 4 * q; c < std::min(C, 4 * q + 4); ++c) {
