@@ -268,3 +268,18 @@ def test_conv_float_two_threads():
         assert torch.equal(int_graph.conv_float(step, x, 10.0, scale), ref)
     finally:
         torch.set_num_threads(threads)
+
+
+@needs_build
+def test_quantize_input_equals_the_integer_models_definition():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 17, 19, generator=gen) * 3
+    x[0, 0, 0, :8] = torch.tensor([0.125, 0.375, 0.625, -0.125, -0.375, 31.875, 40.0, -40.0])  # ties at scale 1/4
+    for scale, qmax in ((0.25, 31), (0.0371, 127), (1e-3, 127)):
+        ref = torch.round(x.double() / scale).clamp(-qmax, qmax).to(torch.int32)
+        for layout in (x, x.contiguous(memory_format=torch.channels_last), x.transpose(2, 3).contiguous().transpose(2, 3)):
+            y = int_graph.quantize_input(layout, scale, qmax)
+            assert y.dtype == torch.int8 and y.is_contiguous(memory_format=torch.channels_last)
+            assert torch.equal(y.to(torch.int32), ref)
+    with pytest.raises(ValueError, match="float32"):
+        int_graph.quantize_input(x.double(), 0.1, 127)

@@ -193,7 +193,7 @@ class CompiledIntegerModel(nn.Module):
     def forward_integer(self, q: torch.Tensor) -> torch.Tensor:
         if q.is_floating_point():
             raise TypeError("forward_integer takes the integer codes of quantize_input(x), not a float tensor")
-        if q.dim() == 4 and q.numel() and _fits(tuple(int(v) for v in torch.aminmax(q))):
+        if q.dtype == torch.int8 or (q.dim() == 4 and q.numel() and _fits(tuple(int(v) for v in torch.aminmax(q)))):
             q = q.to(torch.int8).contiguous(memory_format=torch.channels_last)
         env = {0: q}
         for n, op in enumerate(self.ops):
@@ -206,7 +206,18 @@ class CompiledIntegerModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.model
-        return m.dequantize(self.forward_integer(m.quantize_input(x)))
+        return m.dequantize(self.forward_integer(self.quantize_input(x)))
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``model.quantize_input(x)``'s integers; as int8 channels-last codes in one compiled pass where
+        they fit (the float64 PyTorch definition takes several passes over the image)."""
+        from ..kernels import int_graph
+
+        m = self.model
+        if x.dtype == torch.float32 and x.dim() == 4 and x.device.type == "cpu" and m.input_qmax <= 127 \
+                and int_graph.available():
+            return int_graph.quantize_input(x, m.input_scale, m.input_qmax)
+        return m.quantize_input(x)
 
 
 def compile_model(model: IntegerModel) -> CompiledIntegerModel:

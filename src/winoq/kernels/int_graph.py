@@ -186,6 +186,17 @@ def _bound(step) -> tuple:
     return mod, (geom, wp, wq, w0, step.bias)
 
 
+def quantize_input(x: torch.Tensor, scale: float, qmax: int) -> torch.Tensor:
+    """An integer model's input quantization (``IntegerModel.quantize_input``: ``clamp(round(double(x) /
+    scale), -qmax, qmax)``, the same integers) as int8 channels-last codes, in one pass; ``x`` float32."""
+    mod = load()
+    if mod is None:
+        raise RuntimeError("the compiled integer-graph kernels are not built (run setup.sh)")
+    if x.dtype != torch.float32 or x.dim() != 4:
+        raise ValueError(f"quantize_input takes (N, C, H, W) float32, got {x.dtype} {tuple(x.shape)}")
+    return mod.quantize_input(x, float(scale), int(qmax))
+
+
 def requantize(z: torch.Tensor, epilogue: Epilogue, other: torch.Tensor | None = None, isa: str = "") -> torch.Tensor:
     """The epilogue on its own: ``z`` (N, K, H, W) int32 or int8, any layout, to int8 codes, channels-last."""
     mod = load()

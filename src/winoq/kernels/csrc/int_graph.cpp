@@ -589,9 +589,39 @@ torch::Tensor requantize(torch::Tensor z, int64_t mode, std::vector<torch::Tenso
   return y;
 }
 
+// The integer model's one float -> integer step (IntegerModel.quantize_input) with int8 codes out:
+// clamp(round_half_even(double(x) / scale), -qmax, qmax), channels-last, for the first layer's copy.
+torch::Tensor quantize_input(torch::Tensor x, double scale, int64_t qmax) {
+  TORCH_CHECK(x.dim() == 4 && x.dtype() == torch::kFloat, "quantize_input: (N, C, H, W) float32");
+  TORCH_CHECK(qmax >= 0 && qmax <= 127, "quantize_input: int8 codes need qmax <= 127");
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t sN = x.stride(0), sC = x.stride(1), sH = x.stride(2), sW = x.stride(3);
+  auto y = torch::empty({N, C, H, W}, torch::TensorOptions().dtype(torch::kInt8).memory_format(at::MemoryFormat::ChannelsLast));
+  const float* xd = x.data_ptr<float>();
+  int8_t* yd = y.data_ptr<int8_t>();
+  const double lim = (double)qmax;
+  at::parallel_for(0, N * H, 1, [&](int64_t r0, int64_t r1) {
+    volatile double big = 6755399441055744.0;  // 1.5 * 2^52: (v + big) - big rounds |v| < 2^51 half to even
+    const double bg = big;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / H, h = r % H;
+      for (int64_t c = 0; c < C; ++c) {
+        const float* src = xd + b * sN + c * sC + h * sH;
+        int8_t* dst = yd + (r * W) * C + c;
+        for (int64_t w = 0; w < W; ++w) {  // clamping first equals clamping after: the bounds are integers
+          const double v = std::min(std::max((double)src[w * sW] / scale, -lim), lim);
+          dst[w * C] = (int8_t)(int)((v + bg) - bg);
+        }
+      }
+    }
+  });
+  return y;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.def("quantize_input", &quantize_input, "an integer model's input quantization, int8 channels-last out");
   mod.def("pack", &pack, "pack int8 weight codes of a direct integer conv");
   mod.def("conv", &conv, "direct integer conv with a fused requantization epilogue");
   mod.def("requantize", &requantize, "requantization / residual add of integer-graph values");
