@@ -424,59 +424,21 @@ Epi make_epi(int64_t mode, const std::vector<torch::Tensor>& tabs, torch::Tensor
   return e;
 }
 
-// x: (N, C, H, W) int8 or int32 codes, or float32 values quantized on the way in (codes
-// clamp(round(x inv), -128, 127)), any strides; geom: kh, kw, sh, sw, ph, pw, dh, dw.
-torch::Tensor conv(torch::Tensor x, double inv, std::vector<int64_t> geom, torch::Tensor wp, torch::Tensor wq,
-                   torch::Tensor w0, torch::Tensor bias, int64_t mode, std::vector<torch::Tensor> tabs, torch::Tensor other,
-                   int64_t qmin, int64_t qmax, std::string isa, int64_t rows) {
-  TORCH_CHECK(x.dim() == 4 && (x.dtype() == torch::kInt8 || x.dtype() == torch::kInt32 || x.dtype() == torch::kFloat),
-              "x: (N, C, H, W) int8 or int32 codes, or float32 values");
-  TORCH_CHECK(geom.size() == 8, "geom: kh, kw, sh, sw, ph, pw, dh, dw");
-  ConvArgs a{};
-  a.kh = (int)geom[0]; a.kw = (int)geom[1]; a.sh = (int)geom[2]; a.sw = (int)geom[3];
-  const int64_t ph = geom[4], pw = geom[5];
-  a.dh = (int)geom[6]; a.dw = (int)geom[7];
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  a.K = wq.size(0); a.Cq = wq.size(2); a.Kp = w0.size(0);
-  TORCH_CHECK(wq.size(1) == a.kh * a.kw && a.Cq == (C + 3) / 4 * 4, "the packed weights do not match the input");
-  isa = winoq_isa::checked(isa);
-  a.Hp = H + 2 * ph;
-  a.OH = (a.Hp - (int64_t)a.dh * (a.kh - 1) - 1) / a.sh + 1;
-  a.OW = (W + 2 * pw - (int64_t)a.dw * (a.kw - 1) - 1) / a.sw + 1;
-  TORCH_CHECK(a.OH > 0 && a.OW > 0, "the conv's output would be empty");
-  a.Wp = (W + 2 * pw + a.sw - 1) / a.sw * a.sw;  // a multiple of sw, so that Wq is an integer
-  a.Wq = a.Wp / a.sw;
-  const int taps = a.kh * a.kw;
-  std::vector<int64_t> toff(taps);
-  int64_t reach = 0;
-  for (int t = 0; t < taps; ++t) {
-    toff[t] = (int64_t)(t / a.kw) * a.dh * a.Wp + (int64_t)(t % a.kw) * a.dw;
-    reach = std::max(reach, toff[t]);
-  }
-  a.toff = toff.data();
-  // a segment's last block may run up to 16 pixels past it: slack so that it reads inside the plane
-  a.plane = std::max(a.Hp * a.Wp, ((a.OH - 1) * a.sh + 1) * a.Wp + a.sw * 16 + reach + 1);
-  a.steps = wp.size(1);
-  TORCH_CHECK(a.steps >= taps * (a.Cq / 4) && a.steps % 4 == 0, "the packed weights do not match the input");
-  std::vector<int64_t> soff((size_t)a.steps, 0);  // the padding steps read offset 0 (times zero weights)
-  for (int t = 0; t < taps; ++t)
-    for (int64_t q = 0; q < a.Cq / 4; ++q) soff[t * (a.Cq / 4) + q] = (q * a.plane + toff[t]) * 4;
-  a.soff = soff.data();
-  auto bc = bias.to(torch::kInt32).contiguous();
-  a.wp = wp.data_ptr<int8_t>(); a.wq = wq.data_ptr<int8_t>(); a.w0 = w0.data_ptr<int32_t>(); a.bias = bc.data_ptr<int32_t>();
-  const int64_t s4 = a.Cq / 4;
+// The input's codes + 128 in the planes of ConvArgs (the calling thread's buffer, kept between calls: a
+// fresh allocation of this size would be mapped and page-faulted in on every call). x: int8 / int32
+// codes or float32 values quantized on the way (finv), any strides.
+uint8_t* input_planes(const torch::Tensor& x, const ConvArgs& a, int64_t ph, int64_t pw, float finv,
+                      const std::string& isa) {
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), s4 = a.Cq / 4;
   const int64_t sN = x.stride(0), sC = x.stride(1), sH = x.stride(2), sW = x.stride(3);
   const bool i8 = x.dtype() == torch::kInt8, f32 = x.dtype() == torch::kFloat;
   const int8_t* x8 = i8 ? x.data_ptr<int8_t>() : nullptr;
   const int32_t* x32 = x.dtype() == torch::kInt32 ? x.data_ptr<int32_t>() : nullptr;
   const float* xf = f32 ? x.data_ptr<float>() : nullptr;
-  const float finv = (float)inv;
   const bool whole_rows = i8 && sC == 1 && sW == C;  // channels-last int8 rows: dword copies
   const bool channel_rows = sW == 1 && !whole_rows;                  // NCHW-like: each channel's rows in order
   // these two copies write every dword of the map (all channel quads): only the border needs its 128s
   const bool fills_map = whole_rows || channel_rows;
-  // the planes live in the calling thread's buffer, kept between calls: a fresh allocation of this
-  // size would be mapped and page-faulted in on every call
   thread_local std::vector<uint8_t> planes;
   const size_t plane_bytes = (size_t)N * s4 * a.plane * 4;
   if (planes.size() < plane_bytes) planes.resize(plane_bytes);
@@ -543,6 +505,50 @@ torch::Tensor conv(torch::Tensor x, double inv, std::vector<int64_t> geom, torch
     }
   });
   TORCH_CHECK(!out_of_range, "the compiled integer conv takes 8-bit input codes; got a code outside [-128, 127]");
+  return xpd;
+}
+
+// x: (N, C, H, W) int8 or int32 codes, or float32 values quantized on the way in (codes
+// clamp(round(x inv), -128, 127)), any strides; geom: kh, kw, sh, sw, ph, pw, dh, dw.
+torch::Tensor conv(torch::Tensor x, double inv, std::vector<int64_t> geom, torch::Tensor wp, torch::Tensor wq,
+                   torch::Tensor w0, torch::Tensor bias, int64_t mode, std::vector<torch::Tensor> tabs, torch::Tensor other,
+                   int64_t qmin, int64_t qmax, std::string isa, int64_t rows) {
+  TORCH_CHECK(x.dim() == 4 && (x.dtype() == torch::kInt8 || x.dtype() == torch::kInt32 || x.dtype() == torch::kFloat),
+              "x: (N, C, H, W) int8 or int32 codes, or float32 values");
+  TORCH_CHECK(geom.size() == 8, "geom: kh, kw, sh, sw, ph, pw, dh, dw");
+  ConvArgs a{};
+  a.kh = (int)geom[0]; a.kw = (int)geom[1]; a.sh = (int)geom[2]; a.sw = (int)geom[3];
+  const int64_t ph = geom[4], pw = geom[5];
+  a.dh = (int)geom[6]; a.dw = (int)geom[7];
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  a.K = wq.size(0); a.Cq = wq.size(2); a.Kp = w0.size(0);
+  TORCH_CHECK(wq.size(1) == a.kh * a.kw && a.Cq == (C + 3) / 4 * 4, "the packed weights do not match the input");
+  isa = winoq_isa::checked(isa);
+  a.Hp = H + 2 * ph;
+  a.OH = (a.Hp - (int64_t)a.dh * (a.kh - 1) - 1) / a.sh + 1;
+  a.OW = (W + 2 * pw - (int64_t)a.dw * (a.kw - 1) - 1) / a.sw + 1;
+  TORCH_CHECK(a.OH > 0 && a.OW > 0, "the conv's output would be empty");
+  a.Wp = (W + 2 * pw + a.sw - 1) / a.sw * a.sw;  // a multiple of sw, so that Wq is an integer
+  a.Wq = a.Wp / a.sw;
+  const int taps = a.kh * a.kw;
+  std::vector<int64_t> toff(taps);
+  int64_t reach = 0;
+  for (int t = 0; t < taps; ++t) {
+    toff[t] = (int64_t)(t / a.kw) * a.dh * a.Wp + (int64_t)(t % a.kw) * a.dw;
+    reach = std::max(reach, toff[t]);
+  }
+  a.toff = toff.data();
+  // a segment's last block may run up to 16 pixels past it: slack so that it reads inside the plane
+  a.plane = std::max(a.Hp * a.Wp, ((a.OH - 1) * a.sh + 1) * a.Wp + a.sw * 16 + reach + 1);
+  a.steps = wp.size(1);
+  TORCH_CHECK(a.steps >= taps * (a.Cq / 4) && a.steps % 4 == 0, "the packed weights do not match the input");
+  std::vector<int64_t> soff((size_t)a.steps, 0);  // the padding steps read offset 0 (times zero weights)
+  for (int t = 0; t < taps; ++t)
+    for (int64_t q = 0; q < a.Cq / 4; ++q) soff[t * (a.Cq / 4) + q] = (q * a.plane + toff[t]) * 4;
+  a.soff = soff.data();
+  auto bc = bias.to(torch::kInt32).contiguous();
+  a.wp = wp.data_ptr<int8_t>(); a.wq = wq.data_ptr<int8_t>(); a.w0 = w0.data_ptr<int32_t>(); a.bias = bc.data_ptr<int32_t>();
+  uint8_t* xpd = input_planes(x, a, ph, pw, (float)inv, isa);
   a.xp = xpd;
   auto y = mode == 3 ? torch::empty({N, a.K, a.OH, a.OW}, torch::kFloat)  // float out: NCHW, as float layers expect
          : torch::empty({N, a.K, a.OH, a.OW}, torch::TensorOptions().dtype(mode == 0 ? torch::kInt32 : torch::kInt8)
