@@ -3,12 +3,11 @@
 // conv: winoq.integer.layers.IntConv2d.forward (int32 accumulator conv(x, W) + bias), bit for bit,
 // as an int8 implicit GEMM. The input codes are copied once, + 128 as u8, into zero-padded planes
 // [image][C/4][position][4] (position = row * Wp + column of the padded map; code 0 = 128 in the
-// padding and the channels past C). With Wq = Wp / sw, output pixel (oy, ox) is number q = ox of its
-// row, whose window starts at position oy sh Wp + sw q + tap offset: a block of consecutive q reads
-// consecutive dwords of a plane at every tap, with one pointer (the columns ox >= OW are computed
-// and dropped). Without vertical stride the rows follow each other (q = oy Wq + ox), so blocks run
-// across rows. The weights are packed once as [K/16][tap][C/4][16][4]; per block of
-// output pixels x 16-64 output channels the sums over taps and channels run with VNNI vpdpbusd,
+// padding and the channels past C). Output pixel (oy, ox)'s window starts at position oy sh Wp + ox sw
+// + tap offset: a block of output pixels (consecutive in the output, across rows) keeps each one's
+// offset, and at every (tap, channel quad) step reads its dword at step offset + pixel offset. The
+// weights are packed once as [K/16][step][16][4]; per block of output pixels x 16-64 output channels
+// the sums over taps and channels run with VNNI vpdpbusd,
 // started at bias - 128 sum(W) (which removes the u8 offset). Every sum is exact modulo 2^32 and
 // the converter keeps these convs' results inside int32, so the int32 result is exact.
 //
@@ -48,7 +47,7 @@ struct Epi {
 
 struct ConvArgs {
   const uint8_t* xp; int64_t Hp, Wp, Cq, plane;  // planes [N][Cq/4][plane][4] of codes + 128 (see above)
-  int kh, kw, sh, sw, dh, dw; int64_t OH, OW, Wq;  // Wq = Wp / sw: output columns per row incl. dropped ones
+  int kh, kw, sh, sw, dh, dw; int64_t OH, OW;
   const int64_t* toff;                     // [taps] position offset of each tap
   const int64_t* soff;                     // [steps] byte offset of each (tap, channel quad) step
   int64_t steps;                           // taps * Cq/4 rounded up to 4 (the extra steps: zero weights)
@@ -278,16 +277,19 @@ void quantize_row_byte(uint8_t* dst, const float* src, int j, int64_t n, float i
   }
 }
 
-// One block of TB consecutive output pixels, the first one's window at plane position pos, x NB
-// blocks of 16 output channels from block kb: int32 sums into out (rows ldo apart). SW: the column
-// stride. One loop over (tap, channel quad) steps, their input offsets precomputed (soff), the
-// weights read in order; unrolled by 4 so that GCC keeps the accumulators in place.
-template <int TB, int NB, int SW, int U>
-inline void conv_block(const ConvArgs& a, const uint8_t* img, int64_t pos, int64_t kb, int32_t* out, int64_t ldo) {
+// One block of TB output pixels, pixel i's window at byte offset poff[i] of the image's planes, x NB
+// blocks of 16 output channels from block kb: int32 sums into out (rows ldo apart). One loop over
+// (tap, channel quad) steps, their input offsets precomputed (soff), the weights read in order.
+// Per-pixel offsets let a block run across output rows and strides without computing the columns
+// of the padding (a 7-wide map has 9 columns with its padding).
+template <int TB, int NB, int U>
+inline void conv_block(const ConvArgs& a, const uint8_t* img, const int64_t* poff, int64_t kb, int32_t* out,
+                       int64_t ldo) {
   const int64_t steps = a.steps;
-  const uint8_t* base = img + pos * 4;
   __m512i acc[TB][NB];
   const int8_t* w[NB];
+  int64_t po[TB];
+  for (int i = 0; i < TB; ++i) po[i] = poff[i];
   for (int nb = 0; nb < NB; ++nb) {
     const __m512i w0 = _mm512_loadu_si512(a.w0 + (kb + nb) * 16);
     for (int i = 0; i < TB; ++i) acc[i][nb] = w0;
@@ -297,9 +299,9 @@ inline void conv_block(const ConvArgs& a, const uint8_t* img, int64_t pos, int64
   {                                                                                            \
     __m512i wv[NB];                                                                            \
     for (int nb = 0; nb < NB; ++nb) wv[nb] = _mm512_loadu_si512(w[nb] + (S) * 64);            \
-    const uint8_t* as = base + a.soff[S];                                                      \
+    const uint8_t* as = img + a.soff[S];                                                       \
     for (int i = 0; i < TB; ++i) {                                                             \
-      int32_t v; std::memcpy(&v, as + 4 * SW * i, 4);                                          \
+      int32_t v; std::memcpy(&v, as + po[i], 4);                                               \
       const __m512i bv = _mm512_set1_epi32(v);                                                 \
       for (int nb = 0; nb < NB; ++nb) acc[i][nb] = _mm512_dpbusd_epi32(acc[i][nb], bv, wv[nb]); \
     }                                                                                          \
@@ -315,49 +317,37 @@ inline void conv_block(const ConvArgs& a, const uint8_t* img, int64_t pos, int64
     for (int nb = 0; nb < NB; ++nb) _mm512_storeu_si512(out + i * ldo + (kb + nb) * 16, acc[i][nb]);
 }
 
-// Output rows oy0 .. oy1 of image b in segments of consecutive q (one segment for all the rows
-// without vertical stride, else one per row, so that the rows the stride skips are not computed),
-// in blocks of TB (a segment's last block runs past it into the planes' slack); each block of output
-// channels over all segments (its weights stay in cache), then the epilogue on each row's OW pixels.
-template <int TB, int NB, int SW>
+// Output rows oy0 .. oy1 of image b: their OW-wide rows as one run of pixels, in blocks of TB (the
+// last block padded with the last pixel); each block of output channels over all blocks (its weights
+// stay in cache), then the epilogue on the whole run.
+template <int TB, int NB>
 void conv_rows_t(const ConvArgs& a, int64_t b, int64_t oy0, int64_t oy1) {
-  const bool flat = a.sh == 1;
-  const int64_t nseg = flat ? 1 : oy1 - oy0, seg_q = flat ? (oy1 - oy0) * a.Wq : a.Wq;
-  const int64_t seg_blk = (seg_q + TB - 1) / TB;
+  const int64_t np = (oy1 - oy0) * a.OW, nblk = (np + TB - 1) / TB;
   const uint8_t* img = image_planes(a, b);
   const int64_t steps = a.steps;  // a multiple of 4
-  const auto block = steps % 16 == 0 ? conv_block<TB, NB, SW, 16> : steps % 8 == 0 ? conv_block<TB, NB, SW, 8>
-                   : conv_block<TB, NB, SW, 4>;
+  const auto block = steps % 16 == 0 ? conv_block<TB, NB, 16> : steps % 8 == 0 ? conv_block<TB, NB, 8>
+                   : conv_block<TB, NB, 4>;
   thread_local std::vector<int32_t> buf;
-  buf.resize((size_t)nseg * seg_blk * TB * a.Kp);
-  for (int64_t kb = 0; kb < a.Kp / 16; kb += NB)
-    for (int64_t g = 0; g < nseg; ++g) {
-      const int64_t pos0 = (oy0 + g) * a.sh * a.Wp;
-      int32_t* out = buf.data() + g * seg_blk * TB * a.Kp;
-      for (int64_t blk = 0; blk < seg_blk; ++blk)
-        block(a, img, pos0 + SW * blk * TB, kb, out + blk * TB * a.Kp, a.Kp);
-    }
-  const int64_t row_stride = flat ? a.Wq : seg_blk * TB;  // buffer rows from one output row to the next
-  if (a.e.mode == 3) {
-    epilogue_float_rows(a.e, (b * a.OH + oy0) * a.OW, (oy1 - oy0) * a.OW, a.OW, buf.data(), row_stride, a.Kp);
-    return;
+  thread_local std::vector<int64_t> poff;
+  buf.resize((size_t)nblk * TB * a.Kp);
+  poff.resize((size_t)nblk * TB);
+  for (int64_t j = 0; j < nblk * TB; ++j) {
+    const int64_t p = std::min(j, np - 1), oy = oy0 + p / a.OW, ox = p % a.OW;
+    poff[j] = (oy * a.sh * a.Wp + ox * a.sw) * 4;
   }
-  for (int64_t oy = oy0; oy < oy1; ++oy)
-    epilogue(a.e, (b * a.OH + oy) * a.OW, a.OW, buf.data() + (oy - oy0) * row_stride * a.Kp, 1, a.Kp);
-}
-
-template <int SW>
-void conv_rows_s(const ConvArgs& a, int64_t b, int64_t oy0, int64_t oy1) {
-  const int64_t blocks = a.Kp / 16;
-  if (blocks % 4 == 0) conv_rows_t<6, 4, SW>(a, b, oy0, oy1);
-  else if (blocks % 2 == 0) conv_rows_t<12, 2, SW>(a, b, oy0, oy1);
-  else conv_rows_t<16, 1, SW>(a, b, oy0, oy1);
+  for (int64_t kb = 0; kb < a.Kp / 16; kb += NB)
+    for (int64_t blk = 0; blk < nblk; ++blk)
+      block(a, img, poff.data() + blk * TB, kb, buf.data() + blk * TB * a.Kp, a.Kp);
+  const int64_t p0 = (b * a.OH + oy0) * a.OW;
+  if (a.e.mode == 3) epilogue_float_rows(a.e, p0, np, np, buf.data(), np, a.Kp);
+  else epilogue(a.e, p0, np, buf.data(), 1, a.Kp);
 }
 
 void conv_rows(const ConvArgs& a, int64_t b, int64_t oy0, int64_t oy1) {
-  if (a.sw == 1) conv_rows_s<1>(a, b, oy0, oy1);
-  else if (a.sw == 2) conv_rows_s<2>(a, b, oy0, oy1);
-  else graph_portable::conv_rows(a, b, oy0, oy1);  // wider column strides: rare, the plain loops
+  const int64_t blocks = a.Kp / 16;
+  if (blocks % 4 == 0) conv_rows_t<6, 4>(a, b, oy0, oy1);
+  else if (blocks % 2 == 0) conv_rows_t<12, 2>(a, b, oy0, oy1);
+  else conv_rows_t<16, 1>(a, b, oy0, oy1);
 }
 
 }  // namespace graph_vnni
@@ -528,18 +518,12 @@ torch::Tensor conv(torch::Tensor x, double inv, std::vector<int64_t> geom, torch
   a.OH = (a.Hp - (int64_t)a.dh * (a.kh - 1) - 1) / a.sh + 1;
   a.OW = (W + 2 * pw - (int64_t)a.dw * (a.kw - 1) - 1) / a.sw + 1;
   TORCH_CHECK(a.OH > 0 && a.OW > 0, "the conv's output would be empty");
-  a.Wp = (W + 2 * pw + a.sw - 1) / a.sw * a.sw;  // a multiple of sw, so that Wq is an integer
-  a.Wq = a.Wp / a.sw;
+  a.Wp = W + 2 * pw;
   const int taps = a.kh * a.kw;
   std::vector<int64_t> toff(taps);
-  int64_t reach = 0;
-  for (int t = 0; t < taps; ++t) {
-    toff[t] = (int64_t)(t / a.kw) * a.dh * a.Wp + (int64_t)(t % a.kw) * a.dw;
-    reach = std::max(reach, toff[t]);
-  }
+  for (int t = 0; t < taps; ++t) toff[t] = (int64_t)(t / a.kw) * a.dh * a.Wp + (int64_t)(t % a.kw) * a.dw;
   a.toff = toff.data();
-  // a segment's last block may run up to 16 pixels past it: slack so that it reads inside the plane
-  a.plane = std::max(a.Hp * a.Wp, ((a.OH - 1) * a.sh + 1) * a.Wp + a.sw * 16 + reach + 1);
+  a.plane = a.Hp * a.Wp;
   a.steps = wp.size(1);
   TORCH_CHECK(a.steps >= taps * (a.Cq / 4) && a.steps % 4 == 0, "the packed weights do not match the input");
   std::vector<int64_t> soff((size_t)a.steps, 0);  // the padding steps read offset 0 (times zero weights)
@@ -559,7 +543,7 @@ torch::Tensor conv(torch::Tensor x, double inv, std::vector<int64_t> geom, torch
   // output rows per job: about 2^16 / Kp pixels (their int32 block within 256 KB), whole rows, and
   // no fewer jobs than threads
   const int64_t threads = at::get_num_threads();
-  a.rows = rows > 0 ? rows : std::max<int64_t>(1, (((int64_t)1 << 16) / a.Kp) / a.Wq);
+  a.rows = rows > 0 ? rows : std::max<int64_t>(1, (((int64_t)1 << 16) / a.Kp) / a.OW);
   a.rows = std::min(a.rows, std::max<int64_t>(1, (N * a.OH + threads - 1) / threads));
   const int64_t per_image = (a.OH + a.rows - 1) / a.rows;
   at::parallel_for(0, N * per_image, 1, [&](int64_t j0, int64_t j1) {
