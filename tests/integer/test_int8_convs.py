@@ -118,7 +118,7 @@ def test_int8_convs_skip_and_bad_input():
 def test_int8_convs_calls_tensors_tuples_and_dicts():
     conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1))
     x = torch.randn(2, 3, 8, 8)
-    for calib in ([x], [(x,)], [{"input": x}]):
+    for calib in (x, [x], [(x,)], [{"input": x}]):
         q = int8_convs(conv, calib)
         assert isinstance(q[0], Int8Conv2d) and float(q[0].input_inv) == pytest.approx(127 / float(x.abs().max()))
 

@@ -112,7 +112,8 @@ def int8_convs(model: nn.Module, calib_batches: Iterable, *, skip: Iterable[str]
                ) -> nn.Module:
     """A copy of ``model`` whose ``nn.Conv2d`` layers are :class:`Int8Conv2d` (float in and out,
     int8 inside), their input scales calibrated on ``calib_batches``: model inputs, each a tensor
-    (``model(batch)``), a tuple / list (``model(*batch)``) or a dict (``model(**batch)``).
+    (``model(batch)``), a tuple / list (``model(*batch)``) or a dict (``model(**batch)``); one tensor
+    is one batch.
 
     Convs named in ``skip``, convs the kernel cannot run (grouped, string padding, other padding
     modes, not float32 on the CPU) and convs the calibration never reached or only saw zeros stay
@@ -121,6 +122,8 @@ def int8_convs(model: nn.Module, calib_batches: Iterable, *, skip: Iterable[str]
 
     from tqdm.auto import tqdm
 
+    if isinstance(calib_batches, torch.Tensor):
+        calib_batches = [calib_batches]
     skip = set(skip)
     convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     unknown = skip - set(convs)
