@@ -138,3 +138,19 @@ def test_the_committed_ddpm_keeps_its_noise_prediction():
     x, t, y = inputs(8)
     with torch.no_grad():
         assert sqnr(q(x, t, y), model(x, t, y)) > 25
+
+
+def test_a_diffusers_unet_with_keyword_batches():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1,
+                                 block_out_channels=(32, 64), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8).eval()
+    calib = [{"sample": torch.randn(4, 3, 16, 16), "timestep": torch.full((4,), s)} for s in (10, 500, 900)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                   # every conv converts
+        q = int8_convs(unet, calib)
+    assert sum(isinstance(m, Int8Conv2d) for m in q.modules()) == sum(isinstance(m, nn.Conv2d) for m in unet.modules())
+    x, t = torch.randn(4, 3, 16, 16), torch.full((4,), 10)
+    with torch.no_grad():
+        assert sqnr(q(x, t).sample, unet(x, t).sample) > 20
