@@ -70,6 +70,17 @@ def test_int8_conv2d_follows_its_buffers_when_they_change():
     assert torch.equal(layer(x), layer.forward_torch(x))
 
 
+def test_a_used_int8_conv2d_pickles_and_copies():
+    import copy
+    import pickle
+
+    layer = Int8Conv2d("c", nn.Conv2d(4, 8, 3, padding=1), 1.0)
+    x = torch.randn(1, 4, 5, 5)
+    y = layer(x)
+    for twin in (pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer)):
+        assert torch.equal(twin(x), y)
+
+
 def test_int8_conv2d_without_the_kernel_runs_the_definition(no_compiler):
     no_compiler(int_graph)
     conv = nn.Conv2d(8, 16, 3, padding=1)

@@ -71,6 +71,11 @@ class Int8Conv2d(nn.Module):
 
         return cpu.cached_on(self, "_kernel_fn", key, make)
 
+    def __getstate__(self):  # the bound kernel is a closure over this process's build: not pickled
+        state = dict(super().__getstate__())
+        state.pop("_kernel_fn", None)
+        return state
+
     def forward_torch(self, x: torch.Tensor) -> torch.Tensor:
         """The definition: codes, the integer conv (int32), times the accumulator's scale."""
         self._check(x)
