@@ -172,12 +172,10 @@ inline void transpose16(__m512 (&r)[16]) {
   }
 }
 
-// mode 3 on np pixels p0 .. of one image, OW to a row, output row r's pixels at buffer rows
-// r * row_stride .. (the conv's buffer keeps dropped columns): tiles of 16 pixels (across output rows)
-// x 16 channels, converted and scaled per pixel, transposed, and stored as 16 runs of pixels, one per
-// channel row of the NCHW output
-void epilogue_float_rows(const Epi& e, int64_t p0, int64_t np, int64_t OW, const int32_t* z, int64_t row_stride,
-                         int64_t ldz) {
+// mode 3 on np pixels p0 .. of one image (rows ldz apart in z): tiles of 16 pixels x 16 channels,
+// converted and scaled per pixel, transposed, and stored as 16 runs of pixels, one per channel row of
+// the NCHW output
+void epilogue_float_tiles(const Epi& e, int64_t p0, int64_t np, const int32_t* z, int64_t ldz) {
   float* y = (float*)e.y + (p0 / e.hw) * e.K * e.hw + p0 % e.hw;
   for (int64_t k = 0; k < e.K; k += 16) {
     const int64_t kn = std::min<int64_t>(16, e.K - k);
@@ -186,11 +184,9 @@ void epilogue_float_rows(const Epi& e, int64_t p0, int64_t np, int64_t OW, const
     for (int64_t j0 = 0; j0 < np; j0 += 16) {
       const int64_t pn = std::min<int64_t>(16, np - j0);
       __m512 r[16];
-      for (int i = 0; i < 16; ++i) {  // cvtepi32_ps rounds to nearest, as torch's int -> float
-        const int64_t j = j0 + i, at = (j / OW) * row_stride + j % OW;
-        r[i] = i < pn ? _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(mk, z + at * ldz + k)), s)
+      for (int i = 0; i < 16; ++i)  // cvtepi32_ps rounds to nearest, as torch's int -> float
+        r[i] = i < pn ? _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(mk, z + (j0 + i) * ldz + k)), s)
                       : _mm512_setzero_ps();
-      }
       transpose16(r);
       const __mmask16 mp = (__mmask16)((1u << pn) - 1);
       for (int64_t c = 0; c < kn; ++c) _mm512_mask_storeu_ps(y + (k + c) * e.hw + j0, mp, r[c]);
@@ -201,7 +197,7 @@ void epilogue_float_rows(const Epi& e, int64_t p0, int64_t np, int64_t OW, const
 // 16-channel groups outer, pixels inner (the group's tables stay in registers); each pixel's 16
 // codes leave in one store
 void epilogue(const Epi& e, int64_t p0, int64_t np, const void* z, int z32, int64_t ldz) {
-  if (e.mode == 3) { epilogue_float_rows(e, p0, np, np, (const int32_t*)z, np, ldz); return; }
+  if (e.mode == 3) { epilogue_float_tiles(e, p0, np, (const int32_t*)z, ldz); return; }  // z: the conv's int32 block
   if (e.mode == 0) {  // the accumulator as it is (the conv's int32 block)
     for (int64_t i = 0; i < np; ++i)
       if (z32) std::memcpy((int32_t*)e.y + (p0 + i) * e.K, (const int32_t*)z + i * ldz, e.K * 4);
@@ -338,9 +334,7 @@ void conv_rows_t(const ConvArgs& a, int64_t b, int64_t oy0, int64_t oy1) {
   for (int64_t kb = 0; kb < a.Kp / 16; kb += NB)
     for (int64_t blk = 0; blk < nblk; ++blk)
       block(a, img, poff.data() + blk * TB, kb, buf.data() + blk * TB * a.Kp, a.Kp);
-  const int64_t p0 = (b * a.OH + oy0) * a.OW;
-  if (a.e.mode == 3) epilogue_float_rows(a.e, p0, np, np, buf.data(), np, a.Kp);
-  else epilogue(a.e, p0, np, buf.data(), 1, a.Kp);
+  epilogue(a.e, (b * a.OH + oy0) * a.OW, np, buf.data(), 1, a.Kp);
 }
 
 void conv_rows(const ConvArgs& a, int64_t b, int64_t oy0, int64_t oy1) {
@@ -435,19 +429,17 @@ uint8_t* input_planes(const torch::Tensor& x, const ConvArgs& a, int64_t ph, int
   uint8_t* xpd = planes.data();
   if (!fills_map) std::memset(xpd, 128, plane_bytes);
   std::atomic<bool> out_of_range{false};
+  auto code = [&](int64_t i) -> uint8_t {  // element i's code + 128
+    if (f32) return float_code(xf[i], finv);
+    const int32_t v = i8 ? x8[i] : x32[i];
+    if (v < -128 || v > 127) out_of_range = true;
+    return (uint8_t)(v + 128);
+  };
   // channel rows: byte j of each dword of a plane row from one input row (a channel past C: code 0)
   auto channel_row = [&](uint8_t* d, int j, const int64_t* off, int64_t n) {
     if (!off) { for (int64_t w = 0; w < n; ++w) d[4 * w + j] = 128; return; }
     if (f32 && isa == "avx512-vnni") { graph_vnni::quantize_row_byte(d, xf + *off, j, n, finv); return; }
-    bool bad = false;
-    for (int64_t w = 0; w < n; ++w) {
-      const int64_t i = *off + w;
-      if (f32) { d[4 * w + j] = float_code(xf[i], finv); continue; }
-      const int32_t v = i8 ? x8[i] : x32[i];
-      bad |= v < -128 || v > 127;
-      d[4 * w + j] = (uint8_t)(v + 128);
-    }
-    if (bad) out_of_range = true;
+    for (int64_t w = 0; w < n; ++w) d[4 * w + j] = code(*off + w);
   };
   if (fills_map)  // plane by plane: NCHW input is then read channel after channel, in its own order
     at::parallel_for(0, N * s4, 1, [&](int64_t p0, int64_t p1) {
@@ -480,16 +472,7 @@ uint8_t* input_planes(const torch::Tensor& x, const ConvArgs& a, int64_t ph, int
         if (whole_rows) { offset_copy_pixel(row + w * 4, x8 + src, C, a.plane * 4); continue; }
         for (int64_t q = 0; q < s4; ++q) {  // a channel quad per plane (the last one may be short)
           uint8_t* d = row + (q * a.plane + w) * 4;
-          for (int64_t c = 4 * q; c < std::min(C, 4 * q + 4); ++c) {
-            if (f32) { d[c - 4 * q] = float_code(xf[src + c * sC], finv); continue; }
-            int32_t v;
-            if (i8) v = x8[src + c * sC];
-            else {
-              v = x32[src + c * sC];
-              if (v < -128 || v > 127) out_of_range = true;
-            }
-            d[c - 4 * q] = (uint8_t)(v + 128);
-          }
+          for (int64_t c = 4 * q; c < std::min(C, 4 * q + 4); ++c) d[c - 4 * q] = code(src + c * sC);
         }
       }
     }
