@@ -53,10 +53,11 @@ class _AOConv(nn.Module):
 
 
 def _swap_convs(model: nn.Module, make) -> nn.Module:
+    from winoq.api import _replace
+
     model = copy.deepcopy(model)
     for name, conv in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, make(conv))
+        _replace(model, name, make(conv))
     return model
 
 
@@ -138,9 +139,10 @@ def main(argv=None):
     fp = load_default_ddpm().eval()
     schedule = default_ddpm_schedule()
     t0 = time.perf_counter()
-    calib = list(calibration_inputs(fp, schedule, args.calib, steps=args.steps, seed=0).batches(64))
+    calib_set = calibration_inputs(fp, schedule, args.calib, steps=args.steps, seed=0)
+    calib = list(calib_set.batches(64))
     t1 = time.perf_counter()
-    models = {"float32": fp, "winoq int8 convs": int8_convs(fp, calib)}
+    models = {"float32": fp, "winoq int8 convs": int8_convs(fp, calib_set)}
     convert_s = {"calibration inputs": t1 - t0, "winoq int8 convs": time.perf_counter() - t1}
     for engine in args.engines:
         t1 = time.perf_counter()

@@ -40,7 +40,7 @@ class TinyUNet(nn.Module):
 
 def batches(n=3, size=4):
     gen = torch.Generator().manual_seed(0)
-    return [(torch.randn(size, 3, 12, 12, generator=gen), torch.rand(size, generator=gen)) for _ in range(n)]
+    return [{"x": torch.randn(size, 3, 12, 12, generator=gen), "t": torch.rand(size, generator=gen)} for _ in range(n)]
 
 
 def test_int8_conv2d_forward_equals_its_definition_and_the_float_conv():
@@ -110,9 +110,9 @@ def test_int8_convs_copies_swaps_and_warns_about_what_stays_float():
     assert isinstance(model.conv_in, nn.Conv2d)                      # the model itself is unchanged
     swapped = {n for n, m in q.named_modules() if isinstance(m, Int8Conv2d)}
     assert swapped == {"conv_in", "conv_mid", "proj"}
-    x, t = batches(1, 8)[0]
+    b = batches(1, 8)[0]
     with torch.no_grad():
-        assert sqnr(q(x, t), model(x, t)) > 25
+        assert sqnr(q(**b), model(**b)) > 25
 
 
 def test_int8_convs_skip_and_bad_input():
@@ -122,8 +122,15 @@ def test_int8_convs_skip_and_bad_input():
     assert isinstance(q.proj, nn.Conv2d) and isinstance(q.conv_in, Int8Conv2d)
     with pytest.raises(ValueError, match="skip names no conv of the model: \\['nope'\\]"):
         int8_convs(model, batches(), skip=["nope"])
-    with pytest.raises(ValueError, match="calib_batches is empty"):
+    with pytest.raises(ValueError, match="held no batch"):
         int8_convs(model, [])
+
+
+def test_a_bare_conv_comes_back_as_an_int8_conv():
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    x = torch.randn(2, 3, 8, 8)
+    q = int8_convs(conv, x)
+    assert isinstance(q, Int8Conv2d) and torch.equal(q(x), q.forward_torch(x))
 
 
 def test_int8_convs_calls_tensors_tuples_and_dicts():
@@ -144,7 +151,7 @@ def test_the_committed_ddpm_keeps_its_noise_prediction():
         return (torch.randn(n, 1, 28, 28, generator=gen), torch.randint(0, 1000, (n,), generator=gen),
                 torch.randint(0, 10, (n,), generator=gen))
 
-    q = int8_convs(model, [inputs(8) for _ in range(4)])
+    q = int8_convs(model, [dict(zip("xty", inputs(8))) for _ in range(4)])
     assert sum(isinstance(m, Int8Conv2d) for m in q.modules()) == 43
     x, t, y = inputs(8)
     with torch.no_grad():

@@ -49,7 +49,7 @@ class Int8Conv2d(nn.Module):
         return self._kernel() is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype is torch.float32 and x.dim() == 4 and x.shape[1] == self.in_channels and not x.is_cuda:
+        if x.dtype is torch.float32 and x.dim() == 4 and x.shape[1] == self.in_channels and x.device.type == "cpu":
             run = self._kernel()
             if run is not None:
                 return run(x)
@@ -105,20 +105,13 @@ def unsupported_reason(conv: nn.Conv2d) -> str | None:
     return None
 
 
-def _call(model: nn.Module, batch):
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
-
-
-def int8_convs(model: nn.Module, calib_batches: Iterable, *, skip: Iterable[str] = (), progress: bool = False
+def int8_convs(model: nn.Module, calib_batches, *, skip: Iterable[str] = (), progress: bool = False
                ) -> nn.Module:
     """A copy of ``model`` whose ``nn.Conv2d`` layers are :class:`Int8Conv2d` (float in and out,
-    int8 inside), their input scales calibrated on ``calib_batches``: model inputs, each a tensor
-    (``model(batch)``), a tuple / list (``model(*batch)``) or a dict (``model(**batch)``); one tensor
-    is one batch.
+    int8 inside), their input scales calibrated on ``calib_batches``: any form ``winoq.quantize``'s
+    ``calib_data`` takes (:mod:`winoq.calibration`: a tensor, batches of tensors, ``(input, target)``
+    pairs or keyword dicts, a ``winoq.diffusion.CalibrationSet``, or a function ``run(model)``).
+    A model that is itself a conv comes back as an ``Int8Conv2d``.
 
     Convs named in ``skip``, convs the kernel cannot run (grouped, string padding, other padding
     modes, not float32 on the CPU) and convs the calibration never reached or only saw zeros stay
@@ -127,8 +120,8 @@ def int8_convs(model: nn.Module, calib_batches: Iterable, *, skip: Iterable[str]
 
     from tqdm.auto import tqdm
 
-    if isinstance(calib_batches, torch.Tensor):
-        calib_batches = [calib_batches]
+    from ..api import _replace
+
     skip = set(skip)
     convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     unknown = skip - set(convs)
@@ -136,16 +129,15 @@ def int8_convs(model: nn.Module, calib_batches: Iterable, *, skip: Iterable[str]
         raise ValueError(f"skip names no conv of the model: {sorted(unknown)}; convs: {sorted(convs)[:8]} ...")
     kept = {n: "skipped" for n in skip}
     kept.update({n: why for n, m in convs.items() if n not in kept and (why := unsupported_reason(m))})
-    amax = _calibrated_amax(model, {n: m for n, m in convs.items() if n not in kept}, calib_batches, progress)
+    amax = _calibrated_amax(model, {n: m for n, m in convs.items() if n not in kept}, calib_batches)
     for n in convs:
         if n not in kept and amax.get(n, 0.0) <= 0.0:
             kept[n] = "no calibration batch reached it" if n not in amax else "its calibration input was all zeros"
     out = copy.deepcopy(model)
-    swap = [n for n in convs if n not in kept]
-    for n in tqdm(swap, desc="int8 convs", unit="conv", disable=not progress):
-        parent, _, child = n.rpartition(".")
-        holder = out.get_submodule(parent) if parent else out
-        setattr(holder, child, Int8Conv2d(n, convs[n], amax[n]))
+    for n in tqdm([n for n in convs if n not in kept], desc="int8 convs", unit="conv", disable=not progress):
+        if not n:  # the model is the conv
+            return Int8Conv2d(n, model, amax[n])
+        _replace(out, n, Int8Conv2d(n, convs[n], amax[n]))
     if kept:
         warnings.warn(f"{len(kept)} of {len(convs)} convs stay float: "
                       + "; ".join(f"{n} ({why})" for n, why in list(kept.items())[:10])
@@ -153,9 +145,9 @@ def int8_convs(model: nn.Module, calib_batches: Iterable, *, skip: Iterable[str]
     return out
 
 
-def _calibrated_amax(model: nn.Module, convs: dict, calib_batches: Iterable, progress: bool) -> dict[str, float]:
+def _calibrated_amax(model: nn.Module, convs: dict, calib_batches) -> dict[str, float]:
     """The largest |input| of each conv in ``convs`` over the batches (float model, no gradients)."""
-    from tqdm.auto import tqdm
+    from ..calibration import run_calibration
 
     amax: dict[str, float] = {}
 
@@ -165,17 +157,11 @@ def _calibrated_amax(model: nn.Module, convs: dict, calib_batches: Iterable, pro
         return record
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in convs.items()]
-    seen = 0
     try:
-        with torch.no_grad():
-            for batch in tqdm(calib_batches, desc="calibrating", unit="batch", disable=not progress):
-                _call(model, batch)
-                seen += 1
+        run_calibration(model, calib_batches)
     finally:
         for h in handles:
             h.remove()
-    if seen == 0:
-        raise ValueError("calib_batches is empty: pass model inputs (tensors, tuples of arguments or dicts)")
     return amax
 
 
