@@ -114,9 +114,13 @@ def test_forward_integer_refuses_floats(r20):
                                   ((3, 2), (2, 1), (1, 0), 1, False), (3, None, 0, 1, False), (3, 2, 1, 1, True)])
 def test_int8_max_pool_equals_torch(args):
     x = torch.randint(-128, 128, (2, 5, 11, 13), dtype=torch.int8)
-    for t in (x, x.contiguous(memory_format=torch.channels_last)):
-        y = L.MaxPool(*args)(t)
-        assert y.dtype == torch.int8 and torch.equal(y.int(), torch.nn.functional.max_pool2d(t.int(), *args))
+    pool = L.MaxPool(*args)
+    for kind in ("auto", "torch"):  # the compiled pool (where built) and the PyTorch ops
+        pool.kernel = kind
+        for t in (x, x.contiguous(memory_format=torch.channels_last)):
+            y = pool(t)
+            assert y.dtype == torch.int8 and torch.equal(y.int(), torch.nn.functional.max_pool2d(t.int(), *args))
+            assert y.is_contiguous(memory_format=torch.channels_last) == t.is_contiguous(memory_format=torch.channels_last)
 
 
 @needs_build

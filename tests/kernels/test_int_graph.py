@@ -283,3 +283,27 @@ def test_quantize_input_equals_the_integer_models_definition():
             assert torch.equal(y.to(torch.int32), ref)
     with pytest.raises(ValueError, match="float32"):
         int_graph.quantize_input(x.double(), 0.1, 127)
+
+
+@needs_build
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("c, k, s, p, hw", [(64, 3, 2, 1, (12, 12)), (3, 3, 2, 1, (7, 9)), (130, 2, 2, 0, (6, 5)),
+                                            (65, (3, 2), (2, 1), (1, 0), (8, 7)), (1, 5, 1, 2, (5, 5)),
+                                            (16, 3, 3, 1, (1, 1))])
+def test_max_pool_equals_torch(isa, c, k, s, p, hw):
+    x = codes((2, c, *hw), lo=-128, hi=127, dtype=torch.int8)
+    pair = lambda v: (v, v) if isinstance(v, int) else v  # noqa: E731
+    ref = torch.nn.functional.max_pool2d(x.int(), k, s, p)
+    for layout in (x, x.contiguous(memory_format=torch.channels_last)):
+        y = int_graph.max_pool(layout, pair(k), pair(s), pair(p), isa=isa)
+        assert y.dtype == torch.int8 and y.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(y.int(), ref)
+
+
+@needs_build
+def test_max_pool_errors():
+    x = codes((1, 4, 6, 6), dtype=torch.int8)
+    with pytest.raises(ValueError, match="int8"):
+        int_graph.max_pool(x.int(), (2, 2), (2, 2), (0, 0))
+    with pytest.raises(RuntimeError, match="padding"):
+        int_graph.max_pool(x, (2, 2), (2, 2), (2, 2))

@@ -165,9 +165,13 @@ def _pair(v) -> tuple[int, int]:
 
 
 class MaxPool(nn.Module):
+    """``max_pool2d`` of codes. ``kernel``: "auto" runs int8 codes on the compiled pool
+    (:func:`winoq.kernels.int_graph.max_pool`) where it can, "torch" on PyTorch ops."""
+
     def __init__(self, kernel_size, stride, padding, dilation, ceil_mode):
         super().__init__()
         self.args = (kernel_size, stride, padding, dilation, ceil_mode)
+        self.kernel = "auto"
 
     def forward(self, x):
         if x.dtype == torch.int8:  # torch's integer max pool counts positions in the input's type (int8 fails)
@@ -181,6 +185,12 @@ class MaxPool(nn.Module):
         k, s, p, d = (_pair(v) for v in (k, k if s is None or s == [] else s, p, d))
         if ceil or d != (1, 1):
             return F.max_pool2d(x.int(), *self.args).to(torch.int8)
+        if x.device.type == "cpu" and getattr(self, "kernel", "auto") == "auto":
+            from ..kernels import int_graph
+
+            if int_graph.available():  # the compiled pool: channels-last, 64 channels per instruction
+                y = int_graph.max_pool(x, k, s, p)
+                return y if x.is_contiguous(memory_format=torch.channels_last) else y.contiguous()
         oh, ow = (x.shape[2] + 2 * p[0] - k[0]) // s[0] + 1, (x.shape[3] + 2 * p[1] - k[1]) // s[1] + 1
         xp = F.pad(x, (p[1], p[1], p[0], p[0]), value=-128)
         out = None

@@ -1,6 +1,6 @@
 """Compiled steps of integer-only graphs besides the Winograd step: the direct integer conv
-(:class:`winoq.integer.layers.IntConv2d`) with its requantization fused in, and the requantization
-and residual add on their own (``csrc/int_graph.cpp``).
+(:class:`winoq.integer.layers.IntConv2d`) with its requantization fused in, the requantization
+and residual add on their own, and the max pool of int8 codes (``csrc/int_graph.cpp``).
 
 Every function returns exactly what the PyTorch steps return (the same integers), in the layout
 fast kernels pass between layers: channels-last, int8 activation codes (or the int32 accumulator).
@@ -195,6 +195,18 @@ def quantize_input(x: torch.Tensor, scale: float, qmax: int) -> torch.Tensor:
     if x.dtype != torch.float32 or x.dim() != 4:
         raise ValueError(f"quantize_input takes (N, C, H, W) float32, got {x.dtype} {tuple(x.shape)}")
     return mod.quantize_input(x, float(scale), int(qmax))
+
+
+def max_pool(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+             isa: str = "") -> torch.Tensor:
+    """``F.max_pool2d`` of int8 codes ``x`` (floor mode, no dilation; any layout), int8 channels-last
+    out: the positions outside the image never win, as in PyTorch's padding with -inf."""
+    mod = load()
+    if mod is None:
+        raise RuntimeError("the compiled integer-graph kernels are not built (run setup.sh)")
+    if x.dtype != torch.int8 or x.dim() != 4:
+        raise ValueError(f"max_pool takes (N, C, H, W) int8 codes, got {x.dtype} {tuple(x.shape)}")
+    return mod.max_pool(x, *kernel, *stride, *padding, isa)
 
 
 def requantize(z: torch.Tensor, epilogue: Epilogue, other: torch.Tensor | None = None, isa: str = "") -> torch.Tensor:

@@ -344,6 +344,23 @@ void conv_rows(const ConvArgs& a, int64_t b, int64_t oy0, int64_t oy1) {
   else conv_rows_t<16, 1>(a, b, oy0, oy1);
 }
 
+// max pool, one output row: out[ox][c] = max over the window's positions inside the image of x[y][x][c]
+// (channels-last int8 rows of C bytes; the positions outside count as -128, which never wins), 64
+// channels per instruction
+void max_pool_row(const int8_t* x, int8_t* out, int64_t C, int64_t H, int64_t W, int64_t OW, int64_t y0, int64_t y1,
+                  int64_t kw, int64_t sw, int64_t pw) {
+  for (int64_t ox = 0; ox < OW; ++ox) {
+    const int64_t x0 = std::max<int64_t>(0, ox * sw - pw), x1 = std::min<int64_t>(W, ox * sw - pw + kw);
+    for (int64_t c = 0; c < C; c += 64) {
+      const __mmask64 m = C - c >= 64 ? ~0ull : (1ull << (C - c)) - 1;
+      __m512i v = _mm512_set1_epi8(-128);
+      for (int64_t y = y0; y < y1; ++y)
+        for (int64_t xx = x0; xx < x1; ++xx) v = _mm512_max_epi8(v, _mm512_maskz_loadu_epi8(m, x + (y * W + xx) * C + c));
+      _mm512_mask_storeu_epi8(out + ox * C + c, m, v);
+    }
+  }
+}
+
 }  // namespace graph_vnni
 #pragma GCC pop_options
 
@@ -591,12 +608,48 @@ torch::Tensor quantize_input(torch::Tensor x, double scale, int64_t qmax) {
   return y;
 }
 
+// max_pool2d of int8 codes (N, C, H, W), any layout, floor mode, no dilation: int8 channels-last out.
+torch::Tensor max_pool(torch::Tensor x, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+                       std::string isa) {
+  TORCH_CHECK(x.dim() == 4 && x.dtype() == torch::kInt8, "max_pool: (N, C, H, W) int8 codes");
+  TORCH_CHECK(kh > 0 && kw > 0 && sh > 0 && sw > 0 && ph >= 0 && pw >= 0 && 2 * ph <= kh && 2 * pw <= kw,
+              "max_pool: kernel and stride > 0, 0 <= padding <= kernel / 2 (as max_pool2d)");
+  isa = winoq_isa::checked(isa);
+  x = x.contiguous(at::MemoryFormat::ChannelsLast);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t OH = (H + 2 * ph - kh) / sh + 1, OW = (W + 2 * pw - kw) / sw + 1;
+  TORCH_CHECK(OH > 0 && OW > 0, "max_pool: the output would be empty");
+  auto y = torch::empty({N, C, OH, OW}, torch::TensorOptions().dtype(torch::kInt8).memory_format(at::MemoryFormat::ChannelsLast));
+  const int8_t* xd = x.data_ptr<int8_t>();
+  int8_t* yd = y.data_ptr<int8_t>();
+  at::parallel_for(0, N * OH, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / OH, oy = r % OH;
+      const int64_t y0 = std::max<int64_t>(0, oy * sh - ph), y1 = std::min<int64_t>(H, oy * sh - ph + kh);
+      const int8_t* img = xd + b * H * W * C;
+      int8_t* out = yd + r * OW * C;
+      if (isa == "avx512-vnni") { graph_vnni::max_pool_row(img, out, C, H, W, OW, y0, y1, kw, sw, pw); continue; }
+      for (int64_t ox = 0; ox < OW; ++ox) {
+        const int64_t x0 = std::max<int64_t>(0, ox * sw - pw), x1 = std::min<int64_t>(W, ox * sw - pw + kw);
+        for (int64_t c = 0; c < C; ++c) {
+          int8_t v = -128;
+          for (int64_t yy = y0; yy < y1; ++yy)
+            for (int64_t xx = x0; xx < x1; ++xx) v = std::max(v, img[(yy * W + xx) * C + c]);
+          out[ox * C + c] = v;
+        }
+      }
+    }
+  });
+  return y;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("quantize_input", &quantize_input, "an integer model's input quantization, int8 channels-last out");
   mod.def("pack", &pack, "pack int8 weight codes of a direct integer conv");
   mod.def("conv", &conv, "direct integer conv with a fused requantization epilogue");
+  mod.def("max_pool", &max_pool, "max_pool2d of int8 codes, channels-last out");
   mod.def("requantize", &requantize, "requantization / residual add of integer-graph values");
   mod.def("best_isa", &winoq_isa::best, "instruction set the kernels pick on this CPU");
 }
