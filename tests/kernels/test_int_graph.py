@@ -271,14 +271,19 @@ def test_conv_float_two_threads():
 
 
 @needs_build
-def test_quantize_input_equals_the_integer_models_definition():
+@pytest.mark.parametrize("isa", ISAS)
+def test_quantize_input_equals_the_integer_models_definition(isa):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 17, 19, generator=gen) * 3
     x[0, 0, 0, :8] = torch.tensor([0.125, 0.375, 0.625, -0.125, -0.375, 31.875, 40.0, -40.0])  # ties at scale 1/4
-    for scale, qmax in ((0.25, 31), (0.0371, 127), (1e-3, 127)):
+    x[1, 2, 3, :5] = torch.tensor([float("inf"), -float("inf"), 3e38, -3e38, 1e-40])
+    # quotients by 0.1 close to half-integers (float32 inputs: about 1e-8 away); the exact ties above (scale
+    # 1/4) take the kernel's division path
+    x[1, 0, 0, :] = (torch.arange(19, dtype=torch.float64) + 0.5).mul(0.1).float()
+    for scale, qmax in ((0.25, 31), (0.0371, 127), (1e-3, 127), (0.1, 127), (1 / 3, 127)):
         ref = torch.round(x.double() / scale).clamp(-qmax, qmax).to(torch.int32)
         for layout in (x, x.contiguous(memory_format=torch.channels_last), x.transpose(2, 3).contiguous().transpose(2, 3)):
-            y = int_graph.quantize_input(layout, scale, qmax)
+            y = int_graph.quantize_input(layout, scale, qmax, isa=isa)
             assert y.dtype == torch.int8 and y.is_contiguous(memory_format=torch.channels_last)
             assert torch.equal(y.to(torch.int32), ref)
     with pytest.raises(ValueError, match="float32"):

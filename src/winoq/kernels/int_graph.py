@@ -186,7 +186,7 @@ def _bound(step) -> tuple:
     return mod, (geom, wp, wq, w0, step.bias)
 
 
-def quantize_input(x: torch.Tensor, scale: float, qmax: int) -> torch.Tensor:
+def quantize_input(x: torch.Tensor, scale: float, qmax: int, isa: str = "") -> torch.Tensor:
     """An integer model's input quantization (``IntegerModel.quantize_input``: ``clamp(round(double(x) /
     scale), -qmax, qmax)``, the same integers) as int8 channels-last codes, in one pass; ``x`` float32."""
     mod = load()
@@ -194,7 +194,7 @@ def quantize_input(x: torch.Tensor, scale: float, qmax: int) -> torch.Tensor:
         raise RuntimeError("the compiled integer-graph kernels are not built (run setup.sh)")
     if x.dtype != torch.float32 or x.dim() != 4:
         raise ValueError(f"quantize_input takes (N, C, H, W) float32, got {x.dtype} {tuple(x.shape)}")
-    return mod.quantize_input(x, float(scale), int(qmax))
+    return mod.quantize_input(x, float(scale), int(qmax), isa)
 
 
 def max_pool(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],

@@ -344,6 +344,50 @@ void conv_rows(const ConvArgs& a, int64_t b, int64_t oy0, int64_t oy1) {
   else conv_rows_t<16, 1>(a, b, oy0, oy1);
 }
 
+// An integer model's input quantization (quantize_input's definition): the codes
+// clamp(round_half_even(double(x) / scale), -lim, lim) of 8 values. The quotient is taken as
+// x * (1 / scale), within 2^-52 of x / scale relative; when a value (clamped: at most 127) lies within
+// 2^-40 of a half-integer, where that could change the rounding, the 8 are redone with the division.
+struct InputCodes {
+  __m512d inv, s, lo, hi, half, tol, magnitude;
+  InputCodes(double scale, double lim)
+      : inv(_mm512_set1_pd(1.0 / scale)), s(_mm512_set1_pd(scale)), lo(_mm512_set1_pd(-lim)), hi(_mm512_set1_pd(lim)),
+        half(_mm512_set1_pd(0.5)), tol(_mm512_set1_pd(std::ldexp(1.0, -40))),
+        magnitude(_mm512_castsi512_pd(_mm512_set1_epi64(0x7FFFFFFFFFFFFFFFll))) {}
+  __m256i operator()(__m256 xf) const {
+    const __m512d x = _mm512_cvtps_pd(xf);
+    __m512d v = _mm512_min_pd(_mm512_max_pd(_mm512_mul_pd(x, inv), lo), hi);
+    const __m512d frac = _mm512_sub_pd(v, _mm512_roundscale_pd(v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
+    if (_mm512_cmp_pd_mask(_mm512_and_pd(_mm512_sub_pd(frac, half), magnitude), tol, _CMP_LT_OQ))
+      v = _mm512_min_pd(_mm512_max_pd(_mm512_div_pd(x, s), lo), hi);
+    return _mm512_cvtpd_epi32(_mm512_roundscale_pd(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+};
+
+// one image row's codes in channels-last order, out[w C + c], from channel rows x[c sC + w] (offsets
+// below 2^31): 16 codes per step, their floats gathered. Output bytes j and j + 16 C are the same
+// channel 16 pixels apart, so C offset vectors serve the whole row.
+void quantize_row_gather(const float* x, int64_t sC, int64_t C, int64_t W, const InputCodes& q, int8_t* out) {
+  thread_local std::vector<int32_t> base;
+  base.resize((size_t)C * 16);
+  int32_t* bp = base.data();
+  for (int64_t j = 0; j < 16 * C; ++j) bp[j] = (int32_t)((j % C) * sC + j / C);
+  const __m512i step = _mm512_set1_epi32(16);
+  const int64_t n = C * W;
+  for (int64_t j0 = 0; j0 < n; j0 += 16 * C) {
+    const __m512i shift = _mm512_mullo_epi32(step, _mm512_set1_epi32((int32_t)(j0 / (16 * C))));
+    for (int64_t i = 0; i < C && j0 + 16 * i < n; ++i) {
+      const int64_t j = j0 + 16 * i, left = std::min<int64_t>(16, n - j);
+      const __mmask16 m = (__mmask16)(left >= 16 ? 0xFFFF : (1u << left) - 1);
+      const __m512i idx = _mm512_add_epi32(_mm512_loadu_si512(bp + 16 * i), shift);
+      const __m512 f = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, x, 4);
+      const __m256i a = q(_mm512_castps512_ps256(f)), b = q(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f), 1)));
+      const __m512i codes = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
+      _mm_mask_storeu_epi8(out + j, m, _mm512_cvtepi32_epi8(codes));
+    }
+  }
+}
+
 // max pool, one output row: out[ox][c] = max over the window's positions inside the image of x[y][x][c]
 // (channels-last int8 rows of C bytes; the positions outside count as -128, which never wins), 64
 // channels per instruction
@@ -581,26 +625,33 @@ torch::Tensor requantize(torch::Tensor z, int64_t mode, std::vector<torch::Tenso
 
 // The integer model's one float -> integer step (IntegerModel.quantize_input) with int8 codes out:
 // clamp(round_half_even(double(x) / scale), -qmax, qmax), channels-last, for the first layer's copy.
-torch::Tensor quantize_input(torch::Tensor x, double scale, int64_t qmax) {
+torch::Tensor quantize_input(torch::Tensor x, double scale, int64_t qmax, std::string isa) {
   TORCH_CHECK(x.dim() == 4 && x.dtype() == torch::kFloat, "quantize_input: (N, C, H, W) float32");
   TORCH_CHECK(qmax >= 0 && qmax <= 127, "quantize_input: int8 codes need qmax <= 127");
+  isa = winoq_isa::checked(isa);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t sN = x.stride(0), sC = x.stride(1), sH = x.stride(2), sW = x.stride(3);
   auto y = torch::empty({N, C, H, W}, torch::TensorOptions().dtype(torch::kInt8).memory_format(at::MemoryFormat::ChannelsLast));
   const float* xd = x.data_ptr<float>();
   int8_t* yd = y.data_ptr<int8_t>();
   const double lim = (double)qmax;
+  // each channel's row contiguous, offsets within int32: the vector path
+  const bool gather = isa == "avx512-vnni" && sW == 1 && (C - 1) * std::abs(sC) + W < ((int64_t)1 << 31) && sC >= 0;
   at::parallel_for(0, N * H, 1, [&](int64_t r0, int64_t r1) {
     volatile double big = 6755399441055744.0;  // 1.5 * 2^52: (v + big) - big rounds |v| < 2^51 half to even
     const double bg = big;
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / H, h = r % H;
+      int8_t* row = yd + r * W * C;
+      if (gather) {
+        graph_vnni::quantize_row_gather(xd + b * sN + h * sH, sC, C, W, graph_vnni::InputCodes(scale, lim), row);
+        continue;
+      }
       for (int64_t c = 0; c < C; ++c) {
         const float* src = xd + b * sN + c * sC + h * sH;
-        int8_t* dst = yd + (r * W) * C + c;
         for (int64_t w = 0; w < W; ++w) {  // clamping first equals clamping after: the bounds are integers
           const double v = std::min(std::max((double)src[w * sW] / scale, -lim), lim);
-          dst[w * C] = (int8_t)(int)((v + bg) - bg);
+          row[w * C + c] = (int8_t)(int)((v + bg) - bg);
         }
       }
     }
