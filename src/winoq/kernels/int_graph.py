@@ -127,7 +127,7 @@ _NONE = torch.empty(0, dtype=torch.int8)
 
 def _packed(step, mod) -> tuple:
     key = tuple((t.data_ptr(), t._version) for t in (step.weight, step.bias))
-    return cpu.cached_on(step, "_compiled_graph", key, lambda: tuple(mod.pack(step.weight, step.bias)))
+    return cpu.cached_on(step, "_compiled_graph", key, lambda: tuple(mod.pack(step.weight, step.bias, step.dilation[1])))
 
 
 def conv(step, x: torch.Tensor, epilogue: Epilogue | None = None, other: torch.Tensor | None = None,

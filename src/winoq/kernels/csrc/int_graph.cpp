@@ -11,6 +11,12 @@
 // started at bias - 128 sum(W) (which removes the u8 offset). Every sum is exact modulo 2^32 and
 // the converter keeps these convs' results inside int32, so the int32 result is exact.
 //
+// Inputs with few channels (C not a multiple of 4, e.g. the 3-channel image) would waste the quads'
+// missing bytes on every tap. When it saves steps, the VNNI build uses the packed-rows layout instead:
+// one zero-padded channels-last image [row][column][C] (+ 128), whose window rows are runs of kw C
+// consecutive bytes, read as ceil(kw C / 4) dwords per row (7 x 7 x 3: 42 steps instead of 49 x 1;
+// the bytes past a window row's end meet zero weights).
+//
 // epilogue (fused into the conv, or on its own): the accumulator out as int32, or requantized to the
 // next value's int8 codes, clamp((z b + 2^(c-1)) >> c) (winoq.integer.layers.Requantize), or a
 // residual add of two requantized values, clamp(rq(z) + rq(other)) (IntAdd), in int64 lanes: with
@@ -47,6 +53,7 @@ struct Epi {
 
 struct ConvArgs {
   const uint8_t* xp; int64_t Hp, Wp, Cq, plane;  // planes [N][Cq/4][plane][4] of codes + 128 (see above)
+  int64_t image_bytes, row_bytes, pixel_bytes;   // per image, padded row and pixel of xp (either layout)
   int kh, kw, sh, sw, dh, dw; int64_t OH, OW;
   const int64_t* toff;                     // [taps] position offset of each tap
   const int64_t* soff;                     // [steps] byte offset of each (tap, channel quad) step
@@ -58,7 +65,19 @@ struct ConvArgs {
   Epi e;
 };
 
-inline const uint8_t* image_planes(const ConvArgs& a, int64_t b) { return a.xp + b * (a.Cq / 4) * a.plane * 4; }
+inline const uint8_t* image_planes(const ConvArgs& a, int64_t b) { return a.xp + b * a.image_bytes; }
+
+// the packed-rows layout (see above) for a conv of C input channels, kernel width kw, dilation dw: when
+// a window row's ceil(kw C / 4) dwords are fewer than its kw ceil(C / 4) quads
+inline bool packed_rows(int64_t C, int64_t kw, int64_t dw) {
+  return C % 4 != 0 && dw == 1 && (kw * C + 3) / 4 < kw * ((C + 3) / 4);
+}
+
+// n int8 codes + 128 as u8 (a flip of the sign bit); restrict and locals: byte stores through a
+// captured pointer would make the compiler reload every captured value per byte
+inline void flip_copy(uint8_t* __restrict dst, const int8_t* __restrict src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = (uint8_t)src[i] ^ 0x80;
+}
 
 // the codes of one pixel (channels-last int8, n a multiple of 4) + 128, a dword per plane
 inline void offset_copy_quads(uint8_t* dst, const int8_t* src, int64_t n, int64_t plane_bytes) {
@@ -329,7 +348,7 @@ void conv_rows_t(const ConvArgs& a, int64_t b, int64_t oy0, int64_t oy1) {
   poff.resize((size_t)nblk * TB);
   for (int64_t j = 0; j < nblk * TB; ++j) {
     const int64_t p = std::min(j, np - 1), oy = oy0 + p / a.OW, ox = p % a.OW;
-    poff[j] = (oy * a.sh * a.Wp + ox * a.sw) * 4;
+    poff[j] = oy * a.sh * a.row_bytes + ox * a.sw * a.pixel_bytes;
   }
   for (int64_t kb = 0; kb < a.Kp / 16; kb += NB)
     for (int64_t blk = 0; blk < nblk; ++blk)
@@ -410,18 +429,21 @@ void max_pool_row(const int8_t* x, int8_t* out, int64_t C, int64_t H, int64_t W,
 
 namespace {
 
-// w: (K, C, kh, kw) integer weight codes in [-128, 127]. Returns the VNNI packing [Kp/16][steps][16][4]
-// (step = tap * Cq/4 + channel quad; steps rounded up to 4 with zero weights, so that the GEMM loop
-// always runs unrolled: a 7x7 conv of 3 channels has 49),
+// w: (K, C, kh, kw) integer weight codes in [-128, 127]; dw: the conv's column dilation. Returns the VNNI
+// packing [Kp/16][steps][16][4] (step = tap * Cq/4 + channel quad, or in the packed-rows layout window
+// row * ceil(kw C / 4) + dword; steps rounded up to 4 with zero weights, so that the GEMM loop always
+// runs unrolled),
 // the codes as (K, taps, Cq), and bias - 128 sum(W) per [Kp].
-std::vector<torch::Tensor> pack(torch::Tensor w, torch::Tensor bias) {
+std::vector<torch::Tensor> pack(torch::Tensor w, torch::Tensor bias, int64_t dw) {
   TORCH_CHECK(w.dim() == 4, "pack: weight as (K, C, kh, kw)");
   auto wl = w.to(torch::kInt64).contiguous();
   auto bl = bias.to(torch::kInt64).contiguous();
-  const int64_t K = w.size(0), C = w.size(1), taps = w.size(2) * w.size(3);
+  const int64_t K = w.size(0), C = w.size(1), kw = w.size(3), taps = w.size(2) * kw;
   const int64_t Cq = (C + 3) / 4 * 4, Kp = (K + 15) / 16 * 16;
   TORCH_CHECK(bl.numel() == K, "pack: one bias per output channel");
-  const int64_t steps = (taps * (Cq / 4) + 3) / 4 * 4;
+  const bool rows = packed_rows(C, kw, dw);
+  const int64_t row_quads = (kw * C + 3) / 4;  // packed rows: step ky * row_quads + q holds bytes 4q .. of row ky
+  const int64_t steps = ((rows ? w.size(2) * row_quads : taps * (Cq / 4)) + 3) / 4 * 4;
   auto wp = torch::zeros({Kp / 16, steps, 16, 4}, torch::kInt8);
   auto wq = torch::zeros({K, taps, Cq}, torch::kInt8);
   auto w0 = torch::zeros({Kp}, torch::kInt32);
@@ -435,7 +457,9 @@ std::vector<torch::Tensor> pack(torch::Tensor w, torch::Tensor bias) {
       for (int64_t t = 0; t < taps; ++t) {
         const int64_t v = s[(k * C + c) * taps + t];
         TORCH_CHECK(v >= -128 && v <= 127, "pack: weight codes must fit int8, got ", v);
-        d[(((k / 16) * steps + t * (Cq / 4) + c / 4) * 16 + k % 16) * 4 + c % 4] = (int8_t)v;
+        const int64_t f = (t % kw) * C + c;  // the byte of its window row (packed rows)
+        const int64_t step = rows ? (t / kw) * row_quads + f / 4 : t * (Cq / 4) + c / 4, byte = rows ? f % 4 : c % 4;
+        d[(((k / 16) * steps + step) * 16 + k % 16) * 4 + byte] = (int8_t)v;
         q[(k * taps + t) * Cq + c] = (int8_t)v;
         off -= 128 * v;
       }
@@ -485,10 +509,9 @@ uint8_t* input_planes(const torch::Tensor& x, const ConvArgs& a, int64_t ph, int
   // these two copies write every dword of the map (all channel quads): only the border needs its 128s
   const bool fills_map = whole_rows || channel_rows;
   thread_local std::vector<uint8_t> planes;
-  const size_t plane_bytes = (size_t)N * s4 * a.plane * 4;
+  const size_t plane_bytes = (size_t)N * a.image_bytes;
   if (planes.size() < plane_bytes) planes.resize(plane_bytes);
   uint8_t* xpd = planes.data();
-  if (!fills_map) std::memset(xpd, 128, plane_bytes);
   std::atomic<bool> out_of_range{false};
   auto code = [&](int64_t i) -> uint8_t {  // element i's code + 128
     if (f32) return float_code(xf[i], finv);
@@ -496,6 +519,28 @@ uint8_t* input_planes(const torch::Tensor& x, const ConvArgs& a, int64_t ph, int
     if (v < -128 || v > 127) out_of_range = true;
     return (uint8_t)(v + 128);
   };
+  if (a.pixel_bytes != 4) {  // the packed-rows layout: each padded row [column][C], then 4 bytes of slack
+    at::parallel_for(0, N * a.Hp, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = r / a.Hp, h = r % a.Hp - ph;
+        uint8_t* row = xpd + b * a.image_bytes + (r % a.Hp) * a.row_bytes;
+        if (r % a.Hp == a.Hp - 1) std::memset(row + a.row_bytes, 128, (size_t)(a.image_bytes - a.Hp * a.row_bytes));
+        if (h < 0 || h >= H) { std::memset(row, 128, (size_t)a.row_bytes); continue; }
+        std::memset(row, 128, (size_t)(pw * C));
+        std::memset(row + (pw + W) * C, 128, (size_t)(a.row_bytes - (pw + W) * C));
+        uint8_t* d = row + pw * C;
+        if (whole_rows) {  // one run of W C codes: + 128 is a flip of the sign bit
+          flip_copy(d, x8 + b * sN + h * sH, W * C);
+          continue;
+        }
+        for (int64_t w = 0; w < W; ++w)
+          for (int64_t c = 0; c < C; ++c) d[w * C + c] = code(b * sN + c * sC + h * sH + w * sW);
+      }
+    });
+    TORCH_CHECK(!out_of_range, "the compiled integer conv takes 8-bit input codes; got a code outside [-128, 127]");
+    return xpd;
+  }
+  if (!fills_map) std::memset(xpd, 128, plane_bytes);
   // channel rows: byte j of each dword of a plane row from one input row (a channel past C: code 0)
   auto channel_row = [&](uint8_t* d, int j, const int64_t* off, int64_t n) {
     if (!off) { for (int64_t w = 0; w < n; ++w) d[4 * w + j] = 128; return; }
@@ -569,10 +614,20 @@ torch::Tensor conv(torch::Tensor x, double inv, std::vector<int64_t> geom, torch
   a.toff = toff.data();
   a.plane = a.Hp * a.Wp;
   a.steps = wp.size(1);
-  TORCH_CHECK(a.steps >= taps * (a.Cq / 4) && a.steps % 4 == 0, "the packed weights do not match the input");
+  const bool packed = packed_rows(C, a.kw, a.dw), rows_layout = packed && isa == "avx512-vnni";
+  const int64_t row_quads = (a.kw * C + 3) / 4;
+  TORCH_CHECK(a.steps == ((packed ? a.kh * row_quads : taps * (a.Cq / 4)) + 3) / 4 * 4,
+              "the packed weights do not match the input (pack with the conv's column dilation)");
+  a.row_bytes = rows_layout ? a.Wp * C : a.Wp * 4;
+  a.pixel_bytes = rows_layout ? C : 4;
+  a.image_bytes = rows_layout ? a.Hp * a.row_bytes + 4 : (a.Cq / 4) * a.plane * 4;  // (+ 4: the last dword's overread)
   std::vector<int64_t> soff((size_t)a.steps, 0);  // the padding steps read offset 0 (times zero weights)
-  for (int t = 0; t < taps; ++t)
-    for (int64_t q = 0; q < a.Cq / 4; ++q) soff[t * (a.Cq / 4) + q] = (q * a.plane + toff[t]) * 4;
+  if (rows_layout)
+    for (int ky = 0; ky < a.kh; ++ky)
+      for (int64_t q = 0; q < row_quads; ++q) soff[ky * row_quads + q] = ky * a.dh * a.row_bytes + 4 * q;
+  else if (!packed)  // (packed rows on another instruction set: the portable loops read wq, not the steps)
+    for (int t = 0; t < taps; ++t)
+      for (int64_t q = 0; q < a.Cq / 4; ++q) soff[t * (a.Cq / 4) + q] = (q * a.plane + toff[t]) * 4;
   a.soff = soff.data();
   auto bc = bias.to(torch::kInt32).contiguous();
   a.wp = wp.data_ptr<int8_t>(); a.wq = wq.data_ptr<int8_t>(); a.w0 = w0.data_ptr<int32_t>(); a.bias = bc.data_ptr<int32_t>();
