@@ -12,7 +12,9 @@ compiled kernel, F(2,3) / F(4,3) / F(6,3), with the input transform's rows "fixe
 learned S_B in 10-bit fixed point) or "exact" (Toom-Cook integers, int16 lanes); and "direct": the
 same layer as winoq's compiled int8 direct conv (``IntConv2d``, weights per output channel, int32
 accumulator out). ``--check`` compares each step with its PyTorch definition on the first image
-(bit for bit).
+(bit for bit). ``--phases`` adds each Winograd step's time per phase (input transform, tap GEMMs,
+output transform: the kernel's own thread-CPU timer, ``WINOQ_KERNEL_PROFILE``; 1 thread) and the
+GEMMs' bound, their ``vpdpbusd`` count at ``--vnni-rate`` instructions per second.
 
 ``--end-to-end``: a CIFAR ResNet-20 (random BN statistics unless ../shared has the weights) as an
 integer-only model, all convs direct and with Winograd F(2,3) / F(4,3) layers, on the compiled
@@ -22,6 +24,7 @@ float model and a torch.ao int8 model (FX post-training quantization, x86 backen
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -69,17 +72,31 @@ def run_layers(args) -> list[dict]:
                 if args.check:
                     checks[key] = bool(torch.equal(int_step.forward(step, qx[:1]), step.forward_torch(qx[:1].int())))
         ms = {k: v[0] for k, v in median_ms(fns, args.reps, budget_s=args.budget).items()}
+        phases = {k: step_phases(fns[k], args.reps) for k in fns if k.startswith("F")} if args.phases else {}
         wino = {k: v for k, v in ms.items() if k.startswith("F")}
         best = min(wino, key=wino.get)
         row = {"shape": name, "N": nb, "C": c, "HW": hw, "ms": ms, "best": best, "checks": checks,
                "best_vs_onednn": ms["int8_onednn"] / wino[best], "best_vs_fbgemm": ms["int8_fbgemm"] / wino[best],
                "best_vs_fp32": ms["fp32"] / wino[best], "direct_vs_onednn": ms["int8_onednn"] / ms["direct"],
-               "direct_vs_fbgemm": ms["int8_fbgemm"] / ms["direct"]}
+               "direct_vs_fbgemm": ms["int8_fbgemm"] / ms["direct"], "phases": phases}
         rows.append(row)
         print_row(row, fns)
+        for k, p in phases.items():
+            m = int(k[1])
+            bound = nb * c * c * (m + 2) ** 2 * (-(-hw // m)) ** 2 / 64 / args.vnni_rate * 1e3
+            print(f"    {k} phases: input {p[0]:.2f} ms, GEMMs {p[1]:.2f} ms (bound {bound:.2f}), output {p[2]:.2f} ms")
         dump_json(args.out, {"machine": machine(), "isa": int_step.isa(), "threads": torch.get_num_threads(),
                              "rows": rows})
     return rows
+
+
+def step_phases(fn, reps: int) -> list[float]:
+    """Mean ms per call of the step's input transform, tap GEMMs and output transform (the kernel's timer)."""
+    mod = int_step.load()
+    mod.profile()
+    for _ in range(reps):
+        fn()
+    return [v / reps for v in mod.profile()]
 
 
 def print_row(r: dict, fns) -> None:
@@ -152,10 +169,16 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--budget", type=float, default=30.0, help="seconds per shape before stopping at >= 3 reps")
     ap.add_argument("--check", action="store_true", help="compare each step with its PyTorch definition (1 image)")
+    ap.add_argument("--phases", action="store_true", help="time each Winograd step's phases (1 thread)")
+    ap.add_argument("--vnni-rate", type=float, default=5.5e9,
+                    help="vpdpbusd per second of one core (the GEMM bound of --phases; 5.5e9 measured here)")
     ap.add_argument("--end-to-end", action="store_true")
     ap.add_argument("--batch", type=int, default=32, help="batch of the end-to-end run")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out/int_step_cpu.json"))
     args = ap.parse_args(argv)
+    if args.phases:  # read once, when the kernel loads
+        os.environ["WINOQ_KERNEL_PROFILE"] = "1"
+        torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message=".*quantize_per.*deprecated")
     if not int_step.available():
         raise SystemExit("the compiled integer step is not built (bash setup.sh)")
