@@ -32,6 +32,14 @@ def available() -> bool:
     return load() is not None
 
 
+def _module():
+    """The built module; an error naming the fix where it could not be built."""
+    mod = load()
+    if mod is None:
+        raise RuntimeError("the compiled integer-graph kernels are not built (run setup.sh)")
+    return mod
+
+
 def isa() -> str | None:
     """Instruction set the compiled steps pick on this CPU ("avx512-vnni", "avx2", "portable")."""
     mod = load()
@@ -177,9 +185,7 @@ def _bound(step) -> tuple:
     why = cached_reason(step)
     if why is not None:
         raise ValueError(f"compiled integer conv {getattr(step, 'name', '?')!r}: {why}")
-    mod = load()
-    if mod is None:
-        raise RuntimeError("the compiled integer-graph kernels are not built (run setup.sh)")
+    mod = _module()
     wp, wq, w0 = _packed(step, mod)
     kh, kw = step.weight.shape[2:]
     geom = [kh, kw, *step.stride, *step.padding, *step.dilation]
@@ -189,9 +195,7 @@ def _bound(step) -> tuple:
 def quantize_input(x: torch.Tensor, scale: float, qmax: int, isa: str = "") -> torch.Tensor:
     """An integer model's input quantization (``IntegerModel.quantize_input``: ``clamp(round(double(x) /
     scale), -qmax, qmax)``, the same integers) as int8 channels-last codes, in one pass; ``x`` float32."""
-    mod = load()
-    if mod is None:
-        raise RuntimeError("the compiled integer-graph kernels are not built (run setup.sh)")
+    mod = _module()
     if x.dtype != torch.float32 or x.dim() != 4:
         raise ValueError(f"quantize_input takes (N, C, H, W) float32, got {x.dtype} {tuple(x.shape)}")
     return mod.quantize_input(x, float(scale), int(qmax), isa)
@@ -201,9 +205,7 @@ def max_pool(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], 
              isa: str = "") -> torch.Tensor:
     """``F.max_pool2d`` of int8 codes ``x`` (floor mode, no dilation; any layout), int8 channels-last
     out: the positions outside the image never win, as in PyTorch's padding with -inf."""
-    mod = load()
-    if mod is None:
-        raise RuntimeError("the compiled integer-graph kernels are not built (run setup.sh)")
+    mod = _module()
     if x.dtype != torch.int8 or x.dim() != 4:
         raise ValueError(f"max_pool takes (N, C, H, W) int8 codes, got {x.dtype} {tuple(x.shape)}")
     return mod.max_pool(x, *kernel, *stride, *padding, isa)
@@ -211,9 +213,7 @@ def max_pool(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], 
 
 def requantize(z: torch.Tensor, epilogue: Epilogue, other: torch.Tensor | None = None, isa: str = "") -> torch.Tensor:
     """The epilogue on its own: ``z`` (N, K, H, W) int32 or int8, any layout, to int8 codes, channels-last."""
-    mod = load()
-    if mod is None:
-        raise RuntimeError("the compiled integer-graph kernels are not built (run setup.sh)")
+    mod = _module()
     if z.dtype not in (torch.int8, torch.int32):
         raise ValueError(f"requantize takes int8 codes or an int32 accumulator, got {z.dtype}")
     if z.dim() != 4:

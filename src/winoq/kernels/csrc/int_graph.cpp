@@ -53,6 +53,7 @@ struct Epi {
 
 struct ConvArgs {
   const uint8_t* xp; int64_t Hp, Wp, Cq, plane;  // planes [N][Cq/4][plane][4] of codes + 128 (see above)
+  bool packed;                                   // xp in the packed-rows layout (see above), not planes
   int64_t image_bytes, row_bytes, pixel_bytes;   // per image, padded row and pixel of xp (either layout)
   int kh, kw, sh, sw, dh, dw; int64_t OH, OW;
   const int64_t* toff;                     // [taps] position offset of each tap
@@ -519,7 +520,7 @@ uint8_t* input_planes(const torch::Tensor& x, const ConvArgs& a, int64_t ph, int
     if (v < -128 || v > 127) out_of_range = true;
     return (uint8_t)(v + 128);
   };
-  if (a.pixel_bytes != 4) {  // the packed-rows layout: each padded row [column][C], then 4 bytes of slack
+  if (a.packed) {  // the packed-rows layout: each padded row [column][C], then 4 bytes of slack
     at::parallel_for(0, N * a.Hp, 1, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t b = r / a.Hp, h = r % a.Hp - ph;
@@ -615,6 +616,7 @@ torch::Tensor conv(torch::Tensor x, double inv, std::vector<int64_t> geom, torch
   a.plane = a.Hp * a.Wp;
   a.steps = wp.size(1);
   const bool packed = packed_rows(C, a.kw, a.dw), rows_layout = packed && isa == "avx512-vnni";
+  a.packed = rows_layout;
   const int64_t row_quads = (a.kw * C + 3) / 4;
   TORCH_CHECK(a.steps == ((packed ? a.kh * row_quads : taps * (a.Cq / 4)) + 3) / 4 * 4,
               "the packed weights do not match the input (pack with the conv's column dilation)");
