@@ -386,12 +386,9 @@ struct InputCodes {
 
 // one image row's codes in channels-last order, out[w C + c], from channel rows x[c sC + w] (offsets
 // below 2^31): 16 codes per step, their floats gathered. Output bytes j and j + 16 C are the same
-// channel 16 pixels apart, so C offset vectors serve the whole row.
-void quantize_row_gather(const float* x, int64_t sC, int64_t C, int64_t W, const InputCodes& q, int8_t* out) {
-  thread_local std::vector<int32_t> base;
-  base.resize((size_t)C * 16);
-  int32_t* bp = base.data();
-  for (int64_t j = 0; j < 16 * C; ++j) bp[j] = (int32_t)((j % C) * sC + j / C);
+// channel 16 pixels apart, so C offset vectors serve the whole row: bp[j] = (j % C) sC + j / C for
+// j < 16 C (gather_offsets, made once per call).
+void quantize_row_gather(const float* x, const int32_t* bp, int64_t C, int64_t W, const InputCodes& q, int8_t* out) {
   const __m512i step = _mm512_set1_epi32(16);
   const int64_t n = C * W;
   for (int64_t j0 = 0; j0 < n; j0 += 16 * C) {
@@ -406,6 +403,12 @@ void quantize_row_gather(const float* x, int64_t sC, int64_t C, int64_t W, const
       _mm_mask_storeu_epi8(out + j, m, _mm512_cvtepi32_epi8(codes));
     }
   }
+}
+
+std::vector<int32_t> gather_offsets(int64_t C, int64_t sC) {
+  std::vector<int32_t> bp((size_t)C * 16);
+  for (int64_t j = 0; j < 16 * C; ++j) bp[j] = (int32_t)((j % C) * sC + j / C);
+  return bp;
 }
 
 // max pool, one output row: out[ox][c] = max over the window's positions inside the image of x[y][x][c]
@@ -694,6 +697,7 @@ torch::Tensor quantize_input(torch::Tensor x, double scale, int64_t qmax, std::s
   const double lim = (double)qmax;
   // each channel's row contiguous, offsets within int32: the vector path
   const bool gather = isa == "avx512-vnni" && sW == 1 && (C - 1) * std::abs(sC) + W < ((int64_t)1 << 31) && sC >= 0;
+  const std::vector<int32_t> offsets = gather ? graph_vnni::gather_offsets(C, sC) : std::vector<int32_t>();
   at::parallel_for(0, N * H, 1, [&](int64_t r0, int64_t r1) {
     volatile double big = 6755399441055744.0;  // 1.5 * 2^52: (v + big) - big rounds |v| < 2^51 half to even
     const double bg = big;
@@ -701,7 +705,7 @@ torch::Tensor quantize_input(torch::Tensor x, double scale, int64_t qmax, std::s
       const int64_t b = r / H, h = r % H;
       int8_t* row = yd + r * W * C;
       if (gather) {
-        graph_vnni::quantize_row_gather(xd + b * sN + h * sH, sC, C, W, graph_vnni::InputCodes(scale, lim), row);
+        graph_vnni::quantize_row_gather(xd + b * sN + h * sH, offsets.data(), C, W, graph_vnni::InputCodes(scale, lim), row);
         continue;
       }
       for (int64_t c = 0; c < C; ++c) {
