@@ -174,4 +174,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # --out is written once, at the end
+        sys.exit("interrupted; nothing was written to --out")
