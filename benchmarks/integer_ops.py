@@ -9,6 +9,12 @@ ResNet-20 / 56 of ../shared. Per op of the plan (conv + fused requantization / a
 classifier), the median wall ms of ``--reps`` forward passes, each op timed inside the pass, so
 every op sees the activations as the model leaves them in cache; then the input quantization.
 
+``--peer`` also times torch.ao's int8 model of the same network (FX post-training quantization,
+``x86`` backend, as in deploy_e2e.py) conv by conv inside its own forward passes (forward hooks), and
+prints the two side by side, each conv matched to the integer model's by (input channels, output
+channels, kernel, stride) in order; torch.ao's residual adds, pooling and classifier are its total
+less its convs (the integer model fuses each add into a conv's epilogue).
+
 ``--alternatives`` also times, interleaved round by round on the model's own tensors, the steps
 that have a compiled and a PyTorch form with the same integers: the max pool of int8 codes
 (``MaxPool.kernel`` "auto" / "torch") and the input quantization (``int_graph.quantize_input``,
@@ -69,6 +75,69 @@ def time_ops(cm, x, reps: int) -> list[dict]:
     finally:
         runtime.CompiledIntegerModel._run_op = staticmethod(run)
     return [{"op": describe(op), "kind": op.kind, "ms": 1e3 * statistics.median(times[id(op)])} for op in cm.ops]
+
+
+def conv_key(w: torch.Tensor, stride) -> tuple:
+    """(input channels, output channels, kernel, stride): what matches a conv across the two models."""
+    return int(w.shape[1]), int(w.shape[0]), tuple(w.shape[2:]), tuple(stride)
+
+
+def time_peer_convs(qmodel, x, reps: int) -> tuple[list[dict], float]:
+    """Median ms of each conv module of torch.ao's model inside ``reps`` passes, and of the pass."""
+    from torch.ao.nn.quantized.modules.conv import _ConvNd
+
+    convs = [(n, m) for n, m in qmodel.named_modules() if isinstance(m, _ConvNd)]
+    times: dict[str, list[float]] = {n: [] for n, _ in convs}
+    start: dict[str, float] = {}
+    hooks = []
+    for n, m in convs:
+        hooks.append(m.register_forward_pre_hook(lambda mod, inp, n=n: start.__setitem__(n, time.perf_counter())))
+        hooks.append(m.register_forward_hook(lambda mod, inp, out, n=n: times[n].append(time.perf_counter() - start[n])))
+    total = []
+    try:
+        with torch.no_grad():
+            qmodel(x)
+            for v in times.values():
+                v.clear()
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                qmodel(x)
+                total.append(time.perf_counter() - t0)
+    finally:
+        for h in hooks:
+            h.remove()
+    rows = [{"layer": n, "key": conv_key(m.weight(), m.stride), "ms": 1e3 * statistics.median(times[n])}
+            for n, m in convs]
+    return rows, 1e3 * statistics.median(total)
+
+
+def match_peer(ops: list[dict], cm, peer: list[dict]) -> list[dict]:
+    """Each integer conv op beside the torch.ao conv with the same key, in order of appearance."""
+    left: dict[tuple, list[dict]] = {}
+    for r in peer:
+        left.setdefault(r["key"], []).append(r)
+    rows = []
+    for o, op in zip(ops, cm.ops):
+        w = getattr(op.step, "weight", None)
+        if w is None or w.dim() != 4:
+            continue
+        mine = left.get(conv_key(w, op.step.stride), [])
+        r = mine.pop(0) if mine else None
+        rows.append({**o, "peer_layer": r and r["layer"], "peer_ms": r and r["ms"]})
+    return rows
+
+
+def print_peer(rows: list[dict], peer_total: float, total: float) -> None:
+    print("| integer op | kind | winoq ms | torch.ao layer | torch.ao ms | winoq / torch.ao |\n|---|---|---:|---|---:|---:|")
+    for r in rows:
+        ratio = f"{r['ms'] / r['peer_ms']:.2f}" if r["peer_ms"] else "-"
+        peer_ms = f"{r['peer_ms']:.2f}" if r["peer_ms"] else "-"
+        print(f"| {r['op']} | {r['kind']} | {r['ms']:.2f} | {r['peer_layer'] or '-'} | {peer_ms} | {ratio} |")
+    ours = sum(r["ms"] for r in rows)
+    theirs = sum(r["peer_ms"] or 0.0 for r in rows)
+    print(f"| convs | | {ours:.2f} | | {theirs:.2f} | {ours / theirs:.2f} |")
+    print(f"| everything else | | {total - ours:.2f} | | {peer_total - theirs:.2f} | |")
+    print(f"| whole pass | | {total:.2f} | | {peer_total:.2f} | {total / peer_total:.2f} |")
 
 
 def interleaved(fns: dict, rounds: int, reps: int) -> dict:
@@ -143,6 +212,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=11)
     ap.add_argument("--alternatives", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--peer", action="store_true", help="also time torch.ao's int8 model conv by conv")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out/integer_ops.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -164,12 +234,23 @@ def main(argv=None):
     for i, o in enumerate(ops):
         print(f"| {i} | {o['op']} | {o['kind']} | {o['ms']:.2f} | {100 * o['ms'] / total:.1f}% |")
     print(f"| | input quantization | | {t_in:.2f} | {100 * t_in / total:.1f}% |\n| | total | | {total:.2f} | |")
+    peer = None
+    if args.peer:
+        from deploy_e2e import torch_ao
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            qmodel = torch_ao(model, calib, x[:1])
+        peer_convs, peer_total = time_peer_convs(qmodel, x, args.reps)
+        peer = {"rows": match_peer(ops, cm, peer_convs), "total_ms": peer_total}
+        print(f"\nagainst torch.ao int8 (x86), conv by conv (the pass: median of {args.reps}):")
+        print_peer(peer["rows"], peer_total, total)
     alt = alternatives(cm, x, rounds=5, reps=max(3, args.reps // 2)) if args.alternatives else {}
     for step, ms in alt.items():
         print(f"{step}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()))
     dump_json(args.out, {"machine": machine(), "isa": int_graph.isa(), "threads": args.threads, "model": args.model,
                          "batch": args.batch, "ops": ops, "input_quantization_ms": t_in, "total_ms": total,
-                         "alternatives": alt})
+                         "alternatives": alt, "torch_ao": peer})
     print(f"-> {args.out}")
 
 

@@ -102,6 +102,27 @@ def test_conv_two_threads_and_row_jobs():
 
 
 @needs_build
+@pytest.mark.parametrize("isa", ISAS)
+def test_row_jobs_every_epilogue(isa):
+    # output rows per parallel job shorter than, equal to and longer than an image's 13: every epilogue
+    step = random_conv(20, 40, 3, 1, 1, bias_max=5000)
+    x = codes((3, 20, 13, 6))
+    acc = step.forward_torch(x)
+    b, c = multipliers(40)
+    ob, oc = multipliers(40, seed=5, per_channel=False)
+    other = codes(acc.shape, seed=7).to(torch.int8)
+    add = IntAdd(b, c, ob, oc, 0, 127)(acc, other.int())
+    fx = torch.randn(3, 20, 13, 6, generator=torch.Generator().manual_seed(1)) * 4
+    scale = torch.rand(40, generator=torch.Generator().manual_seed(2)) * 1e-3
+    fref = float_conv_reference(step, fx, 20.0, scale)
+    for rows in (1, 4, 5, 13, 14, 40):
+        assert torch.equal(int_graph.conv(step, x, isa=isa, rows=rows), acc)
+        y = int_graph.conv(step, x, int_graph.Epilogue(b, c, 0, 127, ob, oc), other=other, isa=isa, rows=rows)
+        assert torch.equal(y.int(), add)
+        assert torch.equal(int_graph.conv_float(step, fx, 20.0, scale, isa=isa, rows=rows), fref)
+
+
+@needs_build
 @settings(max_examples=25, deadline=None)
 @given(c=st.integers(1, 40), k=st.integers(1, 70), ks=st.sampled_from([1, 3, 5]), s=st.sampled_from([1, 2]),
        h=st.integers(1, 12), w=st.integers(1, 12), n=st.integers(1, 3), seed=st.integers(0, 1000))

@@ -21,9 +21,10 @@ needs_build = pytest.mark.skipif(not int_step.available(), reason="the compiled 
 
 
 def random_step(c: int, k: int, m: int, g: int = 32, seed: int = 0, pre_shift: int = 0, so: int = 16,
-                u_max: int = 127, rows: str = "exact") -> IntWinogradConv2d:
+                u_max: int = 127, rows: str = "exact", shifts: tuple[int, int] = (40, 50)) -> IntWinogradConv2d:
     """A step with random codes and multipliers: exact integer input rows, or ("fixed") randomly
-    scaled 10-bit fixed-point rows with their first-pass shift; 10-bit scaled output rows."""
+    scaled 10-bit fixed-point rows with their first-pass shift; 10-bit scaled output rows; M's dyadic
+    shifts c drawn from ``shifts`` (inclusive)."""
     gen = torch.Generator().manual_seed(seed)
     tc = toom_cook(m, 3)
     n = m + 2
@@ -36,7 +37,7 @@ def random_step(c: int, k: int, m: int, g: int = 32, seed: int = 0, pre_shift: i
     aq = fixed(tc.AT.double() * scale, 10)
     u = torch.randint(-u_max, u_max + 1, (n * n, k, c), generator=gen)
     mb = torch.randint(2**29, 2**31 - 1, (n * n, k), generator=gen)
-    mc = torch.randint(40, 51, (n * n, k), generator=gen)
+    mc = torch.randint(shifts[0], shifts[1] + 1, (n * n, k), generator=gen)
     bias = torch.randint(-5000, 5000, (k,), generator=gen)
     l1 = int(aq.abs().sum(1).max())
     so = max(so, ((2**15 - 1) * l1 * l1).bit_length() - 30)  # the worst output inside int32, as the builder does
@@ -74,6 +75,17 @@ def test_rounding_shifts_and_wide_sums(isa):
     narrow = random_step(64, 32, 4, pre_shift=2, u_max=20)
     assert not int_step.wide_sums(narrow) and int_step.lanes(narrow) == 16
     check(narrow, codes(2, 64, 10, 10), isa)
+
+
+@needs_build
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("shifts", [(33, 33), (62, 62), (33, 62), (20, 40), (31, 32)])
+def test_m_requantization_at_every_shift(isa, shifts):
+    # M's dyadic shift c across its range (up to dyadic.MAX_SHIFT = 62): small c pushes most M codes into
+    # the clamp, c = 62 rounds nearly every one to 0
+    step = random_step(64, 40, 4, seed=sum(shifts), shifts=shifts)
+    check(step, codes(2, 64, 10, 10), isa)
+    check(step, codes(1, 64, 9, 11, lo=-128), isa)
 
 
 @needs_build
