@@ -84,9 +84,9 @@ def conv_key(w: torch.Tensor, stride) -> tuple:
 
 def time_peer_convs(qmodel, x, reps: int) -> tuple[list[dict], float]:
     """Median ms of each conv module of torch.ao's model inside ``reps`` passes, and of the pass."""
-    from torch.ao.nn.quantized.modules.conv import _ConvNd
+    from torch.ao.nn.quantized import Conv2d  # ConvReLU2d and the other fused convs derive from it
 
-    convs = [(n, m) for n, m in qmodel.named_modules() if isinstance(m, _ConvNd)]
+    convs = [(n, m) for n, m in qmodel.named_modules() if isinstance(m, Conv2d)]
     times: dict[str, list[float]] = {n: [] for n, _ in convs}
     start: dict[str, float] = {}
     hooks = []
@@ -135,7 +135,8 @@ def print_peer(rows: list[dict], peer_total: float, total: float) -> None:
         print(f"| {r['op']} | {r['kind']} | {r['ms']:.2f} | {r['peer_layer'] or '-'} | {peer_ms} | {ratio} |")
     ours = sum(r["ms"] for r in rows)
     theirs = sum(r["peer_ms"] or 0.0 for r in rows)
-    print(f"| convs | | {ours:.2f} | | {theirs:.2f} | {ours / theirs:.2f} |")
+    matched = sum(r["ms"] for r in rows if r["peer_ms"])  # the ratio over convs both models have
+    print(f"| convs | | {ours:.2f} | | {theirs:.2f} | {matched / theirs:.2f} |" if theirs else f"| convs | | {ours:.2f} | | - | - |")
     print(f"| everything else | | {total - ours:.2f} | | {peer_total - theirs:.2f} | |")
     print(f"| whole pass | | {total:.2f} | | {peer_total:.2f} | {total / peer_total:.2f} |")
 
