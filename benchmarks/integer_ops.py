@@ -51,6 +51,21 @@ def describe(op) -> str:
     return text
 
 
+def run_passes(model, x, reps: int, times: dict) -> list[float]:
+    """One warm-up pass of ``model`` on ``x``, then ``reps`` timed ones (seconds each); ``times``, what
+    the caller's per-op timers fill, is emptied after the warm-up."""
+    total = []
+    with torch.no_grad():
+        model(x)
+        for v in times.values():
+            v.clear()
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            model(x)
+            total.append(time.perf_counter() - t0)
+    return total
+
+
 def time_ops(cm, x, reps: int) -> list[dict]:
     """Median ms of each op of ``cm``'s plan over ``reps`` passes (the op timed inside the pass)."""
     from winoq.integer import runtime
@@ -66,12 +81,7 @@ def time_ops(cm, x, reps: int) -> list[dict]:
 
     runtime.CompiledIntegerModel._run_op = staticmethod(timed)
     try:
-        with torch.no_grad():
-            cm(x)
-            for v in times.values():
-                v.clear()
-            for _ in range(reps):
-                cm(x)
+        run_passes(cm, x, reps, times)
     finally:
         runtime.CompiledIntegerModel._run_op = staticmethod(run)
     return [{"op": describe(op), "kind": op.kind, "ms": 1e3 * statistics.median(times[id(op)])} for op in cm.ops]
@@ -93,16 +103,8 @@ def time_peer_convs(qmodel, x, reps: int) -> tuple[list[dict], float]:
     for n, m in convs:
         hooks.append(m.register_forward_pre_hook(lambda mod, inp, n=n: start.__setitem__(n, time.perf_counter())))
         hooks.append(m.register_forward_hook(lambda mod, inp, out, n=n: times[n].append(time.perf_counter() - start[n])))
-    total = []
     try:
-        with torch.no_grad():
-            qmodel(x)
-            for v in times.values():
-                v.clear()
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                qmodel(x)
-                total.append(time.perf_counter() - t0)
+        total = run_passes(qmodel, x, reps, times)
     finally:
         for h in hooks:
             h.remove()
