@@ -74,6 +74,15 @@ inline bool packed_rows(int64_t C, int64_t kw, int64_t dw) {
   return C % 4 != 0 && dw == 1 && (kw * C + 3) / 4 < kw * ((C + 3) / 4);
 }
 
+// the dwords of one window row in the packed-rows layout (step ky * row_quads + q: bytes 4q .. of row ky)
+inline int64_t row_quads(int64_t C, int64_t kw) { return (kw * C + 3) / 4; }
+
+// the (tap, channel quad) steps of a packed weight, rounded up to 4 with zero weights so that the GEMM
+// loop always runs unrolled; what pack() lays out and conv() checks
+inline int64_t packed_steps(int64_t C, int64_t kh, int64_t kw, int64_t dw) {
+  return ((packed_rows(C, kw, dw) ? kh * row_quads(C, kw) : kh * kw * ((C + 3) / 4)) + 3) / 4 * 4;
+}
+
 // n int8 codes + 128 as u8 (a flip of the sign bit); restrict and locals: byte stores through a
 // captured pointer would make the compiler reload every captured value per byte
 inline void flip_copy(uint8_t* __restrict dst, const int8_t* __restrict src, int64_t n) {
@@ -446,8 +455,7 @@ std::vector<torch::Tensor> pack(torch::Tensor w, torch::Tensor bias, int64_t dw)
   const int64_t Cq = (C + 3) / 4 * 4, Kp = (K + 15) / 16 * 16;
   TORCH_CHECK(bl.numel() == K, "pack: one bias per output channel");
   const bool rows = packed_rows(C, kw, dw);
-  const int64_t row_quads = (kw * C + 3) / 4;  // packed rows: step ky * row_quads + q holds bytes 4q .. of row ky
-  const int64_t steps = ((rows ? w.size(2) * row_quads : taps * (Cq / 4)) + 3) / 4 * 4;
+  const int64_t rq = row_quads(C, kw), steps = packed_steps(C, w.size(2), kw, dw);
   auto wp = torch::zeros({Kp / 16, steps, 16, 4}, torch::kInt8);
   auto wq = torch::zeros({K, taps, Cq}, torch::kInt8);
   auto w0 = torch::zeros({Kp}, torch::kInt32);
@@ -462,7 +470,7 @@ std::vector<torch::Tensor> pack(torch::Tensor w, torch::Tensor bias, int64_t dw)
         const int64_t v = s[(k * C + c) * taps + t];
         TORCH_CHECK(v >= -128 && v <= 127, "pack: weight codes must fit int8, got ", v);
         const int64_t f = (t % kw) * C + c;  // the byte of its window row (packed rows)
-        const int64_t step = rows ? (t / kw) * row_quads + f / 4 : t * (Cq / 4) + c / 4, byte = rows ? f % 4 : c % 4;
+        const int64_t step = rows ? (t / kw) * rq + f / 4 : t * (Cq / 4) + c / 4, byte = rows ? f % 4 : c % 4;
         d[(((k / 16) * steps + step) * 16 + k % 16) * 4 + byte] = (int8_t)v;
         q[(k * taps + t) * Cq + c] = (int8_t)v;
         off -= 128 * v;
@@ -620,8 +628,8 @@ torch::Tensor conv(torch::Tensor x, double inv, std::vector<int64_t> geom, torch
   a.steps = wp.size(1);
   const bool packed = packed_rows(C, a.kw, a.dw), rows_layout = packed && isa == "avx512-vnni";
   a.packed = rows_layout;
-  const int64_t row_quads = (a.kw * C + 3) / 4;
-  TORCH_CHECK(a.steps == ((packed ? a.kh * row_quads : taps * (a.Cq / 4)) + 3) / 4 * 4,
+  const int64_t rq = row_quads(C, a.kw);
+  TORCH_CHECK(a.steps == packed_steps(C, a.kh, a.kw, a.dw),
               "the packed weights do not match the input (pack with the conv's column dilation)");
   a.row_bytes = rows_layout ? a.Wp * C : a.Wp * 4;
   a.pixel_bytes = rows_layout ? C : 4;
@@ -629,7 +637,7 @@ torch::Tensor conv(torch::Tensor x, double inv, std::vector<int64_t> geom, torch
   std::vector<int64_t> soff((size_t)a.steps, 0);  // the padding steps read offset 0 (times zero weights)
   if (rows_layout)
     for (int ky = 0; ky < a.kh; ++ky)
-      for (int64_t q = 0; q < row_quads; ++q) soff[ky * row_quads + q] = ky * a.dh * a.row_bytes + 4 * q;
+      for (int64_t q = 0; q < rq; ++q) soff[ky * rq + q] = ky * a.dh * a.row_bytes + 4 * q;
   else if (!packed)  // (packed rows on another instruction set: the portable loops read wq, not the steps)
     for (int t = 0; t < taps; ++t)
       for (int64_t q = 0; q < a.Cq / 4; ++q) soff[t * (a.Cq / 4) + q] = (q * a.plane + toff[t]) * 4;
